@@ -1,0 +1,1 @@
+"""Datasets, transforms and loaders; nothing here knows about models."""

@@ -1,0 +1,63 @@
+"""Decode any image file into an upright 8-bit RGB picture, or say why it cannot be."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class BadImage(Exception):
+    """A file that cannot be decoded; the message says why."""
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK, 16-bit and alpha images to RGB; transparency is laid on white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        if im.mode != "F" and arr.max(initial=0) > 255:
+            arr = arr / 257.0 if arr.max() <= 65535 else arr * (255.0 / arr.max())
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open, apply the EXIF orientation, and convert to RGB. Raises BadImage."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns about odd EXIF; we only care whether it decodes
+            with Image.open(path) as im:
+                im.load()
+                upright = ImageOps.exif_transpose(im)
+                return to_rgb(upright if upright is not None else im)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        raise BadImage(str(exc) or type(exc).__name__) from None
+
+
+def shrink_shorter_side(im: Image.Image, size: int, resample: int) -> Image.Image:
+    """Resize so the shorter side is `size`, only ever making the image smaller."""
+    w, h = im.size
+    short = min(w, h)
+    if short <= size:
+        return im
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return im.resize(new, resample)

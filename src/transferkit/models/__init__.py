@@ -1,0 +1,1 @@
+"""Architectures for the user's classes and what each family declares about itself."""

@@ -1,0 +1,1 @@
+"""Optimiser, training loop, evaluation, checkpoints and run logs."""

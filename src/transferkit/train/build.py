@@ -1,0 +1,122 @@
+"""Everything a run needs before its first step: device, seeds, data, model with pretrained weights."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transferkit.config import Config, DataConfig
+from transferkit.data.classification import FolderSplit, ImageDataset, decode_all, list_classes, scan_split
+from transferkit.data.transforms import eval_transform, pil_resample, resize_size, train_transform
+from transferkit.errors import TransferKitError
+from transferkit.models.classification import create_classifier, restore_pretrained
+from transferkit.models.registry import Family, Preprocessing
+from transferkit.weights.transfer import TransferReport
+
+log = logging.getLogger(__name__)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TransferKitError("device=cuda was asked for but no CUDA GPU is available; use device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        worker_init_fn=_seed_worker if num_workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )
+
+
+@dataclass
+class ClassificationData:
+    classes: list[str]
+    train: FolderSplit | None
+    val: FolderSplit
+    train_set: ImageDataset | None
+    val_set: ImageDataset
+
+
+def dataset_classes(cfg: DataConfig, need_train: bool = True) -> list[str]:
+    """Class names: the training split's folders (the validation split's when only evaluating)."""
+    root = cfg.root
+    if not root.is_dir():
+        raise TransferKitError(f"data.root not found: {root} (a folder holding train/ and val/)")
+    if need_train or (root / "train").is_dir():
+        return list_classes(root / "train")
+    return list_classes(root / "val")
+
+
+def load_classification_data(
+    cfg: DataConfig, pre: Preprocessing, classes: list[str], need_train: bool = True
+) -> ClassificationData:
+    train_root, val_root = cfg.root / "train", cfg.root / "val"
+    keep = resize_size(cfg.image_size, pre) if cfg.cache else None
+    resample = pil_resample(pre)
+    train = train_set = None
+    if need_train:
+        train = scan_split(train_root, classes)
+        cache = decode_all(train, cfg.on_bad_image, keep, resample)
+        tf = train_transform(cfg.image_size, pre, cfg.crop_scale, cfg.hflip)
+        train_set = ImageDataset(train, tf, cache if cfg.cache else None)
+    val = scan_split(val_root, classes)
+    cache = decode_all(val, cfg.on_bad_image, keep, resample)
+    val_set = ImageDataset(val, eval_transform(cfg.image_size, pre), cache if cfg.cache else None)
+    for split in (train, val):
+        if split is not None and split.bad:
+            log.warning("%s: skipped %d undecodable image(s)", split.root, len(split.bad))
+    return ClassificationData(classes, train, val, train_set, val_set)
+
+
+def resolve_num_classes(cfg: Config, classes: list[str]) -> int:
+    if cfg.model.num_classes == "auto":
+        return len(classes)
+    if cfg.model.num_classes != len(classes):
+        raise TransferKitError(
+            f"model.num_classes is {cfg.model.num_classes} but {cfg.data.root} has {len(classes)} classes; "
+            "set model.num_classes=auto"
+        )
+    return cfg.model.num_classes
+
+
+def build_model(cfg: Config, num_classes: int, restore: bool = True) -> tuple[nn.Module, Family, TransferReport | None]:
+    """The model as the config builds it before any step: architecture, pretrained restore, head init."""
+    torch.manual_seed(cfg.seed)  # the new head's initialisation is part of the run's seed
+    model, family = create_classifier(cfg.model.name, num_classes, cfg.model.drop_rate)
+    report = restore_pretrained(model, family, cfg.pretrained) if restore else None
+    return model, family, report
+

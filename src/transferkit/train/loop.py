@@ -1,0 +1,150 @@
+"""The training loop: train, evaluate, checkpoint and log, epoch by epoch, into a run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transferkit.config import Config
+from transferkit.errors import TransferKitError
+from transferkit.fileio import write_json, write_text
+from transferkit.progress import console, make_progress
+from transferkit.train.build import (
+    build_model,
+    dataset_classes,
+    load_classification_data,
+    make_loader,
+    place_model,
+    resolve_num_classes,
+    seed_everything,
+    select_device,
+)
+from transferkit.train.checkpoint import save_weights
+from transferkit.train.evaluate import evaluate
+from transferkit.train.optim import build_optimizer, build_scheduler
+from transferkit.train.runlog import MetricsLog, plot_curves, summary_table
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: list[dict]
+    best_epoch: int
+    best_val_acc: float
+    seconds: float
+
+
+def default_run_dir(config_path: str | Path | None) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    return Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    if (run_dir / "metrics.jsonl").exists():
+        raise TransferKitError(f"{run_dir} already holds a run (metrics.jsonl); choose another --out")
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, channels_last, progress, task):
+    """One pass over `loader`; returns the mean training loss."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach().double() * len(labels)
+        seen += len(labels)
+        if progress is not None:
+            progress.update(task, advance=len(labels))
+    return float(loss_sum) / max(seen, 1)
+
+
+def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Run the whole pass the config describes and write the run directory."""
+    started = time.perf_counter()
+    run_dir = prepare_run_dir(Path(out or cfg.out or default_run_dir(config_path)))
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    classes = dataset_classes(cfg.data)
+    num_classes = resolve_num_classes(cfg, classes)
+    model, family, report = build_model(cfg, num_classes)
+    data = load_classification_data(cfg.data, family.preprocessing, classes)
+
+    resolved = cfg.model_copy(deep=True)
+    resolved.model.num_classes = num_classes
+    write_text(run_dir / "config.yaml", resolved.to_yaml())
+    write_json(run_dir / "classes.json", classes)
+    if report is not None:
+        write_json(run_dir / "transfer_report.json", report.to_dict())
+    say = (lambda *a, **k: None) if quiet else console.print
+    if report is not None:
+        for line in report.summary_lines():
+            say(line, highlight=False)
+    else:
+        say("no pretrained source: training from scratch")
+    skipped = sum(len(s.bad) for s in (data.train, data.val) if s is not None)
+    say(f"data: {len(data.train_set)} train / {len(data.val_set)} val images, {num_classes} classes"
+        + (f", {skipped} undecodable skipped" if skipped else ""), highlight=False)
+
+    place_model(model, device, cfg.model.channels_last)
+    optimizer = build_optimizer(model, family.head_patterns, cfg.optim)
+    train_loader = make_loader(data.train_set, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed)
+    val_loader = make_loader(data.val_set, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed)
+    scheduler = build_scheduler(optimizer, cfg.schedule, len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    meta = {"model": cfg.model.name, "classes": classes}
+    best = (-1.0, float("inf"))
+    best_epoch = 0
+    with make_progress() as progress:
+        if quiet:
+            progress.disable = True
+        for epoch in range(1, cfg.schedule.epochs + 1):
+            t0 = time.perf_counter()
+            task = progress.add_task(f"epoch {epoch}/{cfg.schedule.epochs}", total=len(data.train_set), info="")
+            train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device,
+                                         cfg.model.channels_last, progress, task)
+            progress.remove_task(task)
+            metrics = evaluate(model, val_loader, device, cfg.model.channels_last)
+            row = {"epoch": epoch, "train_loss": train_loss, **metrics,
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            log.append(row)
+            save_weights(model, run_dir / "checkpoints" / "last.safetensors", {**meta, **row})
+            if (row["val_acc"], -row["val_loss"]) > (best[0], -best[1]):
+                best, best_epoch = (row["val_acc"], row["val_loss"]), epoch
+                save_weights(model, run_dir / "checkpoints" / "best.safetensors", {**meta, **row})
+            say(f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
+                f"val_acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)", highlight=False)
+
+    plot_curves(log.rows, run_dir / "curves.png", title=f"{cfg.model.name} on {cfg.data.root.name}")
+    seconds = time.perf_counter() - started
+    summary = {"best_epoch": best_epoch, "best_val_acc": best[0], "final": log.rows[-1], "seconds": seconds}
+    write_json(run_dir / "summary.json", summary)
+    if not quiet:
+        console.print(summary_table(log.rows, best_epoch))
+        console.print(f"best val_acc {best[0]:.4f} at epoch {best_epoch}; {seconds:.0f}s; run dir {run_dir}",
+                      highlight=False)
+    return TrainResult(run_dir, log.rows, best_epoch, best[0], seconds)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

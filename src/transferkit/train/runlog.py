@@ -1,0 +1,63 @@
+"""What a run writes for people: metrics.jsonl, a curves PNG and a closing summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from transferkit.fileio import atomic_write
+
+
+class MetricsLog:
+    """One JSON object per epoch, appended and flushed to disk as each epoch ends."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["val_acc"] for r in rows], marker="o", label="val top-1")
+    if "val_top5" in rows[0]:
+        ax_acc.plot(epochs, [r["val_top5"] for r in rows], marker="o", label="val top-5")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    ax_acc.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def summary_table(rows: list[dict], best_epoch: int | None, title: str = "training summary") -> Table:
+    table = Table(title=title)
+    for col in ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        mark = " *" if r["epoch"] == best_epoch else ""
+        table.add_row(
+            f"{r['epoch']}{mark}", f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_acc']:.4f}",
+            f"{r['lr']:.2e}", f"{r['seconds']:.1f}",
+        )
+    return table

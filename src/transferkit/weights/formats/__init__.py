@@ -1,0 +1,54 @@
+"""Readers: one per file format, each returning a WeightFile (ordered name -> tensor, metadata).
+
+A reader is a function `read(path) -> WeightFile` registered with a sniffing test, so readers for
+other frameworks plug in beside these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from transferkit.errors import TransferKitError
+
+
+@dataclass
+class WeightFile:
+    tensors: dict[str, torch.Tensor]  # ordered as stored in the file
+    format: str
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+Reader = Callable[[Path], WeightFile]
+Sniffer = Callable[[Path, bytes], bool]
+_READERS: list[tuple[str, Sniffer, Reader]] = []
+
+
+def register(name: str, sniff: Sniffer, read: Reader) -> None:
+    _READERS.append((name, sniff, read))
+
+
+def read_weights(path: str | Path) -> WeightFile:
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise TransferKitError(f"cannot read weights file {path}: {exc.strerror}") from None
+    for _name, sniff, read in _READERS:
+        if sniff(path, head):
+            return read(path)
+    raise TransferKitError(
+        f"{path}: not a weights file in a supported format "
+        f"({', '.join(n for n, _, _ in _READERS)}); convert it or give another file"
+    )
+
+
+from transferkit.weights.formats import safetensors_file, torch_file  # noqa: E402
+
+register("safetensors", safetensors_file.sniff, safetensors_file.read)
+register("pytorch", torch_file.sniff, torch_file.read)
