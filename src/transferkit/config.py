@@ -29,6 +29,8 @@ class ModelConfig(_Section):
     name: str = "tf_efficientnet_lite0"
     num_classes: int | Literal["auto"] = "auto"
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    # How the new head starts: xavier, zeros, normal (std 0.01), or timm (the architecture's own).
+    head_init: Literal["xavier", "zeros", "normal", "timm"] = "xavier"
     # NHWC activations: about 1.7x faster convolutions on CPU.
     channels_last: bool = True
 
@@ -69,6 +71,8 @@ class OptimConfig(_Section):
     # Learning-rate multiplier for the parameters of the new, class-dependent head.
     head_lr_mult: float = Field(10.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # BatchNorm layers keep their pretrained statistics and affine weights (eval mode, not trained).
+    freeze_bn: bool = False
 
 
 class ScheduleConfig(_Section):

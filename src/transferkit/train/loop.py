@@ -27,7 +27,7 @@ from transferkit.train.build import (
 )
 from transferkit.train.checkpoint import save_weights
 from transferkit.train.evaluate import evaluate
-from transferkit.train.optim import build_optimizer, build_scheduler
+from transferkit.train.optim import build_optimizer, build_scheduler, freeze_batchnorm, set_train_mode
 from transferkit.train.runlog import MetricsLog, plot_curves, summary_table
 
 
@@ -52,9 +52,10 @@ def prepare_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, channels_last, progress, task):
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, channels_last, progress, task,
+                    freeze_bn: bool = False):
     """One pass over `loader`; returns the mean training loss."""
-    model.train()
+    set_train_mode(model, freeze_bn)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
     for images, labels in loader:
@@ -104,6 +105,8 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
         + (f", {skipped} undecodable skipped" if skipped else ""), highlight=False)
 
     place_model(model, device, cfg.model.channels_last)
+    if cfg.optim.freeze_bn:
+        freeze_batchnorm(model)
     optimizer = build_optimizer(model, family.head_patterns, cfg.optim)
     train_loader = make_loader(data.train_set, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed)
     val_loader = make_loader(data.val_set, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed)
@@ -121,7 +124,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
             t0 = time.perf_counter()
             task = progress.add_task(f"epoch {epoch}/{cfg.schedule.epochs}", total=len(data.train_set), info="")
             train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device,
-                                         cfg.model.channels_last, progress, task)
+                                         cfg.model.channels_last, progress, task, cfg.optim.freeze_bn)
             progress.remove_task(task)
             metrics = evaluate(model, val_loader, device, cfg.model.channels_last)
             row = {"epoch": epoch, "train_loss": train_loss, **metrics,

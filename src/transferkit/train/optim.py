@@ -12,6 +12,29 @@ from transferkit.config import OptimConfig, ScheduleConfig
 from transferkit.patterns import first_match
 
 
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Stop BatchNorm affine weights from training; returns how many layers. Their running
+    statistics are kept by `set_train_mode`."""
+    layers = [m for m in model.modules() if is_norm(m)]
+    for m in layers:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+    return len(layers)
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """model.train(), except that frozen BatchNorm layers stay in eval mode (no statistics update)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if is_norm(m):
+                m.eval()
+
+
 def param_groups(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfig) -> list[dict]:
     """Two groups: the new head at lr x head_lr_mult, and everything else at lr."""
     head, body = [], []

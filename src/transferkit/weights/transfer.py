@@ -38,6 +38,7 @@ class TensorEntry:
     how: str | None = None
     source_shape: list[int] | None = None
     reason: str | None = None
+    init: str | None = None  # how it was initialised, when it was not loaded
 
 
 @dataclass
@@ -77,6 +78,12 @@ class TransferReport:
     def by_status(self, status: str) -> list[TensorEntry]:
         return [e for e in self.entries if e.status == status]
 
+    def note_init(self, names: Sequence[str], how: str) -> None:
+        chosen = set(names)
+        for e in self.entries:
+            if e.target in chosen:
+                e.init = how
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -99,7 +106,7 @@ class TransferReport:
         ]
         others = [e for e in self.entries if e.status != "loaded"]
         for e in others[:limit]:
-            detail = e.reason or ""
+            detail = (e.reason or "") + (f"; initialised {e.init}" if e.init else "")
             lines.append(f"  {e.status:<13} {e.target} {tuple(e.shape)} {detail}".rstrip())
         if len(others) > limit:
             lines.append(f"  ... {len(others) - limit} more not loaded (see transfer_report.json)")

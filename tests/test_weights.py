@@ -1,0 +1,152 @@
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+from conftest import SHARED_DATA, needs_shared
+
+from transferkit.config import DEFAULT_SOURCE
+from transferkit.errors import TransferKitError
+from transferkit.models.classification import create_classifier
+from transferkit.train.checkpoint import load_weights, save_weights
+from transferkit.weights.formats import read_weights
+from transferkit.weights.sources import resolve_source
+from transferkit.weights.transfer import transfer
+
+
+def lite0(num_classes):
+    return create_classifier("tf_efficientnet_lite0", num_classes)
+
+
+def test_package_weights_into_timm_names_with_new_head():
+    model, family = lite0(2)
+    report = transfer(model, DEFAULT_SOURCE, "all-but-head", family.head_patterns)
+    assert report.counts() == {"loaded": 294, "out-of-scope": 2}
+    assert {e.target for e in report.by_status("out-of-scope")} == {"classifier.weight", "classifier.bias"}
+    assert all(e.how == "structure" for e in report.by_status("loaded"))
+    backbone = [e.target for e in report.entries if not e.target.startswith("classifier.")]
+    assert report.fraction_restored(backbone) == 1.0
+    assert report.unused_source == ["_fc.weight", "_fc.bias"]
+    src = torch.load(resolve_source(DEFAULT_SOURCE), weights_only=True)
+    assert torch.equal(model.state_dict()["blocks.0.0.conv_dw.weight"], src["_blocks.0._depthwise_conv.weight"])
+    assert torch.equal(model.state_dict()["bn2.running_var"], src["_bn1.running_var"])
+
+
+def test_full_scope_equals_hand_made_mapping():
+    src = torch.load(resolve_source(DEFAULT_SOURCE), weights_only=True)
+    model, family = lite0(1000)
+    report = transfer(model, DEFAULT_SOURCE, "full", family.head_patterns)
+    assert report.fraction_restored() == 1.0 and report.unused_source == []
+    by_hand = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    # The two implementations list their tensors in the same order: pair them one by one.
+    by_hand.load_state_dict(dict(zip(by_hand.state_dict(), src.values(), strict=True)))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), by_hand.eval()(x))
+
+
+def test_full_scope_refuses_class_count_change():
+    model, family = lite0(2)
+    with pytest.raises(TransferKitError, match="the class count changed; use scope all-but-head"):
+        transfer(model, DEFAULT_SOURCE, "full", family.head_patterns)
+
+
+def test_exclude_and_backbone_scope(tmp_path):
+    model, family = lite0(2)
+    report = transfer(model, DEFAULT_SOURCE, "backbone", family.head_patterns, exclude=["conv_head.*", "bn2.*"])
+    excluded = {e.target for e in report.by_status("excluded")}
+    assert excluded == {"conv_head.weight"} | {f"bn2.{k}" for k in
+                                               ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert report.by_status("excluded")[0].reason == "by pattern 'conv_head.*'"
+    assert len(report.by_status("loaded")) == 288
+
+
+def test_wrapper_prefix_and_shape_skip(tmp_path):
+    source, _ = create_classifier("test_efficientnet", 5)
+    wrapped = {f"module.{k}": v for k, v in source.state_dict().items()}
+    torch.save(wrapped, tmp_path / "dp.pth")
+    target, family = create_classifier("test_efficientnet", 3)
+    report = transfer(target, tmp_path / "dp.pth", "all-but-head", family.head_patterns)
+    loaded = report.by_status("loaded")
+    assert loaded and all(e.how == "prefix" for e in loaded)
+    assert len(report.by_status("out-of-scope")) == 2
+    # Same checkpoint, head in scope via a pattern that matches nothing: shapes differ, so skipped.
+    target2, _ = create_classifier("test_efficientnet", 3)
+    report2 = transfer(target2, tmp_path / "dp.pth", "all-but-head", head_patterns=("nothing.*",))
+    skipped = report2.by_status("skipped-shape")
+    assert [e.target for e in skipped] == ["classifier.weight", "classifier.bias"]
+    assert skipped[0].reason == "source (5, 256) vs target (3, 256)"
+
+
+def test_misaligned_structure_is_an_error_showing_where(tmp_path):
+    other, _ = create_classifier("test_efficientnet", 1000)
+    model, family = lite0(2)
+    path = tmp_path / "other.pth"
+    torch.save({f"x{i}": v for i, v in enumerate(other.state_dict().values())}, path)
+    with pytest.raises(TransferKitError, match=r"they part at position \d+: source x\d+ .* vs target "):
+        transfer(model, path, "all-but-head", family.head_patterns)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(1), "evil": _RunsCode(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(TransferKitError, match="refused, unpickling it would run code"):
+        read_weights(tmp_path / "evil.pth")
+    assert not marker.exists()
+    # The same through a legacy (non-zip) file.
+    with open(tmp_path / "evil_legacy.pth", "wb") as fh:
+        pickle.dump(_RunsCode(marker), fh)
+    with pytest.raises(TransferKitError):
+        read_weights(tmp_path / "evil_legacy.pth")
+    assert not marker.exists()
+
+
+def test_truncated_and_non_checkpoint_files(tmp_path):
+    torch.save({"w": torch.randn(100, 100)}, tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TransferKitError, match="truncated or damaged PyTorch checkpoint") as err:
+        read_weights(tmp_path / "cut.pth")
+    assert "\n" not in str(err.value)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(TransferKitError, match="not a weights file in a supported format"):
+        read_weights(tmp_path / "notes.txt")
+    with pytest.raises(TransferKitError, match="weights source not found"):
+        resolve_source(tmp_path / "missing.pth")
+
+
+def test_nested_checkpoint_is_unwrapped(tmp_path):
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}, "state_dict": {"a.weight": torch.ones(2)}}, tmp_path / "n.pth")
+    wf = read_weights(tmp_path / "n.pth")
+    assert list(wf.tensors) == ["a.weight"] and wf.metadata == {"nested_key": "state_dict"}
+
+
+@needs_shared
+def test_real_legacy_third_party_checkpoint():
+    path = SHARED_DATA / "weights" / "pytorch_retinaface_mnet025_widerface" / "mobilenet0.25_Final.pth"
+    wf = read_weights(path)
+    assert wf.format == "pytorch"
+    assert next(iter(wf.tensors)) == "body.stage1.0.0.weight"
+    assert len(wf.tensors) > 100
+
+
+def test_save_load_round_trip_through_wrappers(tmp_path):
+    model, _ = create_classifier("test_efficientnet", 3)
+    save_weights(torch.nn.DataParallel(model), tmp_path / "w.safetensors", {"classes": ["a", "b", "c"]})
+    fresh, _ = create_classifier("test_efficientnet", 3)
+    meta = load_weights(fresh, tmp_path / "w.safetensors")
+    assert meta == {"classes": ["a", "b", "c"]}
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+    wrong, _ = create_classifier("test_efficientnet", 4)
+    with pytest.raises(TransferKitError, match="does not fit model"):
+        load_weights(wrong, tmp_path / "w.safetensors")
