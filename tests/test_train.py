@@ -65,7 +65,7 @@ def test_schedules():
     steps = [lr_factor(s, 40, 10, cfg) for s in range(40)]
     assert steps[0] == pytest.approx(0.1) and steps[9] == pytest.approx(1.0)  # linear warmup
     assert steps[10] == pytest.approx(1.0) and steps[-1] < 0.01  # cosine to ~0
-    assert all(a >= b for a, b in zip(steps[10:], steps[11:]))
+    assert all(a >= b for a, b in zip(steps[10:], steps[11:], strict=False))
     step = load_config(None, ["data.root=x", "schedule.kind=step", "schedule.step_epochs=2",
                               "schedule.gamma=0.5"]).schedule
     assert [lr_factor(s * 10, 40, 10, step) for s in range(4)] == [1.0, 1.0, 0.5, 0.5]

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: the config's `out`, else runs/<config>-<time>)")
 
     p = sub.add_parser("eval", help="evaluate a model on the config's validation split")
-    _add_config_args(p, required=True)
+    _add_config_args(p, required=False)
     p.add_argument("--weights", help="safetensors checkpoint; without it, the model as the config builds it")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 

@@ -52,6 +52,9 @@ class DataConfig(_Section):
     root: Path
     format: Literal["folder"] = "folder"
     image_size: int = Field(224, ge=16)
+    # Evaluation centre-crop size; null: image_size. Evaluating above the training size pays off
+    # with RandomResizedCrop, which enlarges objects during training (Touvron et al. 2019, FixRes).
+    eval_image_size: int | None = Field(None, ge=16)
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0)
     # Decode every image once, keep it in memory at the size training needs.

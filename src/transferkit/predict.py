@@ -30,7 +30,7 @@ def load_run(run_dir: str | Path, weights: str = "best"):
     meta = load_weights(model, ckpt)
     classes = meta.get("classes") or [str(i) for i in range(num_classes)]
     model.eval()
-    return model, classes, eval_transform(cfg.data.image_size, family.preprocessing)
+    return model, classes, eval_transform(cfg.data.eval_image_size or cfg.data.image_size, family.preprocessing)
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -68,7 +68,8 @@ def predict(model, classes: list[str], transform, paths: list[Path], topk: int =
             results.append({
                 "path": str(path),
                 "predictions": [
-                    {"class": classes[int(i)], "index": int(i), "prob": float(v)} for v, i in zip(values, indices)
+                    {"class": classes[int(i)], "index": int(i), "prob": float(v)}
+                    for v, i in zip(values, indices, strict=True)
                 ],
             })
     order = {str(p): i for i, p in enumerate(paths)}

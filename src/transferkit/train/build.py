@@ -86,7 +86,8 @@ def load_classification_data(
     cfg: DataConfig, pre: Preprocessing, classes: list[str], need_train: bool = True
 ) -> ClassificationData:
     train_root, val_root = cfg.root / "train", cfg.root / "val"
-    keep = resize_size(cfg.image_size, pre) if cfg.cache else None
+    eval_size = cfg.eval_image_size or cfg.image_size
+    keep = resize_size(max(cfg.image_size, eval_size), pre) if cfg.cache else None
     resample = pil_resample(pre)
     train = train_set = None
     if need_train:
@@ -96,7 +97,7 @@ def load_classification_data(
         train_set = ImageDataset(train, tf, cache if cfg.cache else None)
     val = scan_split(val_root, classes)
     cache = decode_all(val, cfg.on_bad_image, keep, resample)
-    val_set = ImageDataset(val, eval_transform(cfg.image_size, pre), cache if cfg.cache else None)
+    val_set = ImageDataset(val, eval_transform(eval_size, pre), cache if cfg.cache else None)
     for split in (train, val):
         if split is not None and split.bad:
             log.warning("%s: skipped %d undecodable image(s)", split.root, len(split.bad))

@@ -1,0 +1,18 @@
+import json
+
+from transferkit.demo import run_demo
+
+
+def test_demo_writes_report_for_both_arms(tmp_path):
+    report = run_demo(tmp_path / "demo", epochs=1, train_per_class=3, val_per_class=2, quiet=True)
+    on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert on_disk == report
+    assert set(report["arms"]) == {"finetune", "scratch"}
+    for arm in ("finetune", "scratch"):
+        assert 0.0 <= report["arms"][arm]["val_acc"] <= 1.0
+        assert (tmp_path / "demo" / arm / "metrics.jsonl").is_file()
+    assert report["seconds"] > 0
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 1000
+    finetune = json.loads((tmp_path / "demo" / "finetune" / "transfer_report.json").read_text())
+    assert finetune["counts"] == {"loaded": 294, "out-of-scope": 2}
+    assert not (tmp_path / "demo" / "scratch" / "transfer_report.json").exists()
