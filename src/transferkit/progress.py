@@ -29,7 +29,7 @@ class RateColumn(TextColumn):
         return f"{speed:.1f}/s" if speed else "-/s"
 
 
-def make_progress() -> Progress:
+def make_progress(disable: bool = False) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -42,6 +42,7 @@ def make_progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=True,
+        disable=disable,
     )
 
 

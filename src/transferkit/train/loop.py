@@ -117,9 +117,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     meta = {"model": cfg.model.name, "classes": classes}
     best = (-1.0, float("inf"))
     best_epoch = 0
-    with make_progress() as progress:
-        if quiet:
-            progress.disable = True
+    with make_progress(disable=quiet) as progress:
         for epoch in range(1, cfg.schedule.epochs + 1):
             t0 = time.perf_counter()
             task = progress.add_task(f"epoch {epoch}/{cfg.schedule.epochs}", total=len(data.train_set), info="")
