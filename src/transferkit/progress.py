@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+import time
 from typing import TypeVar
 
 from rich.console import Console
@@ -29,8 +30,22 @@ class RateColumn(TextColumn):
         return f"{speed:.1f}/s" if speed else "-/s"
 
 
-def make_progress(disable: bool = False) -> Progress:
-    return Progress(
+class StepProgress(Progress):
+    """Redraws from the caller's thread, at most every `interval` seconds: no refresh thread
+    competes with the training loop for the interpreter."""
+
+    interval = 0.5
+
+    def advance_and_draw(self, task, amount: float) -> None:
+        self.advance(task, amount)
+        now = time.monotonic()
+        if now - getattr(self, "_drawn_at", 0.0) >= self.interval:
+            self._drawn_at = now
+            self.refresh()
+
+
+def make_progress(disable: bool = False) -> StepProgress:
+    return StepProgress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -43,6 +58,7 @@ def make_progress(disable: bool = False) -> Progress:
         console=console,
         transient=True,
         disable=disable,
+        auto_refresh=False,
     )
 
 
@@ -53,4 +69,4 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         task = progress.add_task(description, total=total, info="")
         for item in items:
             yield item
-            progress.advance(task)
+            progress.advance_and_draw(task, 1)

@@ -71,7 +71,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, chan
         loss_sum += loss.detach().double() * len(labels)
         seen += len(labels)
         if progress is not None:
-            progress.update(task, advance=len(labels))
+            progress.advance_and_draw(task, len(labels))
     return float(loss_sum) / max(seen, 1)
 
 
