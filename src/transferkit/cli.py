@@ -66,33 +66,9 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from transferkit.config import load_config
     from transferkit.progress import console
-    from transferkit.train.build import (
-        build_model,
-        dataset_classes,
-        load_classification_data,
-        make_loader,
-        place_model,
-        resolve_num_classes,
-        select_device,
-    )
-    from transferkit.train.checkpoint import load_weights
-    from transferkit.train.evaluate import evaluate
+    from transferkit.train.evaluate import evaluate_config
 
-    cfg = load_config(args.config, args.override)
-    device = select_device(cfg.device)
-    classes = dataset_classes(cfg.data, need_train=False)
-    num_classes = resolve_num_classes(cfg, classes)
-    model, family, report = build_model(cfg, num_classes, restore=args.weights is None)
-    if args.weights:
-        meta = load_weights(model, args.weights)
-        if meta.get("classes") and meta["classes"] != classes:
-            raise TransferKitError(
-                f"{args.weights} was trained on classes {meta['classes']} but {cfg.data.root} has {classes}"
-            )
-    data = load_classification_data(cfg.data, family.preprocessing, classes, need_train=False)
-    place_model(model, device, cfg.model.channels_last)
-    loader = make_loader(data.val_set, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed)
-    metrics = {**evaluate(model, loader, device, cfg.model.channels_last), "images": len(data.val_set)}
+    metrics, report = evaluate_config(load_config(args.config, args.override), args.weights)
     if args.json:
         print(json.dumps(metrics))
     else:
