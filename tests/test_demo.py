@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from transferkit.demo import run_demo
+from transferkit.errors import TransferKitError
 
 
 def test_demo_writes_report_for_both_arms(tmp_path):
@@ -16,6 +19,14 @@ def test_demo_writes_report_for_both_arms(tmp_path):
     finetune = json.loads((tmp_path / "demo" / "finetune" / "transfer_report.json").read_text())
     assert finetune["counts"] == {"loaded": 294, "out-of-scope": 2}
     assert not (tmp_path / "demo" / "scratch" / "transfer_report.json").exists()
+    # A rerun replaces the demo's own folder; a folder holding other files is refused and kept.
+    again = run_demo(tmp_path / "demo", epochs=1, train_per_class=3, val_per_class=2, quiet=True)
+    assert json.loads((tmp_path / "demo" / "report.json").read_text()) == again
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(TransferKitError, match="holds files the demo did not write"):
+        run_demo(tmp_path / "mine", epochs=1, train_per_class=3, val_per_class=2, quiet=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_demo_transfer_beats_scratch_by_a_margin(tmp_path):

@@ -3,6 +3,7 @@ on a synthetic dataset made on the spot (no data, no network)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from transferkit.config import DEFAULT_SOURCE, load_config
 from transferkit.data.synthetic import make_synthetic_classification
+from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write, write_json
 from transferkit.progress import console
 from transferkit.train.loop import train
@@ -27,11 +29,31 @@ DEMO_OVERRIDES = [
     "schedule.warmup_epochs=1",
 ]
 ARMS = {"finetune": DEFAULT_SOURCE, "scratch": None}
+DEMO_ENTRIES = {"data", *ARMS, "report.json", "report.png"}
+
+
+def clear_previous_demo(out: Path) -> None:
+    """A demo folder is the demo's own: a rerun replaces it. A folder holding anything else is refused."""
+    if not out.exists():
+        return
+    entries = {p.name for p in out.iterdir()}
+    if entries - DEMO_ENTRIES:
+        raise TransferKitError(
+            f"{out} holds files the demo did not write ({', '.join(sorted(entries - DEMO_ENTRIES)[:3])}); "
+            "give the demo an empty or new --out"
+        )
+    for name in entries:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def run_demo(out: str | Path = "runs/demo", epochs: int = 8, train_per_class: int = 50,
              val_per_class: int = 25, seed: int = 0, quiet: bool = False) -> dict:
     out = Path(out)
+    clear_previous_demo(out)
     started = time.perf_counter()
     data_root = make_synthetic_classification(out / "data", train_per_class, val_per_class, size=96, seed=seed)
     results = {}
