@@ -79,3 +79,23 @@ def test_override_syntax():
         parse_override("novalue")
     with pytest.raises(TransferKitError, match="is a value, not a section"):
         load_config(None, ["data.root=x", "seed=1", "seed.sub=1"])
+
+
+def test_every_config_key_is_documented():
+    from conftest import REPO
+    from pydantic import BaseModel
+
+    from transferkit.config import Config
+
+    doc = (REPO / "docs" / "CONFIG.md").read_text()
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from keys(field.annotation, f"{prefix}{name}.")
+            else:
+                yield prefix + name
+
+    missing = [k for k in keys(Config) if f"`{k}`" not in doc]
+    assert not missing, f"keys missing from docs/CONFIG.md: {missing}"
+    assert len(list(keys(Config))) > 30
