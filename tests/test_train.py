@@ -7,6 +7,7 @@ from conftest import tiny_overrides
 from transferkit.config import load_config
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier
+from transferkit.train.build import build_model
 from transferkit.train.checkpoint import load_weights, read_metadata
 from transferkit.train.loop import read_metrics, train
 from transferkit.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
@@ -78,3 +79,18 @@ def test_schedules():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_frozen_batchnorm_keeps_statistics_and_weights(synth_root, tmp_path):
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1, "optim.freeze_bn": "true"}))
+    result = train(cfg, out=tmp_path / "run", quiet=True)
+    after, _ = create_classifier("test_efficientnet", 3)
+    load_weights(after, result.run_dir / "checkpoints" / "last.safetensors")
+    start, _, _ = build_model(cfg, 3)  # the untrained model, exactly as the run built it
+    bn = [n for n, m in start.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn
+    s0, s1 = start.state_dict(), after.state_dict()
+    for name in bn:
+        for key in ("running_mean", "running_var", "weight", "bias", "num_batches_tracked"):
+            assert torch.equal(s0[f"{name}.{key}"], s1[f"{name}.{key}"]), f"{name}.{key}"
+    assert not torch.equal(s0["conv_stem.weight"], s1["conv_stem.weight"])  # the rest did train
