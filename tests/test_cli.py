@@ -57,8 +57,9 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip() == f"error: config error in {bad}: key 'data.batch_sise': unknown key " \
                           "(check the spelling; see docs/CONFIG.md)"
-    assert main(["train", "-o", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert main(["train", "-o", f"data.root={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r")]) == 2
     assert "data.root not found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a failed start leaves no half-made run directory
     assert main(["predict", "--run", str(tmp_path), "x.jpg"]) == 2
     assert "is not a run directory" in capsys.readouterr().err
 

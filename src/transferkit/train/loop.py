@@ -45,10 +45,9 @@ def default_run_dir(config_path: str | Path | None) -> Path:
     return Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def prepare_run_dir(run_dir: Path) -> Path:
+def refuse_existing_run(run_dir: Path) -> Path:
     if (run_dir / "metrics.jsonl").exists():
         raise TransferKitError(f"{run_dir} already holds a run (metrics.jsonl); choose another --out")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -79,7 +78,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
           quiet: bool = False) -> TrainResult:
     """Run the whole pass the config describes and write the run directory."""
     started = time.perf_counter()
-    run_dir = prepare_run_dir(Path(out or cfg.out or default_run_dir(config_path)))
+    run_dir = refuse_existing_run(Path(out or cfg.out or default_run_dir(config_path)))
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
 
@@ -88,14 +87,15 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     model, family, report = build_model(cfg, num_classes)
     data = load_classification_data(cfg.data, family.preprocessing, classes)
 
+    # The run directory is made only once data and weights have been read without error.
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     resolved = cfg.model_copy(deep=True)
     resolved.model.num_classes = num_classes
     write_text(run_dir / "config.yaml", resolved.to_yaml())
     write_json(run_dir / "classes.json", classes)
-    if report is not None:
-        write_json(run_dir / "transfer_report.json", report.to_dict())
     say = (lambda *a, **k: None) if quiet else console.print
     if report is not None:
+        write_json(run_dir / "transfer_report.json", report.to_dict())
         for line in report.summary_lines():
             say(line, highlight=False)
     else:
