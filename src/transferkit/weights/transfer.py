@@ -11,7 +11,7 @@ Statuses, per target tensor:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,19 @@ class TransferReport:
             "unused_source": self.unused_source,
         }
 
+    def table(self):
+        """Per top-level module: tensors, loaded, fraction of values restored (a rich Table)."""
+        from rich.table import Table
+
+        table = Table(title=f"transfer from {self.source} (scope {self.scope})")
+        for col in ("module", "tensors", "loaded", "restored"):
+            table.add_column(col, justify="right" if col != "module" else "left")
+        for module, row in self.per_module().items():
+            table.add_row(module, str(row["tensors"]), str(row["loaded"]), f"{row['fraction_restored']:.1%}")
+        table.caption = ", ".join(f"{k} {v}" for k, v in sorted(self.counts().items())) + (
+            f"; {len(self.unused_source)} source tensors unused")
+        return table
+
     def summary_lines(self, limit: int = 8) -> list[str]:
         """A compact human summary: counts, fraction, and every tensor not loaded (first `limit`)."""
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts().items()))
@@ -123,23 +136,54 @@ def _in_scope(name: str, scope: str, head: Sequence[str], backbone: Sequence[str
     return True
 
 
+@dataclass
+class TransferOptions:
+    """What to restore, and how strictly. Patterns use the project's pattern language."""
+
+    scope: str = "all-but-head"
+    exclude: Sequence[str] = ()
+    include: Sequence[str] = ()  # when given, only matching target tensors are restored
+    rename: Sequence[tuple[str, str]] = ()  # (regex, replacement) on source names
+    on_shape_mismatch: str = "skip"
+    adapt_input_conv: bool = True  # 3-channel source conv into a 1- or N-channel first conv
+    require: Mapping[str, float] = field(default_factory=dict)  # group -> minimum fraction restored
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise TransferKitError(f"unknown scope {self.scope!r}; use one of {', '.join(SCOPES)}")
+        if self.on_shape_mismatch not in ("skip", "error"):
+            raise TransferKitError(f"on_shape_mismatch must be skip or error, not {self.on_shape_mismatch!r}")
+
+
+def _adaptable(source_shape: tuple, target_shape: tuple) -> bool:
+    """A conv weight that differs only in input channels, from an RGB source."""
+    return (len(source_shape) == 4 and len(target_shape) == 4 and source_shape[1] == 3
+            and source_shape[0] == target_shape[0] and source_shape[2:] == target_shape[2:]
+            and target_shape[1] != 3)
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """timm's rule: 1 channel takes the sum over RGB; N channels repeat RGB, scaled by 3/N."""
+    from timm.models import adapt_input_conv
+
+    return adapt_input_conv(in_chans, weight.float()).to(weight.dtype)
+
+
 def plan_transfer(
     model: nn.Module,
     weights: WeightFile,
-    scope: str = "all-but-head",
+    options: TransferOptions | None = None,
     head_patterns: Sequence[str] = (),
     backbone_patterns: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    on_shape_mismatch: str = "skip",
 ) -> tuple[TransferReport, dict[str, torch.Tensor]]:
     """Decide, for every target tensor, what to restore. Returns the report and the tensors to load."""
-    if scope not in SCOPES:
-        raise TransferKitError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
+    opt = options or TransferOptions()
+    scope = opt.scope
     target = model.state_dict()
     src_shapes = {k: tuple(v.shape) for k, v in weights.tensors.items()}
     tgt_shapes = {k: tuple(v.shape) for k, v in target.items()}
     heads = {n for n in target if first_match(head_patterns, n) is not None}
-    matches = match_names(src_shapes, tgt_shapes, may_differ=heads)
+    matches = match_names(src_shapes, tgt_shapes, may_differ=heads, rename=opt.rename)
 
     report = TransferReport(str(weights.path), weights.format, scope)
     to_load: dict[str, torch.Tensor] = {}
@@ -149,33 +193,66 @@ def plan_transfer(
         if m is not None:
             entry.source, entry.how = m.source, m.how
             entry.source_shape = list(src_shapes[m.source])
-        pattern = first_match(exclude, name)
+        pattern = first_match(opt.exclude, name)
         if pattern is not None:
             entry.status, entry.reason = "excluded", f"by pattern {pattern!r}"
+        elif opt.include and first_match(opt.include, name) is None:
+            entry.status, entry.reason = "excluded", "not matched by any include pattern"
         elif not _in_scope(name, scope, head_patterns, backbone_patterns):
             entry.status, entry.reason = "out-of-scope", f"not restored with scope {scope}"
         elif m is None:
             entry.reason = "no matching source tensor; keeps its initialisation"
         elif tuple(entry.source_shape) != tuple(tensor.shape):
             shapes = f"source {tuple(entry.source_shape)} vs target {tuple(tensor.shape)}"
-            if scope == "full" and name in heads:
+            if opt.adapt_input_conv and _adaptable(tuple(entry.source_shape), tuple(tensor.shape)):
+                entry.status, entry.reason = "loaded", f"input channels adapted, {shapes}"
+                entry.how = f"{m.how}+adapted"
+                to_load[name] = adapt_input_channels(weights.tensors[m.source], tensor.shape[1])
+            elif scope == "full" and name in heads:
                 raise TransferKitError(
                     f"scope full restores every tensor, but head tensor {name} differs in shape ({shapes}): "
                     "the class count changed; use scope all-but-head to get a new head"
                 )
-            if on_shape_mismatch == "error" or scope == "full":
+            elif opt.on_shape_mismatch == "error" or scope == "full":
                 raise TransferKitError(
                     f"shape mismatch for {name} ({shapes}); set pretrained.on_shape_mismatch=skip "
                     "to leave it initialised, or exclude it"
                 )
-            entry.status, entry.reason = "skipped-shape", shapes
+            else:
+                entry.status, entry.reason = "skipped-shape", shapes
         else:
             entry.status = "loaded"
             to_load[name] = weights.tensors[m.source]
         report.entries.append(entry)
     restored_sources = {e.source for e in report.entries if e.status == "loaded"}
     report.unused_source = [k for k in weights.tensors if k not in restored_sources]
+    check_required(report, opt.require, heads)
     return report, to_load
+
+
+def check_required(report: TransferReport, require: Mapping[str, float], heads: set[str]) -> None:
+    """`require` turns a partial load into an error. Groups: `all`, `backbone` (everything but the
+    head), `head`, or a pattern of target names."""
+    for group, minimum in require.items():
+        if group == "all":
+            names = [e.target for e in report.entries]
+        elif group == "backbone":
+            names = [e.target for e in report.entries if e.target not in heads]
+        elif group == "head":
+            names = [e.target for e in report.entries if e.target in heads]
+        else:
+            names = [e.target for e in report.entries if first_match([group], e.target) is not None]
+        if not names:
+            raise TransferKitError(f"require: group {group!r} matches no tensor of the model")
+        got = report.fraction_restored(names)
+        if got + 1e-12 < minimum:
+            chosen = set(names)
+            first = next(e for e in report.entries if e.target in chosen and e.status != "loaded")
+            raise TransferKitError(
+                f"only {got:.1%} of {group} was restored from {report.source} (required {minimum:.0%}); "
+                f"first not restored: {first.target} ({first.status}: {first.reason}); "
+                "check the source, scope and patterns with --dry-run"
+            )
 
 
 @torch.no_grad()
@@ -192,14 +269,16 @@ def transfer(
     scope: str = "all-but-head",
     head_patterns: Sequence[str] = (),
     backbone_patterns: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    on_shape_mismatch: str = "skip",
+    sha256: str | None = None,
+    dry_run: bool = False,
+    **options,
 ) -> TransferReport:
-    """Read `source`, match it onto `model`, restore what the scope allows, and report."""
-    weights = read_weights(resolve_source(source))
-    report, to_load = plan_transfer(
-        model, weights, scope, head_patterns, backbone_patterns, exclude, on_shape_mismatch
-    )
+    """Read `source`, match it onto `model`, restore what the scope and options allow, and report.
+    `options` are TransferOptions fields (exclude, include, rename, on_shape_mismatch, ...)."""
+    weights = read_weights(resolve_source(source, sha256))
+    report, to_load = plan_transfer(model, weights, TransferOptions(scope=scope, **options), head_patterns,
+                                    backbone_patterns)
     report.source = str(source)
-    apply_transfer(model, to_load)
+    if not dry_run:
+        apply_transfer(model, to_load)
     return report
