@@ -150,3 +150,93 @@ def test_save_load_round_trip_through_wrappers(tmp_path):
     wrong, _ = create_classifier("test_efficientnet", 4)
     with pytest.raises(TransferKitError, match="does not fit model"):
         load_weights(wrong, tmp_path / "w.safetensors")
+
+
+def test_npz_reader(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "w.npz", **{"conv.weight": np.ones((2, 3), np.float32), "conv.bias": np.zeros(2)})
+    wf = read_weights(tmp_path / "w.npz")
+    assert wf.format == "npz" and list(wf.tensors) == ["conv.weight", "conv.bias"]
+    assert wf.tensors["conv.weight"].shape == (2, 3)
+    np.savez(tmp_path / "obj.npz", a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(TransferKitError, match="refused, an array needs pickle"):
+        read_weights(tmp_path / "obj.npz")
+
+
+def test_match_rename_rules_and_instance_prefixes():
+    from transferkit.weights.matching import match_names
+
+    # Gluon: the same network built twice gets different instance prefixes.
+    src = {"resnetv20_conv0_weight": (8, 3, 3, 3), "resnetv20_dense0_weight": (10, 8)}
+    tgt = {"resnetv22_conv0_weight": (8, 3, 3, 3), "resnetv22_dense0_weight": (10, 8)}
+    m = match_names(src, tgt)
+    assert {t: (x.source, x.how) for t, x in m.items()} == {
+        "resnetv22_conv0_weight": ("resnetv20_conv0_weight", "prefix"),
+        "resnetv22_dense0_weight": ("resnetv20_dense0_weight", "prefix"),
+    }
+    # User rename rules run first (MMEngine revise_keys).
+    src = {"features.conv.weight": (4, 3), "features.fc.weight": (2, 4)}
+    tgt = {"body.conv.weight": (4, 3), "head.fc.weight": (2, 4)}
+    m = match_names(src, tgt, rename=[(r"^features\.conv", "body.conv"), (r"^features\.fc", "head.fc")])
+    assert m["body.conv.weight"].how == "renamed" and m["head.fc.weight"].source == "features.fc.weight"
+
+
+def test_compiled_model_checkpoint_loads_by_prefix(tmp_path):
+    source, _ = create_classifier("test_efficientnet", 3)
+    compiled = torch.compile(source)  # no forward: only the wrapper's names are wanted
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    torch.save(compiled.state_dict(), tmp_path / "compiled.pth")
+    target, family = create_classifier("test_efficientnet", 3)
+    report = transfer(target, tmp_path / "compiled.pth", "full", family.head_patterns)
+    assert report.fraction_restored() == 1.0
+    assert {e.how for e in report.entries} == {"prefix"}
+
+
+def test_include_and_require():
+    model, family = lite0(2)
+    report = transfer(model, DEFAULT_SOURCE, "all-but-head", family.head_patterns, include=["blocks.*"])
+    assert {e.target.split(".")[0] for e in report.by_status("loaded")} == {"blocks"}
+    assert report.by_status("excluded")[0].reason == "not matched by any include pattern"
+    model, family = lite0(2)
+    with pytest.raises(TransferKitError) as err:
+        transfer(model, DEFAULT_SOURCE, "all-but-head", family.head_patterns, exclude=["conv_stem.*"],
+                 require={"backbone": 1.0})
+    assert "of backbone was restored" in str(err.value) and "required 100%" in str(err.value)
+    assert "first not restored: conv_stem.weight (excluded" in str(err.value)
+    model, family = lite0(2)
+    report = transfer(model, DEFAULT_SOURCE, "all-but-head", family.head_patterns, require={"backbone": 1.0})
+    assert report.counts()["loaded"] == 294
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_first_conv_adapted_to_other_input_channels(in_chans):
+    src = torch.load(resolve_source(DEFAULT_SOURCE), weights_only=True)["_conv_stem.weight"]
+    model, family = create_classifier("tf_efficientnet_lite0", 2, in_chans=in_chans)
+    report = transfer(model, DEFAULT_SOURCE, "all-but-head", family.head_patterns)
+    stem = next(e for e in report.entries if e.target == "conv_stem.weight")
+    assert stem.status == "loaded" and stem.how == "structure+adapted"
+    got = model.state_dict()["conv_stem.weight"]
+    assert got.shape == (32, in_chans, 3, 3)
+    if in_chans == 1:
+        assert torch.allclose(got[:, 0], src.sum(dim=1))
+    else:  # RGB repeated, scaled by 3/N
+        assert torch.allclose(got[:, 3], src[:, 0] * 3 / 4) and torch.allclose(got[:, 0], src[:, 0] * 3 / 4)
+    model, family = create_classifier("tf_efficientnet_lite0", 2, in_chans=in_chans)
+    report = transfer(model, DEFAULT_SOURCE, "all-but-head", family.head_patterns, adapt_input_conv=False)
+    assert next(e for e in report.entries if e.target == "conv_stem.weight").status == "skipped-shape"
+
+
+def test_report_json_and_table(tmp_path):
+    model, family = lite0(2)
+    report = transfer(model, DEFAULT_SOURCE, "all-but-head", family.head_patterns)
+    data = report.to_dict()
+    assert data["counts"] == {"loaded": 294, "out-of-scope": 2}
+    assert data["per_module"]["blocks"]["fraction_restored"] == 1.0
+    assert data["per_module"]["classifier"] == {"tensors": 2, "loaded": 0, "fraction_restored": 0.0}
+    entry = next(t for t in data["tensors"] if t["target"] == "blocks.0.0.conv_dw.weight")
+    assert entry == {"target": "blocks.0.0.conv_dw.weight", "status": "loaded", "shape": [32, 1, 3, 3],
+                     "numel": 288, "source": "_blocks.0._depthwise_conv.weight", "how": "structure",
+                     "source_shape": [32, 1, 3, 3], "reason": None, "init": None}
+    assert [r[0] for r in [(c.header,) for c in report.table().columns]] == ["module", "tensors", "loaded",
+                                                                              "restored"]

@@ -28,6 +28,13 @@ class Match:
     how: str  # "exact", "renamed", "prefix" or "structure"
 
 
+def input_adaptable(source_shape: Shape, target_shape: Shape) -> bool:
+    """A conv weight that differs only in input channels, from an RGB source (see transfer.py)."""
+    return (len(source_shape) == 4 and len(target_shape) == 4 and source_shape[1] == 3
+            and source_shape[0] == target_shape[0] and tuple(source_shape[2:]) == tuple(target_shape[2:])
+            and target_shape[1] != 3)
+
+
 def strip_wrappers(name: str) -> str:
     changed = True
     while changed:
@@ -75,7 +82,8 @@ def match_names(
     rename: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Match]:
     """Map target names to source names. `may_differ`: target names whose shape may disagree
-    in a structural pairing (they are then reported as shape mismatches, not as misalignment)."""
+    in a structural pairing (they are then reported as shape mismatches, not as misalignment);
+    so may a first conv that differs only in input channels."""
     matches: dict[str, Match] = {}
     used: set[str] = set()
     renamed = apply_renames(list(source), rename)
@@ -125,12 +133,12 @@ def _pair_by_order(
     may_differ: set[str],
     names_agreed_somewhere: bool,
 ) -> dict[str, Match]:
+    def fits(s: str, t: str) -> bool:
+        return (tuple(source[s]) == tuple(target[t]) or t in may_differ
+                or input_adaptable(source[s], target[t]))
+
     if len(rest_s) == len(rest_t):
-        part = next(
-            (i for i, (s, t) in enumerate(zip(rest_s, rest_t, strict=True))
-             if tuple(source[s]) != tuple(target[t]) and t not in may_differ),
-            None,
-        )
+        part = next((i for i, (s, t) in enumerate(zip(rest_s, rest_t, strict=True)) if not fits(s, t)), None)
         if part is None:
             return {t: Match(s, "structure") for s, t in zip(rest_s, rest_t, strict=True)}
     else:

@@ -22,7 +22,7 @@ from torch import nn
 from transferkit.errors import TransferKitError
 from transferkit.patterns import first_match
 from transferkit.weights.formats import WeightFile, read_weights
-from transferkit.weights.matching import match_names
+from transferkit.weights.matching import input_adaptable, match_names
 from transferkit.weights.sources import resolve_source
 
 SCOPES = ("backbone", "all-but-head", "full")
@@ -155,13 +155,6 @@ class TransferOptions:
             raise TransferKitError(f"on_shape_mismatch must be skip or error, not {self.on_shape_mismatch!r}")
 
 
-def _adaptable(source_shape: tuple, target_shape: tuple) -> bool:
-    """A conv weight that differs only in input channels, from an RGB source."""
-    return (len(source_shape) == 4 and len(target_shape) == 4 and source_shape[1] == 3
-            and source_shape[0] == target_shape[0] and source_shape[2:] == target_shape[2:]
-            and target_shape[1] != 3)
-
-
 def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """timm's rule: 1 channel takes the sum over RGB; N channels repeat RGB, scaled by 3/N."""
     from timm.models import adapt_input_conv
@@ -204,7 +197,7 @@ def plan_transfer(
             entry.reason = "no matching source tensor; keeps its initialisation"
         elif tuple(entry.source_shape) != tuple(tensor.shape):
             shapes = f"source {tuple(entry.source_shape)} vs target {tuple(tensor.shape)}"
-            if opt.adapt_input_conv and _adaptable(tuple(entry.source_shape), tuple(tensor.shape)):
+            if opt.adapt_input_conv and input_adaptable(tuple(entry.source_shape), tuple(tensor.shape)):
                 entry.status, entry.reason = "loaded", f"input channels adapted, {shapes}"
                 entry.how = f"{m.how}+adapted"
                 to_load[name] = adapt_input_channels(weights.tensors[m.source], tensor.shape[1])
