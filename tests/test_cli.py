@@ -78,3 +78,34 @@ def test_data_synth_and_module_entry_point(tmp_path):
     main(["data", "synth", "--out", str(again), "--train-per-class", "2", "--val-per-class", "1", "--size", "24"])
     for a in sorted((out / "train").rglob("*.png")):
         assert a.read_bytes() == (again / a.relative_to(out)).read_bytes()  # deterministic
+
+
+def test_weights_inspect_and_transfer(tmp_path, capsys):
+    import torch
+
+    from transferkit.models.classification import create_classifier
+    from transferkit.train.checkpoint import load_weights
+
+    src, _ = create_classifier("test_efficientnet", 10)
+    torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "src.pth")
+    assert main(["weights", "inspect", str(tmp_path / "src.pth"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "pytorch" and info["tensors"] == len(src.state_dict())
+    assert info["metadata"] == {"nested_key": "model"}
+    assert info["entries"][0] == {"name": "module.conv_stem.weight", "shape": [24, 3, 3, 3], "dtype": "float32"}
+    assert info["parameters"] == sum(v.numel() for v in src.state_dict().values())
+
+    out, report = tmp_path / "out.safetensors", tmp_path / "report.json"
+    args = ["weights", "transfer", "--model", "test_efficientnet", "--num-classes", "3", "--from",
+            str(tmp_path / "src.pth"), "--scope", "detection", "--report", str(report)]
+    assert main([*args, "--dry-run"]) == 0
+    assert not out.exists() and json.loads(report.read_text())["counts"]["out-of-scope"] == 2
+    assert main([*args, "--out", str(out)]) == 0
+    fresh, _ = create_classifier("test_efficientnet", 3)
+    assert load_weights(fresh, out) == {"model": "test_efficientnet", "source": str(tmp_path / "src.pth")}
+    assert torch.equal(fresh.state_dict()["conv_stem.weight"], src.state_dict()["conv_stem.weight"])
+    capsys.readouterr()
+    assert main([*args, "--dry-run", "--require", "all=1.0"]) == 2
+    assert "of all was restored" in capsys.readouterr().err
+    assert main(["weights", "transfer", "--model", "test_efficientnet", "--from", str(tmp_path / "src.pth")]) == 2
+    assert "give --out" in capsys.readouterr().err

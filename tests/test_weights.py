@@ -240,3 +240,19 @@ def test_report_json_and_table(tmp_path):
                      "source_shape": [32, 1, 3, 3], "reason": None, "init": None}
     assert [r[0] for r in [(c.header,) for c in report.table().columns]] == ["module", "tensors", "loaded",
                                                                               "restored"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc to see mappings")
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_sources_are_memory_mapped_not_copied(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"w{suffix}"
+    state = {"a": torch.randn(256, 256), "b": torch.randn(64)}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    wf = read_weights(path)
+    spans = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+             for line in open("/proc/self/maps") if str(path) in line]
+    for name, tensor in wf.tensors.items():
+        assert torch.equal(tensor, state[name])
+        assert any(lo <= tensor.data_ptr() < hi for lo, hi in spans), f"{name} was copied, not mapped"

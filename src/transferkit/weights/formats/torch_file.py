@@ -44,7 +44,8 @@ def _is_state_dict(obj: Mapping) -> bool:
 
 def read(path: Path) -> WeightFile:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Zip-format files are memory-mapped: tensors are read from the page cache, not copied.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
