@@ -52,6 +52,25 @@ def test_full_scope_refuses_class_count_change():
         transfer(model, DEFAULT_SOURCE, "full", family.head_patterns)
 
 
+def test_head_of_another_class_count_is_skipped_by_shape(tmp_path):
+    """A 1000-class checkpoint with the model's own names into a 2-class model, head patterns unknown:
+    the head is skipped for its shape, everything else loaded, and both shapes reported."""
+    imagenet, family = lite0(1000)
+    transfer(imagenet, DEFAULT_SOURCE, "full", family.head_patterns)
+    save_weights(imagenet, tmp_path / "in1k.safetensors")
+    model, _ = lite0(2)
+    report = transfer(model, tmp_path / "in1k.safetensors", "all-but-head", head_patterns=())
+    assert report.counts() == {"loaded": 294, "skipped-shape": 2}
+    skipped = {e.target: e.reason for e in report.by_status("skipped-shape")}
+    assert skipped == {"classifier.weight": "source (1000, 1280) vs target (2, 1280)",
+                       "classifier.bias": "source (1000,) vs target (2,)"}
+    # Names that differ everywhere are paired by structure only when nothing but a declared head
+    # disagrees; without head patterns the pairing is refused, showing where the orders part.
+    model, _ = lite0(2)
+    with pytest.raises(TransferKitError, match="part at position 294: source _fc.weight"):
+        transfer(model, DEFAULT_SOURCE, "all-but-head", head_patterns=())
+
+
 def test_exclude_and_backbone_scope(tmp_path):
     model, family = lite0(2)
     report = transfer(model, DEFAULT_SOURCE, "backbone", family.head_patterns, exclude=["conv_head.*", "bn2.*"])
@@ -137,11 +156,16 @@ def test_real_legacy_third_party_checkpoint():
     assert wf.format == "pytorch"
     assert next(iter(wf.tensors)) == "body.stage1.0.0.weight"
     assert len(wf.tensors) > 100
+    from transferkit.cli import main
+
+    assert main(["weights", "inspect", str(path), "--json"]) == 0
 
 
-def test_save_load_round_trip_through_wrappers(tmp_path):
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, torch.compile], ids=["DataParallel", "compile"])
+def test_save_load_round_trip_through_wrappers(tmp_path, wrap):
+    """Gluon's prefix failure cannot happen: saved names are the plain module's, whatever the wrapper."""
     model, _ = create_classifier("test_efficientnet", 3)
-    save_weights(torch.nn.DataParallel(model), tmp_path / "w.safetensors", {"classes": ["a", "b", "c"]})
+    save_weights(wrap(model), tmp_path / "w.safetensors", {"classes": ["a", "b", "c"]})
     fresh, _ = create_classifier("test_efficientnet", 3)
     meta = load_weights(fresh, tmp_path / "w.safetensors")
     assert meta == {"classes": ["a", "b", "c"]}

@@ -96,7 +96,8 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     say = (lambda *a, **k: None) if quiet else console.print
     if report is not None:
         write_json(run_dir / "transfer_report.json", report.to_dict())
-        for line in report.summary_lines():
+        say(report.table())
+        for line in report.summary_lines()[1:]:
             say(line, highlight=False)
     else:
         say("no pretrained source: training from scratch")
