@@ -35,6 +35,12 @@ class ModelConfig(_Section):
     channels_last: bool = True
 
 
+class HeadInitConfig(_Section):
+    # `auto` (class-folder names matched to the source's class names) or
+    # {class: source name | index | "-name" (its negative) | [several, averaged]}.
+    from_classes: Literal["auto"] | dict[str, int | str | list[int | str]]
+
+
 class PretrainedConfig(_Section):
     # A path, `package:NAME` (an installed package that ships a weights file), or null for none.
     source: str | None = DEFAULT_SOURCE
@@ -51,6 +57,8 @@ class PretrainedConfig(_Section):
     require: dict[str, float] = Field(default_factory=dict)
     # A 3-channel source first conv is adapted to the model's input channels (timm's rule).
     adapt_input_conv: bool = True
+    # Start head rows from the source's own classes (needs a classifier source).
+    head_init: HeadInitConfig | None = None
 
     @field_validator("scope", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 class RateColumn(TextColumn):

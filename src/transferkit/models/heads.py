@@ -13,7 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from transferkit.errors import TransferKitError
+from transferkit.models.labels import LabelSet, Term, auto_match, resolve_spec
 from transferkit.patterns import first_match
+from transferkit.weights.transfer import TransferReport
 
 HEAD_INITS = ("xavier", "zeros", "normal", "timm")
 
@@ -39,3 +42,56 @@ def init_head(model: nn.Module, head_patterns: Sequence[str], how: str, skip: Se
             nn.init.zeros_(p)
         done.append(name)
     return done
+
+
+@torch.no_grad()
+def init_head_from_classes(model: nn.Module, report: TransferReport, classes: list[str], spec,
+                           fallback: str) -> list[dict]:
+    """Start each head row from source classes (Gluon's hotdog trick): `spec` is `auto` (class-folder
+    names matched to source names) or {target class: name | index | -name | [several, averaged]}.
+    Rows with no match keep `fallback`'s initialisation. Recorded in report.head_rows."""
+    params = dict(model.named_parameters())
+    pairs = {t: src for t, src in report.head_sources.items() if t in params}
+    if not pairs:
+        raise TransferKitError(
+            "head_init.from_classes needs the source's own head, but no source tensor was matched to the "
+            f"model's head in {report.source}; is it a classifier checkpoint?"
+        )
+    count = next(iter(pairs.values())).shape[0]
+    labels = LabelSet.for_count(count)
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - set(classes))
+        if unknown:
+            raise TransferKitError(
+                f"head_init.from_classes names classes the dataset lacks: {', '.join(unknown)} "
+                f"(dataset classes: {', '.join(classes)})"
+            )
+    elif labels is None:
+        raise TransferKitError(
+            f"head_init.from_classes=auto needs source class names; the source head has {count} classes, "
+            "which transferkit cannot name: map classes to indices instead"
+        )
+    rows = []
+    for row, name in enumerate(classes):
+        if isinstance(spec, dict):
+            terms = resolve_spec(spec[name], labels, count, name) if name in spec else None
+        else:
+            index = auto_match(name, labels)
+            terms = [Term(index, 1.0)] if index is not None else None
+        if terms is None:
+            rows.append({"row": row, "class": name, "from": None, "init": fallback})
+            continue
+        for target, src in pairs.items():
+            if tuple(src.shape[1:]) != tuple(params[target].shape[1:]):
+                raise TransferKitError(
+                    f"head_init: source head {tuple(src.shape)} does not fit {target} {tuple(params[target].shape)}"
+                )
+            value = sum(term.sign * src[term.index].float() for term in terms) / len(terms)
+            params[target][row] = value.to(params[target].dtype)
+        rows.append({"row": row, "class": name, "from": [t.describe(labels) for t in terms],
+                     "how": "auto" if spec == "auto" else "mapped"})
+    report.head_rows = rows
+    matched = sum(r["from"] is not None for r in rows)
+    report.note_init(list(pairs), "from source classes" if matched == len(rows)
+                     else f"from source classes ({matched} rows), {fallback} (the rest)")
+    return rows

@@ -16,7 +16,7 @@ from transferkit.data.classification import FolderSplit, ImageDataset, decode_al
 from transferkit.data.transforms import eval_transform, pil_resample, resize_size, train_transform
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier, restore_pretrained
-from transferkit.models.heads import init_head
+from transferkit.models.heads import init_head, init_head_from_classes
 from transferkit.models.registry import Family, Preprocessing
 from transferkit.weights.transfer import TransferReport
 
@@ -124,5 +124,14 @@ def build_model(cfg: Config, num_classes: int, restore: bool = True) -> tuple[nn
     initialised = init_head(model, family.head_patterns, cfg.model.head_init, skip=restored)
     if report is not None:
         report.note_init(initialised, cfg.model.head_init)
+    return model, family, report
+
+
+def build_classifier(cfg: Config, classes: list[str], restore: bool = True
+                     ) -> tuple[nn.Module, Family, TransferReport | None]:
+    """build_model for a dataset's classes, with head rows started from source classes when asked."""
+    model, family, report = build_model(cfg, resolve_num_classes(cfg, classes), restore)
+    if report is not None and cfg.pretrained.head_init is not None:
+        init_head_from_classes(model, report, classes, cfg.pretrained.head_init.from_classes, cfg.model.head_init)
     return model, family, report
 

@@ -11,12 +11,11 @@ from torch.utils.data import DataLoader
 from transferkit.config import Config
 from transferkit.errors import TransferKitError
 from transferkit.train.build import (
-    build_model,
+    build_classifier,
     dataset_classes,
     load_classification_data,
     make_loader,
     place_model,
-    resolve_num_classes,
     select_device,
 )
 from transferkit.train.checkpoint import load_weights
@@ -55,7 +54,7 @@ def evaluate_config(cfg: Config, weights: str | Path | None = None) -> tuple[dic
     (pretrained restore plus head initialisation), or, with `weights`, a trained checkpoint."""
     device = select_device(cfg.device)
     classes = dataset_classes(cfg.data, need_train=False)
-    model, family, report = build_model(cfg, resolve_num_classes(cfg, classes), restore=weights is None)
+    model, family, report = build_classifier(cfg, classes, restore=weights is None)
     if weights:
         meta = load_weights(model, weights)
         if meta.get("classes") and meta["classes"] != classes:

@@ -16,12 +16,11 @@ from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json, write_text
 from transferkit.progress import console, make_progress
 from transferkit.train.build import (
-    build_model,
+    build_classifier,
     dataset_classes,
     load_classification_data,
     make_loader,
     place_model,
-    resolve_num_classes,
     seed_everything,
     select_device,
 )
@@ -83,8 +82,8 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     seed_everything(cfg.seed)
 
     classes = dataset_classes(cfg.data)
-    num_classes = resolve_num_classes(cfg, classes)
-    model, family, report = build_model(cfg, num_classes)
+    model, family, report = build_classifier(cfg, classes)
+    num_classes = len(classes)
     data = load_classification_data(cfg.data, family.preprocessing, classes)
 
     # The run directory is made only once data and weights have been read without error.

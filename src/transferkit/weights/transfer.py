@@ -48,6 +48,10 @@ class TransferReport:
     scope: str
     entries: list[TensorEntry] = field(default_factory=list)
     unused_source: list[str] = field(default_factory=list)
+    # Each new head row and where it came from (head_init.from_classes), for the report.
+    head_rows: list[dict] = field(default_factory=list)
+    # The source tensors matched to head tensors that were not restored (for head_init).
+    head_sources: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
@@ -94,6 +98,7 @@ class TransferReport:
             "per_module": self.per_module(),
             "tensors": [asdict(e) for e in self.entries],
             "unused_source": self.unused_source,
+            "head_rows": self.head_rows,
         }
 
     def table(self):
@@ -123,6 +128,9 @@ class TransferReport:
             lines.append(f"  {e.status:<13} {e.target} {tuple(e.shape)} {detail}".rstrip())
         if len(others) > limit:
             lines.append(f"  ... {len(others) - limit} more not loaded (see transfer_report.json)")
+        for row in self.head_rows:
+            origin = " + ".join(row["from"]) if row["from"] else f"no source class; initialised {row['init']}"
+            lines.append(f"  head row {row['row']} {row['class']!r} <- {origin}")
         return lines
 
 
@@ -193,6 +201,8 @@ def plan_transfer(
             entry.status, entry.reason = "excluded", "not matched by any include pattern"
         elif not _in_scope(name, scope, head_patterns, backbone_patterns):
             entry.status, entry.reason = "out-of-scope", f"not restored with scope {scope}"
+            if m is not None and name in heads:
+                report.head_sources[name] = weights.tensors[m.source]
         elif m is None:
             entry.reason = "no matching source tensor; keeps its initialisation"
         elif tuple(entry.source_shape) != tuple(tensor.shape):
@@ -213,6 +223,8 @@ def plan_transfer(
                 )
             else:
                 entry.status, entry.reason = "skipped-shape", shapes
+                if name in heads:
+                    report.head_sources[name] = weights.tensors[m.source]
         else:
             entry.status = "loaded"
             to_load[name] = weights.tensors[m.source]
