@@ -109,3 +109,14 @@ def test_weights_inspect_and_transfer(tmp_path, capsys):
     assert "of all was restored" in capsys.readouterr().err
     assert main(["weights", "transfer", "--model", "test_efficientnet", "--from", str(tmp_path / "src.pth")]) == 2
     assert "give --out" in capsys.readouterr().err
+
+
+def test_model_params_shows_rules(capsys):
+    assert main(["model", "params", "--model", "test_efficientnet", "--num-classes", "3", "--match", "classifier.*",
+                 "-o", 'optim.param_groups=[{match: "classifier.bias", lr_mult: 0}]', "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["rule"]) for r in rows] == [("classifier.weight", "head"),
+                                                      ("classifier.bias", "param_groups[0] classifier.bias")]
+    assert rows[1]["lr"] == 0.0 and rows[0]["lr"] == 0.1
+    assert main(["model", "params", "--model", "test_efficientnet", "--match", "nothing.*"]) == 2
+    assert "matches no parameter" in capsys.readouterr().err

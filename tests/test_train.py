@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -94,3 +95,71 @@ def test_frozen_batchnorm_keeps_statistics_and_weights(synth_root, tmp_path):
         for key in ("running_mean", "running_var", "weight", "bias", "num_batches_tracked"):
             assert torch.equal(s0[f"{name}.{key}"], s1[f"{name}.{key}"]), f"{name}.{key}"
     assert not torch.equal(s0["conv_stem.weight"], s1["conv_stem.weight"])  # the rest did train
+
+
+def _optim(*overrides):
+    return load_config(None, ["data.root=x", "optim.lr=0.1", "optim.weight_decay=0.01", *overrides]).optim
+
+
+def test_param_group_rules_first_match_wins_and_carry_lr_and_decay():
+    model, family = create_classifier("test_efficientnet", 3)
+    cfg = _optim('optim.param_groups=[{match: "blocks.0.*", lr_mult: 0.5, decay_mult: 0}, '
+                 '{match: "blocks.*", lr_mult: 0.25}, {match: "conv_stem.*", freeze: true}]',
+                 "optim.head_lr_mult=10")
+    opt = build_optimizer(model, family.head_patterns, cfg)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["param_groups[0] blocks.0.*"]["lr"] == pytest.approx(0.05)
+    assert by_name["param_groups[0] blocks.0.*"]["weight_decay"] == 0.0
+    assert by_name["param_groups[1] blocks.*"]["lr"] == pytest.approx(0.025)
+    assert by_name["param_groups[1] blocks.*"]["weight_decay"] == pytest.approx(0.01)
+    assert by_name["head"]["lr"] == pytest.approx(1.0)
+    assert by_name["base"]["lr"] == pytest.approx(0.1)
+    assert not model.conv_stem.weight.requires_grad
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(model.conv_stem.weight) not in in_opt  # frozen parameters are left out
+    first_block = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.0.")}
+    assert first_block == {id(p) for p in by_name["param_groups[0] blocks.0.*"]["params"]}
+
+
+def test_rule_matching_nothing_is_an_error():
+    model, family = create_classifier("test_efficientnet", 3)
+    with pytest.raises(TransferKitError, match=r"optim.param_groups\[0\].match 'blcoks.\*' matches no parameter"):
+        build_optimizer(model, family.head_patterns, _optim('optim.param_groups=[{match: "blcoks.*"}]'))
+    with pytest.raises(TransferKitError, match="optim.freeze_until 'blocks.99' names no module"):
+        build_optimizer(model, family.head_patterns, _optim("optim.freeze_until=blocks.99"))
+
+
+def test_freeze_until_no_decay_and_layer_decay():
+    from transferkit.train.optim import plan_params
+
+    model, family = create_classifier("tf_efficientnet_lite0", 2)
+    plans = {p.name: p for p in plan_params(model, family.head_patterns,
+                                            _optim("optim.freeze_until=blocks.1", "optim.no_decay_norm_bias=true",
+                                                   "optim.layer_decay=0.5", "optim.head_lr_mult=1"))}
+    names = list(plans)
+    last_frozen = max(i for i, n in enumerate(names) if n.startswith("blocks.1."))
+    assert all(plans[n].frozen for n in names[: last_frozen + 1])
+    assert not any(plans[n].frozen for n in names[last_frozen + 1:])
+    assert plans["blocks.2.0.conv_pw.weight"].weight_decay == pytest.approx(0.01)
+    assert plans["blocks.2.0.bn1.weight"].weight_decay == 0.0 and plans["classifier.bias"].weight_decay == 0.0
+    # timm's layers for this model run from the stem (0) to the head (17): lr x 0.5 per layer below the top.
+    assert plans["classifier.weight"].lr == pytest.approx(0.1)
+    assert plans["conv_head.weight"].lr == pytest.approx(0.1 * 0.5)
+    assert plans["conv_stem.weight"].lr == pytest.approx(0.1 * 0.5 ** 17)
+    lrs = [plans[n].lr for n in names]
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(lrs, lrs[1:], strict=False))  # never falls with depth
+    assert {round(math.log(lr / 0.1, 0.5), 6) for lr in lrs} <= {float(k) for k in range(18)}
+
+
+def test_frozen_parameters_are_bit_identical_after_training(synth_root, tmp_path):
+    cfg = load_config(None, tiny_overrides(synth_root, **{
+        "schedule.epochs": 1, "optim.param_groups": '[{match: "blocks.0.*", freeze: true}]'}))
+    result = train(cfg, out=tmp_path / "run", quiet=True)
+    start, _, _ = build_model(cfg, 3)
+    after, _ = create_classifier("test_efficientnet", 3)
+    load_weights(after, result.run_dir / "checkpoints" / "last.safetensors")
+    s0, s1 = start.state_dict(), after.state_dict()
+    frozen = [k for k in s0 if k.startswith("blocks.0.") and "running" not in k and "num_batches" not in k]
+    assert frozen and all(torch.equal(s0[k], s1[k]) for k in frozen)
+    trained = next(k for k in s0 if k.startswith("blocks.1.") and k.endswith(".weight"))
+    assert not torch.equal(s0[trained], s1[trained])

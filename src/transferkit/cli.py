@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output .safetensors")
     p.add_argument("--dry-run", action="store_true", help="print the report, write no weights")
 
+    model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("params", help="parameter names and shapes, and which optimiser rule each falls under")
+    _add_config_args(p, required=False)
+    p.add_argument("--model", help="timm model name (default: the config's model.name)")
+    p.add_argument("--num-classes", type=int, default=2)
+    p.add_argument("--match", help="only names matching this pattern")
+    p.add_argument("--json", action="store_true")
+
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write a synthetic class-per-folder dataset")
     p.add_argument("--out", required=True)
@@ -197,8 +205,32 @@ def cmd_weights(args) -> int:
     return 0
 
 
+def cmd_model(args) -> int:
+    from transferkit.config import load_config
+    from transferkit.models.classification import create_classifier
+    from transferkit.patterns import matches
+    from transferkit.progress import console
+    from transferkit.train.optim import plan_params, plan_table
+
+    cfg = load_config(args.config, ["data.root=.", *args.override])
+    model, family = create_classifier(args.model or cfg.model.name, args.num_classes)
+    plans = plan_params(model, family.head_patterns, cfg.optim)
+    shown = [p for p in plans if args.match is None or matches(args.match, p.name)]
+    if args.match and not shown:
+        raise TransferKitError(f"--match {args.match!r} matches no parameter of {args.model or cfg.model.name}")
+    if args.json:
+        print(json.dumps([{"name": p.name, "shape": list(p.shape), "rule": p.rule, "lr": p.lr,
+                           "weight_decay": p.weight_decay, "frozen": p.frozen} for p in shown], indent=2))
+        return 0
+    for p in shown:
+        state = "frozen" if p.frozen else f"lr {p.lr:.2e} wd {p.weight_decay:g}"
+        print(f"{p.name:<50} {str(p.shape):<20} {p.rule:<30} {state}")
+    console.print(plan_table(shown))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "data": cmd_data,
-            "weights": cmd_weights}
+            "weights": cmd_weights, "model": cmd_model}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,13 @@ class DataConfig(_Section):
     hflip: float = Field(0.5, ge=0.0, le=1.0)
 
 
+class ParamRule(_Section):
+    match: str  # a pattern of parameter names
+    lr_mult: float = Field(1.0, ge=0)
+    decay_mult: float = Field(1.0, ge=0)
+    freeze: bool = False
+
+
 class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
@@ -94,6 +101,14 @@ class OptimConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # BatchNorm layers keep their pretrained statistics and affine weights (eval mode, not trained).
     freeze_bn: bool = False
+    # Rules {match, lr_mult, decay_mult, freeze}; the first that matches a parameter wins.
+    param_groups: list[ParamRule] = Field(default_factory=list)
+    # Freeze every parameter up to and including this module (e.g. blocks.3).
+    freeze_until: str | None = None
+    # No weight decay on biases and normalisation weights (1-d parameters).
+    no_decay_norm_bias: bool = False
+    # Layer-wise learning-rate decay: the top layer at lr, each layer below x this factor.
+    layer_decay: float | None = Field(None, gt=0, le=1)
 
 
 class ScheduleConfig(_Section):

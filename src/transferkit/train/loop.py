@@ -26,7 +26,14 @@ from transferkit.train.build import (
 )
 from transferkit.train.checkpoint import save_weights
 from transferkit.train.evaluate import evaluate
-from transferkit.train.optim import build_optimizer, build_scheduler, freeze_batchnorm, set_train_mode
+from transferkit.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    freeze_batchnorm,
+    plan_params,
+    plan_table,
+    set_train_mode,
+)
 from transferkit.train.runlog import MetricsLog, plot_curves, summary_table
 
 
@@ -108,6 +115,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     if cfg.optim.freeze_bn:
         freeze_batchnorm(model)
     optimizer = build_optimizer(model, family.head_patterns, cfg.optim)
+    say(plan_table(plan_params(model, family.head_patterns, cfg.optim)))
     train_loader = make_loader(data.train_set, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed)
     val_loader = make_loader(data.val_set, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed)
     scheduler = build_scheduler(optimizer, cfg.schedule, len(train_loader))
