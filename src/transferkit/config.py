@@ -25,12 +25,53 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class InitRule(_Section):
+    """One initialiser (MMEngine init_cfg): see models/init.py."""
+
+    type: Literal["constant", "xavier", "normal", "trunc_normal", "uniform", "kaiming", "caffe2_xavier",
+                  "pretrained"]
+    layer: list[str] = []
+    override: str | None = None
+    force: bool = False
+    bias: float = 0.0
+    val: float = 0.0  # constant
+    gain: float = 1.0  # xavier
+    distribution: Literal["uniform", "normal"] = "normal"  # xavier, kaiming
+    mean: float = 0.0  # normal, trunc_normal
+    std: float = 1.0  # normal, trunc_normal
+    # uniform: [a, b] (default 0, 1); trunc_normal: cut at [a, b] (default -2, 2); kaiming: negative slope a (0).
+    a: float | None = None
+    b: float | None = None
+    mode: Literal["fan_in", "fan_out"] = "fan_out"  # kaiming
+    nonlinearity: str = "relu"  # kaiming
+    checkpoint: str | None = None  # pretrained
+    prefix: str = ""  # pretrained: source names under this prefix, prefix removed
+
+    def arg(self, key: str):
+        """An argument with the type's own default where the rule leaves it out."""
+        value = getattr(self, key)
+        if value is None and key in ("a", "b"):
+            defaults = {"uniform": (0.0, 1.0), "trunc_normal": (-2.0, 2.0)}.get(self.type, (0.0, None))
+            value = defaults[0] if key == "a" else defaults[1]
+        return value
+
+    def describe(self) -> str:
+        keys = {"constant": ("val",), "xavier": ("gain", "distribution"), "normal": ("mean", "std"),
+                "trunc_normal": ("mean", "std", "a", "b"), "uniform": ("a", "b"),
+                "kaiming": ("a", "mode", "nonlinearity", "distribution"), "caffe2_xavier": (),
+                "pretrained": ("checkpoint", "prefix")}[self.type]
+        args = ", ".join(f"{k}={self.arg(k)}" for k in keys)
+        return f"{self.type}({args})" + (f", bias={self.bias}" if self.type != "pretrained" else "")
+
+
 class ModelConfig(_Section):
     name: str = "tf_efficientnet_lite0"
     num_classes: int | Literal["auto"] = "auto"
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
     # How the new head starts: xavier, zeros, normal (std 0.01), or timm (the architecture's own).
     head_init: Literal["xavier", "zeros", "normal", "timm"] = "xavier"
+    # Initialisers by layer type and module name, for what the transfer did not restore.
+    init: list[InitRule] = Field(default_factory=list)
     # NHWC activations: about 1.7x faster convolutions on CPU.
     channels_last: bool = True
 

@@ -17,7 +17,10 @@ from transferkit.data.transforms import eval_transform, pil_resample, resize_siz
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier, restore_pretrained
 from transferkit.models.heads import init_head, init_head_from_classes
+from transferkit.models.init import apply_init_rules
 from transferkit.models.registry import Family, Preprocessing
+from transferkit.weights.formats import read_weights
+from transferkit.weights.sources import resolve_source
 from transferkit.weights.transfer import TransferReport
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,8 @@ def build_model(cfg: Config, num_classes: int, restore: bool = True) -> tuple[nn
     initialised = init_head(model, family.head_patterns, cfg.model.head_init, skip=restored)
     if report is not None:
         report.note_init(initialised, cfg.model.head_init)
+    if cfg.model.init:
+        apply_init_rules(model, cfg.model.init, report, lambda src: read_weights(resolve_source(src)).tensors)
     return model, family, report
 
 
