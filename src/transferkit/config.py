@@ -163,6 +163,22 @@ class ScheduleConfig(_Section):
     gamma: float = Field(0.1, gt=0, le=1)
 
 
+class ProbeConfig(_Section):
+    # Linear-probe epochs of lp_ft (linear_probe alone uses schedule.epochs).
+    epochs: int = Field(5, ge=1)
+    # Head learning rate while probing; null: optim.lr x optim.head_lr_mult.
+    lr: float | None = Field(None, gt=0)
+    # false: features of the evaluation transform, computed once. true: `views` augmented passes,
+    # one drawn per image each epoch.
+    augment: bool = False
+    views: int = Field(4, ge=1)
+
+
+class UnfreezeConfig(_Section):
+    # gradual_unfreeze: one more stage from the top every this many epochs.
+    every: int = Field(1, ge=1)
+
+
 class Config(_Section):
     task: Literal["classification"] = "classification"
     seed: int = 0
@@ -173,6 +189,9 @@ class Config(_Section):
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    strategy: Literal["finetune", "linear_probe", "lp_ft", "gradual_unfreeze"] = "finetune"
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -22,31 +22,29 @@ from transferkit.train.checkpoint import load_weights
 from transferkit.weights.transfer import TransferReport
 
 
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """val_loss, val_acc and, with 5+ classes, val_top5 of a set of logits."""
+    n = max(len(labels), 1)
+    out = {"val_loss": float(nn.functional.cross_entropy(logits.double(), labels, reduction="sum")) / n}
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    out["val_acc"] = int(hit[:, 0].sum()) / n
+    if logits.shape[1] >= 5:
+        out["val_top5"] = int(hit.any(dim=1).sum()) / n
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, channels_last: bool = False) -> dict:
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct1 = correct5 = 0
-    n = 0
-    num_classes = None
+    all_logits, all_labels = [], []
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        logits = model(images)
-        num_classes = logits.shape[1]
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double().cpu()
-        k = min(5, num_classes)
-        top = logits.topk(k, dim=1).indices
-        hit = top == labels[:, None]
-        correct1 += int(hit[:, 0].sum())
-        correct5 += int(hit.any(dim=1).sum())
-        n += len(labels)
-    out = {"val_loss": float(loss_sum) / max(n, 1), "val_acc": correct1 / max(n, 1)}
-    if num_classes is not None and num_classes >= 5:
-        out["val_top5"] = correct5 / max(n, 1)
-    return out
+        all_logits.append(model(images).float().cpu())
+        all_labels.append(labels)
+    return classification_metrics(torch.cat(all_logits), torch.cat(all_labels))
 
 
 def evaluate_config(cfg: Config, weights: str | Path | None = None) -> tuple[dict, TransferReport | None]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from transferkit.config import Config
+from transferkit.data.classification import ImageDataset
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json, write_text
 from transferkit.progress import console, make_progress
@@ -25,7 +26,7 @@ from transferkit.train.build import (
     select_device,
 )
 from transferkit.train.checkpoint import save_weights
-from transferkit.train.evaluate import evaluate
+from transferkit.train.evaluate import classification_metrics, evaluate
 from transferkit.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -35,6 +36,14 @@ from transferkit.train.optim import (
     set_train_mode,
 )
 from transferkit.train.runlog import MetricsLog, plot_curves, summary_table
+from transferkit.train.strategies import (
+    extract_features,
+    probe_head,
+    probe_logits,
+    stage_count,
+    train_probe_epoch,
+    unfreeze_stages,
+)
 
 
 @dataclass
@@ -80,6 +89,84 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, chan
     return float(loss_sum) / max(seen, 1)
 
 
+class EpochRecorder:
+    """Logs each epoch to metrics.jsonl, writes last/best checkpoints, keeps the best."""
+
+    def __init__(self, run_dir: Path, model: nn.Module, meta: dict, say):
+        self.run_dir, self.model, self.meta, self.say = run_dir, model, meta, say
+        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.best, self.best_epoch = (-1.0, float("inf")), 0
+
+    @property
+    def epoch(self) -> int:
+        return len(self.log.rows)
+
+    def record(self, phase: str, train_loss: float, metrics: dict, lr: float, t0: float) -> None:
+        row = {"epoch": self.epoch + 1, "train_loss": train_loss, **metrics, "lr": lr,
+               "seconds": time.perf_counter() - t0, "phase": phase}
+        self.log.append(row)
+        checkpoints = self.run_dir / "checkpoints"
+        save_weights(self.model, checkpoints / "last.safetensors", {**self.meta, **row})
+        if (row["val_acc"], -row["val_loss"]) > (self.best[0], -self.best[1]):
+            self.best, self.best_epoch = (row["val_acc"], row["val_loss"]), row["epoch"]
+            save_weights(self.model, checkpoints / "best.safetensors", {**self.meta, **row})
+        self.say(f"epoch {row['epoch']} ({phase}): train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
+                 f"val_acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)", highlight=False)
+
+
+def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: EpochRecorder, progress, say):
+    """Train through the images for schedule.epochs (gradual_unfreeze opens stages as it goes)."""
+    optimizer = build_optimizer(model, family.head_patterns, cfg.optim)
+    say(plan_table(plan_params(model, family.head_patterns, cfg.optim)))
+    train_loader = make_loader(data.train_set, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed)
+    val_loader = make_loader(data.val_set, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed)
+    scheduler = build_scheduler(optimizer, cfg.schedule, len(train_loader))
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    stages = stage_count(model) if cfg.strategy == "gradual_unfreeze" else 0
+    for epoch in range(1, cfg.schedule.epochs + 1):
+        phase = "finetune"
+        if stages:
+            open_stages = min(stages, (epoch - 1) // cfg.unfreeze.every)
+            trainable = unfreeze_stages(model, family.head_patterns, open_stages, in_optimizer)
+            phase = f"unfreeze {open_stages}/{stages} stages, {trainable} tensors"
+        t0 = time.perf_counter()
+        task = progress.add_task(f"epoch {recorder.epoch + 1}", total=len(data.train_set), info="")
+        train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device,
+                                     cfg.model.channels_last, progress, task, cfg.optim.freeze_bn)
+        progress.remove_task(task)
+        metrics = evaluate(model, val_loader, device, cfg.model.channels_last)
+        recorder.record(phase, train_loss, metrics, optimizer.param_groups[0]["lr"], t0)
+
+
+def run_probe(cfg: Config, model, family, data, device, criterion, epochs: int, recorder: EpochRecorder,
+              progress, say):
+    """Linear probe: backbone features computed once, the head trained on them."""
+    t0 = time.perf_counter()
+    if cfg.probe.augment:
+        train_feats, train_labels = extract_features(model, data.train_set, cfg, device, cfg.probe.views, progress)
+    else:
+        plain = ImageDataset(data.train_set.split, data.val_set.transform, data.train_set.cache)
+        train_feats, train_labels = extract_features(model, plain, cfg, device, 1, progress)
+    val_feats, val_labels = extract_features(model, data.val_set, cfg, device, 1, progress)
+    say(f"probe: features of {train_labels.shape[0]} train x {train_feats.shape[0]} view(s) and "
+        f"{val_labels.shape[0]} val images cached in memory ({time.perf_counter() - t0:.1f}s)", highlight=False)
+    head = probe_head(model)
+    lr = cfg.probe.lr or cfg.optim.lr * cfg.optim.head_lr_mult
+    probe_optim = cfg.optim.model_copy(update={"lr": lr, "head_lr_mult": 1.0, "param_groups": [],
+                                               "freeze_until": None, "layer_decay": None})
+    optimizer = build_optimizer(head, (), probe_optim)
+    steps = -(-train_labels.shape[0] // cfg.data.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.schedule.model_copy(update={"epochs": epochs}), steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(epochs):
+        t_epoch = time.perf_counter() if recorder.epoch else t0  # the first epoch pays for the features
+        loss = train_probe_epoch(model, train_feats, train_labels, optimizer, scheduler, criterion,
+                                 cfg.data.batch_size, generator, cfg.model.drop_rate)
+        metrics = classification_metrics(probe_logits(model, val_feats), val_labels.cpu())
+        recorder.record("probe", loss, metrics, optimizer.param_groups[0]["lr"], t_epoch)
+    head.train()
+
+
 def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | None = None,
           quiet: bool = False) -> TrainResult:
     """Run the whole pass the config describes and write the run directory."""
@@ -114,34 +201,15 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     place_model(model, device, cfg.model.channels_last)
     if cfg.optim.freeze_bn:
         freeze_batchnorm(model)
-    optimizer = build_optimizer(model, family.head_patterns, cfg.optim)
-    say(plan_table(plan_params(model, family.head_patterns, cfg.optim)))
-    train_loader = make_loader(data.train_set, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed)
-    val_loader = make_loader(data.val_set, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed)
-    scheduler = build_scheduler(optimizer, cfg.schedule, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    meta = {"model": cfg.model.name, "classes": classes}
-    best = (-1.0, float("inf"))
-    best_epoch = 0
+    recorder = EpochRecorder(run_dir, model, {"model": cfg.model.name, "classes": classes}, say)
     with make_progress(disable=quiet) as progress:
-        for epoch in range(1, cfg.schedule.epochs + 1):
-            t0 = time.perf_counter()
-            task = progress.add_task(f"epoch {epoch}/{cfg.schedule.epochs}", total=len(data.train_set), info="")
-            train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device,
-                                         cfg.model.channels_last, progress, task, cfg.optim.freeze_bn)
-            progress.remove_task(task)
-            metrics = evaluate(model, val_loader, device, cfg.model.channels_last)
-            row = {"epoch": epoch, "train_loss": train_loss, **metrics,
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-            log.append(row)
-            save_weights(model, run_dir / "checkpoints" / "last.safetensors", {**meta, **row})
-            if (row["val_acc"], -row["val_loss"]) > (best[0], -best[1]):
-                best, best_epoch = (row["val_acc"], row["val_loss"]), epoch
-                save_weights(model, run_dir / "checkpoints" / "best.safetensors", {**meta, **row})
-            say(f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
-                f"val_acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)", highlight=False)
+        if cfg.strategy in ("linear_probe", "lp_ft"):
+            epochs = cfg.schedule.epochs if cfg.strategy == "linear_probe" else cfg.probe.epochs
+            run_probe(cfg, model, family, data, device, criterion, epochs, recorder, progress, say)
+        if cfg.strategy != "linear_probe":
+            run_finetune(cfg, model, family, data, device, criterion, recorder, progress, say)
+    log, best, best_epoch = recorder.log, recorder.best, recorder.best_epoch
 
     plot_curves(log.rows, run_dir / "curves.png", title=f"{cfg.model.name} on {cfg.data.root.name}")
     seconds = time.perf_counter() - started

@@ -1,0 +1,56 @@
+"""linear_probe, lp_ft and gradual_unfreeze."""
+
+import torch
+from conftest import tiny_overrides
+
+from transferkit.config import load_config
+from transferkit.models.classification import create_classifier
+from transferkit.train.build import build_model
+from transferkit.train.checkpoint import load_weights
+from transferkit.train.loop import train
+
+
+def run(root, tmp_path, **extra):
+    cfg = load_config(None, tiny_overrides(root, **extra))
+    result = train(cfg, out=tmp_path / "run", quiet=True)
+    start, _, _ = build_model(cfg, 3)
+    after, _ = create_classifier("test_efficientnet", 3)
+    load_weights(after, result.run_dir / "checkpoints" / "last.safetensors")
+    return result, start.state_dict(), after.state_dict()
+
+
+def test_linear_probe_trains_only_the_head(synth_root, tmp_path):
+    result, s0, s1 = run(synth_root, tmp_path, strategy="linear_probe", **{"schedule.epochs": 8, "optim.lr": 0.05})
+    assert [r["phase"] for r in result.metrics] == ["probe"] * 8
+    body = [k for k in s0 if not k.startswith("classifier.")]
+    assert all(torch.equal(s0[k], s1[k]) for k in body)  # running statistics included
+    assert not torch.equal(s0["classifier.weight"], s1["classifier.weight"])
+    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+    assert result.best_val_acc > 1 / 3 + 0.15
+
+
+def test_linear_probe_with_augmented_views(synth_root, tmp_path):
+    result, _, _ = run(synth_root, tmp_path, strategy="linear_probe",
+                       **{"schedule.epochs": 2, "probe.augment": "true", "probe.views": 2})
+    assert len(result.metrics) == 2
+
+
+def test_lp_ft_probes_then_fine_tunes(synth_root, tmp_path):
+    result, s0, s1 = run(synth_root, tmp_path, strategy="lp_ft", **{"probe.epochs": 2, "schedule.epochs": 2})
+    assert [r["phase"] for r in result.metrics] == ["probe", "probe", "finetune", "finetune"]
+    assert [r["epoch"] for r in result.metrics] == [1, 2, 3, 4]
+    assert not torch.equal(s0["conv_stem.weight"], s1["conv_stem.weight"])
+
+
+def test_gradual_unfreeze_opens_from_the_top(synth_root, tmp_path):
+    result, s0, s1 = run(synth_root, tmp_path, strategy="gradual_unfreeze", **{"schedule.epochs": 1})
+    assert result.metrics[0]["phase"].startswith("unfreeze 0/")
+    trainable = [k for k in s0 if "running" not in k and "num_batches" not in k]
+    changed = {k for k in trainable if not torch.equal(s0[k], s1[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+    result2, s0, s1 = run(synth_root, tmp_path / "two", strategy="gradual_unfreeze",
+                          **{"schedule.epochs": 3, "unfreeze.every": 1})
+    assert [r["phase"].split(",")[0] for r in result2.metrics][:3] == [
+        "unfreeze 0/6 stages", "unfreeze 1/6 stages", "unfreeze 2/6 stages"]
+    assert torch.equal(s0["conv_stem.weight"], s1["conv_stem.weight"])  # the bottom stage never opened
+    assert not torch.equal(s0["conv_head.weight"], s1["conv_head.weight"])  # the top stage did
