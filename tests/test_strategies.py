@@ -31,8 +31,10 @@ def test_linear_probe_trains_only_the_head(synth_root, tmp_path):
 
 def test_linear_probe_with_augmented_views(synth_root, tmp_path):
     result, _, _ = run(synth_root, tmp_path, strategy="linear_probe",
-                       **{"schedule.epochs": 2, "probe.augment": "true", "probe.views": 2})
+                       **{"schedule.epochs": 2, "probe.augment": "true", "probe.views": 2, "probe.cache": "disk"})
     assert len(result.metrics) == 2
+    saved = torch.load(result.run_dir / "probe_features.pt", weights_only=True)
+    assert saved["train"].shape[:2] == (2, 72) and saved["val"].shape[:2] == (1, 30)
 
 
 def test_lp_ft_probes_then_fine_tunes(synth_root, tmp_path):

@@ -172,6 +172,8 @@ class ProbeConfig(_Section):
     # one drawn per image each epoch.
     augment: bool = False
     views: int = Field(4, ge=1)
+    # memory: features stay in RAM; disk: written to the run directory and memory-mapped back.
+    cache: Literal["memory", "disk"] = "memory"
 
 
 class UnfreezeConfig(_Section):

@@ -14,7 +14,7 @@ from torch import nn
 from transferkit.config import Config
 from transferkit.data.classification import ImageDataset
 from transferkit.errors import TransferKitError
-from transferkit.fileio import write_json, write_text
+from transferkit.fileio import atomic_write, write_json, write_text
 from transferkit.progress import console, make_progress
 from transferkit.train.build import (
     build_classifier,
@@ -148,8 +148,14 @@ def run_probe(cfg: Config, model, family, data, device, criterion, epochs: int, 
         plain = ImageDataset(data.train_set.split, data.val_set.transform, data.train_set.cache)
         train_feats, train_labels = extract_features(model, plain, cfg, device, 1, progress)
     val_feats, val_labels = extract_features(model, data.val_set, cfg, device, 1, progress)
+    if cfg.probe.cache == "disk":
+        path = recorder.run_dir / "probe_features.pt"
+        atomic_write(path, lambda tmp: torch.save({"train": train_feats.cpu(), "val": val_feats.cpu()}, tmp))
+        cached = torch.load(path, weights_only=True, mmap=True)
+        train_feats, val_feats = cached["train"], cached["val"]
     say(f"probe: features of {train_labels.shape[0]} train x {train_feats.shape[0]} view(s) and "
-        f"{val_labels.shape[0]} val images cached in memory ({time.perf_counter() - t0:.1f}s)", highlight=False)
+        f"{val_labels.shape[0]} val images cached ({cfg.probe.cache}, {time.perf_counter() - t0:.1f}s)",
+        highlight=False)
     head = probe_head(model)
     lr = cfg.probe.lr or cfg.optim.lr * cfg.optim.head_lr_mult
     probe_optim = cfg.optim.model_copy(update={"lr": lr, "head_lr_mult": 1.0, "param_groups": [],
