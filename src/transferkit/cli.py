@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model as a config describes")
     _add_config_args(p, required=False)
     p.add_argument("--out", help="run directory (default: the config's `out`, else runs/<config>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue a run from its newest intact checkpoint (auto: the --out or config `out` run)")
+    p.add_argument("--epochs", type=int, help="with --resume: the new total number of epochs (extends a run)")
+    p.add_argument("--allow-config-change", default="", metavar="KEY,KEY",
+                   help="with --resume: config keys that may differ from the run's")
 
     p = sub.add_parser("eval", help="evaluate a model on the config's validation split")
     _add_config_args(p, required=False)
@@ -87,10 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from transferkit.config import load_config
-    from transferkit.train.loop import train
+    from transferkit.train.loop import Interrupted, train
 
-    cfg = load_config(args.config, args.override)
-    train(cfg, out=args.out, config_path=args.config)
+    overrides = list(args.override)
+    resume = None
+    if args.resume:
+        if args.resume == "auto":
+            cfg = load_config(args.config, overrides) if args.config else None
+            resume = Path(args.out or (cfg.out if cfg else None) or "")
+            if not str(resume) or str(resume) == ".":
+                raise TransferKitError("--resume auto needs the run directory: give --out or a config with `out`")
+        else:
+            resume = Path(args.resume)
+        config_path = args.config or resume / "config.yaml"
+        if not Path(config_path).is_file():
+            raise TransferKitError(f"{resume} is not a run directory (no config.yaml); nothing to resume")
+        if args.epochs:
+            overrides.append(f"schedule.epochs={args.epochs}")
+        cfg = load_config(config_path, overrides)
+    elif args.epochs:
+        raise TransferKitError("--epochs goes with --resume; for a new run set -o schedule.epochs=N")
+    else:
+        cfg = load_config(args.config, overrides)
+    allow = [k for k in args.allow_config_change.split(",") if k]
+    if args.epochs:
+        allow.append("schedule.epochs")
+    try:
+        train(cfg, out=args.out, config_path=args.config, resume=resume, allow_config_change=allow)
+    except Interrupted as stop:
+        name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+        print(f"{name}: stopped at {stop.where}; the state is saved. Resume with: "
+              f"transferkit train --resume {stop.run_dir}", file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 

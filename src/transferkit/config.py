@@ -150,6 +150,8 @@ class OptimConfig(_Section):
     no_decay_norm_bias: bool = False
     # Layer-wise learning-rate decay: the top layer at lr, each layer below x this factor.
     layer_decay: float | None = Field(None, gt=0, le=1)
+    # Steps with a NaN/inf loss are skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = Field(5, ge=1)
 
 
 class ScheduleConfig(_Section):
@@ -161,6 +163,11 @@ class ScheduleConfig(_Section):
     # step: multiply by gamma every step_epochs epochs.
     step_epochs: int = Field(2, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
+
+
+class CheckpointConfig(_Section):
+    # Training states kept for resuming (the newest ones; older ones are deleted).
+    keep_last: int = Field(2, ge=1)
 
 
 class ProbeConfig(_Section):
@@ -194,6 +201,7 @@ class Config(_Section):
     strategy: Literal["finetune", "linear_probe", "lp_ft", "gradual_unfreeze"] = "finetune"
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

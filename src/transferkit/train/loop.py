@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from transferkit.config import Config
@@ -25,7 +28,7 @@ from transferkit.train.build import (
     seed_everything,
     select_device,
 )
-from transferkit.train.checkpoint import save_weights
+from transferkit.train.checkpoint import load_weights, save_weights
 from transferkit.train.evaluate import classification_metrics, evaluate
 from transferkit.train.optim import (
     build_optimizer,
@@ -34,6 +37,15 @@ from transferkit.train.optim import (
     plan_params,
     plan_table,
     set_train_mode,
+)
+from transferkit.train.resume import (
+    SAFE_TO_CHANGE,
+    config_changes,
+    find_state,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
 )
 from transferkit.train.runlog import MetricsLog, plot_curves, summary_table
 from transferkit.train.strategies import (
@@ -66,35 +78,115 @@ def refuse_existing_run(run_dir: Path) -> Path:
     return run_dir
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the state was saved."""
+
+    def __init__(self, signum: int, run_dir: Path, where: str):
+        self.signum, self.run_dir, self.where = signum, run_dir, where
+        super().__init__(where)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM set a flag that the loop checks after each step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteGuard:
+    """Skips steps whose loss is NaN or inf; too many in a row stops the run."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def ok(self, loss: torch.Tensor, where: str) -> bool:
+        if torch.isfinite(loss):
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise TransferKitError(
+                f"the loss was not finite (NaN or inf) for {self.in_row} steps in a row, last at {where}; "
+                "lower optim.lr, or check the data and labels"
+            )
+        return False
+
+
+@dataclass
+class EpochPosition:
+    """Where an epoch stands: batches done and the running loss (for resuming inside an epoch)."""
+
+    batches_done: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, channels_last, progress, task,
-                    freeze_bn: bool = False):
-    """One pass over `loader`; returns the mean training loss."""
+                    freeze_bn: bool = False, position: EpochPosition | None = None, guard=None,
+                    after_step=None, rng_at_position: dict | None = None) -> float:
+    """One pass over `loader`; returns the mean training loss. With `position`, the batches already
+    done are passed over and the random-number state at that point is restored (`rng_at_position`);
+    `after_step(position)` runs after every step (signal checks, checkpoints)."""
     set_train_mode(model, freeze_bn)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
-    for images, labels in loader:
+    pos = position or EpochPosition()
+    loss_sum = torch.tensor(pos.loss_sum, dtype=torch.float64, device=device)
+    skip = pos.batches_done
+    # The random state must be back before the loader draws the first batch still to do (its
+    # augmentations use it), so it is restored before iterating, or after the last skipped batch.
+    if skip == 0 and rng_at_position is not None:
+        set_rng_state(rng_at_position)
+    for index, (images, labels) in enumerate(loader):
+        if index < skip:
+            if index == skip - 1 and rng_at_position is not None:
+                set_rng_state(rng_at_position)
+            continue
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        pos.batches_done = index + 1
+        if guard is None or guard.ok(loss.detach(), f"batch {index + 1}"):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().double() * len(labels)
+            pos.seen += len(labels)
         scheduler.step()
-        loss_sum += loss.detach().double() * len(labels)
-        seen += len(labels)
         if progress is not None:
             progress.advance_and_draw(task, len(labels))
-    return float(loss_sum) / max(seen, 1)
+        if after_step is not None:
+            pos.loss_sum = float(loss_sum)
+            after_step(pos)
+    return float(loss_sum) / max(pos.seen, 1)
 
 
 class EpochRecorder:
     """Logs each epoch to metrics.jsonl, writes last/best checkpoints, keeps the best."""
 
-    def __init__(self, run_dir: Path, model: nn.Module, meta: dict, say):
+    def __init__(self, run_dir: Path, model: nn.Module, meta: dict, say, keep_epochs: int = 0):
+        """`keep_epochs`: on a resume, the epochs already done; later rows (from an epoch that was
+        cut short) are dropped, so that each epoch appears in metrics.jsonl exactly once."""
         self.run_dir, self.model, self.meta, self.say = run_dir, model, meta, say
         self.log = MetricsLog(run_dir / "metrics.jsonl")
+        if keep_epochs:
+            self.log.rows = [r for r in read_metrics(run_dir) if r["epoch"] <= keep_epochs]
+            write_text(self.log.path, "".join(json.dumps(r) + "\n" for r in self.log.rows))
         self.best, self.best_epoch = (-1.0, float("inf")), 0
 
     @property
@@ -114,8 +206,11 @@ class EpochRecorder:
                  f"val_acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)", highlight=False)
 
 
-def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: EpochRecorder, progress, say):
-    """Train through the images for schedule.epochs (gradual_unfreeze opens stages as it goes)."""
+def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: EpochRecorder, progress, say,
+                 resume_state: dict | None = None):
+    """Train through the images for schedule.epochs (gradual_unfreeze opens stages as it goes).
+    Saves the training state at every epoch end, and mid-epoch on SIGINT/SIGTERM; with
+    `resume_state`, continues exactly where that state was taken."""
     optimizer = build_optimizer(model, family.head_patterns, cfg.optim)
     say(plan_table(plan_params(model, family.head_patterns, cfg.optim)))
     train_loader = make_loader(data.train_set, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed)
@@ -123,19 +218,54 @@ def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: 
     scheduler = build_scheduler(optimizer, cfg.schedule, len(train_loader))
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     stages = stage_count(model) if cfg.strategy == "gradual_unfreeze" else 0
-    for epoch in range(1, cfg.schedule.epochs + 1):
-        phase = "finetune"
-        if stages:
-            open_stages = min(stages, (epoch - 1) // cfg.unfreeze.every)
-            trainable = unfreeze_stages(model, family.head_patterns, open_stages, in_optimizer)
-            phase = f"unfreeze {open_stages}/{stages} stages, {trainable} tensors"
-        t0 = time.perf_counter()
-        task = progress.add_task(f"epoch {recorder.epoch + 1}", total=len(data.train_set), info="")
-        train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device,
-                                     cfg.model.channels_last, progress, task, cfg.optim.freeze_bn)
-        progress.remove_task(task)
-        metrics = evaluate(model, val_loader, device, cfg.model.channels_last)
-        recorder.record(phase, train_loss, metrics, optimizer.param_groups[0]["lr"], t0)
+    guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
+    first_epoch, position, rng = 1, None, None  # epochs of this phase
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])  # the step count; the rule is this run's
+        first_epoch = resume_state["epoch"] + 1
+        position = EpochPosition(resume_state["batches_done"], resume_state["loss_sum"], resume_state["seen"])
+        train_loader.generator.set_state(resume_state["loader_generator"])
+        rng = resume_state["rng"]
+        guard.total = resume_state.get("nonfinite_total", 0)
+
+    def counters(epoch_done: int, pos: EpochPosition, loader_state: torch.Tensor) -> dict:
+        return {"epoch": epoch_done, "batches_done": pos.batches_done, "loss_sum": pos.loss_sum,
+                "seen": pos.seen, "global_step": epoch_done * len(train_loader) + pos.batches_done,
+                "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch,
+                "nonfinite_total": guard.total}
+
+    with StopSignals() as stop:
+        for epoch in range(first_epoch, cfg.schedule.epochs + 1):
+            phase = "finetune"
+            if stages:
+                open_stages = min(stages, (epoch - 1) // cfg.unfreeze.every)
+                trainable = unfreeze_stages(model, family.head_patterns, open_stages, in_optimizer)
+                phase = f"unfreeze {open_stages}/{stages} stages, {trainable} tensors"
+            t0 = time.perf_counter()
+            loader_state = train_loader.generator.get_state()  # this epoch's data order comes from here
+            if rng is None:
+                rng = rng_state()
+
+            def after_step(pos: EpochPosition, epoch=epoch, loader_state=loader_state) -> None:
+                if stop.signum is not None:
+                    save_state(recorder.run_dir, model, optimizer, scheduler,
+                               counters(epoch - 1, pos, loader_state), cfg.checkpoint.keep_last)
+                    raise Interrupted(stop.signum, recorder.run_dir, f"epoch {epoch}, batch {pos.batches_done}")
+
+            task = progress.add_task(f"epoch {epoch}", total=len(data.train_set), info="")
+            train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device,
+                                         cfg.model.channels_last, progress, task, cfg.optim.freeze_bn,
+                                         position, guard, after_step, rng if position else None)
+            progress.remove_task(task)
+            position, rng = None, None
+            metrics = evaluate(model, val_loader, device, cfg.model.channels_last)
+            if guard.total:
+                metrics["nonfinite_steps"] = guard.total
+            recorder.record(phase, train_loss, metrics, optimizer.param_groups[0]["lr"], t0)
+            save_state(recorder.run_dir, model, optimizer, scheduler,
+                       counters(epoch, EpochPosition(), train_loader.generator.get_state()),
+                       cfg.checkpoint.keep_last)
 
 
 def run_probe(cfg: Config, model, family, data, device, criterion, epochs: int, recorder: EpochRecorder,
@@ -173,16 +303,49 @@ def run_probe(cfg: Config, model, family, data, device, criterion, epochs: int, 
     head.train()
 
 
+def prepare_resume(run_dir: Path, cfg: Config, allow: list[str], say) -> tuple[Path, dict]:
+    """Check that `cfg` may continue the run in `run_dir`; returns the state to continue from."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise TransferKitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of a train run")
+    if cfg.strategy in ("linear_probe", "lp_ft"):
+        raise TransferKitError(f"resuming strategy {cfg.strategy} is not supported; start the run again")
+    saved = yaml.safe_load(saved_path.read_text())
+    new = cfg.to_dict()
+    new["model"]["num_classes"] = saved["model"]["num_classes"]
+    changes = {k: v for k, v in config_changes(saved, new).items() if k != "out"}
+    refused = {k: v for k, v in changes.items() if k not in allow}
+    if refused:
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise TransferKitError(
+            f"the config differs from the run's ({diff}); resume with the run's own config, or allow "
+            f"keys with --allow-config-change (only {', '.join(SAFE_TO_CHANGE)})"
+        )
+    unsafe = sorted(set(allow) - set(SAFE_TO_CHANGE))
+    if unsafe:
+        raise TransferKitError(f"--allow-config-change: {', '.join(unsafe)} cannot change in a resumed run")
+    state_dir = find_state(run_dir, say)
+    return state_dir, load_state(state_dir)
+
+
 def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | None = None,
-          quiet: bool = False) -> TrainResult:
-    """Run the whole pass the config describes and write the run directory."""
+          quiet: bool = False, resume: str | Path | None = None, allow_config_change: list[str] = ()
+          ) -> TrainResult:
+    """Run the whole pass the config describes and write the run directory. With `resume` (a run
+    directory), continue that run from its newest intact training state."""
     started = time.perf_counter()
-    run_dir = refuse_existing_run(Path(out or cfg.out or default_run_dir(config_path)))
+    say = (lambda *a, **k: None) if quiet else console.print
+    if resume is not None:
+        run_dir = Path(resume)
+        state_dir, state = prepare_resume(run_dir, cfg, list(allow_config_change), say)
+    else:
+        run_dir = refuse_existing_run(Path(out or cfg.out or default_run_dir(config_path)))
+        state_dir = state = None
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
 
     classes = dataset_classes(cfg.data)
-    model, family, report = build_classifier(cfg, classes)
+    model, family, report = build_classifier(cfg, classes, restore=state is None)
     num_classes = len(classes)
     data = load_classification_data(cfg.data, family.preprocessing, classes)
 
@@ -192,8 +355,11 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     resolved.model.num_classes = num_classes
     write_text(run_dir / "config.yaml", resolved.to_yaml())
     write_json(run_dir / "classes.json", classes)
-    say = (lambda *a, **k: None) if quiet else console.print
-    if report is not None:
+    if state is not None:
+        load_weights(model, state_dir / "model.safetensors")
+        say(f"resuming {run_dir} from {state_dir.name}: epoch {state['epoch'] + 1}, "
+            f"batch {state['batches_done'] + 1}", highlight=False)
+    elif report is not None:
         write_json(run_dir / "transfer_report.json", report.to_dict())
         say(report.table())
         for line in report.summary_lines()[1:]:
@@ -208,13 +374,16 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     if cfg.optim.freeze_bn:
         freeze_batchnorm(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    recorder = EpochRecorder(run_dir, model, {"model": cfg.model.name, "classes": classes}, say)
+    recorder = EpochRecorder(run_dir, model, {"model": cfg.model.name, "classes": classes}, say,
+                             keep_epochs=state["epoch"] if state is not None else 0)
+    if state is not None:
+        recorder.best, recorder.best_epoch = tuple(state["best"]), state["best_epoch"]
     with make_progress(disable=quiet) as progress:
         if cfg.strategy in ("linear_probe", "lp_ft"):
             epochs = cfg.schedule.epochs if cfg.strategy == "linear_probe" else cfg.probe.epochs
             run_probe(cfg, model, family, data, device, criterion, epochs, recorder, progress, say)
         if cfg.strategy != "linear_probe":
-            run_finetune(cfg, model, family, data, device, criterion, recorder, progress, say)
+            run_finetune(cfg, model, family, data, device, criterion, recorder, progress, say, state)
     log, best, best_epoch = recorder.log, recorder.best, recorder.best_epoch
 
     plot_curves(log.rows, run_dir / "curves.png", title=f"{cfg.model.name} on {cfg.data.root.name}")

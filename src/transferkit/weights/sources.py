@@ -5,6 +5,7 @@ Forms:
   PATH_OR_URL#MEMBER    one file inside an archive
   https://...           downloaded once into the cache (resumable, atomic, sha256-checked)
   package:NAME          an installed Python package that ships exactly one weights file
+  RUN_DIR               a transferkit run directory: its checkpoints/last.safetensors
   hf-hub:ORG/NAME       a Hugging Face hub model (needs network; through huggingface_hub)
 
 The cache is $TRANSFERKIT_CACHE, else ~/.cache/transferkit.
@@ -193,6 +194,8 @@ def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
         if not path.exists():
             raise TransferKitError(f"weights source not found: {path} (give a file path, URL or package:NAME)")
         if path.is_dir():
+            if (path / "checkpoints" / "last.safetensors").is_file():  # a transferkit run directory
+                return path / "checkpoints" / "last.safetensors"
             raise TransferKitError(f"weights source {path} is a directory; give the weights file inside it")
         if sha256 and sha256_of(path) != sha256.lower():
             raise TransferKitError(f"{path} does not match the expected sha256 {sha256}")

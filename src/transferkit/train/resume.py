@@ -1,0 +1,115 @@
+"""Training state for exact resumes: written atomically, verified by checksum, newest good one found.
+
+A state is a directory checkpoints/states/step-NNNNNNNN/ holding model.safetensors, state.pt
+(optimiser, scheduler, counters, random-number states, the data order's generator state at the
+start of the epoch) and COMPLETE, a marker with each file's sha256 that is written last. The
+directory is built under a temporary name and renamed into place, so a reader never sees half of
+one; one whose files do not match their marker is skipped, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.errors import TransferKitError
+from transferkit.fileio import write_json
+from transferkit.train.checkpoint import save_weights
+from transferkit.weights.sources import sha256_of
+
+STATES = Path("checkpoints") / "states"
+# Keys that may differ between a run and its resume (with --allow-config-change).
+SAFE_TO_CHANGE = ("schedule.epochs", "out", "device", "data.num_workers", "checkpoint.keep_last")
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def save_state(run_dir: Path, model, optimizer, scheduler, counters: dict, keep_last: int) -> Path:
+    states = run_dir / STATES
+    final = states / f"step-{counters['global_step']:08d}"
+    tmp = states / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / "model.safetensors")
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+             **counters}
+    with open(tmp / "state.pt", "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    marker = {"files": {n: sha256_of(tmp / n) for n in ("model.safetensors", "state.pt")},
+              "epoch": counters["epoch"], "batches_done": counters["batches_done"],
+              "global_step": counters["global_step"]}
+    write_json(tmp / "COMPLETE", marker)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(p for p in states.glob("step-*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def check_state(path: Path) -> str | None:
+    """None when the state is complete and intact, else what is wrong with it."""
+    marker = path / "COMPLETE"
+    if not marker.is_file():
+        return "no COMPLETE marker (the write did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable COMPLETE marker"
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if sha256_of(path / name) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def find_state(run_dir: Path, say=print) -> Path:
+    """The newest intact state of a run, saying which damaged ones were passed over."""
+    candidates = sorted((p for p in (run_dir / STATES).glob("step-*") if p.is_dir()), reverse=True)
+    for path in candidates:
+        problem = check_state(path)
+        if problem is None:
+            return path
+        say(f"checkpoint {path} is damaged ({problem}); falling back to the previous one")
+    raise TransferKitError(f"{run_dir} has no complete checkpoint to resume from; start the run again")
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - checked by checksum first; anything here is damage
+        raise TransferKitError(f"cannot read {path / 'state.pt'}: {exc}") from None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("require",):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
+    a, b = flatten(saved), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

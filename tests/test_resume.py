@@ -1,0 +1,187 @@
+"""Exact resumes: after SIGKILL, after SIGINT, from a damaged checkpoint; extending a finished run."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+from safetensors.torch import load_file
+
+from transferkit.config import load_config
+from transferkit.errors import TransferKitError
+from transferkit.train.loop import read_metrics, train
+from transferkit.train.resume import find_state
+
+EPOCHS = 6
+
+
+def cli(*args, wait=True):
+    cmd = [sys.executable, "-m", "transferkit", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def options(root, **extra):
+    return [a for o in tiny_overrides(root, **{"schedule.epochs": EPOCHS, **extra}) for a in ("-o", o)]
+
+
+def same_weights(a, b):
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(synth_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    proc = cli("train", *options(synth_root), "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def kill_mid_run(root, run, sig):
+    """Start a run, wait until it has finished an epoch, then a random moment more, and signal it."""
+    proc = cli("train", *options(root), "--out", run, wait=False)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.02)
+    time.sleep(random.uniform(0, 0.4))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_sigkill_then_resume_auto_is_bit_identical(synth_root, reference, tmp_path):
+    run = tmp_path / "run"
+    code, _ = kill_mid_run(synth_root, run, signal.SIGKILL)
+    if code == 0:
+        pytest.skip("the run finished before the kill landed")
+    assert code == -signal.SIGKILL
+    done = len(read_metrics(run))
+    assert done < EPOCHS
+    proc = cli("train", "--resume", "auto", "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stderr
+    assert same_weights(run / "checkpoints/last.safetensors", reference / "checkpoints/last.safetensors")
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))  # each epoch exactly once
+    assert strip(rows) == strip(read_metrics(reference))
+
+
+def test_sigint_saves_state_and_resume_continues_mid_epoch(synth_root, reference, tmp_path):
+    run = tmp_path / "run"
+    code, err = kill_mid_run(synth_root, run, signal.SIGINT)
+    if code == 0:
+        pytest.skip("the run finished before the signal landed")
+    assert code == 130
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("SIGINT: stopped at epoch ")
+    assert message.endswith(f"; the state is saved. Resume with: transferkit train --resume {run}")
+    proc = cli("train", "--resume", run)
+    assert proc.returncode == 0, proc.stderr
+    assert same_weights(run / "checkpoints/last.safetensors", reference / "checkpoints/last.safetensors")
+    assert [r["epoch"] for r in read_metrics(run)] == list(range(1, EPOCHS + 1))
+
+
+def test_damaged_newest_checkpoint_falls_back(synth_root, reference, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": EPOCHS}))
+    train(cfg, out=run, quiet=True)
+    states = sorted((run / "checkpoints" / "states").glob("step-*"))
+    assert len(states) == 2  # keep_last
+    newest = states[-1]
+    data = (newest / "state.pt").read_bytes()
+    (newest / "state.pt").write_bytes(data[: len(data) // 2])  # a write cut short
+    messages = []
+    assert find_state(run, messages.append) == states[0]
+    assert messages == [f"checkpoint {newest} is damaged (state.pt does not match its checksum); "
+                        "falling back to the previous one"]
+    (states[0] / "COMPLETE").unlink()  # a kill before the marker was written
+    messages.clear()
+    with pytest.raises(TransferKitError, match="has no complete checkpoint to resume from"):
+        find_state(run, messages.append)
+    assert "no COMPLETE marker (the write did not finish)" in messages[1]
+
+
+def test_resume_after_damage_is_still_exact(synth_root, reference, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": EPOCHS}))
+    train(cfg, out=run, quiet=True)
+    newest = sorted((run / "checkpoints" / "states").glob("step-*"))[-1]
+    (newest / "COMPLETE").unlink()
+    train(cfg, resume=run, quiet=True)  # redoes the last epoch from the state before it
+    assert same_weights(run / "checkpoints/last.safetensors", reference / "checkpoints/last.safetensors")
+    assert [r["epoch"] for r in read_metrics(run)] == list(range(1, EPOCHS + 1))
+
+
+def test_extending_a_finished_run_equals_a_longer_run(synth_root, tmp_path):
+    const = {"schedule.kind": "constant"}
+    long = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 4, **const}))
+    train(long, out=tmp_path / "four", quiet=True)
+    short = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2, **const}))
+    train(short, out=tmp_path / "two", quiet=True)
+    more = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 4, **const}))
+    with pytest.raises(TransferKitError, match=r"the config differs from the run's \(schedule.epochs: 2 -> 4\)"):
+        train(more, resume=tmp_path / "two", quiet=True)
+    train(more, resume=tmp_path / "two", quiet=True, allow_config_change=["schedule.epochs"])
+    assert same_weights(tmp_path / "two/checkpoints/last.safetensors", tmp_path / "four/checkpoints/last.safetensors")
+    assert strip(read_metrics(tmp_path / "two")) == strip(read_metrics(tmp_path / "four"))
+
+
+def test_extending_a_cosine_run_recomputes_the_schedule(synth_root, tmp_path):
+    """The documented rule: the step count goes on, and the learning rate is the new, longer cosine's
+    value at that step (it rises again: the run is now earlier in its schedule)."""
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2}))
+    train(cfg, out=tmp_path / "run", quiet=True)
+    assert read_metrics(tmp_path / "run")[-1]["lr"] == pytest.approx(0.0)
+    proc = cli("train", "--resume", tmp_path / "run", "--epochs", 4)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_metrics(tmp_path / "run")
+    steps = 5  # 72 images / batch 16
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * min(1.0, (e * steps) / (4 * steps)))) for e in (3, 4)]
+    assert [r["lr"] for r in rows[2:]] == pytest.approx(expected)
+
+
+def test_changed_config_is_refused_with_a_diff(synth_root, tmp_path):
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1}))
+    train(cfg, out=tmp_path / "run", quiet=True)
+    changed = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1, "optim.lr": 0.5}))
+    with pytest.raises(TransferKitError, match=r"optim.lr: 0.01 -> 0.5"):
+        train(changed, resume=tmp_path / "run", quiet=True)
+    with pytest.raises(TransferKitError, match="optim.lr cannot change in a resumed run"):
+        train(changed, resume=tmp_path / "run", quiet=True, allow_config_change=["optim.lr"])
+
+
+def test_nonfinite_losses_are_skipped_then_stop(synth_root, tmp_path):
+    cfg = load_config(None, tiny_overrides(synth_root, **{"optim.name": "sgd", "optim.lr": 1e30,
+                                                          "optim.max_nonfinite_steps": 3}))
+    with pytest.raises(TransferKitError) as err:
+        train(cfg, out=tmp_path / "run", quiet=True)
+    assert str(err.value).startswith("the loss was not finite (NaN or inf) for 3 steps in a row, last at batch ")
+    assert str(err.value).endswith("; lower optim.lr, or check the data and labels")
+    assert os.path.isdir(tmp_path / "run")
+
+
+def test_new_run_from_a_finished_run_restores_everything(synth_root, tmp_path):
+    from transferkit.train.evaluate import evaluate_config
+
+    first = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2}))
+    train(first, out=tmp_path / "first", quiet=True)
+    final = read_metrics(tmp_path / "first")[-1]
+    more = load_config(None, tiny_overrides(synth_root, **{"pretrained.source": str(tmp_path / "first"),
+                                                           "pretrained.scope": "full"}))
+    metrics, report = evaluate_config(more)
+    assert report.fraction_restored() == 1.0
+    assert metrics["val_acc"] == final["val_acc"]
+    assert metrics["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
