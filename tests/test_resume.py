@@ -1,8 +1,11 @@
 """Exact resumes: after SIGKILL, after SIGINT, from a damaged checkpoint; extending a finished run."""
 
+import errno
+import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,3 +188,47 @@ def test_new_run_from_a_finished_run_restores_everything(synth_root, tmp_path):
     assert report.fraction_restored() == 1.0
     assert metrics["val_acc"] == final["val_acc"]
     assert metrics["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+
+
+def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": EPOCHS, "checkpoint.every_steps": 3,
+                                                          "checkpoint.keep_last": 100}))
+    train(cfg, out=run, quiet=True)
+    states = sorted((run / "checkpoints" / "states").glob("step-*"))
+    markers = {p: json.loads((p / "COMPLETE").read_text()) for p in states}
+    # 5 steps an epoch, a state every 3: step 9 is batch 4 of epoch 2 (1 epoch done).
+    mid = next(p for p, m in markers.items() if (m["epoch"], m["batches_done"]) == (1, 4))
+    for later in states[states.index(mid) + 1:]:
+        shutil.rmtree(later)
+    train(cfg, resume=run, quiet=True)
+    assert same_weights(run / "checkpoints/last.safetensors", reference / "checkpoints/last.safetensors")
+    assert strip(read_metrics(run)) == strip(read_metrics(reference))
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_root, tmp_path, monkeypatch):
+    import transferkit.train.resume as resume
+
+    calls = {"n": 0}
+    real = resume.save_weights
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resume, "save_weights", failing)
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 3}))
+    with pytest.raises(TransferKitError) as err:
+        train(cfg, out=run, quiet=True)
+    assert str(err.value) == (
+        f"could not save a checkpoint in {run / 'checkpoints' / 'states'}: No space left on device; "
+        f"the previous checkpoint step-00000005 is intact; free space and resume with: "
+        f"transferkit train --resume {run}")
+    assert find_state(run) == run / "checkpoints" / "states" / "step-00000005"
+    assert not list((run / "checkpoints" / "states").glob(".*tmp"))
+    monkeypatch.setattr(resume, "save_weights", real)
+    train(cfg, resume=run, quiet=True)
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]

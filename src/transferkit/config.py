@@ -168,6 +168,10 @@ class ScheduleConfig(_Section):
 class CheckpointConfig(_Section):
     # Training states kept for resuming (the newest ones; older ones are deleted).
     keep_last: int = Field(2, ge=1)
+    # Also save a state every this many optimiser steps (besides every epoch end).
+    every_steps: int | None = Field(None, ge=1)
+    # What best.safetensors is best at: highest val_acc (ties: lower val_loss), or lowest val_loss.
+    best_metric: Literal["val_acc", "val_loss"] = "val_acc"
 
 
 class ProbeConfig(_Section):

@@ -179,15 +179,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, chan
 class EpochRecorder:
     """Logs each epoch to metrics.jsonl, writes last/best checkpoints, keeps the best."""
 
-    def __init__(self, run_dir: Path, model: nn.Module, meta: dict, say, keep_epochs: int = 0):
+    def __init__(self, run_dir: Path, model: nn.Module, meta: dict, say, keep_epochs: int = 0,
+                 best_metric: str = "val_acc"):
         """`keep_epochs`: on a resume, the epochs already done; later rows (from an epoch that was
         cut short) are dropped, so that each epoch appears in metrics.jsonl exactly once."""
         self.run_dir, self.model, self.meta, self.say = run_dir, model, meta, say
+        self.best_metric = best_metric
         self.log = MetricsLog(run_dir / "metrics.jsonl")
         if keep_epochs:
             self.log.rows = [r for r in read_metrics(run_dir) if r["epoch"] <= keep_epochs]
             write_text(self.log.path, "".join(json.dumps(r) + "\n" for r in self.log.rows))
         self.best, self.best_epoch = (-1.0, float("inf")), 0
+
+    def is_better(self, row: dict) -> bool:
+        if self.best_metric == "val_loss":
+            return row["val_loss"] < self.best[1]
+        return (row["val_acc"], -row["val_loss"]) > (self.best[0], -self.best[1])
 
     @property
     def epoch(self) -> int:
@@ -199,7 +206,7 @@ class EpochRecorder:
         self.log.append(row)
         checkpoints = self.run_dir / "checkpoints"
         save_weights(self.model, checkpoints / "last.safetensors", {**self.meta, **row})
-        if (row["val_acc"], -row["val_loss"]) > (self.best[0], -self.best[1]):
+        if self.is_better(row):
             self.best, self.best_epoch = (row["val_acc"], row["val_loss"]), row["epoch"]
             save_weights(self.model, checkpoints / "best.safetensors", {**self.meta, **row})
         self.say(f"epoch {row['epoch']} ({phase}): train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
@@ -248,9 +255,12 @@ def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: 
                 rng = rng_state()
 
             def after_step(pos: EpochPosition, epoch=epoch, loader_state=loader_state) -> None:
-                if stop.signum is not None:
+                every = cfg.checkpoint.every_steps
+                due = every and ((epoch - 1) * len(train_loader) + pos.batches_done) % every == 0
+                if stop.signum is not None or (due and pos.batches_done < len(train_loader)):
                     save_state(recorder.run_dir, model, optimizer, scheduler,
                                counters(epoch - 1, pos, loader_state), cfg.checkpoint.keep_last)
+                if stop.signum is not None:
                     raise Interrupted(stop.signum, recorder.run_dir, f"epoch {epoch}, batch {pos.batches_done}")
 
             task = progress.add_task(f"epoch {epoch}", total=len(data.train_set), info="")
@@ -375,7 +385,8 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
         freeze_batchnorm(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     recorder = EpochRecorder(run_dir, model, {"model": cfg.model.name, "classes": classes}, say,
-                             keep_epochs=state["epoch"] if state is not None else 0)
+                             keep_epochs=state["epoch"] if state is not None else 0,
+                             best_metric=cfg.checkpoint.best_metric)
     if state is not None:
         recorder.best, recorder.best_epoch = tuple(state["best"]), state["best_epoch"]
     with make_progress(disable=quiet) as progress:

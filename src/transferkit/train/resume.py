@@ -25,7 +25,8 @@ from transferkit.weights.sources import sha256_of
 
 STATES = Path("checkpoints") / "states"
 # Keys that may differ between a run and its resume (with --allow-config-change).
-SAFE_TO_CHANGE = ("schedule.epochs", "out", "device", "data.num_workers", "checkpoint.keep_last")
+SAFE_TO_CHANGE = ("schedule.epochs", "out", "device", "data.num_workers", "checkpoint.keep_last",
+                  "checkpoint.every_steps")
 
 
 def rng_state() -> dict:
@@ -45,19 +46,28 @@ def save_state(run_dir: Path, model, optimizer, scheduler, counters: dict, keep_
     states = run_dir / STATES
     final = states / f"step-{counters['global_step']:08d}"
     tmp = states / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors")
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             **counters}
-    with open(tmp / "state.pt", "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    marker = {"files": {n: sha256_of(tmp / n) for n in ("model.safetensors", "state.pt")},
-              "epoch": counters["epoch"], "batches_done": counters["batches_done"],
-              "global_step": counters["global_step"]}
-    write_json(tmp / "COMPLETE", marker)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(model, tmp / "model.safetensors")
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                 **counters}
+        with open(tmp / "state.pt", "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        marker = {"files": {n: sha256_of(tmp / n) for n in ("model.safetensors", "state.pt")},
+                  "epoch": counters["epoch"], "batches_done": counters["batches_done"],
+                  "global_step": counters["global_step"]}
+        write_json(tmp / "COMPLETE", marker)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = sorted(p.name for p in states.glob("step-*"))
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise TransferKitError(
+            f"could not save a checkpoint in {states}: {exc.strerror or exc}; {kept}; "
+            f"free space and resume with: transferkit train --resume {run_dir}"
+        ) from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(p for p in states.glob("step-*") if p.is_dir())[:-keep_last]:
