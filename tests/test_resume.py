@@ -232,3 +232,19 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_root, tmp_pa
     monkeypatch.setattr(resume, "save_weights", real)
     train(cfg, resume=run, quiet=True)
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
+    first = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1}))
+    train(first, out=tmp_path / "first", quiet=True)
+    carried = load_config(None, tiny_overrides(synth_root, **{
+        "schedule.epochs": 1, "pretrained.source": str(tmp_path / "first"), "pretrained.scope": "full",
+        "pretrained.with_optimizer": "true"}))
+    plain = load_config(None, tiny_overrides(synth_root, **{
+        "schedule.epochs": 1, "pretrained.source": str(tmp_path / "first"), "pretrained.scope": "full"}))
+    a = train(carried, out=tmp_path / "carried", quiet=True)
+    b = train(plain, out=tmp_path / "plain", quiet=True)
+    assert a.metrics[0]["train_loss"] != b.metrics[0]["train_loss"]  # Adam moments made a difference
+    bad = load_config(None, tiny_overrides(synth_root, **{"pretrained.with_optimizer": "true"}))
+    with pytest.raises(TransferKitError, match="needs pretrained.source to be a run directory"):
+        train(bad, out=tmp_path / "bad", quiet=True)

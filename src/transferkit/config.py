@@ -100,6 +100,8 @@ class PretrainedConfig(_Section):
     adapt_input_conv: bool = True
     # Start head rows from the source's own classes (needs a classifier source).
     head_init: HeadInitConfig | None = None
+    # With a run directory as the source: also carry its optimiser state (momentum, Adam moments).
+    with_optimizer: bool = False
 
     @field_validator("scope", mode="before")
     @classmethod
@@ -168,8 +170,9 @@ class ScheduleConfig(_Section):
 class CheckpointConfig(_Section):
     # Training states kept for resuming (the newest ones; older ones are deleted).
     keep_last: int = Field(2, ge=1)
-    # Also save a state every this many optimiser steps (besides every epoch end).
+    # Also save a state every this many optimiser steps, or minutes (besides every epoch end).
     every_steps: int | None = Field(None, ge=1)
+    every_minutes: float | None = Field(None, gt=0)
     # What best.safetensors is best at: highest val_acc (ties: lower val_loss), or lowest val_loss.
     best_metric: Literal["val_acc", "val_loss"] = "val_acc"
 

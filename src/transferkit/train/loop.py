@@ -235,6 +235,8 @@ def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: 
         train_loader.generator.set_state(resume_state["loader_generator"])
         rng = resume_state["rng"]
         guard.total = resume_state.get("nonfinite_total", 0)
+    elif cfg.pretrained.with_optimizer:
+        carry_optimizer_state(cfg, optimizer, say)
 
     def counters(epoch_done: int, pos: EpochPosition, loader_state: torch.Tensor) -> dict:
         return {"epoch": epoch_done, "batches_done": pos.batches_done, "loss_sum": pos.loss_sum,
@@ -242,6 +244,7 @@ def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: 
                 "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch,
                 "nonfinite_total": guard.total}
 
+    last_saved = [time.monotonic()]
     with StopSignals() as stop:
         for epoch in range(first_epoch, cfg.schedule.epochs + 1):
             phase = "finetune"
@@ -255,11 +258,13 @@ def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: 
                 rng = rng_state()
 
             def after_step(pos: EpochPosition, epoch=epoch, loader_state=loader_state) -> None:
-                every = cfg.checkpoint.every_steps
-                due = every and ((epoch - 1) * len(train_loader) + pos.batches_done) % every == 0
+                every, minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
+                due = bool(every) and ((epoch - 1) * len(train_loader) + pos.batches_done) % every == 0
+                due |= bool(minutes) and time.monotonic() - last_saved[0] >= minutes * 60
                 if stop.signum is not None or (due and pos.batches_done < len(train_loader)):
                     save_state(recorder.run_dir, model, optimizer, scheduler,
                                counters(epoch - 1, pos, loader_state), cfg.checkpoint.keep_last)
+                    last_saved[0] = time.monotonic()
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, recorder.run_dir, f"epoch {epoch}, batch {pos.batches_done}")
 
@@ -276,6 +281,27 @@ def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: 
             save_state(recorder.run_dir, model, optimizer, scheduler,
                        counters(epoch, EpochPosition(), train_loader.generator.get_state()),
                        cfg.checkpoint.keep_last)
+            last_saved[0] = time.monotonic()
+
+
+def carry_optimizer_state(cfg: Config, optimizer, say) -> None:
+    """pretrained.with_optimizer: the source run's optimiser state (momentum, moments), with this
+    run's own learning rates."""
+    source = Path(str(cfg.pretrained.source or ""))
+    if not (source / "config.yaml").is_file():
+        raise TransferKitError("pretrained.with_optimizer needs pretrained.source to be a run directory")
+    state_dir = find_state(source, say)
+    lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(load_state(state_dir)["optimizer"])
+    except ValueError as exc:
+        raise TransferKitError(
+            f"the optimiser state of {state_dir} does not fit this run ({exc}); keep the same optim "
+            "settings, or set pretrained.with_optimizer=false"
+        ) from None
+    for group, (lr, initial) in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"], group["initial_lr"] = lr, initial
+    say(f"optimiser state carried from {state_dir}", highlight=False)
 
 
 def run_probe(cfg: Config, model, family, data, device, criterion, epochs: int, recorder: EpochRecorder,

@@ -26,7 +26,7 @@ from transferkit.weights.sources import sha256_of
 STATES = Path("checkpoints") / "states"
 # Keys that may differ between a run and its resume (with --allow-config-change).
 SAFE_TO_CHANGE = ("schedule.epochs", "out", "device", "data.num_workers", "checkpoint.keep_last",
-                  "checkpoint.every_steps")
+                  "checkpoint.every_steps", "checkpoint.every_minutes")
 
 
 def rng_state() -> dict:
