@@ -190,15 +190,16 @@ def test_new_run_from_a_finished_run_restores_everything(synth_root, tmp_path):
     assert metrics["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
 
 
-def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path):
+@pytest.mark.parametrize("where", [(0, 3), (1, 4)], ids=["inside-epoch-1", "inside-epoch-2"])
+def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path, where):
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": EPOCHS, "checkpoint.every_steps": 3,
                                                           "checkpoint.keep_last": 100}))
     train(cfg, out=run, quiet=True)
     states = sorted((run / "checkpoints" / "states").glob("step-*"))
     markers = {p: json.loads((p / "COMPLETE").read_text()) for p in states}
-    # 5 steps an epoch, a state every 3: step 9 is batch 4 of epoch 2 (1 epoch done).
-    mid = next(p for p, m in markers.items() if (m["epoch"], m["batches_done"]) == (1, 4))
+    # 5 steps an epoch, a state every 3: step 3 is batch 3 of epoch 1, step 9 batch 4 of epoch 2.
+    mid = next(p for p, m in markers.items() if (m["epoch"], m["batches_done"]) == where)
     for later in states[states.index(mid) + 1:]:
         shutil.rmtree(later)
     train(cfg, resume=run, quiet=True)

@@ -179,14 +179,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, chan
 class EpochRecorder:
     """Logs each epoch to metrics.jsonl, writes last/best checkpoints, keeps the best."""
 
-    def __init__(self, run_dir: Path, model: nn.Module, meta: dict, say, keep_epochs: int = 0,
+    def __init__(self, run_dir: Path, model: nn.Module, meta: dict, say, keep_epochs: int | None = None,
                  best_metric: str = "val_acc"):
         """`keep_epochs`: on a resume, the epochs already done; later rows (from an epoch that was
         cut short) are dropped, so that each epoch appears in metrics.jsonl exactly once."""
         self.run_dir, self.model, self.meta, self.say = run_dir, model, meta, say
         self.best_metric = best_metric
         self.log = MetricsLog(run_dir / "metrics.jsonl")
-        if keep_epochs:
+        if keep_epochs is not None and self.log.path.exists():
             self.log.rows = [r for r in read_metrics(run_dir) if r["epoch"] <= keep_epochs]
             write_text(self.log.path, "".join(json.dumps(r) + "\n" for r in self.log.rows))
         self.best, self.best_epoch = (-1.0, float("inf")), 0
@@ -411,7 +411,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
         freeze_batchnorm(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     recorder = EpochRecorder(run_dir, model, {"model": cfg.model.name, "classes": classes}, say,
-                             keep_epochs=state["epoch"] if state is not None else 0,
+                             keep_epochs=state["epoch"] if state is not None else None,
                              best_metric=cfg.checkpoint.best_metric)
     if state is not None:
         recorder.best, recorder.best_epoch = tuple(state["best"]), state["best_epoch"]

@@ -58,7 +58,7 @@ def save_state(run_dir: Path, model, optimizer, scheduler, counters: dict, keep_
             os.fsync(fh.fileno())
         marker = {"files": {n: sha256_of(tmp / n) for n in ("model.safetensors", "state.pt")},
                   "epoch": counters["epoch"], "batches_done": counters["batches_done"],
-                  "global_step": counters["global_step"]}
+                  "global_step": counters["global_step"], "config_sha256": sha256_of(run_dir / "config.yaml")}
         write_json(tmp / "COMPLETE", marker)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
