@@ -82,14 +82,15 @@ def test_sigkill_then_resume_auto_is_bit_identical(synth_root, reference, tmp_pa
     assert strip(rows) == strip(read_metrics(reference))
 
 
-def test_sigint_saves_state_and_resume_continues_mid_epoch(synth_root, reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_state_and_resume_continues_mid_epoch(synth_root, reference, tmp_path, sig):
     run = tmp_path / "run"
-    code, err = kill_mid_run(synth_root, run, signal.SIGINT)
+    code, err = kill_mid_run(synth_root, run, sig)
     if code == 0:
         pytest.skip("the run finished before the signal landed")
-    assert code == 130
+    assert code == 128 + sig
     message = err.strip().splitlines()[-1]
-    assert message.startswith("SIGINT: stopped at epoch ")
+    assert message.startswith(f"{signal.Signals(sig).name}: stopped at epoch ")
     assert message.endswith(f"; the state is saved. Resume with: transferkit train --resume {run}")
     proc = cli("train", "--resume", run)
     assert proc.returncode == 0, proc.stderr
