@@ -43,7 +43,6 @@ from transferkit.train.resume import (
     config_changes,
     find_state,
     load_state,
-    rng_state,
     save_state,
     set_rng_state,
 )
@@ -254,8 +253,6 @@ def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: 
                 phase = f"unfreeze {open_stages}/{stages} stages, {trainable} tensors"
             t0 = time.perf_counter()
             loader_state = train_loader.generator.get_state()  # this epoch's data order comes from here
-            if rng is None:
-                rng = rng_state()
 
             def after_step(pos: EpochPosition, epoch=epoch, loader_state=loader_state) -> None:
                 every, minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
