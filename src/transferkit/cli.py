@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("convert", help="convert VOC or YOLO annotations to COCO JSON")
+    p.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo"))
+    p.add_argument("src", help="VOC year folder (Annotations/, JPEGImages/) or YOLO dataset root")
+    p.add_argument("--out", required=True, help="COCO JSON to write")
+    p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/ (default: all)")
+    p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
+    p.add_argument("--keep-difficult", action="store_true", help="VOC: keep objects marked difficult")
     p = data.add_parser("synth", help="write a synthetic class-per-folder dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--train-per-class", type=int, default=50)
@@ -171,6 +178,24 @@ def cmd_demo(args) -> int:
 
 
 def cmd_data(args) -> int:
+    if args.data_command == "convert":
+        from transferkit.data.convert.coco import read_classes
+        from transferkit.data.convert.voc import convert_voc
+        from transferkit.data.convert.yolo import convert_yolo
+
+        classes = read_classes(args.classes) if args.classes else None
+        if args.fmt == "voc":
+            dataset = convert_voc(args.src, args.split, classes, args.keep_difficult)
+        else:
+            dataset = convert_yolo(args.src, args.split, classes)
+        dataset.save(args.out)
+        print(f"wrote {args.out}: {dataset.summary()}")
+        for skip in dataset.skipped[:20]:
+            print(f"  skipped {skip['what']} in {skip['file']}: {skip['reason']}")
+        if len(dataset.skipped) > 20:
+            print(f"  ... {len(dataset.skipped) - 20} more skipped")
+        return 0
+
     from transferkit.data.synthetic import make_synthetic_classification
 
     root = make_synthetic_classification(args.out, args.train_per_class, args.val_per_class, args.size,

@@ -1,0 +1,111 @@
+"""Converters to COCO on real VOC and YOLO samples, and on broken inputs."""
+
+import json
+
+import pytest
+from conftest import SHARED_DATA, needs_shared
+
+from transferkit.cli import main
+from transferkit.data.convert.voc import convert_voc
+from transferkit.data.convert.yolo import convert_yolo
+from transferkit.errors import TransferKitError
+
+COCO128 = SHARED_DATA / "coco128"
+VOC = SHARED_DATA / "voc_mini" / "VOCdevkit"
+
+
+def iou(a, b):
+    ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    iw = max(0.0, min(ax1, bx1) - max(a[0], b[0]))
+    ih = max(0.0, min(ay1, by1) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+@needs_shared
+def test_coco128_yolo_labels_reproduce_the_official_coco_boxes():
+    ours = convert_yolo(COCO128).to_dict()
+    official = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
+    our_cat = {c["id"]: c["name"] for c in ours["categories"]}
+    off_cat = {c["id"]: c["name"] for c in official["categories"]}
+    assert {i["id"]: (i["file_name"], i["width"], i["height"]) for i in ours["images"]} == {
+        i["id"]: (i["file_name"], i["width"], i["height"]) for i in official["images"]}
+    pool = {}
+    for a in ours["annotations"]:
+        pool.setdefault(a["image_id"], []).append(a)
+    targets = [a for a in official["annotations"] if not a["iscrowd"]]
+    assert len(targets) == len(ours["annotations"]) == 929
+    for t in targets:
+        candidates = [a for a in pool.get(t["image_id"], []) if our_cat[a["category_id"]] == off_cat[t["category_id"]]]
+        best = max(candidates, key=lambda a: iou(a["bbox"], t["bbox"]))
+        assert iou(best["bbox"], t["bbox"]) >= 0.99, (t, best)
+        pool[t["image_id"]].remove(best)
+    assert all(not left for left in pool.values())
+
+
+@needs_shared
+def test_coco128_background_images_and_orphan_labels():
+    data = convert_yolo(COCO128)
+    names = {i["file_name"]: i["id"] for i in data.images}
+    for background in ("000000000250.jpg", "000000000508.jpg"):
+        assert not [a for a in data.annotations if a["image_id"] == names[background]]
+    orphans = sorted(s["file"].rsplit("/", 1)[-1] for s in data.skipped if s["what"] == "label file")
+    assert orphans == ["000000000656.txt", "000000000659.txt"]
+
+
+@needs_shared
+def test_voc_samples_convert_and_load_in_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+
+    for year in ("VOC2007", "VOC2012"):
+        out = tmp_path / f"{year}.json"
+        assert main(["data", "convert", "--from", "voc", str(VOC / year), "--out", str(out)]) == 0
+        coco = COCO(str(out))
+        assert len(coco.getImgIds()) == 5 and len(coco.getAnnIds()) > 0
+    data = convert_voc(VOC / "VOC2007")
+    first = next(a for a in data.annotations if a["image_id"] == 5)
+    assert first["bbox"] == [262.0, 210.0, 62.0, 129.0]  # VOC (263, 211, 324, 339), 1-based inclusive
+    assert [s["reason"] for s in data.skipped] == ["chair marked difficult"] * 2
+    assert len(convert_voc(VOC / "VOC2007", keep_difficult=True).annotations) == len(data.annotations) + 2
+    # 2007_000027 has one person with <part> sub-boxes (head, hands, feet): one box, not several.
+    v12 = convert_voc(VOC / "VOC2012")
+    assert len([a for a in v12.annotations if a["image_id"] == 1]) == 1
+    trainval = convert_voc(VOC / "VOC2007", split="trainval")  # the list names all five
+    assert trainval.to_dict() == data.to_dict()
+    with pytest.raises(TransferKitError, match="split list not found: .*val.txt"):
+        convert_voc(VOC / "VOC2007", split="val")
+
+
+def test_broken_voc_xml_is_one_line(tmp_path):
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "a.xml").write_text("<annotation><object><name>cat</name></annotation>")
+    with pytest.raises(TransferKitError, match=r"a.xml: not valid VOC XML .*fix or remove the file") as err:
+        convert_voc(tmp_path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "Annotations" / "a.xml").write_text(
+        "<annotation><size><width>10</width><height>10</height></size><object><name>cat</name>"
+        "<bndbox><xmin>a</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>")
+    data = convert_voc(tmp_path)
+    assert data.skipped[0]["reason"].endswith("<xmin> is 'a', not a number")
+    (tmp_path / "Annotations" / "a.xml").write_text(
+        '<!DOCTYPE x [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><annotation>&b;</annotation>')
+    with pytest.raises(TransferKitError, match="not valid VOC XML"):
+        convert_voc(tmp_path)  # entity definitions are refused (defusedxml)
+
+
+def test_yolo_bad_lines_are_skipped_with_reasons(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    (tmp_path / "data.yaml").write_text("names: [cat, dog]\n")
+    Image.new("RGB", (100, 50)).save(tmp_path / "images" / "train" / "a.jpg")
+    (tmp_path / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\nx y\n1 2 2 0.1 0.1\n")
+    data = convert_yolo(tmp_path)
+    assert [a["bbox"] for a in data.annotations] == [[40.0, 20.0, 20.0, 10.0]]
+    reasons = [s["reason"] for s in data.skipped]
+    assert reasons[0] == "class 7 is not in 0..1"
+    assert reasons[1].startswith("not `class cx cy w h`")
+    assert reasons[2].startswith("no area inside the 100x50 image")
+    with pytest.raises(TransferKitError, match="is not a YOLO dataset root"):
+        convert_yolo(tmp_path / "images")
