@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/ (default: all)")
     p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
     p.add_argument("--keep-difficult", action="store_true", help="VOC: keep objects marked difficult")
+    p = data.add_parser("list", help="im2rec-style list files with a seeded train/val/test split")
+    p.add_argument("root", help="a folder with one sub-folder per class")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX_train.lst, _val.lst, _test.lst")
+    p.add_argument("--split", default="0.8,0.1,0.1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stratify", action="store_true", help="split each class by the fractions")
     p = data.add_parser("synth", help="write a synthetic class-per-folder dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--train-per-class", type=int, default=50)
@@ -194,6 +200,16 @@ def cmd_data(args) -> int:
             print(f"  skipped {skip['what']} in {skip['file']}: {skip['reason']}")
         if len(dataset.skipped) > 20:
             print(f"  ... {len(dataset.skipped) - 20} more skipped")
+        return 0
+
+    if args.data_command == "list":
+        from transferkit.data.lists import make_lists, parse_fractions
+
+        result = make_lists(args.root, args.out, parse_fractions(args.split), args.seed, args.stratify)
+        for split, path in result.files.items():
+            print(f"wrote {path}: {len(result.splits[split])} images")
+        for rel, reason in result.unreadable:
+            print(f"  left out {rel}: {reason}")
         return 0
 
     from transferkit.data.synthetic import make_synthetic_classification

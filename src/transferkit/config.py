@@ -111,7 +111,12 @@ class PretrainedConfig(_Section):
 
 class DataConfig(_Section):
     root: Path
-    format: Literal["folder"] = "folder"
+    # folder: root/train/<class>/ and root/val/<class>/; list: im2rec list files (paths relative to root).
+    format: Literal["folder", "list"] = "folder"
+    train_list: Path | None = None
+    val_list: Path | None = None
+    # One class name a line; default for lists: PREFIX_classes.txt beside PREFIX_train.lst.
+    classes_file: Path | None = None
     image_size: int = Field(224, ge=16)
     # Evaluation centre-crop size; null: image_size. Evaluating above the training size pays off
     # with RandomResizedCrop, which enlarges objects during training (Touvron et al. 2019, FixRes).

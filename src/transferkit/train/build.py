@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +14,8 @@ from torch.utils.data import DataLoader
 
 from transferkit.config import Config, DataConfig
 from transferkit.data.classification import FolderSplit, ImageDataset, decode_all, list_classes, scan_split
+from transferkit.data.convert.coco import read_classes
+from transferkit.data.lists import read_list
 from transferkit.data.transforms import eval_transform, pil_resample, resize_size, train_transform
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier, restore_pretrained
@@ -75,11 +78,24 @@ class ClassificationData:
     val_set: ImageDataset
 
 
+def _list_file(cfg: DataConfig, split: str) -> Path:
+    path = cfg.train_list if split == "train" else cfg.val_list
+    if path is None:
+        raise TransferKitError(f"data.format=list needs data.{split}_list (a file written by `transferkit data list`)")
+    return path
+
+
 def dataset_classes(cfg: DataConfig, need_train: bool = True) -> list[str]:
-    """Class names: the training split's folders (the validation split's when only evaluating)."""
+    """Class names: the training split's folders (the validation split's when only evaluating), or
+    for list files the classes file."""
     root = cfg.root
     if not root.is_dir():
         raise TransferKitError(f"data.root not found: {root} (a folder holding train/ and val/)")
+    if cfg.format == "list":
+        path = cfg.classes_file or Path(str(_list_file(cfg, "train")).removesuffix("_train.lst") + "_classes.txt")
+        if not path.is_file():
+            raise TransferKitError(f"classes file not found: {path}; set data.classes_file")
+        return read_classes(path)
     if need_train or (root / "train").is_dir():
         return list_classes(root / "train")
     return list_classes(root / "val")
@@ -92,13 +108,19 @@ def load_classification_data(
     eval_size = cfg.eval_image_size or cfg.image_size
     keep = resize_size(max(cfg.image_size, eval_size), pre) if cfg.cache else None
     resample = pil_resample(pre)
+
+    def split_of(name: str, folder: Path) -> FolderSplit:
+        if cfg.format == "list":
+            return FolderSplit(cfg.root, classes, read_list(_list_file(cfg, name), cfg.root, len(classes)))
+        return scan_split(folder, classes)
+
     train = train_set = None
     if need_train:
-        train = scan_split(train_root, classes)
+        train = split_of("train", train_root)
         cache = decode_all(train, cfg.on_bad_image, keep, resample)
         tf = train_transform(cfg.image_size, pre, cfg.crop_scale, cfg.hflip)
         train_set = ImageDataset(train, tf, cache if cfg.cache else None)
-    val = scan_split(val_root, classes)
+    val = split_of("val", val_root)
     cache = decode_all(val, cfg.on_bad_image, keep, resample)
     val_set = ImageDataset(val, eval_transform(eval_size, pre), cache if cfg.cache else None)
     for split in (train, val):
