@@ -109,3 +109,60 @@ def test_yolo_bad_lines_are_skipped_with_reasons(tmp_path):
     assert reasons[2].startswith("no area inside the 100x50 image")
     with pytest.raises(TransferKitError, match="is not a YOLO dataset root"):
         convert_yolo(tmp_path / "images")
+
+
+def polygon_area(flat):
+    pts = list(zip(flat[::2], flat[1::2], strict=True))
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1], strict=True))) / 2
+
+
+@needs_shared
+def test_labelme_instances_agree_with_labelmes_own_coco_export(tmp_path):
+    root = SHARED_DATA / "labelme_examples" / "instance_segmentation"
+    out = tmp_path / "lm.json"
+    assert main(["data", "convert", "--from", "labelme", str(root / "data_annotated"), "--out", str(out)]) == 0
+    ours = json.loads(out.read_text())
+    theirs = json.loads((root / "data_dataset_coco" / "annotations.json").read_text())
+    def by_image(d):
+        names = {c["id"]: c["name"] for c in d["categories"]}
+        files = {i["id"]: i["file_name"].rsplit("/", 1)[-1].rsplit(".", 1)[0] for i in d["images"]}
+        grouped = {}
+        for a in d["annotations"]:
+            grouped.setdefault(files[a["image_id"]], []).append((names[a["category_id"]], a))
+        return grouped
+    mine, ref = by_image(ours), by_image(theirs)
+    assert sorted(mine) == sorted(ref) and sum(map(len, ref.values())) == 12
+    for image, expected in ref.items():
+        got = list(mine[image])
+        assert sorted(n for n, _ in got) == sorted(n for n, _ in expected), image
+        for name, t in expected:
+            match = max((a for n, a in got if n == name), key=lambda a: iou(a["bbox"], t["bbox"]))
+            # labelme's boxes come from the rasterised mask (whole pixels): every edge within one pixel.
+            edges = lambda b: (b[0], b[1], b[0] + b[2], b[1] + b[3])  # noqa: E731
+            assert all(abs(a - b) <= 1.0 for a, b in zip(edges(match["bbox"]), edges(t["bbox"]), strict=True))
+            their_area = sum(polygon_area(p) for p in t["segmentation"])
+            assert match["area"] == pytest.approx(their_area, rel=0.01), (image, name)
+            got.remove((name, match))
+
+
+@needs_shared
+def test_labelme_shape_types_and_embedded_image():
+    from transferkit.data.convert.labelme import convert_labelme
+
+    prim = convert_labelme(SHARED_DATA / "labelme_examples" / "primitives")
+    assert sorted(s["reason"] for s in prim.skipped) == [f"shape type {t!r} has no area"
+                                                        for t in ("line", "linestrip", "mask", "point")]
+    embedded = convert_labelme(SHARED_DATA / "labelme_examples" / "tutorial")
+    assert embedded.images[0]["width"] > 0 and embedded.annotations
+
+
+def test_broken_labelme_json(tmp_path):
+    from transferkit.data.convert.labelme import convert_labelme
+
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(TransferKitError, match=r"a.json: not valid JSON"):
+        convert_labelme(tmp_path)
+    (tmp_path / "a.json").write_text(json.dumps({"shapes": [{"label": "cat", "points": [[1, 2]]}],
+                                                 "imageWidth": 10, "imageHeight": 10, "imagePath": "a.jpg"}))
+    data = convert_labelme(tmp_path)
+    assert data.skipped[0]["reason"].endswith("a polygon needs 3 or more points, has 1")

@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("convert", help="convert VOC or YOLO annotations to COCO JSON")
-    p.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo"))
-    p.add_argument("src", help="VOC year folder (Annotations/, JPEGImages/) or YOLO dataset root")
+    p = data.add_parser("convert", help="convert VOC, YOLO or labelme annotations to COCO JSON")
+    p.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo", "labelme"))
+    p.add_argument("src", help="VOC year folder (Annotations/, JPEGImages/), YOLO dataset root, or labelme folder")
     p.add_argument("--out", required=True, help="COCO JSON to write")
     p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/ (default: all)")
     p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
@@ -186,12 +186,15 @@ def cmd_demo(args) -> int:
 def cmd_data(args) -> int:
     if args.data_command == "convert":
         from transferkit.data.convert.coco import read_classes
+        from transferkit.data.convert.labelme import convert_labelme
         from transferkit.data.convert.voc import convert_voc
         from transferkit.data.convert.yolo import convert_yolo
 
         classes = read_classes(args.classes) if args.classes else None
         if args.fmt == "voc":
             dataset = convert_voc(args.src, args.split, classes, args.keep_difficult)
+        elif args.fmt == "labelme":
+            dataset = convert_labelme(args.src, classes)
         else:
             dataset = convert_yolo(args.src, args.split, classes)
         dataset.save(args.out)
