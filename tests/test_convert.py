@@ -166,3 +166,31 @@ def test_broken_labelme_json(tmp_path):
                                                  "imageWidth": 10, "imageHeight": 10, "imagePath": "a.jpg"}))
     data = convert_labelme(tmp_path)
     assert data.skipped[0]["reason"].endswith("a polygon needs 3 or more points, has 1")
+
+
+@needs_shared
+def test_cityscapes_instances_groups_and_clipping(tmp_path):
+    from pycocotools.coco import COCO
+
+    from transferkit.data.convert.cityscapes import convert_cityscapes
+
+    root = SHARED_DATA / "cityscapes_mini"
+    out = tmp_path / "cs.json"
+    assert main(["data", "convert", "--from", "cityscapes", str(root), "--out", str(out)]) == 0
+    coco = COCO(str(out))
+    data = json.loads(out.read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    counts = {}
+    for a in data["annotations"]:
+        key = (names[a["category_id"]], a["iscrowd"])
+        counts[key] = counts.get(key, 0) + 1
+    # The polygons files hold 92 car, 8 person, 4 bicycle, 1 rider, 1 truck and 4 cargroup objects.
+    assert counts == {("car", 0): 92, ("person", 0): 8, ("bicycle", 0): 4, ("rider", 0): 1, ("truck", 0): 1,
+                      ("car", 1): 4}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 2048 and y + h <= 1024
+    assert len(coco.getImgIds()) == 8
+    assert all((root / i["file_name"]).is_file() for i in data["images"])
+    only_cars = convert_cityscapes(root, classes=["car"])
+    assert {a["category_id"] for a in only_cars.annotations} == {1} and len(only_cars.annotations) == 96

@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("convert", help="convert VOC, YOLO or labelme annotations to COCO JSON")
-    p.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo", "labelme"))
-    p.add_argument("src", help="VOC year folder (Annotations/, JPEGImages/), YOLO dataset root, or labelme folder")
+    p = data.add_parser("convert", help="convert VOC, YOLO, labelme or Cityscapes annotations to COCO JSON")
+    p.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo", "labelme", "cityscapes"))
+    p.add_argument("src", help="VOC year folder, YOLO dataset root, labelme folder, or Cityscapes root (gtFine/)")
     p.add_argument("--out", required=True, help="COCO JSON to write")
     p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/ (default: all)")
     p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
@@ -185,6 +185,7 @@ def cmd_demo(args) -> int:
 
 def cmd_data(args) -> int:
     if args.data_command == "convert":
+        from transferkit.data.convert.cityscapes import convert_cityscapes
         from transferkit.data.convert.coco import read_classes
         from transferkit.data.convert.labelme import convert_labelme
         from transferkit.data.convert.voc import convert_voc
@@ -195,6 +196,8 @@ def cmd_data(args) -> int:
             dataset = convert_voc(args.src, args.split, classes, args.keep_difficult)
         elif args.fmt == "labelme":
             dataset = convert_labelme(args.src, classes)
+        elif args.fmt == "cityscapes":
+            dataset = convert_cityscapes(args.src, args.split, classes)
         else:
             dataset = convert_yolo(args.src, args.split, classes)
         dataset.save(args.out)
