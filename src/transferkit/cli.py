@@ -186,10 +186,10 @@ def cmd_demo(args) -> int:
 def cmd_data(args) -> int:
     if args.data_command == "convert":
         from transferkit.data.convert.cityscapes import convert_cityscapes
-        from transferkit.data.convert.coco import read_classes
         from transferkit.data.convert.labelme import convert_labelme
         from transferkit.data.convert.voc import convert_voc
         from transferkit.data.convert.yolo import convert_yolo
+        from transferkit.data.lists import read_classes
 
         classes = read_classes(args.classes) if args.classes else None
         if args.fmt == "voc":

@@ -83,6 +83,18 @@ def make_lists(root: str | Path, prefix: str | Path, fractions=(0.8, 0.1, 0.1), 
     return result
 
 
+def read_classes(path: str | Path) -> list[str]:
+    """A classes file: one name a line (blank lines and # comments ignored)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise TransferKitError(f"cannot read classes file {path}: {exc.strerror}") from None
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not names:
+        raise TransferKitError(f"classes file {path} names no class")
+    return names
+
+
 def read_list(path: str | Path, root: str | Path, num_classes: int | None = None) -> list[tuple[Path, int]]:
     """(image path, label) pairs of a list file; paths are relative to `root`."""
     path, root = Path(path), Path(root)

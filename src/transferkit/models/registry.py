@@ -40,3 +40,15 @@ def timm_family(model: nn.Module) -> Family:
         crop_pct=float(cfg.get("crop_pct", 0.875)),
     )
     return Family(tuple(f"{h}.*" for h in heads), None, pre)
+
+
+def layer_ids(model: nn.Module, coarse: bool) -> dict[str, int]:
+    """Parameter name -> layer index from the bottom (timm's group_matcher; coarse: whole stages)."""
+    from timm.models import group_parameters
+
+    from transferkit.errors import TransferKitError
+
+    if not hasattr(model, "group_matcher"):
+        raise TransferKitError(f"{type(model).__name__} does not declare its layers (a timm group_matcher); "
+                               "layer-wise rules need a timm model")
+    return group_parameters(model, model.group_matcher(coarse=coarse), reverse=True)

@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader
 
 from transferkit.config import Config, DataConfig
 from transferkit.data.classification import FolderSplit, ImageDataset, decode_all, list_classes, scan_split
-from transferkit.data.convert.coco import read_classes
-from transferkit.data.lists import read_list
+from transferkit.data.lists import read_classes, read_list
 from transferkit.data.transforms import eval_transform, pil_resample, resize_size, train_transform
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier, restore_pretrained

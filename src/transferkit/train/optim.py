@@ -12,6 +12,7 @@ from torch import nn
 
 from transferkit.config import OptimConfig, ScheduleConfig
 from transferkit.errors import TransferKitError
+from transferkit.models.registry import layer_ids
 from transferkit.patterns import first_match, matches
 
 
@@ -53,11 +54,7 @@ class ParamPlan:
 def _layer_scales(model: nn.Module, decay: float) -> dict[str, float]:
     """Layer-wise learning-rate decay (BEiT, timm): the top layer gets 1, each one below x decay.
     Layers come from the model's timm group_matcher."""
-    from timm.models import group_parameters
-
-    if not hasattr(model, "group_matcher"):
-        raise TransferKitError("optim.layer_decay needs a timm model that declares its layers (group_matcher)")
-    layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    layer_of = layer_ids(model, coarse=False)
     top = max(layer_of.values())
     return {name: decay ** (top - layer) for name, layer in layer_of.items()}
 

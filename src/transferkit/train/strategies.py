@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from transferkit.config import Config
+from transferkit.models.registry import layer_ids
 from transferkit.patterns import first_match
 from transferkit.train.build import make_loader
 
@@ -82,9 +83,7 @@ def probe_logits(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 def unfreeze_stages(model: nn.Module, head_patterns, stages_open: int, trainable: set[int]) -> int:
     """Let the head and the top `stages_open` coarse stages train; freeze the rest. Only parameters
     in `trainable` (those in the optimiser) are touched. Returns how many tensors train."""
-    from timm.models import group_parameters
-
-    layer_of = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
+    layer_of = layer_ids(model, coarse=True)
     top = max(layer_of.values())
     count = 0
     for name, p in model.named_parameters():
@@ -98,6 +97,4 @@ def unfreeze_stages(model: nn.Module, head_patterns, stages_open: int, trainable
 
 def stage_count(model: nn.Module) -> int:
     """How many coarse stages (timm group_matcher) the model has below its head."""
-    from timm.models import group_parameters
-
-    return max(group_parameters(model, model.group_matcher(coarse=True), reverse=True).values())
+    return max(layer_ids(model, coarse=True).values())

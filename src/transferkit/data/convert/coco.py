@@ -77,15 +77,3 @@ class CocoDataset:
         skipped = ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items())) or "nothing"
         return (f"{len(self.images)} images, {len(self.annotations)} boxes, {len(self.categories)} categories; "
                 f"skipped: {skipped}")
-
-
-def read_classes(path: str | Path) -> list[str]:
-    """A classes file: one name a line (blank lines and # comments ignored)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise TransferKitError(f"cannot read classes file {path}: {exc.strerror}") from None
-    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-    if not names:
-        raise TransferKitError(f"classes file {path} names no class")
-    return names
