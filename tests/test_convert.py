@@ -6,6 +6,7 @@ import pytest
 from conftest import SHARED_DATA, needs_shared
 
 from transferkit.cli import main
+from transferkit.data.convert.labelme import convert_labelme
 from transferkit.data.convert.voc import convert_voc
 from transferkit.data.convert.yolo import convert_yolo
 from transferkit.errors import TransferKitError
@@ -146,6 +147,37 @@ def test_labelme_instances_agree_with_labelmes_own_coco_export(tmp_path):
 
 
 @needs_shared
+def test_labelme_rectangles_agree_with_labelmes_own_voc_export():
+    """labelme writes its rectangle corners into the VOC XML as they are (no 1-based shift), so our
+    COCO boxes must have exactly those corners; the XML read as true VOC sits one pixel left and up."""
+    import defusedxml.ElementTree as ET
+
+    root = SHARED_DATA / "labelme_examples" / "bbox_detection"
+    ours = convert_labelme(root / "data_annotated").to_dict()
+    names = {c["id"]: c["name"] for c in ours["categories"]}
+    files = {i["id"]: i["file_name"].rsplit(".", 1)[0] for i in ours["images"]}
+    mine = {}
+    for a in ours["annotations"]:
+        x, y, w, h = a["bbox"]
+        mine.setdefault(files[a["image_id"]], []).append((names[a["category_id"]], x, y, x + w, y + h))
+    xmls = sorted((root / "data_dataset_voc" / "Annotations").glob("*.xml"))
+    assert sorted(mine) == [x.stem for x in xmls] and len(xmls) == 3
+    total = 0
+    for xml in xmls:
+        theirs = [(o.findtext("name"), *(float(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
+                  for o in ET.parse(xml).getroot().iter("object")]
+        got = sorted(mine[xml.stem])
+        assert [g[0] for g in got] == sorted(t[0] for t in theirs), xml.name
+        for g, t in zip(got, sorted(theirs), strict=True):
+            assert max(abs(a - b) for a, b in zip(g[1:], t[1:], strict=True)) < 2e-3, (xml.name, g, t)
+        total += len(theirs)
+    assert total == sum(map(len, mine.values())) > 0
+    as_voc = convert_voc(root / "data_dataset_voc")
+    first = min(as_voc.annotations, key=lambda a: (a["image_id"], a["bbox"]))
+    assert first["bbox"][0] == pytest.approx(min(m[1] for m in mine["2011_000003"]) - 1, abs=2e-3)
+
+
+@needs_shared
 def test_labelme_shape_types_and_embedded_image():
     from transferkit.data.convert.labelme import convert_labelme
 
@@ -194,3 +226,55 @@ def test_cityscapes_instances_groups_and_clipping(tmp_path):
     assert all((root / i["file_name"]).is_file() for i in data["images"])
     only_cars = convert_cityscapes(root, classes=["car"])
     assert {a["category_id"] for a in only_cars.annotations} == {1} and len(only_cars.annotations) == 96
+
+
+@needs_shared
+def test_coco_to_yolo_reproduces_the_shipped_ultralytics_labels(tmp_path):
+    out = tmp_path / "yolo"
+    assert main(["data", "convert", "--from", "coco", str(COCO128 / "annotations" / "instances_train2017.json"),
+                 "--to", "yolo", "--images", str(COCO128 / "images" / "train2017"), "--out", str(out),
+                 "--split", "train2017"]) == 0
+    official = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
+    yolo_index = {c["name"]: i for i, c in enumerate(official["categories"])}
+    shipped_names = __import__("yaml").safe_load((COCO128 / "coco128.yaml").read_text())["names"]
+    compared = 0
+    for label in sorted((COCO128 / "labels" / "train2017").glob("*.txt")):
+        if not (COCO128 / "images" / "train2017" / f"{label.stem}.jpg").exists():
+            continue  # the two upstream orphans
+        ours = sorted(tuple(map(float, ln.split())) for ln in (out / "labels" / "train2017" / label.name).read_text()
+                      .splitlines())
+        theirs = sorted((float(yolo_index[shipped_names[int(ln.split()[0])]]), *map(float, ln.split()[1:]))
+                        for ln in label.read_text().splitlines() if ln.strip())
+        assert len(ours) == len(theirs), label.name
+        for a, b in zip(ours, theirs, strict=True):
+            assert a[0] == b[0] and max(abs(x - y) for x, y in zip(a[1:], b[1:], strict=True)) < 2e-3, (label, a, b)
+        compared += len(ours)
+    assert compared == 929
+    # background images get no label file but keep their image; crowd regions are reported
+    assert not (out / "labels" / "train2017" / "000000000250.txt").exists()
+    assert (out / "images" / "train2017" / "000000000250.jpg").exists()
+    # and back: our YOLO output converts to the same boxes again
+    back = convert_yolo(out, "train2017").to_dict()
+    assert len(back["annotations"]) == 929 and len(back["images"]) == 128
+
+
+def test_coco_json_structure_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "a.json"
+    cases = {
+        "[]": "is an object",
+        '{"images": {}, "categories": []}': "`images` must be a list",
+        '{"images": [{"id": 1}], "categories": []}': "images[0] has no `file_name`",
+        '{"images": [{"id": 1, "file_name": "../x.jpg"}], "categories": []}': "inside the image folder",
+        '{"images": [{"id": 1, "file_name": "x.jpg", "width": -3}], "categories": []}': "images[0].width",
+        '{"images": [], "categories": [], "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 2]}]}':
+            "annotations[0].bbox",
+        '{"images": [], "categories": [], "annotations": [{"image_id": 1, "category_id": 1, '
+        '"bbox": [1, 2, "a", 4]}]}': "finite number",
+    }
+    (tmp_path / "img").mkdir()
+    for text, expected in cases.items():
+        bad.write_text(text)
+        assert main(["data", "convert", "--from", "coco", str(bad), "--to", "yolo", "--images",
+                     str(tmp_path / "img"), "--out", str(tmp_path / "y")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and str(bad) in err and "\n" not in err, err

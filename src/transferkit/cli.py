@@ -82,11 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("convert", help="convert VOC, YOLO, labelme or Cityscapes annotations to COCO JSON")
-    p.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo", "labelme", "cityscapes"))
-    p.add_argument("src", help="VOC year folder, YOLO dataset root, labelme folder, or Cityscapes root (gtFine/)")
-    p.add_argument("--out", required=True, help="COCO JSON to write")
-    p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/ (default: all)")
+    p = data.add_parser("convert", help="convert VOC, YOLO, labelme or Cityscapes annotations to COCO JSON, "
+                        "or COCO to YOLO")
+    p.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo", "labelme", "cityscapes", "coco"))
+    p.add_argument("src", help="VOC year folder, YOLO dataset root, labelme folder, Cityscapes root (gtFine/), "
+                   "or a COCO JSON")
+    p.add_argument("--to", choices=("coco", "yolo"), default="coco", help="yolo: only --from coco")
+    p.add_argument("--images", help="--from coco: the folder the JSON's file_names are in")
+    p.add_argument("--out", required=True, help="COCO JSON to write (--to yolo: the YOLO dataset root)")
+    p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/ (default: all; "
+                   "--to yolo: the split to write, default train)")
     p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
     p.add_argument("--keep-difficult", action="store_true", help="VOC: keep objects marked difficult")
     p = data.add_parser("list", help="im2rec-style list files with a seeded train/val/test split")
@@ -191,6 +196,10 @@ def cmd_data(args) -> int:
         from transferkit.data.convert.yolo import convert_yolo
         from transferkit.data.lists import read_classes
 
+        if (args.fmt == "coco") != (args.to == "yolo"):
+            raise TransferKitError("--to yolo goes with --from coco (the other formats convert to COCO)")
+        if args.fmt == "coco":
+            return _export_yolo(args)
         classes = read_classes(args.classes) if args.classes else None
         if args.fmt == "voc":
             dataset = convert_voc(args.src, args.split, classes, args.keep_difficult)
@@ -202,10 +211,7 @@ def cmd_data(args) -> int:
             dataset = convert_yolo(args.src, args.split, classes)
         dataset.save(args.out)
         print(f"wrote {args.out}: {dataset.summary()}")
-        for skip in dataset.skipped[:20]:
-            print(f"  skipped {skip['what']} in {skip['file']}: {skip['reason']}")
-        if len(dataset.skipped) > 20:
-            print(f"  ... {len(dataset.skipped) - 20} more skipped")
+        _print_skips(dataset.skipped)
         return 0
 
     if args.data_command == "list":
@@ -224,6 +230,24 @@ def cmd_data(args) -> int:
                                          seed=args.seed)
     print(f"wrote {Path(root) / 'train'} and {Path(root) / 'val'}")
     return 0
+
+
+def _export_yolo(args) -> int:
+    from transferkit.data.convert.to_yolo import export_yolo
+
+    if not args.images:
+        raise TransferKitError("--from coco needs --images FOLDER (where the JSON's file_names are)")
+    result = export_yolo(args.src, args.images, args.out, args.split or "train")
+    print(f"wrote {result.root}: {result.summary()}")
+    _print_skips(result.skipped)
+    return 0
+
+
+def _print_skips(skipped: list[dict]) -> None:
+    for skip in skipped[:20]:
+        print(f"  skipped {skip['what']} in {skip['file']}: {skip['reason']}")
+    if len(skipped) > 20:
+        print(f"  ... {len(skipped) - 20} more skipped")
 
 
 def _pairs(items: list[str], flag: str, convert=str) -> list[tuple[str, object]]:
