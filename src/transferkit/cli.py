@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="0.8,0.1,0.1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stratify", action="store_true", help="split each class by the fractions")
+    p = data.add_parser("check", help="find broken, missing, duplicate images, bad boxes, empty or skewed classes")
+    p.add_argument("dataset", help="class folder(s), .lst list file, COCO .json, VOC/YOLO/labelme/Cityscapes "
+                   "folder, or packed shards")
+    p.add_argument("--format", choices=("folder", "list", "coco", "voc", "yolo", "labelme", "cityscapes", "shards"),
+                   help="default: told from the files")
+    p.add_argument("--images", help="COCO: the folder the file_names are in")
+    p.add_argument("--root", help="list files: the folder paths are relative to (default: the list's folder)")
+    p.add_argument("--split", help="VOC, YOLO, Cityscapes: only this split")
+    p.add_argument("--no-decode", action="store_true", help="structure only: do not decode or hash images")
+    p.add_argument("--examples", type=int, default=3, help="examples shown per kind of problem")
+    p.add_argument("--json", action="store_true")
     p = data.add_parser("synth", help="write a synthetic class-per-folder dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--train-per-class", type=int, default=50)
@@ -190,10 +201,7 @@ def cmd_demo(args) -> int:
 
 def cmd_data(args) -> int:
     if args.data_command == "convert":
-        from transferkit.data.convert.cityscapes import convert_cityscapes
-        from transferkit.data.convert.labelme import convert_labelme
-        from transferkit.data.convert.voc import convert_voc
-        from transferkit.data.convert.yolo import convert_yolo
+        from transferkit.data.convert import CONVERTERS
         from transferkit.data.lists import read_classes
 
         if (args.fmt == "coco") != (args.to == "yolo"):
@@ -201,18 +209,22 @@ def cmd_data(args) -> int:
         if args.fmt == "coco":
             return _export_yolo(args)
         classes = read_classes(args.classes) if args.classes else None
-        if args.fmt == "voc":
-            dataset = convert_voc(args.src, args.split, classes, args.keep_difficult)
-        elif args.fmt == "labelme":
-            dataset = convert_labelme(args.src, classes)
-        elif args.fmt == "cityscapes":
-            dataset = convert_cityscapes(args.src, args.split, classes)
-        else:
-            dataset = convert_yolo(args.src, args.split, classes)
+        extra = {"keep_difficult": args.keep_difficult} if args.fmt == "voc" else {}
+        dataset = CONVERTERS[args.fmt](args.src, args.split, classes, **extra)
         dataset.save(args.out)
         print(f"wrote {args.out}: {dataset.summary()}")
         _print_skips(dataset.skipped)
         return 0
+
+    if args.data_command == "check":
+        from transferkit.data.check import check_dataset
+
+        report = check_dataset(args.dataset, args.format, args.images, args.root, args.split, not args.no_decode)
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            print("\n".join(report.render(args.examples)))
+        return 1 if report.errors else 0
 
     if args.data_command == "list":
         from transferkit.data.lists import make_lists, parse_fractions

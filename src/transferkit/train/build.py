@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit.config import Config, DataConfig
+from transferkit.data.check import startup_check
 from transferkit.data.classification import FolderSplit, ImageDataset, decode_all, list_classes, scan_split
 from transferkit.data.lists import read_classes, read_list
 from transferkit.data.transforms import eval_transform, pil_resample, resize_size, train_transform
@@ -117,6 +118,8 @@ def load_classification_data(
     if need_train:
         train = split_of("train", train_root)
         cache = decode_all(train, cfg.on_bad_image, keep, resample)
+        for warning in startup_check(str(train.root), classes, [label for _, label in train.samples]):
+            log.warning("%s: %s", train.root, warning)
         tf = train_transform(cfg.image_size, pre, cfg.crop_scale, cfg.hflip)
         train_set = ImageDataset(train, tf, cache if cfg.cache else None)
     val = split_of("val", val_root)

@@ -27,7 +27,7 @@ def convert_cityscapes(root: str | Path, split: str | None = None, classes: list
     files = sorted(gt.glob(pattern))
     if not files:
         raise TransferKitError(f"no *_gtFine_polygons.json under {gt / (split or '')}")
-    out = CocoDataset(list(classes or INSTANCE_CLASSES))
+    out = CocoDataset(list(classes or INSTANCE_CLASSES), image_root=root)
     frames = {f: f.name.removesuffix("_gtFine_polygons.json") for f in files}
     image_names = {f: f"leftImg8bit/{f.parent.parent.name}/{f.parent.name}/{frames[f]}_leftImg8bit.png" for f in files}
     ids = stable_image_ids(list(image_names.values()))
@@ -48,7 +48,7 @@ def convert_cityscapes(root: str | Path, split: str | None = None, classes: list
             crowd = label.endswith("group") and label[: -len("group")] in out.categories
             name = label[: -len("group")] if crowd else label
             if name not in out.categories:
-                out.skip(where, "object", f"{label!r} is not an instance class")
+                out.skip(where, "object", f"{label!r} is not an instance class", "note")
                 continue
             try:
                 pts = [(min(max(float(x), 0.0), width), min(max(float(y), 0.0), height)) for x, y in obj["polygon"]]

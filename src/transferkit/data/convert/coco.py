@@ -33,7 +33,9 @@ class CocoDataset:
     categories: list[str]
     images: list[dict] = field(default_factory=list)
     annotations: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)  # {"file", "what", "reason"}
+    # {"file", "what", "reason", "level"}: error (broken input), warning (worth a look), note (skipped by design)
+    skipped: list[dict] = field(default_factory=list)
+    image_root: Path | None = None  # image_root / file_name is each image's path
 
     def category_id(self, name: str) -> int:
         return self.categories.index(name) + 1
@@ -57,8 +59,8 @@ class CocoDataset:
         })
         return True
 
-    def skip(self, file: str, what: str, reason: str) -> None:
-        self.skipped.append({"file": file, "what": what, "reason": reason})
+    def skip(self, file: str, what: str, reason: str, level: str = "error") -> None:
+        self.skipped.append({"file": file, "what": what, "reason": reason, "level": level})
 
     def to_dict(self) -> dict:
         return {

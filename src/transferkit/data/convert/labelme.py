@@ -81,7 +81,7 @@ def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> Coc
     names = list(classes) if classes else sorted({
         str(s.get("label")) for _, d in loaded for s in d["shapes"] if isinstance(s, dict)
         and s.get("label") != "__ignore__" and (s.get("shape_type") or "polygon") in POLYGON_TYPES})
-    out = CocoDataset(names)
+    out = CocoDataset(names, image_root=folder)
     file_names = {p: str(d.get("imagePath") or p.with_suffix(".jpg").name) for p, d in loaded}
     ids = stable_image_ids([p.name for p, _ in loaded])
     for path, data in loaded:
@@ -96,13 +96,13 @@ def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> Coc
                 continue
             label, kind = str(shape.get("label")), shape.get("shape_type") or "polygon"
             if label == "__ignore__":
-                out.skip(where, "shape", "label __ignore__")
+                out.skip(where, "shape", "label __ignore__", "note")
                 continue
             if kind not in POLYGON_TYPES:
-                out.skip(where, "shape", f"shape type {kind!r} has no area")
+                out.skip(where, "shape", f"shape type {kind!r} has no area", "warning")
                 continue
             if label not in out.categories:
-                out.skip(where, "shape", f"class {label!r} is not in the class list")
+                out.skip(where, "shape", f"class {label!r} is not in the class list", "note")
                 continue
             try:
                 poly = _polygon(shape, where)

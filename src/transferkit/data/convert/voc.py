@@ -56,8 +56,14 @@ def convert_voc(root: str | Path, split: str | None = None, classes: list[str] |
                 name = (obj.findtext("name") or "").strip()
                 if name and name not in names:
                     names.append(name)
-    out = CocoDataset(names if classes else sorted(names))
+    out = CocoDataset(names if classes else sorted(names), image_root=root / "JPEGImages")
     file_names = {xml: (node.findtext("filename") or f"{xml.stem}.jpg").strip() for xml, node in parsed}
+    for xml, name in file_names.items():
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise TransferKitError(f"{xml}: <filename> {name!r} must be a file name inside JPEGImages/")
+    if len(set(file_names.values())) != len(file_names):
+        twice = sorted({n for n in file_names.values() if list(file_names.values()).count(n) > 1})
+        raise TransferKitError(f"{root}: several annotation files name the image {twice[0]!r} in <filename>")
     ids = stable_image_ids(list(file_names.values()))
     for xml, node in parsed:
         file_name = file_names[xml]
@@ -75,10 +81,10 @@ def convert_voc(root: str | Path, split: str | None = None, classes: list[str] |
             name = (obj.findtext("name") or "").strip()
             where = f"{xml} object {n}"
             if name not in out.categories:
-                out.skip(where, "object", f"class {name!r} is not in the class list")
+                out.skip(where, "object", f"class {name!r} is not in the class list", "note")
                 continue
             if (obj.findtext("difficult") or "0").strip() == "1" and not keep_difficult:
-                out.skip(where, "difficult", f"{name} marked difficult")
+                out.skip(where, "difficult", f"{name} marked difficult", "note")
                 continue
             box = obj.find("bndbox")
             try:

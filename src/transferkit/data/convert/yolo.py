@@ -43,7 +43,7 @@ def convert_yolo(root: str | Path, split: str | None = None, classes: list[str] 
     if not splits:
         raise TransferKitError(f"{images_root} has no split folders (such as train2017/)")
     names = classes or yolo_classes(root)
-    out = CocoDataset(list(names))
+    out = CocoDataset(list(names), image_root=images_root / splits[0] if len(splits) == 1 else images_root)
     files = []
     for sp in splits:
         folder = images_root / sp
@@ -82,5 +82,5 @@ def convert_yolo(root: str | Path, split: str | None = None, classes: list[str] 
         stems = {f.stem for f in files if f.parent.name == sp}
         for label in sorted((root / "labels" / sp).glob("*.txt")):
             if label.stem not in stems:
-                out.skip(str(label), "label file", "no image with this name")
+                out.skip(str(label), "label file", "no image with this name", "warning")
     return out
