@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="0.8,0.1,0.1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stratify", action="store_true", help="split each class by the fractions")
+    p = data.add_parser("pack", help="pack images (shrunk if asked) into WebDataset-compatible tar shards")
+    p.add_argument("source", help="a class folder, a dataset root with train/ and val/ (packs each), "
+                   "a .lst list file, or a COCO .json")
+    p.add_argument("--out", required=True, help="folder for the shards and index.json")
+    p.add_argument("--resize", type=int, metavar="SHORTER_SIDE", help="shrink so the shorter side is at most this")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (with --resize)")
+    p.add_argument("--shard-size", type=float, default=256.0, metavar="MB")
+    p.add_argument("--root", help="list files: the folder paths are relative to (default: the list's folder)")
+    p.add_argument("--images", help="COCO: the folder the file_names are in")
     p = data.add_parser("check", help="find broken, missing, duplicate images, bad boxes, empty or skewed classes")
     p.add_argument("dataset", help="class folder(s), .lst list file, COCO .json, VOC/YOLO/labelme/Cityscapes "
                    "folder, or packed shards")
@@ -214,6 +223,19 @@ def cmd_data(args) -> int:
         dataset.save(args.out)
         print(f"wrote {args.out}: {dataset.summary()}")
         _print_skips(dataset.skipped)
+        return 0
+
+    if args.data_command == "pack":
+        from transferkit.data.shards import pack
+
+        source = Path(args.source)
+        parts = [(source / s, Path(args.out) / s) for s in ("train", "val") if (source / s).is_dir()]
+        for src, out in parts or [(source, Path(args.out))]:
+            result = pack(src, out, args.resize, args.quality, args.shard_size, args.root, args.images)
+            print(f"wrote {out}: {result.samples} images in {result.shards} shard(s), "
+                  f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s")
+            for path, reason in result.left_out:
+                print(f"  left out {path}: {reason}")
         return 0
 
     if args.data_command == "check":

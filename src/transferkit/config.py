@@ -111,8 +111,9 @@ class PretrainedConfig(_Section):
 
 class DataConfig(_Section):
     root: Path
-    # folder: root/train/<class>/ and root/val/<class>/; list: im2rec list files (paths relative to root).
-    format: Literal["folder", "list"] = "folder"
+    # folder: root/train/<class>/ and root/val/<class>/; list: im2rec list files (paths relative to root);
+    # shards: root/train/ and root/val/ written by `transferkit data pack`.
+    format: Literal["folder", "list", "shards"] = "folder"
     train_list: Path | None = None
     val_list: Path | None = None
     # One class name a line; default for lists: PREFIX_classes.txt beside PREFIX_train.lst.

@@ -19,10 +19,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FolderSplit:
+    """A split's (image, label) pairs; an image is a file path, or a ShardSample read by `load`."""
+
     root: Path
     classes: list[str]
     samples: list[tuple[Path, int]]
     bad: list[tuple[Path, str]] = field(default_factory=list)
+    load: Callable = load_rgb
 
 
 def list_classes(split_root: Path) -> list[str]:
@@ -71,7 +74,7 @@ def decode_all(
     good: list[tuple[Path, int]] = []
     for path, label in track(split.samples, f"reading {split.root.name}"):
         try:
-            im = load_rgb(path)
+            im = split.load(path)
         except BadImage as exc:
             if on_bad_image == "error":
                 raise TransferKitError(
@@ -104,7 +107,7 @@ class ImageDataset(Dataset):
         im = self.cache[index] if self.cache is not None and self.cache[index] is not None else None
         if im is None:
             try:
-                im = load_rgb(path)
+                im = self.split.load(path)
             except BadImage as exc:  # changed on disk since it was read
                 raise TransferKitError(f"cannot decode image {path}: {exc}") from None
         return self.transform(im), label

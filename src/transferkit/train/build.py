@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from transferkit.config import Config, DataConfig
 from transferkit.data.check import startup_check
 from transferkit.data.classification import FolderSplit, ImageDataset, decode_all, list_classes, scan_split
 from transferkit.data.lists import read_classes, read_list
+from transferkit.data.shards import read_index, read_sample
 from transferkit.data.transforms import eval_transform, pil_resample, resize_size, train_transform
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier, restore_pretrained
@@ -96,6 +98,11 @@ def dataset_classes(cfg: DataConfig, need_train: bool = True) -> list[str]:
         if not path.is_file():
             raise TransferKitError(f"classes file not found: {path}; set data.classes_file")
         return read_classes(path)
+    if cfg.format == "shards":
+        index = read_index(root / ("train" if need_train or (root / "train").is_dir() else "val"))
+        if index.task != "classification":
+            raise TransferKitError(f"{index.root} holds {index.task} shards; this run trains a classifier")
+        return index.classes
     if need_train or (root / "train").is_dir():
         return list_classes(root / "train")
     return list_classes(root / "val")
@@ -110,6 +117,13 @@ def load_classification_data(
     resample = pil_resample(pre)
 
     def split_of(name: str, folder: Path) -> FolderSplit:
+        if cfg.format == "shards":
+            index = read_index(folder)
+            if index.classes != classes:
+                raise TransferKitError(f"{folder} was packed with classes {index.classes}, the run has {classes}")
+            # Packed images are checked when packed: without the cache, nothing is decoded up front.
+            load = partial(read_sample, draft=resize_size(max(cfg.image_size, eval_size), pre))
+            return FolderSplit(folder, classes, list(zip(index.samples, index.labels(), strict=True)), load=load)
         if cfg.format == "list":
             return FolderSplit(cfg.root, classes, read_list(_list_file(cfg, name), cfg.root, len(classes)))
         return scan_split(folder, classes)
@@ -117,13 +131,13 @@ def load_classification_data(
     train = train_set = None
     if need_train:
         train = split_of("train", train_root)
-        cache = decode_all(train, cfg.on_bad_image, keep, resample)
+        cache = decode_all(train, cfg.on_bad_image, keep, resample) if cfg.cache or cfg.format != "shards" else None
         for warning in startup_check(str(train.root), classes, [label for _, label in train.samples]):
             log.warning("%s: %s", train.root, warning)
         tf = train_transform(cfg.image_size, pre, cfg.crop_scale, cfg.hflip)
         train_set = ImageDataset(train, tf, cache if cfg.cache else None)
     val = split_of("val", val_root)
-    cache = decode_all(val, cfg.on_bad_image, keep, resample)
+    cache = decode_all(val, cfg.on_bad_image, keep, resample) if cfg.cache or cfg.format != "shards" else None
     val_set = ImageDataset(val, eval_transform(eval_size, pre), cache if cfg.cache else None)
     for split in (train, val):
         if split is not None and split.bad:
