@@ -87,7 +87,7 @@ def test_broken_voc_xml_is_one_line(tmp_path):
         "<annotation><size><width>10</width><height>10</height></size><object><name>cat</name>"
         "<bndbox><xmin>a</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>")
     data = convert_voc(tmp_path)
-    assert data.skipped[0]["reason"].endswith("<xmin> is 'a', not a number")
+    assert data.skipped[0]["reason"].endswith("<xmin> is 'a', not a finite number")
     (tmp_path / "Annotations" / "a.xml").write_text(
         '<!DOCTYPE x [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><annotation>&b;</annotation>')
     with pytest.raises(TransferKitError, match="not valid VOC XML"):

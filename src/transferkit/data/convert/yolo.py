@@ -12,7 +12,7 @@ import yaml
 
 from transferkit.data.convert.coco import CocoDataset, image_size, stable_image_ids
 from transferkit.data.images import IMAGE_SUFFIXES
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, yaml_error
 
 
 def yolo_classes(root: Path) -> list[str]:
@@ -22,7 +22,7 @@ def yolo_classes(root: Path) -> list[str]:
     try:
         data = yaml.safe_load(yamls[0].read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise TransferKitError(f"{yamls[0]}: invalid YAML ({exc})") from None
+        raise yaml_error(yamls[0], exc) from None
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, dict):
         try:

@@ -1,0 +1,164 @@
+"""Property: whatever a broken annotation file holds, a converter either converts it or stops with one
+line naming the file; it never raises anything else (no traceback for the user)."""
+
+import copy
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from transferkit.data.coco import read_coco
+from transferkit.data.convert import CONVERTERS
+from transferkit.errors import TransferKitError
+
+# FUZZ_EXAMPLES=5000 for a longer hunt; the suite runs 60 per converter.
+SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+LABELME = {
+    "version": "5.0.1", "flags": {}, "imagePath": "a.png", "imageData": None, "imageHeight": 30, "imageWidth": 40,
+    "shapes": [
+        {"label": "cat", "points": [[1, 1], [20, 2], [15, 25]], "group_id": None, "shape_type": "polygon",
+         "flags": {}},
+        {"label": "dog", "points": [[2, 2], [30, 20]], "group_id": 1, "shape_type": "rectangle", "flags": {}},
+        {"label": "dog", "points": [[10, 10], [14, 10]], "group_id": 1, "shape_type": "circle", "flags": {}},
+    ],
+}
+CITYSCAPES = {
+    "imgHeight": 30, "imgWidth": 40,
+    "objects": [{"label": "car", "polygon": [[1, 1], [20, 2], [15, 25]]},
+                {"label": "cargroup", "polygon": [[0, 0], [39, 0], [39, 29]]},
+                {"label": "road", "polygon": [[0, 0], [5, 0], [5, 5]]}],
+}
+COCO = {
+    "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+    "categories": [{"id": 1, "name": "cat"}],
+    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 12], "iscrowd": 0}],
+}
+VOC_XML = """<annotation><filename>a.png</filename><size><width>40</width><height>30</height><depth>3</depth>
+</size><object><name>cat</name><difficult>0</difficult><bndbox><xmin>2</xmin><ymin>3</ymin><xmax>20</xmax>
+<ymax>25</ymax></bndbox><part><name>head</name><bndbox><xmin>2</xmin><ymin>3</ymin><xmax>5</xmax><ymax>6</ymax>
+</bndbox></part></object></annotation>"""
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+@st.composite
+def mutated_json(draw, template):
+    doc = copy.deepcopy(template)
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in _paths(doc) if p]
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()):
+            parent[path[-1]] = draw(JSON_VALUES)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent.pop(path[-1])
+    return doc
+
+
+def _dump(doc) -> str:
+    return json.dumps(doc, allow_nan=True)
+
+
+def _workdir() -> Path:
+    d = Path(tempfile.mkdtemp())
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(d / "a.png")
+    return d
+
+
+def _converts_or_says_where(run, file: Path) -> None:
+    try:
+        run()
+    except TransferKitError as exc:
+        message = str(exc)
+        assert "\n" not in message and (str(file) in message or file.name in message), message
+
+
+@SETTINGS
+@given(mutated_json(LABELME))
+def test_labelme_mutations(doc):
+    d = _workdir()
+    (d / "a.json").write_text(_dump(doc))
+    _converts_or_says_where(lambda: CONVERTERS["labelme"](d), d / "a.json")
+
+
+@SETTINGS
+@given(mutated_json(CITYSCAPES))
+def test_cityscapes_mutations(doc):
+    d = _workdir()
+    frame = d / "gtFine" / "train" / "x"
+    frame.mkdir(parents=True)
+    (frame / "x_000000_000000_gtFine_polygons.json").write_text(_dump(doc))
+    _converts_or_says_where(lambda: CONVERTERS["cityscapes"](d), frame / "x_000000_000000_gtFine_polygons.json")
+
+
+@SETTINGS
+@given(mutated_json(COCO))
+def test_coco_mutations(doc):
+    d = _workdir()
+    (d / "a.json").write_text(_dump(doc))
+    _converts_or_says_where(lambda: read_coco(d / "a.json"), d / "a.json")
+
+
+@SETTINGS
+@given(st.data())
+def test_voc_mutations(data):
+    text = VOC_XML
+    for _ in range(data.draw(st.integers(1, 3))):
+        start = data.draw(st.integers(0, len(text)))
+        end = data.draw(st.integers(start, min(len(text), start + 12)))
+        text = text[:start] + data.draw(st.sampled_from(["", "-", "1e9", "nan", "<", "&x;", "abc", "-5", "..", "/"])) \
+            + text[end:]
+    d = _workdir()
+    (d / "Annotations").mkdir()
+    (d / "JPEGImages").mkdir()
+    (d / "a.png").rename(d / "JPEGImages" / "a.png")
+    (d / "Annotations" / "a.xml").write_text(text)
+    _converts_or_says_where(lambda: CONVERTERS["voc"](d), d / "Annotations" / "a.xml")
+
+
+@SETTINGS
+@given(st.lists(st.text(alphabet="0123456789 .-e\tnaif", max_size=30), max_size=4), st.sampled_from(
+    ["names: [cat, dog]", "names: {0: cat, 1: dog}", "names: 3", "names: {x: cat}", ": :", "[1, 2]", ""]))
+def test_yolo_mutations(lines, data_yaml):
+    d = _workdir()
+    (d / "images" / "train").mkdir(parents=True)
+    (d / "labels" / "train").mkdir(parents=True)
+    (d / "a.png").rename(d / "images" / "train" / "a.png")
+    (d / "labels" / "train" / "a.txt").write_text("\n".join(lines))
+    (d / "data.yaml").write_text(data_yaml)
+    try:
+        result = CONVERTERS["yolo"](d)
+    except TransferKitError as exc:
+        assert "\n" not in str(exc) and "data.yaml" in str(exc), exc
+        return
+    for ann in result.annotations:  # whatever was kept is a real box inside the image
+        x, y, w, h = ann["bbox"]
+        assert all(math.isfinite(v) for v in ann["bbox"]) and w > 0 and h > 0 and x + w <= 40 and y + h <= 30
