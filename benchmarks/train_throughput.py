@@ -32,7 +32,7 @@ from transferkit.train.build import (
     make_loader,
     place_model,
 )
-from transferkit.train.loop import train_one_epoch
+from transferkit.train.loop import classification_loss, train_one_epoch
 from transferkit.train.optim import build_optimizer, build_scheduler
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
@@ -87,6 +87,7 @@ def main() -> None:
     device = torch.device("cpu")
     cl = cfg.model.channels_last
     criterion = nn.CrossEntropyLoss()
+    loss_fn = classification_loss(criterion, device, cl)
 
     plain = place_model(copy.deepcopy(model), device, cl)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
@@ -109,7 +110,7 @@ def main() -> None:
                     plain_epoch(plain, timed[name], plain_opt, criterion, cl)
                 else:
                     task = progress.add_task(f"epoch {epoch}", total=images, info="")
-                    train_one_epoch(ours, timed[name], ours_opt, sched, criterion, device, cl, progress, task)
+                    train_one_epoch(ours, timed[name], ours_opt, sched, loss_fn, device, progress, task)
                     progress.remove_task(task)
                 if epoch:
                     epoch_rates[name].append(images / (time.perf_counter() - t0))

@@ -21,7 +21,7 @@ def test_tiny_run_learns_and_writes_run_dir(synth_root, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert set(rows[0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"}
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert result.best_val_acc > 1 / 3 + 0.15  # 3 classes: chance is 1/3
+    assert result.best_value > 1 / 3 + 0.15  # 3 classes: chance is 1/3
     run = tmp_path / "run"
     for name in ("config.yaml", "classes.json", "metrics.jsonl", "curves.png", "summary.json",
                  "checkpoints/best.safetensors", "checkpoints/last.safetensors"):
@@ -29,7 +29,7 @@ def test_tiny_run_learns_and_writes_run_dir(synth_root, tmp_path):
     assert json.loads((run / "classes.json").read_text()) == ["circle", "cross", "square"]
     assert "num_classes: 3" in (run / "config.yaml").read_text()
     meta = read_metadata(run / "checkpoints" / "best.safetensors")
-    assert meta["epoch"] == result.best_epoch and meta["val_acc"] == result.best_val_acc
+    assert meta["epoch"] == result.best_epoch and meta["val_acc"] == result.best_value
     model, _ = create_classifier("test_efficientnet", 3)
     load_weights(model, run / "checkpoints" / "last.safetensors")
 

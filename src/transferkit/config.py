@@ -113,11 +113,24 @@ class DataConfig(_Section):
     root: Path
     # folder: root/train/<class>/ and root/val/<class>/; list: im2rec list files (paths relative to root);
     # shards: root/train/ and root/val/ written by `transferkit data pack`.
-    format: Literal["folder", "list", "shards"] = "folder"
+    format: Literal["folder", "list", "shards", "coco", "voc"] = "folder"
     train_list: Path | None = None
     val_list: Path | None = None
     # One class name a line; default for lists: PREFIX_classes.txt beside PREFIX_train.lst.
     classes_file: Path | None = None
+    # Detection, coco: annotation JSONs and the folders their file_names are in (default: guessed as
+    # `data check` does). voc: root is a VOC year folder, the splits name ImageSets/Main lists.
+    train_ann: Path | None = None
+    val_ann: Path | None = None
+    train_images: Path | None = None
+    val_images: Path | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    # Without val_ann: this fraction of the training images, drawn with split_seed, is the validation split.
+    val_fraction: float | None = Field(None, gt=0, lt=1)
+    split_seed: int = 0
+    # Detection: keep only these categories (by name); the others' boxes are dropped.
+    classes: list[str] | None = None
     image_size: int = Field(224, ge=16)
     # Evaluation centre-crop size; null: image_size. Evaluating above the training size pays off
     # with RandomResizedCrop, which enlarges objects during training (Touvron et al. 2019, FixRes).
@@ -130,6 +143,26 @@ class DataConfig(_Section):
     # RandomResizedCrop area range; hflip probability.
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class DetectionConfig(_Section):
+    # torchvision detector built around model.name (a timm backbone) with an FPN.
+    arch: Literal["fasterrcnn", "retinanet", "fcos"] = "fasterrcnn"
+    fpn_channels: int = Field(128, ge=8)
+    # Backbone stages trained (0-5, from the top; the rest frozen), as torchvision's detectors count them.
+    trainable_backbone_layers: int = Field(3, ge=0, le=5)
+    # Backbone BatchNorm kept at its pretrained statistics (small detection batches estimate them badly).
+    frozen_bn: bool = True
+    # Images are resized keeping their aspect: shorter side one of min_size (drawn per image in
+    # training: scale jitter; the last one in evaluation), longer side at most max_size.
+    min_size: list[int] = Field(default_factory=lambda: [320])
+    max_size: int = Field(512, ge=32)
+    hflip: float = Field(0.5, ge=0, le=1)
+    # Brightness/contrast/saturation jitter strength (0: none).
+    color_jitter: float = Field(0.2, ge=0, le=1)
+    # Detections kept per image and their minimum score (evaluation and predict).
+    score_threshold: float = Field(0.05, ge=0, le=1)
+    detections_per_image: int = Field(100, ge=1)
 
 
 class ParamRule(_Section):
@@ -180,7 +213,8 @@ class CheckpointConfig(_Section):
     every_steps: int | None = Field(None, ge=1)
     every_minutes: float | None = Field(None, gt=0)
     # What best.safetensors is best at: highest val_acc (ties: lower val_loss), or lowest val_loss.
-    best_metric: Literal["val_acc", "val_loss"] = "val_acc"
+    # val_map for detection. null: val_acc for classification, val_map for detection.
+    best_metric: Literal["val_acc", "val_loss", "val_map"] | None = None
 
 
 class ProbeConfig(_Section):
@@ -202,7 +236,7 @@ class UnfreezeConfig(_Section):
 
 
 class Config(_Section):
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "detection"] = "classification"
     seed: int = 0
     out: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -215,6 +249,11 @@ class Config(_Section):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
+
+    @property
+    def best_metric(self) -> str:
+        return self.checkpoint.best_metric or ("val_map" if self.task == "detection" else "val_acc")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -65,7 +65,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 8, train_per_class: in
         results[arm] = train(cfg, out=out / arm, quiet=quiet)
     report = {
         "arms": {
-            arm: {"val_acc": r.metrics[-1]["val_acc"], "best_val_acc": r.best_val_acc,
+            arm: {"val_acc": r.metrics[-1]["val_acc"], "best_val_acc": r.best_value,
                   "seconds": r.seconds, "run_dir": str(r.run_dir)}
             for arm, r in results.items()
         },

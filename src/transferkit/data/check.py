@@ -243,13 +243,13 @@ def _guess_coco_images(json_path: Path) -> Path:
     raise TransferKitError(f"cannot tell where the images of {json_path} are; give --images FOLDER")
 
 
-def startup_check(source: str, classes: list[str], labels: list[int]) -> list[str]:
+def startup_check(source: str, classes: list[str], labels: list[int], empty_level: str = "error") -> list[str]:
     """The cheap checks training runs on its training split: an error stops the run with the same message
     as `data check`; warnings are returned for the log."""
     report = CheckReport(source, "training split", len(labels), dict.fromkeys(classes, 0))
     for label in labels:
         report.class_counts[classes[label]] += 1
-    check_balance(report)
+    check_balance(report, empty_level)
     if report.errors:
         first = report.errors[0]
         raise TransferKitError(f"{source}: {first.line()} (`transferkit data check` lists every problem)")

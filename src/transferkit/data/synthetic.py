@@ -102,3 +102,50 @@ def make_synthetic_classification(
                 im = draw_sample(rng, name, size)
                 atomic_write(folder / f"{name}_{i:04d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
     return out
+
+
+def make_synthetic_detection(
+    out: str | Path,
+    train_images: int = 60,
+    val_images: int = 20,
+    size: int = 128,
+    classes: tuple[str, ...] = ("circle", "square", "triangle"),
+    seed: int = 0,
+) -> Path:
+    """Write out/images/{train,val}/*.png and out/annotations/{train,val}.json (COCO): 1-3 filled
+    shapes per image at random places and sizes on cluttered backgrounds, some images empty."""
+    from transferkit.fileio import write_json
+
+    out = Path(out)
+    for split, count, offset in (("train", train_images, 0), ("val", val_images, 1)):
+        rng = np.random.default_rng([seed, offset, 7])
+        folder = out / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(count):
+            im = _background(rng, size)
+            draw = ImageDraw.Draw(im)
+            n = 0 if i % 10 == 9 else int(rng.integers(1, 4))  # every tenth image has no objects
+            for _ in range(n):
+                ci = int(rng.integers(len(classes)))
+                r = rng.uniform(0.1, 0.2) * size
+                cx, cy = rng.uniform(r, size - r, 2)
+                colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
+                if classes[ci] == "circle":
+                    pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 33)]
+                else:
+                    pts = _polygon(classes[ci], cx, cy, r, rng.uniform(0, 2 * math.pi))
+                draw.polygon(pts, fill=colour, outline=(0, 0, 0))
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
+                w, h = min(float(size), max(xs)) - x0, min(float(size), max(ys)) - y0
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ci + 1,
+                             "bbox": [round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)],
+                             "area": round(w * h, 2), "iscrowd": 0})
+            name = f"{split}_{i:04d}.png"
+            atomic_write(folder / name, lambda tmp, im=im: im.save(tmp, format="PNG"))
+            images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+        write_json(out / "annotations" / f"{split}.json", {
+            "images": images, "annotations": anns,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]})
+    return out

@@ -35,6 +35,7 @@ def restore_pretrained(model: nn.Module, family: Family, cfg: PretrainedConfig) 
         scope=cfg.scope,
         head_patterns=family.head_patterns,
         backbone_patterns=family.backbone_patterns,
+        backbone_prefix=family.backbone_prefix,
         sha256=cfg.sha256,
         exclude=cfg.exclude,
         include=cfg.include,

@@ -21,6 +21,9 @@ class Family:
     # None: the backbone is everything that is not head.
     backbone_patterns: tuple[str, ...] | None
     preprocessing: Preprocessing
+    # Where the backbone sits inside a larger model (a detector): `scope: backbone` matches a
+    # classifier checkpoint against the names under it.
+    backbone_prefix: str | None = None
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

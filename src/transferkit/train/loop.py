@@ -62,7 +62,8 @@ class TrainResult:
     run_dir: Path
     metrics: list[dict]
     best_epoch: int
-    best_val_acc: float
+    best_metric: str  # val_acc, val_loss or val_map
+    best_value: float
     seconds: float
 
 
@@ -135,12 +136,25 @@ class EpochPosition:
     seen: int = 0
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, channels_last, progress, task,
+def classification_loss(criterion, device, channels_last: bool):
+    """batch -> (loss, batch size) for a classifier."""
+    def loss_fn(model, batch):
+        images, labels = batch
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        return criterion(model(images), labels), len(labels)
+    return loss_fn
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, progress, task,
                     freeze_bn: bool = False, position: EpochPosition | None = None, guard=None,
                     after_step=None, rng_at_position: dict | None = None) -> float:
-    """One pass over `loader`; returns the mean training loss. With `position`, the batches already
-    done are passed over and the random-number state at that point is restored (`rng_at_position`);
-    `after_step(position)` runs after every step (signal checks, checkpoints)."""
+    """One pass over `loader`; returns the mean training loss. `loss_fn(model, batch)` gives the
+    batch's loss and size (classification_loss, or the detector's summed losses). With `position`,
+    the batches already done are passed over and the random-number state at that point is restored
+    (`rng_at_position`); `after_step(position)` runs after every step (signal checks, checkpoints)."""
     set_train_mode(model, freeze_bn)
     pos = position or EpochPosition()
     loss_sum = torch.tensor(pos.loss_sum, dtype=torch.float64, device=device)
@@ -149,26 +163,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, chan
     # augmentations use it), so it is restored before iterating, or after the last skipped batch.
     if skip == 0 and rng_at_position is not None:
         set_rng_state(rng_at_position)
-    for index, (images, labels) in enumerate(loader):
+    for index, batch in enumerate(loader):
         if index < skip:
             if index == skip - 1 and rng_at_position is not None:
                 set_rng_state(rng_at_position)
             continue
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        loss = criterion(model(images), labels)
+        loss, n = loss_fn(model, batch)
         pos.batches_done = index + 1
         if guard is None or guard.ok(loss.detach(), f"batch {index + 1}"):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach().double() * len(labels)
-            pos.seen += len(labels)
+            loss_sum += loss.detach().double() * n
+            pos.seen += n
         scheduler.step()
         if progress is not None:
-            progress.advance_and_draw(task, len(labels))
+            progress.advance_and_draw(task, n)
         if after_step is not None:
             pos.loss_sum = float(loss_sum)
             after_step(pos)
@@ -193,7 +203,8 @@ class EpochRecorder:
     def is_better(self, row: dict) -> bool:
         if self.best_metric == "val_loss":
             return row["val_loss"] < self.best[1]
-        return (row["val_acc"], -row["val_loss"]) > (self.best[0], -self.best[1])
+        loss = row.get("val_loss", 0.0)  # ties go to the lower loss, where there is one
+        return (row[self.best_metric], -loss) > (self.best[0], -self.best[1])
 
     @property
     def epoch(self) -> int:
@@ -206,21 +217,24 @@ class EpochRecorder:
         checkpoints = self.run_dir / "checkpoints"
         save_weights(self.model, checkpoints / "last.safetensors", {**self.meta, **row})
         if self.is_better(row):
-            self.best, self.best_epoch = (row["val_acc"], row["val_loss"]), row["epoch"]
+            value = row["val_loss"] if self.best_metric == "val_loss" else row[self.best_metric]
+            self.best, self.best_epoch = (value, row.get("val_loss", 0.0)), row["epoch"]
             save_weights(self.model, checkpoints / "best.safetensors", {**self.meta, **row})
-        self.say(f"epoch {row['epoch']} ({phase}): train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
-                 f"val_acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)", highlight=False)
+        shown = "  ".join(f"{k} {row[k]:.4f}" for k in ("val_loss", "val_acc", "val_map", "val_ap50") if k in row)
+        self.say(f"epoch {row['epoch']} ({phase}): train_loss {train_loss:.4f}  {shown}  ({row['seconds']:.1f}s)",
+                 highlight=False)
 
 
-def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: EpochRecorder, progress, say,
-                 resume_state: dict | None = None):
+def run_finetune(cfg: Config, model, family, loaders, device, loss_fn, eval_fn, recorder: EpochRecorder, progress,
+                 say, resume_state: dict | None = None):
     """Train through the images for schedule.epochs (gradual_unfreeze opens stages as it goes).
+    `loaders`: (train, val); `eval_fn(model, val_loader)` gives the epoch's validation metrics.
     Saves the training state at every epoch end, and mid-epoch on SIGINT/SIGTERM; with
     `resume_state`, continues exactly where that state was taken."""
-    optimizer = build_optimizer(model, family.head_patterns, cfg.optim)
-    say(plan_table(plan_params(model, family.head_patterns, cfg.optim)))
-    train_loader = make_loader(data.train_set, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed)
-    val_loader = make_loader(data.val_set, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed)
+    plan = plan_params(model, family.head_patterns, cfg.optim)
+    optimizer = build_optimizer(model, family.head_patterns, cfg.optim, plan)
+    say(plan_table(plan))
+    train_loader, val_loader = loaders
     scheduler = build_scheduler(optimizer, cfg.schedule, len(train_loader))
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     stages = stage_count(model) if cfg.strategy == "gradual_unfreeze" else 0
@@ -265,13 +279,12 @@ def run_finetune(cfg: Config, model, family, data, device, criterion, recorder: 
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, recorder.run_dir, f"epoch {epoch}, batch {pos.batches_done}")
 
-            task = progress.add_task(f"epoch {epoch}", total=len(data.train_set), info="")
-            train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device,
-                                         cfg.model.channels_last, progress, task, cfg.optim.freeze_bn,
-                                         position, guard, after_step, rng if position else None)
+            task = progress.add_task(f"epoch {epoch}", total=len(train_loader.dataset), info="")
+            train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, progress, task,
+                                         cfg.optim.freeze_bn, position, guard, after_step, rng if position else None)
             progress.remove_task(task)
             position, rng = None, None
-            metrics = evaluate(model, val_loader, device, cfg.model.channels_last)
+            metrics = eval_fn(model, val_loader)
             if guard.total:
                 metrics["nonfinite_steps"] = guard.total
             recorder.record(phase, train_loss, metrics, optimizer.param_groups[0]["lr"], t0)
@@ -377,10 +390,33 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
 
-    classes = dataset_classes(cfg.data)
-    model, family, report = build_classifier(cfg, classes, restore=state is None)
+    if cfg.task == "detection":
+        from transferkit.train.detection import (
+            build_detector,
+            detection_eval,
+            detection_loaders,
+            detection_loss,
+            load_detection_data,
+        )
+
+        if cfg.strategy != "finetune":
+            raise TransferKitError(f"strategy {cfg.strategy} is for classifiers; detection fine-tunes (finetune)")
+        data = load_detection_data(cfg)
+        classes = data.classes
+        model, family, report = build_detector(cfg, classes, restore=state is None)
+        loaders = detection_loaders(cfg, data)
+        loss_fn, eval_fn = detection_loss(device), detection_eval(cfg, data, device)
+        channels_last = False  # torchvision's detection transform batches the images itself
+    else:
+        classes = dataset_classes(cfg.data)
+        model, family, report = build_classifier(cfg, classes, restore=state is None)
+        data = load_classification_data(cfg.data, family.preprocessing, classes)
+        loaders = None  # made in run_finetune's place below, after the probe
+        channels_last = cfg.model.channels_last
+        loss_fn = classification_loss(nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), device,
+                                      channels_last)
+        eval_fn = lambda model, loader: evaluate(model, loader, device, channels_last)  # noqa: E731
     num_classes = len(classes)
-    data = load_classification_data(cfg.data, family.preprocessing, classes)
 
     # The run directory is made only once data and weights have been read without error.
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -403,32 +439,35 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     say(f"data: {len(data.train_set)} train / {len(data.val_set)} val images, {num_classes} classes"
         + (f", {skipped} undecodable skipped" if skipped else ""), highlight=False)
 
-    place_model(model, device, cfg.model.channels_last)
+    place_model(model, device, channels_last)
     if cfg.optim.freeze_bn:
         freeze_batchnorm(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    recorder = EpochRecorder(run_dir, model, {"model": cfg.model.name, "classes": classes}, say,
-                             keep_epochs=state["epoch"] if state is not None else None,
-                             best_metric=cfg.checkpoint.best_metric)
+    best_metric = cfg.best_metric
+    recorder = EpochRecorder(run_dir, model, {"model": cfg.model.name, "classes": classes, "task": cfg.task}, say,
+                             keep_epochs=state["epoch"] if state is not None else None, best_metric=best_metric)
     if state is not None:
         recorder.best, recorder.best_epoch = tuple(state["best"]), state["best_epoch"]
     with make_progress(disable=quiet) as progress:
         if cfg.strategy in ("linear_probe", "lp_ft"):
             epochs = cfg.schedule.epochs if cfg.strategy == "linear_probe" else cfg.probe.epochs
+            criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
             run_probe(cfg, model, family, data, device, criterion, epochs, recorder, progress, say)
         if cfg.strategy != "linear_probe":
-            run_finetune(cfg, model, family, data, device, criterion, recorder, progress, say, state)
+            if loaders is None:
+                loaders = (make_loader(data.train_set, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed),
+                           make_loader(data.val_set, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed))
+            run_finetune(cfg, model, family, loaders, device, loss_fn, eval_fn, recorder, progress, say, state)
     log, best, best_epoch = recorder.log, recorder.best, recorder.best_epoch
 
     plot_curves(log.rows, run_dir / "curves.png", title=f"{cfg.model.name} on {cfg.data.root.name}")
     seconds = time.perf_counter() - started
-    summary = {"best_epoch": best_epoch, "best_val_acc": best[0], "final": log.rows[-1], "seconds": seconds}
+    summary = {"best_epoch": best_epoch, f"best_{best_metric}": best[0], "final": log.rows[-1], "seconds": seconds}
     write_json(run_dir / "summary.json", summary)
     if not quiet:
         console.print(summary_table(log.rows, best_epoch))
-        console.print(f"best val_acc {best[0]:.4f} at epoch {best_epoch}; {seconds:.0f}s; run dir {run_dir}",
+        console.print(f"best {best_metric} {best[0]:.4f} at epoch {best_epoch}; {seconds:.0f}s; run dir {run_dir}",
                       highlight=False)
-    return TrainResult(run_dir, log.rows, best_epoch, best[0], seconds)
+    return TrainResult(run_dir, log.rows, best_epoch, best_metric, best[0], seconds)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -95,7 +95,7 @@ def plan_params(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfig
         if name in frozen_early and index is None:
             label, frozen = f"freeze_until {cfg.freeze_until}", True
         if not p.requires_grad:  # frozen BatchNorm, or frozen by the caller
-            label, frozen = label if frozen else "frozen (freeze_bn)", True
+            label, frozen = label if frozen else "frozen (requires_grad off)", True
         wd = cfg.weight_decay * decay_mult
         if cfg.no_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias")):
             wd = 0.0
@@ -110,12 +110,13 @@ def plan_params(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfig
     return plans
 
 
-def param_groups(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfig) -> list[dict]:
+def param_groups(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfig,
+                 plans: list[ParamPlan] | None = None) -> list[dict]:
     """Optimiser groups: parameters with the same rule, learning rate and decay together; frozen
     parameters get requires_grad=False and are left out."""
     params = dict(model.named_parameters())
     groups: dict[tuple, dict] = {}
-    for plan in plan_params(model, head_patterns, cfg):
+    for plan in plans if plans is not None else plan_params(model, head_patterns, cfg):
         if plan.frozen:
             params[plan.name].requires_grad_(False)
             continue
@@ -145,8 +146,9 @@ def plan_table(plans: list[ParamPlan]) -> Table:
     return table
 
 
-def build_optimizer(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, head_patterns, cfg)
+def build_optimizer(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfig,
+                    plans: list[ParamPlan] | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, head_patterns, cfg, plans)
     if not groups:
         raise TransferKitError("every parameter is frozen: nothing to train; loosen freeze rules")
     if cfg.name == "sgd":

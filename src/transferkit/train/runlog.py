@@ -26,6 +26,10 @@ class MetricsLog:
             os.fsync(fh.fileno())
 
 
+# The validation quality shown in the curves and the summary: accuracy for classifiers, mAP for detectors.
+QUALITY = (("val_acc", "val top-1"), ("val_top5", "val top-5"), ("val_map", "val mAP"), ("val_ap50", "val AP50"))
+
+
 def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
     import matplotlib
 
@@ -35,13 +39,14 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="val")
+    if "val_loss" in rows[0]:
+        ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [r["val_acc"] for r in rows], marker="o", label="val top-1")
-    if "val_top5" in rows[0]:
-        ax_acc.plot(epochs, [r["val_top5"] for r in rows], marker="o", label="val top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    for key, label in QUALITY:
+        if key in rows[0]:
+            ax_acc.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="score", title="validation", ylim=(0, 1.02))
     ax_acc.legend()
     if title:
         fig.suptitle(title)
@@ -52,12 +57,11 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
 
 def summary_table(rows: list[dict], best_epoch: int | None, title: str = "training summary") -> Table:
     table = Table(title=title)
-    for col in ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"):
+    metrics = [k for k in ("train_loss", "val_loss", "val_acc", "val_map", "val_ap50") if k in rows[0]]
+    for col in ("epoch", *metrics, "lr", "seconds"):
         table.add_column(col, justify="right")
     for r in rows:
         mark = " *" if r["epoch"] == best_epoch else ""
-        table.add_row(
-            f"{r['epoch']}{mark}", f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_acc']:.4f}",
-            f"{r['lr']:.2e}", f"{r['seconds']:.1f}",
-        )
+        table.add_row(f"{r['epoch']}{mark}", *(f"{r[k]:.4f}" for k in metrics), f"{r['lr']:.2e}",
+                      f"{r['seconds']:.1f}")
     return table

@@ -3,7 +3,9 @@
 In order: exact names; names equal once wrapper prefixes (`module.`, `model.`, `_orig_mod.`,
 `backbone.`) are removed from both sides; then, for what is left, structure: the two remaining
 lists paired by order, accepted only when they have the same length and every pair has the same
-shape (except tensors the caller allows to differ, such as a head being replaced). Anything else
+shape (except tensors the caller allows to differ, such as a head being replaced), or when the
+shorter target list lines up with the start of the source (a backbone taken from a classifier,
+whose head tensors come last). Anything else
 is ambiguous and left unmatched, or, when names disagree everywhere, an error that shows where
 the two orders part.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from transferkit.errors import TransferKitError
 
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "backbone.")
+COUNTER = "num_batches_tracked"
 
 Shape = tuple[int, ...]
 
@@ -137,6 +140,16 @@ def _pair_by_order(
         return (tuple(source[s]) == tuple(target[t]) or t in may_differ
                 or input_adaptable(source[s], target[t]))
 
+    # BatchNorm step counters carry nothing to transfer, and frozen BatchNorm layers have none:
+    # when one side has no counters, the other side's are left out of the pairing.
+    for mine, other in ((rest_s, rest_t), (rest_t, rest_s)):
+        if not any(n.endswith(COUNTER) for n in other):
+            mine[:] = [n for n in mine if not n.endswith(COUNTER)]
+    if 1 < len(rest_t) < len(rest_s) and all(
+            tuple(source[s]) == tuple(target[t]) or input_adaptable(source[s], target[t])
+            for s, t in zip(rest_s, rest_t, strict=False)):
+        # A backbone is the first part of a classifier: the target lines up with the start of the source.
+        return {t: Match(s, "structure") for s, t in zip(rest_s, rest_t, strict=False)}
     if len(rest_s) == len(rest_t):
         part = next((i for i, (s, t) in enumerate(zip(rest_s, rest_t, strict=True)) if not fits(s, t)), None)
         if part is None:

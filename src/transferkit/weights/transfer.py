@@ -176,15 +176,22 @@ def plan_transfer(
     options: TransferOptions | None = None,
     head_patterns: Sequence[str] = (),
     backbone_patterns: Sequence[str] | None = None,
+    backbone_prefix: str | None = None,
 ) -> tuple[TransferReport, dict[str, torch.Tensor]]:
-    """Decide, for every target tensor, what to restore. Returns the report and the tensors to load."""
+    """Decide, for every target tensor, what to restore. Returns the report and the tensors to load.
+    With `backbone_prefix` and scope backbone, the source (a classifier) is matched against the
+    names under the prefix, the prefix removed (TF OD API's `classification` checkpoints)."""
     opt = options or TransferOptions()
     scope = opt.scope
     target = model.state_dict()
     src_shapes = {k: tuple(v.shape) for k, v in weights.tensors.items()}
     tgt_shapes = {k: tuple(v.shape) for k, v in target.items()}
     heads = {n for n in target if first_match(head_patterns, n) is not None}
-    matches = match_names(src_shapes, tgt_shapes, may_differ=heads, rename=opt.rename)
+    if scope == "backbone" and backbone_prefix:
+        inner = {k[len(backbone_prefix):]: v for k, v in tgt_shapes.items() if k.startswith(backbone_prefix)}
+        matches = {backbone_prefix + k: m for k, m in match_names(src_shapes, inner, rename=opt.rename).items()}
+    else:
+        matches = match_names(src_shapes, tgt_shapes, may_differ=heads, rename=opt.rename)
 
     report = TransferReport(str(weights.path), weights.format, scope)
     to_load: dict[str, torch.Tensor] = {}
@@ -276,13 +283,14 @@ def transfer(
     backbone_patterns: Sequence[str] | None = None,
     sha256: str | None = None,
     dry_run: bool = False,
+    backbone_prefix: str | None = None,
     **options,
 ) -> TransferReport:
     """Read `source`, match it onto `model`, restore what the scope and options allow, and report.
     `options` are TransferOptions fields (exclude, include, rename, on_shape_mismatch, ...)."""
     weights = read_weights(resolve_source(source, sha256))
     report, to_load = plan_transfer(model, weights, TransferOptions(scope=scope, **options), head_patterns,
-                                    backbone_patterns)
+                                    backbone_patterns, backbone_prefix)
     report.source = str(source)
     if not dry_run:
         apply_transfer(model, to_load)

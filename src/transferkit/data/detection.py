@@ -1,0 +1,254 @@
+"""Detection datasets: COCO JSON or Pascal VOC, boxes moved with the image by the transforms.
+
+Each image becomes a record (path, size, boxes in xyxy pixels, 0-based class indices, crowd flags).
+Crowd regions are left out of training targets, as torchvision's references do, and kept in the
+evaluation ground truth, where detections on them are neither right nor wrong (COCO's rule).
+Resizing is the detector's own (shorter side one of detection.min_size, drawn per image in training);
+with data.cache the images are decoded once and kept at that size, boxes scaled with them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from transferkit.config import DataConfig, DetectionConfig
+from transferkit.data.images import BadImage, load_rgb
+from transferkit.errors import TransferKitError
+from transferkit.progress import track
+
+
+@dataclass
+class DetectionRecord:
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: torch.Tensor  # [N, 4] xyxy, pixels of the original image
+    labels: torch.Tensor  # [N] 0-based class index
+    crowd: torch.Tensor  # [N] bool
+
+
+@dataclass
+class DetectionSplit:
+    name: str
+    classes: list[str]
+    records: list[DetectionRecord]
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+
+    def coco_ground_truth(self) -> dict:
+        """The split as a COCO dict (category ids 1..C in class order), for evaluation."""
+        images, anns = [], []
+        for r in self.records:
+            images.append({"id": r.image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
+            for box, label, crowd in zip(r.boxes.tolist(), r.labels.tolist(), r.crowd.tolist(), strict=True):
+                w, h = box[2] - box[0], box[3] - box[1]
+                anns.append({"id": len(anns) + 1, "image_id": r.image_id, "category_id": label + 1,
+                             "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": int(crowd)})
+        return {"images": images, "annotations": anns,
+                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(self.classes)]}
+
+
+def _records_from_coco(images: list[dict], annotations: list[dict], category_names: dict[int, str],
+                       classes: list[str], image_root: Path) -> list[DetectionRecord]:
+    index = {name: i for i, name in enumerate(classes)}
+    by_image: dict[int, list[dict]] = {img["id"]: [] for img in images}
+    for ann in annotations:
+        name = category_names[ann["category_id"]]
+        if name in index:
+            by_image[ann["image_id"]].append(ann)
+    records = []
+    for img in images:
+        anns = by_image[img["id"]]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([index[category_names[a["category_id"]]] for a in anns], dtype=torch.int64)
+        crowd = torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool)
+        records.append(DetectionRecord(img["id"], image_root / img["file_name"], img["width"], img["height"],
+                                       boxes, labels, crowd))
+    return records
+
+
+def _read_coco_split(ann: Path, images: Path | None, wanted: list[str] | None) -> tuple[list[str], list]:
+    from transferkit.data.check import _guess_coco_images
+    from transferkit.data.coco import read_coco
+
+    coco = read_coco(ann)
+    errors = [p for p in coco.problems if p.error]
+    if errors:
+        first = errors[0]
+        raise TransferKitError(f"{ann}: {first.kind}: {first.where}: {first.detail} "
+                               f"({len(errors)} such problem(s); `transferkit data check` lists them)")
+    names = {c["id"]: c["name"] for c in coco.categories}
+    classes = _pick_classes(coco.category_names, wanted, ann)
+    root = images or _guess_coco_images(ann)
+    return classes, _records_from_coco(coco.images, coco.annotations, names, classes, root)
+
+
+def _pick_classes(available: list[str], wanted: list[str] | None, where: Path) -> list[str]:
+    if not wanted:
+        return list(available)
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        raise TransferKitError(f"data.classes: {', '.join(unknown)} not among the categories of {where}")
+    return list(wanted)
+
+
+def _read_voc_split(root: Path, split: str, wanted: list[str] | None) -> tuple[list[str], list]:
+    from transferkit.data.convert.voc import convert_voc
+
+    dataset = convert_voc(root, split, wanted)
+    names = {i + 1: n for i, n in enumerate(dataset.categories)}
+    return dataset.categories, _records_from_coco(dataset.images, dataset.annotations, names, dataset.categories,
+                                                  dataset.image_root)
+
+
+def load_detection_splits(cfg: DataConfig, need_train: bool = True) -> tuple[list[str], DetectionSplit | None,
+                                                                               DetectionSplit]:
+    """The classes and the train and val splits the data section describes."""
+    if cfg.format == "voc":
+        classes, train = _read_voc_split(cfg.root, cfg.train_split, cfg.classes)
+        if cfg.val_fraction is None:
+            _, val = _read_voc_split(cfg.root, cfg.val_split, classes)
+        else:
+            train, val = _split(train, cfg.val_fraction, cfg.split_seed)
+    elif cfg.format == "coco":
+        if cfg.train_ann is None:
+            raise TransferKitError("data.format=coco needs data.train_ann (a COCO instances JSON)")
+        classes, train = _read_coco_split(cfg.train_ann, cfg.train_images, cfg.classes)
+        if cfg.val_ann is not None:
+            _, val = _read_coco_split(cfg.val_ann, cfg.val_images, classes)
+        elif cfg.val_fraction is not None:
+            train, val = _split(train, cfg.val_fraction, cfg.split_seed)
+        else:
+            raise TransferKitError("give data.val_ann, or data.val_fraction to split the training images")
+    else:
+        raise TransferKitError(f"task detection reads data.format coco or voc, not {cfg.format!r}")
+    return classes, DetectionSplit("train", classes, train) if need_train else None, DetectionSplit(
+        "val", classes, val)
+
+
+def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split by image: the same seed and data give the same split on every machine."""
+    order = sorted(records, key=lambda r: r.image_id)
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * fraction))
+    val_ids = {r.image_id for r in order[:n_val]}
+    return [r for r in records if r.image_id not in val_ids], [r for r in records if r.image_id in val_ids]
+
+
+def keep_scale(width: int, height: int, cfg: DetectionConfig) -> float:
+    """The factor the detector's resize would apply at the largest min_size (never above 1)."""
+    return min(1.0, max(cfg.min_size) / min(width, height), cfg.max_size / max(width, height))
+
+
+class DetectionDataset(Dataset):
+    """(image tensor in [0, 1], target {boxes, labels, image_id, scale}) per record. Boxes are in
+    the pixels of the image handed out; `scale` maps them back to the original image."""
+
+    def __init__(self, split: DetectionSplit, det: DetectionConfig, train: bool, cache: bool, label_offset: int,
+                 on_bad_image: str = "skip"):
+        self.split, self.label_offset, self.train = split, label_offset, train
+        self.det = det
+        steps: list = []
+        if train and det.hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(det.hflip))
+        if train and det.color_jitter > 0:
+            j = det.color_jitter
+            steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+        self.transform = v2.Compose([*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+        self.cache: list[Image.Image] | None = None
+        if cache:
+            self.cache = []
+            good = []
+            for r in track(split.records, f"reading {split.name}"):
+                try:
+                    self.cache.append(self._load(r))
+                except BadImage as exc:
+                    if on_bad_image == "error":
+                        raise TransferKitError(f"cannot decode image {r.path}: {exc}; remove or replace it, or set "
+                                               "data.on_bad_image=skip") from None
+                    split.bad.append((r.path, str(exc)))
+                    continue
+                good.append(r)
+            split.records = good
+        if not split.records:
+            raise TransferKitError(f"the {split.name} split holds no readable images")
+
+    def _load(self, r: DetectionRecord) -> Image.Image:
+        s = keep_scale(r.width, r.height, self.det)
+        im = load_rgb(r.path, draft=math.ceil(min(r.width, r.height) * s))
+        if im.size != (r.width, r.height):
+            raise BadImage(f"the image is {im.size[0]}x{im.size[1]}, the annotations say {r.width}x{r.height}")
+        if s < 1.0:
+            im = im.resize((max(1, round(r.width * s)), max(1, round(r.height * s))), Image.BILINEAR)
+        return im
+
+    @property
+    def groups(self) -> list[int]:
+        """Aspect-ratio group of each image (0: landscape or square, 1: portrait), for batching."""
+        return [int(r.height > r.width) for r in self.split.records]
+
+    def __len__(self) -> int:
+        return len(self.split.records)
+
+    def __getitem__(self, index: int):
+        r = self.split.records[index]
+        if self.cache is not None:
+            im = self.cache[index]
+        else:
+            try:
+                im = self._load(r)
+            except BadImage as exc:
+                raise TransferKitError(f"cannot decode image {r.path}: {exc}") from None
+        scale = im.size[0] / r.width
+        keep = ~r.crowd if self.train else torch.ones_like(r.crowd)
+        boxes = tv_tensors.BoundingBoxes(r.boxes[keep] * scale, format="XYXY", canvas_size=(im.size[1], im.size[0]))
+        image, boxes = self.transform(im, boxes)
+        target = {"boxes": boxes.as_subclass(torch.Tensor), "labels": r.labels[keep] + self.label_offset,
+                  "image_id": r.image_id, "scale": scale}
+        return image, target
+
+
+class GroupedBatchSampler(Sampler):
+    """Batches of images from one aspect-ratio group (less padding), in an order drawn from `generator`."""
+
+    def __init__(self, groups: list[int], batch_size: int, shuffle: bool, generator: torch.Generator):
+        self.groups, self.batch_size, self.shuffle, self.generator = groups, batch_size, shuffle, generator
+
+    def _batches(self, draw: bool) -> list[list[int]]:
+        n = len(self.groups)
+        order = torch.randperm(n, generator=self.generator).tolist() if draw else list(range(n))
+        batches = []
+        for g in sorted(set(self.groups)):
+            members = [i for i in order if self.groups[i] == g]
+            batches += [members[i:i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+        if draw:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches(self.shuffle))
+
+    def __len__(self) -> int:
+        return len(self._batches(False))
+
+
+def collate(batch):
+    return tuple(zip(*batch, strict=True))
+
+
+def make_detection_loader(dataset: DetectionDataset, batch_size: int, shuffle: bool, num_workers: int,
+                          seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    sampler = GroupedBatchSampler(dataset.groups, batch_size, shuffle, generator)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      generator=generator, persistent_workers=num_workers > 0)

@@ -1,0 +1,108 @@
+"""torchvision detectors around a timm backbone with an FPN, sized for the user's classes.
+
+Tensor names: `backbone.body.*` (the timm network, named as in its classifier, without the head),
+`backbone.fpn.*`, then the detector's own (`rpn.*`, `roi_heads.*` for Faster R-CNN; `head.*` for
+RetinaNet and FCOS). HEAD_PATTERNS is the table of class-dependent tensors, the way
+PaddleDetection's transfer table lists them: `scope: all-but-head` restores everything else from a
+detector trained on other classes; `scope: backbone` restores `backbone.body` from an ImageNet
+classifier checkpoint (docs/DETECTION.md).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import timm
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from transferkit.config import DetectionConfig
+from transferkit.errors import TransferKitError
+from transferkit.models.registry import Family, timm_family
+
+# Class-dependent tensors of each detector: their shape follows the number of classes.
+HEAD_PATTERNS = {
+    "fasterrcnn": ("roi_heads.box_predictor.cls_score.*", "roi_heads.box_predictor.bbox_pred.*"),
+    "retinanet": ("head.classification_head.cls_logits.*",),
+    "fcos": ("head.classification_head.cls_logits.*",),
+}
+BACKBONE_PREFIX = "backbone.body."
+# Torchvision counts a background class in the classifier of two-stage detectors.
+WITH_BACKGROUND = {"fasterrcnn": True, "retinanet": False, "fcos": False}
+
+
+class TimmFPN(nn.Module):
+    """The last four feature levels of a timm network through an FPN, plus a max-pooled fifth level:
+    the five maps torchvision's default anchors and RoI pooling expect."""
+
+    def __init__(self, name: str, fpn_channels: int):
+        super().__init__()
+        if not timm.is_model(name):
+            raise TransferKitError(f"unknown backbone model.name {name!r}; see timm.list_models()")
+        try:
+            self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            raise TransferKitError(f"model.name {name!r} cannot give feature maps for an FPN ({exc})") from None
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), fpn_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def backbone_stages(body: nn.Module) -> list[list[str]]:
+    """Parameter names of the backbone in five stages, bottom first, as torchvision counts them for
+    trainable_backbone_layers: the stem, then the layers ending at each of the four returned levels."""
+    names = [n for n, _ in body.named_parameters()]
+
+    def last_of(module: str) -> int:
+        for form in (module, module.replace("_", ".")):
+            hits = [i for i, n in enumerate(names) if n.startswith(form + ".")]
+            if hits:
+                return hits[-1] + 1
+        raise TransferKitError(f"cannot place feature level {module!r} among the backbone's parameters")
+
+    ends = body.feature_info.module_name()
+    top = ends[0].replace("_", ".").split(".")[0]
+    start = next((i for i, n in enumerate(names) if n.split(".")[0] == top), 0)
+    cuts = [0, start, *(last_of(e) for e in ends)]
+    cuts[-1] = len(names)  # anything after the last level trains with it
+    return [names[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def freeze_stages(model: nn.Module, trainable: int) -> list[str]:
+    """Freeze all but the top `trainable` of the backbone's five stages; returns the frozen names."""
+    stages = backbone_stages(model.backbone.body)
+    frozen = [n for stage in stages[: max(0, len(stages) - trainable)] for n in stage]
+    params = dict(model.backbone.body.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return [BACKBONE_PREFIX + n for n in frozen]
+
+
+def create_detector(name: str, num_classes: int, cfg: DetectionConfig) -> tuple[nn.Module, Family]:
+    """A randomly initialised detector for `num_classes` object classes (no background)."""
+    backbone = TimmFPN(name, cfg.fpn_channels)
+    pre = timm_family(timm.create_model(name, pretrained=False, num_classes=0)).preprocessing
+    common = dict(min_size=tuple(cfg.min_size), max_size=cfg.max_size, image_mean=list(pre.mean),
+                  image_std=list(pre.std))
+    if cfg.arch == "fasterrcnn":
+        model = FasterRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=cfg.score_threshold,
+                           box_detections_per_img=cfg.detections_per_image, **common)
+    elif cfg.arch == "retinanet":
+        model = RetinaNet(backbone, num_classes=num_classes, score_thresh=cfg.score_threshold,
+                          detections_per_img=cfg.detections_per_image, **common)
+    else:
+        model = FCOS(backbone, num_classes=num_classes, score_thresh=cfg.score_threshold,
+                     detections_per_img=cfg.detections_per_image, **common)
+    if cfg.frozen_bn:
+        from timm.layers import freeze_batch_norm_2d
+
+        model.backbone.body = freeze_batch_norm_2d(model.backbone.body)
+    freeze_stages(model, cfg.trainable_backbone_layers)
+    family = Family(HEAD_PATTERNS[cfg.arch], (BACKBONE_PREFIX + "*",), pre, backbone_prefix=BACKBONE_PREFIX)
+    return model, family

@@ -1,0 +1,83 @@
+"""COCO box mAP through pycocotools, from a detector's outputs; per-class AP; COCO results JSON.
+
+Detections are turned into COCO results (xywh in the original image's pixels, category ids 1..C in
+class order) and scored by pycocotools' COCOeval against the split's ground truth, so the numbers
+are COCO's own. The results are loaded the way COCO.loadRes loads them (area = w * h, iscrowd 0),
+built directly so that an empty result list is scored too (all AP 0) rather than refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+
+import numpy as np
+import torch
+
+METRIC_KEYS = ("val_map", "val_ap50", "val_ap75", "val_ap_small", "val_ap_medium", "val_ap_large")
+
+
+def to_coco_results(outputs: list[dict], targets: list[dict], label_offset: int) -> list[dict]:
+    results = []
+    for out, target in zip(outputs, targets, strict=True):
+        boxes = out["boxes"].detach().cpu().double() / target["scale"]
+        for (x0, y0, x1, y1), label, score in zip(boxes.tolist(), out["labels"].tolist(), out["scores"].tolist(),
+                                                  strict=True):
+            results.append({"image_id": int(target["image_id"]), "category_id": int(label) - label_offset + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+    return results
+
+
+def _coco(dataset: dict):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = copy.deepcopy(dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def coco_map(ground_truth: dict, results: list[dict]) -> dict:
+    """AP@[.5:.95], AP50, AP75, AP small/medium/large and AP per category name (COCO's definitions;
+    -1 where the ground truth has nothing to score, as pycocotools reports it)."""
+    from pycocotools.cocoeval import COCOeval
+
+    gt = _coco(ground_truth)
+    dets = []
+    for i, r in enumerate(results):
+        x, y, w, h = r["bbox"]
+        dets.append({**r, "id": i + 1, "area": w * h, "iscrowd": 0})
+    dt = _coco({"images": ground_truth["images"], "categories": ground_truth["categories"], "annotations": dets})
+    evaluator = COCOeval(gt, dt, "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {k: float(v) for k, v in zip(METRIC_KEYS, evaluator.stats[:6], strict=True)}
+    # precision: [IoU thresholds, recall points, categories, area ranges, max detections]
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k]
+        p = p[p > -1]
+        per_class[gt.cats[cat_id]["name"]] = float(np.mean(p)) if p.size else -1.0
+    metrics["val_ap_per_class"] = per_class
+    return metrics
+
+
+@torch.no_grad()
+def detect(model, loader, device, label_offset: int) -> list[dict]:
+    """Every image of `loader` through the detector in eval mode: COCO results."""
+    model.eval()
+    results = []
+    for images, targets in loader:
+        outputs = model([im.to(device) for im in images])
+        results += to_coco_results(outputs, list(targets), label_offset)
+    return results
+
+
+def evaluate_detection(model, loader, split, device, label_offset: int) -> tuple[dict, list[dict]]:
+    results = detect(model, loader, device, label_offset)
+    return coco_map(split.coco_ground_truth(), results), results
