@@ -38,13 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--weights", help="safetensors checkpoint; without it, the model as the config builds it")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--results", metavar="FILE", help="detection: write the detections as a COCO results JSON")
 
-    p = sub.add_parser("predict", help="classify images with a trained run")
+    p = sub.add_parser("predict", help="classify images, or find objects in them, with a trained run")
     p.add_argument("--run", required=True, help="run directory written by `transferkit train`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("--weights", default="best", help="best, last, or a checkpoint path")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--score", type=float, default=0.3, help="detection: the lowest score shown")
+    p.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR")
 
     p = sub.add_parser("demo", help="fine-tune vs scratch on synthetic data, no data or network needed")
     p.add_argument("--out", default="runs/demo")
@@ -120,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="structure only: do not decode or hash images")
     p.add_argument("--examples", type=int, default=3, help="examples shown per kind of problem")
     p.add_argument("--json", action="store_true")
-    p = data.add_parser("synth", help="write a synthetic class-per-folder dataset")
+    p = data.add_parser("synth", help="write a synthetic class-per-folder dataset, or (--task detection) "
+                        "shapes with COCO boxes")
+    p.add_argument("--task", choices=("classification", "detection"), default="classification")
     p.add_argument("--out", required=True)
     p.add_argument("--train-per-class", type=int, default=50)
     p.add_argument("--val-per-class", type=int, default=25)
@@ -171,20 +176,41 @@ def cmd_eval(args) -> int:
     from transferkit.progress import console
     from transferkit.train.evaluate import evaluate_config
 
-    metrics, report = evaluate_config(load_config(args.config, args.override), args.weights)
+    cfg = load_config(args.config, args.override)
+    if args.results and cfg.task != "detection":
+        raise TransferKitError("--results is for detection configs (COCO results JSON)")
+    if args.results:
+        from transferkit.train.build import select_device
+        from transferkit.train.evaluate import evaluate_detector_config
+
+        metrics, report = evaluate_detector_config(cfg, select_device(cfg.device), args.weights, args.results)
+    else:
+        metrics, report = evaluate_config(cfg, args.weights)
     if args.json:
         print(json.dumps(metrics))
     else:
         if report is not None:
             for line in report.summary_lines():
                 console.print(line, highlight=False)
+        per_class = metrics.pop("val_ap_per_class", None)
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        for name, ap in (per_class or {}).items():
+            print(f"  AP {name}: {ap:.4f}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from transferkit.predict import expand_inputs, load_run, predict
+    from transferkit.predict import expand_inputs, load_detector_run, load_run, predict, predict_boxes, run_config
 
+    if run_config(args.run).task == "detection":
+        model, classes, offset = load_detector_run(args.run, args.weights)
+        results = predict_boxes(model, classes, offset, expand_inputs(args.inputs), args.score, args.draw)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        for r in results if not args.json else []:
+            found = ", ".join(f"{d['class']} {d['score']:.2f} at {d['box']}" for d in r.get("detections", []))
+            print(f"{r['path']}: " + (f"error: {r['error']}" if "error" in r else found or "nothing found"))
+        return 0
     if args.topk < 1:
         raise TransferKitError("--topk must be at least 1")
     model, classes, transform = load_run(args.run, args.weights)
@@ -258,8 +284,13 @@ def cmd_data(args) -> int:
             print(f"  left out {rel}: {reason}")
         return 0
 
-    from transferkit.data.synthetic import make_synthetic_classification
+    from transferkit.data.synthetic import make_synthetic_classification, make_synthetic_detection
 
+    if args.task == "detection":  # three shape classes: the per-class counts times three images
+        root = make_synthetic_detection(args.out, 3 * args.train_per_class, 3 * args.val_per_class, args.size,
+                                        seed=args.seed)
+        print(f"wrote {root / 'images'} and {root / 'annotations'} (train.json, val.json)")
+        return 0
     root = make_synthetic_classification(args.out, args.train_per_class, args.val_per_class, args.size,
                                          seed=args.seed)
     print(f"wrote {Path(root) / 'train'} and {Path(root) / 'val'}")
@@ -352,7 +383,12 @@ def cmd_model(args) -> int:
     from transferkit.train.optim import plan_params, plan_table
 
     cfg = load_config(args.config, ["data.root=.", *args.override])
-    model, family = create_classifier(args.model or cfg.model.name, args.num_classes)
+    if cfg.task == "detection":
+        from transferkit.models.detection import create_detector
+
+        model, family = create_detector(args.model or cfg.model.name, args.num_classes, cfg.detection)
+    else:
+        model, family = create_classifier(args.model or cfg.model.name, args.num_classes)
     plans = plan_params(model, family.head_patterns, cfg.optim)
     shown = [p for p in plans if args.match is None or matches(args.match, p.name)]
     if args.match and not shown:

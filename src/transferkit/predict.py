@@ -2,35 +2,91 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import yaml
+from PIL import Image
 
-from transferkit.config import validate
+from transferkit.config import Config, validate
 from transferkit.data.images import IMAGE_SUFFIXES, BadImage, load_rgb
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import TransferKitError
+from transferkit.fileio import atomic_write
 from transferkit.models.classification import create_classifier
 from transferkit.train.checkpoint import load_weights
 
 
-def load_run(run_dir: str | Path, weights: str = "best"):
-    """The trained model of a run directory, its class names and its evaluation transform."""
+def run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise TransferKitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of a train run")
-    cfg = validate(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
-    ckpt = Path(weights) if weights not in ("best", "last") else run_dir / "checkpoints" / f"{weights}.safetensors"
+    return validate(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+
+
+def _checkpoint(run_dir: str | Path, weights: str) -> Path:
+    named = weights in ("best", "last")
+    ckpt = Path(run_dir) / "checkpoints" / f"{weights}.safetensors" if named else Path(weights)
     if not ckpt.is_file():
         raise TransferKitError(f"checkpoint not found: {ckpt}; has the run finished an epoch?")
+    return ckpt
+
+
+def load_run(run_dir: str | Path, weights: str = "best"):
+    """The trained classifier of a run directory, its class names and its evaluation transform."""
+    cfg = run_config(run_dir)
     num_classes = cfg.model.num_classes if cfg.model.num_classes != "auto" else 0
     model, family = create_classifier(cfg.model.name, num_classes)
-    meta = load_weights(model, ckpt)
+    meta = load_weights(model, _checkpoint(run_dir, weights))
     classes = meta.get("classes") or [str(i) for i in range(num_classes)]
     model.eval()
     return model, classes, eval_transform(cfg.data.eval_image_size or cfg.data.image_size, family.preprocessing)
+
+
+def load_detector_run(run_dir: str | Path, weights: str = "best"):
+    """The trained detector of a run directory, its class names and its label offset."""
+    from transferkit.models.detection import WITH_BACKGROUND, create_detector
+
+    cfg = run_config(run_dir)
+    classes = json.loads((Path(run_dir) / "classes.json").read_text())
+    model, _ = create_detector(cfg.model.name, len(classes), cfg.detection)
+    load_weights(model, _checkpoint(run_dir, weights))
+    model.eval()
+    return model, classes, 1 if WITH_BACKGROUND[cfg.detection.arch] else 0
+
+
+@torch.no_grad()
+def predict_boxes(model, classes: list[str], offset: int, paths: list[Path], score: float = 0.3,
+                  draw_dir: str | Path | None = None) -> list[dict]:
+    """Boxes [x0, y0, x1, y1] in image pixels with class and score, per image; with `draw_dir`, each
+    image with its boxes drawn, as DIR/<name>.png."""
+    from torchvision.transforms.functional import pil_to_tensor, to_tensor
+    from torchvision.utils import draw_bounding_boxes
+
+    results = []
+    for path in paths:
+        try:
+            im = load_rgb(path)
+        except BadImage as exc:
+            results.append({"path": str(path), "error": f"cannot decode: {exc}"})
+            continue
+        out = model([to_tensor(im)])[0]
+        keep = out["scores"] >= score
+        boxes, labels, scores = out["boxes"][keep], out["labels"][keep] - offset, out["scores"][keep]
+        dets = [{"box": [round(v, 1) for v in b], "class": classes[int(c)], "score": round(float(s), 4)}
+                for b, c, s in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True)]
+        entry = {"path": str(path), "detections": dets}
+        if draw_dir is not None:
+            names = [f"{d['class']} {d['score']:.2f}" for d in dets]
+            drawn = draw_bounding_boxes(pil_to_tensor(im), boxes, labels=names, colors="red",
+                                        width=max(2, min(im.size) // 200))
+            target = Path(draw_dir) / f"{path.stem}.png"
+            atomic_write(target, lambda tmp, d=drawn: Image.fromarray(d.permute(1, 2, 0).numpy()).save(tmp, "PNG"))
+            entry["drawn"] = str(target)
+        results.append(entry)
+    return results
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:

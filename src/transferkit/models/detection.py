@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -86,16 +87,26 @@ def freeze_stages(model: nn.Module, trainable: int) -> list[str]:
 
 def create_detector(name: str, num_classes: int, cfg: DetectionConfig) -> tuple[nn.Module, Family]:
     """A randomly initialised detector for `num_classes` object classes (no background)."""
+    if cfg.arch == "fcos" and cfg.fpn_channels % 32:
+        raise TransferKitError(f"detection.fpn_channels {cfg.fpn_channels}: FCOS's head normalises in 32 groups, "
+                               "so use a multiple of 32")
     backbone = TimmFPN(name, cfg.fpn_channels)
     pre = timm_family(timm.create_model(name, pretrained=False, num_classes=0)).preprocessing
     common = dict(min_size=tuple(cfg.min_size), max_size=cfg.max_size, image_mean=list(pre.mean),
                   image_std=list(pre.std))
+    # torchvision's anchors (32-512 px) are for images resized to 800 px; scale them with the images.
+    scale = min(1.0, max(cfg.min_size) / 800)
+    sizes = [max(4, round(s * scale)) for s in (32, 64, 128, 256, 512)]
     if cfg.arch == "fasterrcnn":
-        model = FasterRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=cfg.score_threshold,
-                           box_detections_per_img=cfg.detections_per_image, **common)
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+        model = FasterRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+                           box_score_thresh=cfg.score_threshold, box_detections_per_img=cfg.detections_per_image,
+                           **common)
     elif cfg.arch == "retinanet":
-        model = RetinaNet(backbone, num_classes=num_classes, score_thresh=cfg.score_threshold,
-                          detections_per_img=cfg.detections_per_image, **common)
+        anchors = AnchorGenerator(tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in sizes),
+                                  ((0.5, 1.0, 2.0),) * 5)
+        model = RetinaNet(backbone, num_classes=num_classes, anchor_generator=anchors,
+                          score_thresh=cfg.score_threshold, detections_per_img=cfg.detections_per_image, **common)
     else:
         model = FCOS(backbone, num_classes=num_classes, score_thresh=cfg.score_threshold,
                      detections_per_img=cfg.detections_per_image, **common)

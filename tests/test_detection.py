@@ -1,0 +1,254 @@
+"""Detection: a tiny detector learns synthetic shapes; mAP agrees with pycocotools; scoped restores
+skip exactly the class-dependent tensors; data, transforms and batching keep boxes right."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA, needs_shared
+
+from transferkit.cli import main
+from transferkit.config import DetectionConfig, PretrainedConfig, load_config
+from transferkit.data.detection import GroupedBatchSampler, load_detection_splits
+from transferkit.data.synthetic import make_synthetic_detection
+from transferkit.models.classification import restore_pretrained
+from transferkit.models.detection import HEAD_PATTERNS, backbone_stages, create_detector
+from transferkit.train.checkpoint import save_weights
+from transferkit.train.detection_metrics import coco_map, to_coco_results
+from transferkit.train.loop import train
+from transferkit.weights.transfer import transfer
+
+SMALL = DetectionConfig(min_size=[64], max_size=64, fpn_channels=32)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_synthetic_detection(tmp_path_factory.mktemp("shapes"), 48, 16, 96, seed=0)
+
+
+def det_overrides(root, **extra):
+    values = {
+        "task": "detection", "model.name": "test_efficientnet", "pretrained.source": "null",
+        "data.root": str(root), "data.format": "coco",
+        "data.train_ann": str(root / "annotations" / "train.json"), "data.train_images": str(root / "images" / "train"),
+        "data.val_ann": str(root / "annotations" / "val.json"), "data.val_images": str(root / "images" / "val"),
+        "data.batch_size": 8, "optim.name": "adamw", "optim.lr": 0.003, "optim.head_lr_mult": 1,
+        "detection.arch": "fcos", "detection.min_size": "[96]", "detection.max_size": 96,
+        "detection.fpn_channels": 32, "schedule.epochs": 4, **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_tiny_detector_learns_synthetic_shapes(shapes, tmp_path, capsys):
+    result = train(load_config(None, det_overrides(shapes)), out=tmp_path / "run", quiet=True)
+    maps = [m["val_map"] for m in result.metrics]
+    assert result.best_metric == "val_map" and maps[-1] > 0.02 and maps[-1] > maps[0] * 1.5, maps
+    assert set(result.metrics[-1]["val_ap_per_class"]) == {"circle", "square", "triangle"}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_val_map"] == max(maps)
+    # eval reproduces the epoch's mAP from the saved weights and writes COCO results
+    capsys.readouterr()
+    assert main(["eval", *sum((["-o", o] for o in det_overrides(shapes)), []), "--weights",
+                 str(tmp_path / "run" / "checkpoints" / "last.safetensors"), "--json",
+                 "--results", str(tmp_path / "dets.json")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["val_map"] == pytest.approx(maps[-1], abs=1e-9)
+    dets = json.loads((tmp_path / "dets.json").read_text())
+    assert dets and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
+    # predict draws the boxes and lists them
+    assert main(["predict", "--run", str(tmp_path / "run"), str(shapes / "images" / "val" / "val_0000.png"),
+                 "--draw", str(tmp_path / "drawn"), "--score", "0.2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["drawn"].endswith("val_0000.png") and (tmp_path / "drawn" / "val_0000.png").is_file()
+    assert all(d["class"] in {"circle", "square", "triangle"} and d["score"] >= 0.2 for d in out[0]["detections"])
+
+
+def _ground_truth():
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i in range(1, 7):
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 200, "height": 150})
+        if i == 6:
+            continue  # an image without objects
+        for _ in range(int(rng.integers(1, 4))):
+            x, y = rng.uniform(0, 120), rng.uniform(0, 90)
+            w, h = rng.uniform(8, 80), rng.uniform(8, 60)
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(rng.integers(1, 3)),
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(len(anns) == 3)})
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+
+def _reference(gt, dets):
+    """pycocotools used directly, the documented way (loadRes)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(dets)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats[:6]
+
+
+def test_map_agrees_with_pycocotools():
+    gt = _ground_truth()
+    rng = np.random.default_rng(1)
+    sets = []
+    for noise in (0.0, 3.0, 12.0):
+        dets = []
+        for a in gt["annotations"]:
+            x, y, w, h = (v + rng.normal(0, noise) for v in a["bbox"])
+            dets.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x, y, abs(w), abs(h)],
+                         "score": float(rng.uniform(0.1, 1))})
+        dets.append({"image_id": 6, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9})  # on the empty image
+        sets.append(dets)
+    for dets in sets:
+        ours = coco_map(gt, dets)
+        ref = _reference(gt, dets)
+        keys = ("val_map", "val_ap50", "val_ap75", "val_ap_small", "val_ap_medium", "val_ap_large")
+        assert all(abs(ours[k] - r) < 1e-6 for k, r in zip(keys, ref, strict=True)), (ours, ref)
+        assert 0 < ours["val_map"] <= 1
+    empty = coco_map(gt, [])
+    assert empty["val_map"] == 0 and empty["val_ap50"] == 0 and set(empty["val_ap_per_class"].values()) == {0.0}
+    perfect = coco_map(gt, [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                             "score": 1.0} for a in gt["annotations"] if not a["iscrowd"]])
+    assert perfect["val_map"] == pytest.approx(1.0)
+
+
+def test_detections_map_back_to_original_pixels_and_category_ids():
+    outputs = [{"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "labels": torch.tensor([2]),
+                "scores": torch.tensor([0.5])}]
+    targets = [{"image_id": 7, "scale": 0.5}]
+    with_background = to_coco_results(outputs, targets, label_offset=1)  # Faster R-CNN: label 2 is class 1
+    assert with_background == [{"image_id": 7, "category_id": 2, "bbox": [20.0, 40.0, 40.0, 80.0], "score": 0.5}]
+    assert to_coco_results(outputs, targets, label_offset=0)[0]["category_id"] == 3
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "fcos"])
+def test_all_but_head_skips_exactly_the_class_dependent_tensors(arch, tmp_path):
+    cfg = SMALL.model_copy(update={"arch": arch})
+    source, _ = create_detector("test_efficientnet", 3, cfg)
+    save_weights(source, tmp_path / "det.safetensors")
+    target, family = create_detector("test_efficientnet", 5, cfg)
+    report = transfer(target, tmp_path / "det.safetensors", "all-but-head", family.head_patterns)
+    not_loaded = {e.target for e in report.entries if e.status != "loaded"}
+    expected = {f"{p[:-2]}.{t}" for p in HEAD_PATTERNS[arch] for t in ("weight", "bias")}
+    assert not_loaded == expected
+    assert {e.status for e in report.entries if e.target in expected} == {"out-of-scope"}
+    state = target.state_dict()
+    for name, value in source.state_dict().items():
+        if name not in expected:
+            assert torch.equal(state[name], value), name
+    # the same checkpoint restores everything for the same classes
+    same, fam = create_detector("test_efficientnet", 3, cfg)
+    assert transfer(same, tmp_path / "det.safetensors", "full", fam.head_patterns).fraction_restored() == 1.0
+
+
+def test_backbone_restore_from_the_imagenet_classifier():
+    model, family = create_detector("tf_efficientnet_lite0", 2, SMALL)
+    report = restore_pretrained(model, family, PretrainedConfig(scope="backbone"))
+    body = [e for e in report.entries if e.target.startswith("backbone.body.")]
+    rest = [e for e in report.entries if not e.target.startswith("backbone.body.")]
+    assert body and all(e.status == "loaded" for e in body)
+    assert rest and all(e.status == "out-of-scope" for e in rest)
+    # the classifier's own head (conv_head, bn, fc) is what is left unused, with the BN step counters
+    assert {n.split(".")[0] for n in report.unused_source if not n.endswith("num_batches_tracked")} == {
+        "_conv_head", "_bn1", "_fc"}
+
+
+def test_trainable_backbone_layers_freeze_from_the_bottom():
+    for k in (0, 3, 5):
+        model, _ = create_detector("test_efficientnet", 2, SMALL.model_copy(update={"trainable_backbone_layers": k}))
+        stages = backbone_stages(model.backbone.body)
+        params = dict(model.backbone.body.named_parameters())
+        frozen = [i for i, stage in enumerate(stages) if not any(params[n].requires_grad for n in stage)]
+        assert len(stages) == 5 and frozen == list(range(5 - k))
+        assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone.body."))
+
+
+def test_seeded_split_classes_and_crowd(shapes, tmp_path):
+    ann = json.loads((shapes / "annotations" / "train.json").read_text())
+    ann["annotations"][0]["iscrowd"] = 1
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    cfg = load_config(None, det_overrides(shapes, **{"data.train_ann": str(tmp_path / "a.json"), "data.val_ann": "null",
+                                                     "data.val_fraction": 0.25, "data.classes": "[square]"}))
+    classes, train_split, val_split = load_detection_splits(cfg.data)
+    again = load_detection_splits(cfg.data)[2]
+    assert classes == ["square"] and len(val_split.records) == 12 and len(train_split.records) == 36
+    assert [r.image_id for r in val_split.records] == [r.image_id for r in again.records]
+    assert not {r.image_id for r in val_split.records} & {r.image_id for r in train_split.records}
+    assert all(int(label) == 0 for r in train_split.records for label in r.labels)
+    from transferkit.train.detection import load_detection_data
+
+    data = load_detection_data(load_config(None, det_overrides(shapes, **{"data.train_ann": str(tmp_path / "a.json")})))
+    crowd = next(i for i, r in enumerate(data.train.records) if r.crowd.any())
+    record = data.train.records[crowd]
+    _, target = data.train_set[crowd]
+    assert len(target["boxes"]) == int((~record.crowd).sum())  # crowd regions are not training targets
+    assert any(a["iscrowd"] for a in data.train.coco_ground_truth()["annotations"])  # but are in the ground truth
+
+
+def test_flip_moves_the_boxes(shapes):
+    cfg = load_config(None, det_overrides(shapes, **{"detection.hflip": 1.0, "detection.color_jitter": 0}))
+    from transferkit.train.detection import load_detection_data
+
+    data = load_detection_data(cfg)
+    index = next(i for i, r in enumerate(data.train.records) if len(r.boxes))
+    image, target = data.train_set[index]
+    record = data.train.records[index]
+    flipped = record.boxes.clone()
+    flipped[:, [0, 2]] = record.width - record.boxes[:, [2, 0]]
+    assert torch.allclose(target["boxes"], flipped, atol=1e-4)
+    plain = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(record.path).convert("RGB"), dtype=np.float32)
+    assert np.allclose(image.permute(1, 2, 0).numpy() * 255, plain[:, ::-1], atol=1)
+
+
+def test_batches_keep_one_aspect_group_and_follow_the_generator():
+    groups = [0, 1, 0, 0, 1, 1, 0, 1, 0]
+    batches = list(GroupedBatchSampler(groups, 2, True, torch.Generator().manual_seed(3)))
+    again = list(GroupedBatchSampler(groups, 2, True, torch.Generator().manual_seed(3)))
+    assert batches == again and sorted(i for b in batches for i in b) == list(range(9))
+    assert all(len({groups[i] for i in b}) == 1 for b in batches)
+
+
+@needs_shared
+def test_voc_detection_data():
+    cfg = load_config(None, det_overrides(SHARED_DATA, **{
+        "data.format": "voc", "data.root": str(SHARED_DATA / "voc_mini" / "VOCdevkit" / "VOC2007"),
+        "data.train_split": "trainval", "data.val_split": "test"}))
+    classes, train_split, val_split = load_detection_splits(cfg.data)
+    assert "person" in classes and train_split.records and val_split.records
+    assert all(r.boxes.shape[1] == 4 and (r.boxes[:, 2] > r.boxes[:, 0]).all() for r in train_split.records
+               if len(r.boxes))
+
+
+def test_data_synth_detection_cli(tmp_path):
+    assert main(["data", "synth", "--task", "detection", "--out", str(tmp_path / "s"), "--train-per-class", "5",
+                 "--val-per-class", "2", "--size", "64"]) == 0
+    train_json = json.loads((tmp_path / "s" / "annotations" / "train.json").read_text())
+    assert len(train_json["images"]) == 15 and train_json["annotations"]
+
+
+def test_detection_resumes_exactly_from_inside_an_epoch(shapes, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = load_config(None, det_overrides(shapes, **{"schedule.epochs": 2, "checkpoint.every_steps": 4,
+                                                     "checkpoint.keep_last": 20}))
+    train(cfg, out=tmp_path / "run", quiet=True)
+    reference = load_file(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    states = sorted((tmp_path / "run" / "checkpoints" / "states").glob("step-*"))
+    assert [s.name for s in states] == [f"step-{n:08d}" for n in (4, 6, 8, 12)]  # 6 batches an epoch
+    for later in states[2:]:  # back to step 8: inside epoch 2, after two of its batches
+        __import__("shutil").rmtree(later)
+    train(cfg, resume=tmp_path / "run", quiet=True)
+    resumed = load_file(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
