@@ -252,3 +252,27 @@ def test_detection_resumes_exactly_from_inside_an_epoch(shapes, tmp_path):
     train(cfg, resume=tmp_path / "run", quiet=True)
     resumed = load_file(tmp_path / "run" / "checkpoints" / "last.safetensors")
     assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "fcos"])
+def test_head_rows_from_the_source_detectors_classes(arch, tmp_path):
+    from transferkit.config import HeadInitConfig
+    from transferkit.models.heads import detector_head_rows, init_detector_head_from_classes
+
+    cfg = SMALL.model_copy(update={"arch": arch})
+    source, _ = create_detector("test_efficientnet", 3, cfg)  # classes: car, person, dog
+    save_weights(source, tmp_path / "det.safetensors")
+    target, family = create_detector("test_efficientnet", 2, cfg)  # classes: pedestrian, tree
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    report = transfer(target, tmp_path / "det.safetensors", "all-but-head", family.head_patterns)
+    spec = HeadInitConfig(from_classes={"pedestrian": "person"}).from_classes
+    rows = init_detector_head_from_classes(target, report, ["pedestrian", "tree"], ["car", "person", "dog"], spec)
+    assert [r["from"] for r in rows] == [["person (1)"], None]
+    src, dst = source.state_dict(), target.state_dict()
+    for name in HEAD_PATTERNS[arch]:
+        for tensor in (name[:-2] + ".weight", name[:-2] + ".bias"):
+            s_rows = detector_head_rows(tensor, src[tensor].shape[0], 3, 1)
+            d_rows = detector_head_rows(tensor, dst[tensor].shape[0], 2, 0)
+            assert torch.equal(dst[tensor][d_rows], src[tensor][s_rows]), tensor
+            tree = detector_head_rows(tensor, dst[tensor].shape[0], 2, 1)
+            assert torch.equal(dst[tensor][tree], before[tensor][tree]), tensor  # no match: left as built

@@ -80,6 +80,9 @@ class HeadInitConfig(_Section):
     # `auto` (class-folder names matched to the source's class names) or
     # {class: source name | index | "-name" (its negative) | [several, averaged]}.
     from_classes: Literal["auto"] | dict[str, int | str | list[int | str]]
+    # Detectors: the source detector's class names, in its class order (default: the classes.json of
+    # a run directory given as pretrained.source).
+    source_classes: list[str] | None = None
 
 
 class PretrainedConfig(_Section):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import TransferKitError
-from transferkit.models.labels import LabelSet, Term, auto_match, resolve_spec
+from transferkit.models.labels import LabelSet, Term, _norm, auto_match, resolve_spec
 from transferkit.patterns import first_match
 from transferkit.weights.transfer import TransferReport
 
@@ -94,4 +94,59 @@ def init_head_from_classes(model: nn.Module, report: TransferReport, classes: li
     matched = sum(r["from"] is not None for r in rows)
     report.note_init(list(pairs), "from source classes" if matched == len(rows)
                      else f"from source classes ({matched} rows), {fallback} (the rest)")
+    return rows
+
+
+def detector_head_rows(name: str, rows: int, num_classes: int, index: int) -> list[int]:
+    """The rows of a detector's class-dependent tensor that belong to class `index` (0-based):
+    Faster R-CNN's classifier has the background first and 4 box deltas per class; RetinaNet's
+    outputs are anchor-major (anchor * classes + class); FCOS has one output per class."""
+    if name.startswith("roi_heads.box_predictor.bbox_pred"):
+        return [4 * (index + 1) + j for j in range(4)]
+    if name.startswith("roi_heads.box_predictor.cls_score"):
+        return [index + 1]
+    return [a * num_classes + index for a in range(rows // num_classes)]
+
+
+@torch.no_grad()
+def init_detector_head_from_classes(model: nn.Module, report: TransferReport, classes: list[str],
+                                    source_classes: list[str], spec) -> list[dict]:
+    """Start a detector's class rows from a source detector's rows of the same (or mapped) class:
+    target 'pedestrian' <- source 'person'. Faster R-CNN's background rows are carried as well."""
+    params = dict(model.named_parameters())
+    pairs = {t: src for t, src in report.head_sources.items() if t in params}
+    if not pairs:
+        raise TransferKitError(f"head_init.from_classes needs a source detector's class-dependent tensors; none "
+                               f"were matched in {report.source}")
+    labels = LabelSet(list(source_classes), {})
+    for i, n in enumerate(source_classes):
+        labels.lookup.setdefault(_norm(n), []).append(i)
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - set(classes))
+        if unknown:
+            raise TransferKitError(f"head_init.from_classes names classes the dataset lacks: {', '.join(unknown)}")
+    rows = []
+    for row, name in enumerate(classes):
+        if isinstance(spec, dict):
+            terms = resolve_spec(spec[name], labels, len(source_classes), name) if name in spec else None
+        else:
+            found = auto_match(name, labels)
+            terms = [Term(found, 1.0)] if found is not None else None
+        if terms is None:
+            rows.append({"row": row, "class": name, "from": None, "init": "torchvision default"})
+            continue
+        for target, src in pairs.items():
+            dest = detector_head_rows(target, params[target].shape[0], len(classes), row)
+            sources = [detector_head_rows(target, src.shape[0], len(source_classes), t.index) for t in terms]
+            for k, d in enumerate(dest):
+                value = sum(t.sign * src[s[k]].float() for t, s in zip(terms, sources, strict=True)) / len(terms)
+                params[target][d] = value.to(params[target].dtype)
+        rows.append({"row": row, "class": name, "from": [t.describe(labels) for t in terms],
+                     "how": "auto" if spec == "auto" else "mapped"})
+    for target, src in pairs.items():  # Faster R-CNN's background
+        if target.startswith("roi_heads.box_predictor."):
+            for d in detector_head_rows(target, 0, 1, -1):
+                params[target][d] = src[d].to(params[target].dtype)
+    report.head_rows = rows
+    report.note_init(list(pairs), "from source classes")
     return rows

@@ -3,7 +3,9 @@ its loss (the sum of the detector's losses) and its validation metrics (COCO mAP
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from transferkit.config import Config
 from transferkit.data.detection import DetectionDataset, DetectionSplit, load_detection_splits, make_detection_loader
 from transferkit.errors import TransferKitError
 from transferkit.models.detection import WITH_BACKGROUND, create_detector
+from transferkit.models.heads import init_detector_head_from_classes
 from transferkit.models.registry import Family
 from transferkit.train.detection_metrics import evaluate_detection
 from transferkit.weights.transfer import TransferReport
@@ -47,11 +50,22 @@ def build_detector(cfg: Config, classes: list[str], restore: bool = True
         restored = {e.target for e in report.by_status("loaded")}
         report.note_init([e.target for e in report.entries if e.target not in restored], "torchvision default")
         if cfg.pretrained.head_init is not None:
-            raise TransferKitError("pretrained.head_init (head rows from source classes) is for classifiers; "
-                                   "detector heads start from torchvision's initialisation")
+            init_detector_head_from_classes(model, report, classes, source_classes(cfg),
+                                            cfg.pretrained.head_init.from_classes)
     if cfg.model.init:
         apply_init_rules(model, cfg.model.init, report, lambda src: read_weights(resolve_source(src)).tensors)
     return model, family, report
+
+
+def source_classes(cfg: Config) -> list[str]:
+    """The class names of the source detector, for head_init.from_classes."""
+    if cfg.pretrained.head_init.source_classes:
+        return cfg.pretrained.head_init.source_classes
+    listed = Path(str(cfg.pretrained.source)) / "classes.json"
+    if listed.is_file():
+        return json.loads(listed.read_text())
+    raise TransferKitError("pretrained.head_init for a detector needs the source's class names: give "
+                           "pretrained.head_init.source_classes, or a run directory as pretrained.source")
 
 
 def load_detection_data(cfg: Config, need_train: bool = True) -> DetectionData:
