@@ -34,9 +34,9 @@ def det_overrides(root, **extra):
         "data.root": str(root), "data.format": "coco",
         "data.train_ann": str(root / "annotations" / "train.json"), "data.train_images": str(root / "images" / "train"),
         "data.val_ann": str(root / "annotations" / "val.json"), "data.val_images": str(root / "images" / "val"),
-        "data.batch_size": 8, "optim.name": "adamw", "optim.lr": 0.003, "optim.head_lr_mult": 1,
+        "data.batch_size": 8, "optim.name": "adamw", "optim.lr": 0.001, "optim.head_lr_mult": 1,
         "detection.arch": "fcos", "detection.min_size": "[96]", "detection.max_size": 96,
-        "detection.fpn_channels": 32, "schedule.epochs": 4, **extra,
+        "detection.fpn_channels": 64, "schedule.epochs": 6, **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -44,7 +44,7 @@ def det_overrides(root, **extra):
 def test_tiny_detector_learns_synthetic_shapes(shapes, tmp_path, capsys):
     result = train(load_config(None, det_overrides(shapes)), out=tmp_path / "run", quiet=True)
     maps = [m["val_map"] for m in result.metrics]
-    assert result.best_metric == "val_map" and maps[-1] > 0.02 and maps[-1] > maps[0] * 1.5, maps
+    assert result.best_metric == "val_map" and maps[-1] > 0.03 and maps[-1] > maps[0] * 3, maps
     assert set(result.metrics[-1]["val_ap_per_class"]) == {"circle", "square", "triangle"}
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best_val_map"] == max(maps)

@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from transferkit.config import DetectionConfig
 from transferkit.errors import TransferKitError
@@ -36,19 +36,21 @@ WITH_BACKGROUND = {"fasterrcnn": True, "retinanet": False, "fcos": False}
 
 
 class TimmFPN(nn.Module):
-    """The last four feature levels of a timm network through an FPN, plus a max-pooled fifth level:
-    the five maps torchvision's default anchors and RoI pooling expect."""
+    """Five feature maps from a timm network through an FPN, as torchvision's detectors expect them:
+    for Faster R-CNN strides 4-32 plus a max-pooled 64 (P2-P6); for RetinaNet and FCOS strides 8-32
+    plus two strided convolutions on P5 (P3-P7), as in their papers."""
 
-    def __init__(self, name: str, fpn_channels: int):
+    def __init__(self, name: str, fpn_channels: int, single_stage: bool):
         super().__init__()
         if not timm.is_model(name):
             raise TransferKitError(f"unknown backbone model.name {name!r}; see timm.list_models()")
+        levels = (2, 3, 4) if single_stage else (1, 2, 3, 4)
         try:
-            self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+            self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=levels)
         except (RuntimeError, ValueError, AssertionError) as exc:
             raise TransferKitError(f"model.name {name!r} cannot give feature maps for an FPN ({exc})") from None
-        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), fpn_channels,
-                                         extra_blocks=LastLevelMaxPool())
+        extra = LastLevelP6P7(fpn_channels, fpn_channels) if single_stage else LastLevelMaxPool()
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), fpn_channels, extra_blocks=extra)
         self.out_channels = fpn_channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
@@ -57,7 +59,8 @@ class TimmFPN(nn.Module):
 
 def backbone_stages(body: nn.Module) -> list[list[str]]:
     """Parameter names of the backbone in five stages, bottom first, as torchvision counts them for
-    trainable_backbone_layers: the stem, then the layers ending at each of the four returned levels."""
+    trainable_backbone_layers: the stem, then the layers ending at each of the feature levels 1-4
+    (whichever levels the FPN reads)."""
     names = [n for n, _ in body.named_parameters()]
 
     def last_of(module: str) -> int:
@@ -67,7 +70,7 @@ def backbone_stages(body: nn.Module) -> list[list[str]]:
                 return hits[-1] + 1
         raise TransferKitError(f"cannot place feature level {module!r} among the backbone's parameters")
 
-    ends = body.feature_info.module_name()
+    ends = [level["module"] for level in body.feature_info.info][1:5]
     top = ends[0].replace("_", ".").split(".")[0]
     start = next((i for i, n in enumerate(names) if n.split(".")[0] == top), 0)
     cuts = [0, start, *(last_of(e) for e in ends)]
@@ -90,11 +93,12 @@ def create_detector(name: str, num_classes: int, cfg: DetectionConfig) -> tuple[
     if cfg.arch == "fcos" and cfg.fpn_channels % 32:
         raise TransferKitError(f"detection.fpn_channels {cfg.fpn_channels}: FCOS's head normalises in 32 groups, "
                                "so use a multiple of 32")
-    backbone = TimmFPN(name, cfg.fpn_channels)
+    backbone = TimmFPN(name, cfg.fpn_channels, single_stage=cfg.arch != "fasterrcnn")
     pre = timm_family(timm.create_model(name, pretrained=False, num_classes=0)).preprocessing
     common = dict(min_size=tuple(cfg.min_size), max_size=cfg.max_size, image_mean=list(pre.mean),
                   image_std=list(pre.std))
-    # torchvision's anchors (32-512 px) are for images resized to 800 px; scale them with the images.
+    # torchvision's anchors (32-512 px on P2-P6 or P3-P7) are for images resized to 800 px; scale
+    # them with the images (FCOS's per-level sizes follow the strides and stay).
     scale = min(1.0, max(cfg.min_size) / 800)
     sizes = [max(4, round(s * scale)) for s in (32, 64, 128, 256, 512)]
     if cfg.arch == "fasterrcnn":
