@@ -133,7 +133,7 @@ def test_detections_map_back_to_original_pixels_and_category_ids():
     assert to_coco_results(outputs, targets, label_offset=0)[0]["category_id"] == 3
 
 
-@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn", "retinanet", "fcos"])
 def test_all_but_head_skips_exactly_the_class_dependent_tensors(arch, tmp_path):
     cfg = SMALL.model_copy(update={"arch": arch})
     source, _ = create_detector("test_efficientnet", 3, cfg)
@@ -254,7 +254,7 @@ def test_detection_resumes_exactly_from_inside_an_epoch(shapes, tmp_path):
     assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
-@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn", "retinanet", "fcos"])
 def test_head_rows_from_the_source_detectors_classes(arch, tmp_path):
     from transferkit.config import HeadInitConfig
     from transferkit.models.heads import detector_head_rows, init_detector_head_from_classes
@@ -276,3 +276,25 @@ def test_head_rows_from_the_source_detectors_classes(arch, tmp_path):
             assert torch.equal(dst[tensor][d_rows], src[tensor][s_rows]), tensor
             tree = detector_head_rows(tensor, dst[tensor].shape[0], 2, 1)
             assert torch.equal(dst[tensor][tree], before[tensor][tree]), tensor  # no match: left as built
+
+
+def test_mask_rcnn_gets_polygon_masks_that_move_with_the_image(shapes):
+    from transferkit.data.detection import rasterise
+    from transferkit.train.detection import build_detector, load_detection_data
+
+    cfg = load_config(None, det_overrides(shapes, **{"detection.arch": "maskrcnn", "detection.hflip": 1.0,
+                                                     "detection.color_jitter": 0}))
+    data = load_detection_data(cfg)
+    index = next(i for i, r in enumerate(data.train.records) if len(r.boxes))
+    record = data.train.records[index]
+    image, target = data.train_set[index]
+    assert target["masks"].shape == (len(record.boxes), record.height, record.width)
+    upright = rasterise(record.polygons, record.boxes, (record.width, record.height), 1.0)
+    assert torch.equal(target["masks"], upright.flip(-1))  # flipped with the image and the boxes
+    for mask, box in zip(target["masks"], target["boxes"], strict=True):  # each mask fills most of its box
+        x0, y0, x1, y1 = box.round().int().tolist()
+        assert mask.sum() > 0.3 * (x1 - x0) * (y1 - y0) and mask[:, :max(0, x0 - 1)].sum() == 0
+    model, _, _ = build_detector(cfg, data.classes, restore=False)
+    model.train()
+    losses = model([image], [{k: target[k] for k in ("boxes", "labels", "masks")}])
+    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())

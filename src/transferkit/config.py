@@ -150,7 +150,7 @@ class DataConfig(_Section):
 
 class DetectionConfig(_Section):
     # torchvision detector built around model.name (a timm backbone) with an FPN.
-    arch: Literal["fasterrcnn", "retinanet", "fcos"] = "fasterrcnn"
+    arch: Literal["fasterrcnn", "maskrcnn", "retinanet", "fcos"] = "fasterrcnn"
     fpn_channels: int = Field(128, ge=8)
     # Backbone stages trained (0-5, from the top; the rest frozen), as torchvision's detectors count them.
     trainable_backbone_layers: int = Field(3, ge=0, le=5)

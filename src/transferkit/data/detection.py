@@ -14,8 +14,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -35,6 +36,7 @@ class DetectionRecord:
     boxes: torch.Tensor  # [N, 4] xyxy, pixels of the original image
     labels: torch.Tensor  # [N] 0-based class index
     crowd: torch.Tensor  # [N] bool
+    polygons: list[list[list[float]]] = field(default_factory=list)  # per box: COCO polygons (flat x, y)
 
 
 @dataclass
@@ -72,9 +74,34 @@ def _records_from_coco(images: list[dict], annotations: list[dict], category_nam
                               for a in anns], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([index[category_names[a["category_id"]]] for a in anns], dtype=torch.int64)
         crowd = torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool)
+        polygons = [_polygons(a.get("segmentation")) for a in anns]
         records.append(DetectionRecord(img["id"], image_root / img["file_name"], img["width"], img["height"],
-                                       boxes, labels, crowd))
+                                       boxes, labels, crowd, polygons))
     return records
+
+
+def _polygons(segmentation) -> list[list[float]]:
+    """COCO polygon segmentation as lists of flat x, y; anything else (RLE, none) as no polygon."""
+    if not isinstance(segmentation, list):
+        return []
+    return [[float(v) for v in poly] for poly in segmentation
+            if isinstance(poly, list) and len(poly) >= 6 and all(isinstance(v, (int, float)) for v in poly)]
+
+
+def rasterise(polygons: list[list[list[float]]], boxes: torch.Tensor, size: tuple[int, int],
+              scale: float) -> torch.Tensor:
+    """One mask per object at `size` (width, height): its polygons filled, or its box where it has none."""
+    masks = torch.zeros((len(polygons), size[1], size[0]), dtype=torch.uint8)
+    for i, polys in enumerate(polygons):
+        canvas = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(canvas)
+        if polys:
+            for poly in polys:
+                draw.polygon([v * scale for v in poly], fill=1)
+        else:
+            draw.rectangle((boxes[i] * scale).tolist(), fill=1)
+        masks[i] = torch.from_numpy(np.asarray(canvas, dtype=np.uint8).copy())
+    return masks
 
 
 def _read_coco_split(ann: Path, images: Path | None, wanted: list[str] | None) -> tuple[list[str], list]:
@@ -155,8 +182,8 @@ class DetectionDataset(Dataset):
     the pixels of the image handed out; `scale` maps them back to the original image."""
 
     def __init__(self, split: DetectionSplit, det: DetectionConfig, train: bool, cache: bool, label_offset: int,
-                 on_bad_image: str = "skip"):
-        self.split, self.label_offset, self.train = split, label_offset, train
+                 on_bad_image: str = "skip", masks: bool = False):
+        self.split, self.label_offset, self.train, self.masks = split, label_offset, train, masks
         self.det = det
         steps: list = []
         if train and det.hflip > 0:
@@ -212,9 +239,15 @@ class DetectionDataset(Dataset):
         scale = im.size[0] / r.width
         keep = ~r.crowd if self.train else torch.ones_like(r.crowd)
         boxes = tv_tensors.BoundingBoxes(r.boxes[keep] * scale, format="XYXY", canvas_size=(im.size[1], im.size[0]))
-        image, boxes = self.transform(im, boxes)
-        target = {"boxes": boxes.as_subclass(torch.Tensor), "labels": r.labels[keep] + self.label_offset,
-                  "image_id": r.image_id, "scale": scale}
+        target = {"labels": r.labels[keep] + self.label_offset, "image_id": r.image_id, "scale": scale}
+        if self.masks:
+            kept = [p for p, k in zip(r.polygons, keep.tolist(), strict=True) if k]
+            masks = tv_tensors.Mask(rasterise(kept, r.boxes[keep], im.size, scale))
+            image, boxes, masks = self.transform(im, boxes, masks)
+            target["masks"] = masks.as_subclass(torch.Tensor)
+        else:
+            image, boxes = self.transform(im, boxes)
+        target["boxes"] = boxes.as_subclass(torch.Tensor)
         return image, target
 
 

@@ -112,8 +112,9 @@ def make_synthetic_detection(
     classes: tuple[str, ...] = ("circle", "square", "triangle"),
     seed: int = 0,
 ) -> Path:
-    """Write out/images/{train,val}/*.png and out/annotations/{train,val}.json (COCO): 1-3 filled
-    shapes per image at random places and sizes on cluttered backgrounds, some images empty."""
+    """Write out/images/{train,val}/*.png and out/annotations/{train,val}.json (COCO, with polygon
+    segmentations): 1-3 filled shapes per image at random places and sizes on cluttered backgrounds,
+    some images empty."""
     from transferkit.fileio import write_json
 
     out = Path(out)
@@ -141,7 +142,8 @@ def make_synthetic_detection(
                 w, h = min(float(size), max(xs)) - x0, min(float(size), max(ys)) - y0
                 anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ci + 1,
                              "bbox": [round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)],
-                             "area": round(w * h, 2), "iscrowd": 0})
+                             "area": round(w * h, 2), "iscrowd": 0,
+                             "segmentation": [[round(v, 2) for pt in pts for v in pt]]})
             name = f"{split}_{i:04d}.png"
             atomic_write(folder / name, lambda tmp, im=im: im.save(tmp, format="PNG"))
             images.append({"id": i + 1, "file_name": name, "width": size, "height": size})

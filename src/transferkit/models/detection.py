@@ -1,7 +1,7 @@
 """torchvision detectors around a timm backbone with an FPN, sized for the user's classes.
 
 Tensor names: `backbone.body.*` (the timm network, named as in its classifier, without the head),
-`backbone.fpn.*`, then the detector's own (`rpn.*`, `roi_heads.*` for Faster R-CNN; `head.*` for
+`backbone.fpn.*`, then the detector's own (`rpn.*`, `roi_heads.*` for Faster and Mask R-CNN; `head.*` for
 RetinaNet and FCOS). HEAD_PATTERNS is the table of class-dependent tensors, the way
 PaddleDetection's transfer table lists them: `scope: all-but-head` restores everything else from a
 detector trained on other classes; `scope: backbone` restores `backbone.body` from an ImageNet
@@ -15,8 +15,10 @@ from collections import OrderedDict
 import timm
 import torch
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -27,12 +29,15 @@ from transferkit.models.registry import Family, timm_family
 # Class-dependent tensors of each detector: their shape follows the number of classes.
 HEAD_PATTERNS = {
     "fasterrcnn": ("roi_heads.box_predictor.cls_score.*", "roi_heads.box_predictor.bbox_pred.*"),
+    "maskrcnn": ("roi_heads.box_predictor.cls_score.*", "roi_heads.box_predictor.bbox_pred.*",
+                 "roi_heads.mask_predictor.mask_fcn_logits.*"),
     "retinanet": ("head.classification_head.cls_logits.*",),
     "fcos": ("head.classification_head.cls_logits.*",),
 }
 BACKBONE_PREFIX = "backbone.body."
 # Torchvision counts a background class in the classifier of two-stage detectors.
-WITH_BACKGROUND = {"fasterrcnn": True, "retinanet": False, "fcos": False}
+WITH_BACKGROUND = {"fasterrcnn": True, "maskrcnn": True, "retinanet": False, "fcos": False}
+TWO_STAGE = ("fasterrcnn", "maskrcnn")
 
 
 class TimmFPN(nn.Module):
@@ -93,7 +98,7 @@ def create_detector(name: str, num_classes: int, cfg: DetectionConfig) -> tuple[
     if cfg.arch == "fcos" and cfg.fpn_channels % 32:
         raise TransferKitError(f"detection.fpn_channels {cfg.fpn_channels}: FCOS's head normalises in 32 groups, "
                                "so use a multiple of 32")
-    backbone = TimmFPN(name, cfg.fpn_channels, single_stage=cfg.arch != "fasterrcnn")
+    backbone = TimmFPN(name, cfg.fpn_channels, single_stage=cfg.arch not in TWO_STAGE)
     pre = timm_family(timm.create_model(name, pretrained=False, num_classes=0)).preprocessing
     common = dict(min_size=tuple(cfg.min_size), max_size=cfg.max_size, image_mean=list(pre.mean),
                   image_std=list(pre.std))
@@ -101,11 +106,18 @@ def create_detector(name: str, num_classes: int, cfg: DetectionConfig) -> tuple[
     # them with the images (FCOS's per-level sizes follow the strides and stay).
     scale = min(1.0, max(cfg.min_size) / 800)
     sizes = [max(4, round(s * scale)) for s in (32, 64, 128, 256, 512)]
-    if cfg.arch == "fasterrcnn":
+    if cfg.arch in TWO_STAGE:
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
-        model = FasterRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
-                           box_score_thresh=cfg.score_threshold, box_detections_per_img=cfg.detections_per_image,
-                           **common)
+        classes: dict = {"num_classes": num_classes + 1}
+        if cfg.arch == "maskrcnn":  # mask head as wide as the FPN (torchvision's: 256, its FPN width)
+            width = cfg.fpn_channels
+            # torchvision takes either num_classes or both predictors
+            classes = {"box_predictor": FastRCNNPredictor(1024, num_classes + 1),
+                       "mask_head": MaskRCNNHeads(width, (width,) * 4, 1),
+                       "mask_predictor": MaskRCNNPredictor(width, width, num_classes + 1)}
+        build = MaskRCNN if cfg.arch == "maskrcnn" else FasterRCNN
+        model = build(backbone, rpn_anchor_generator=anchors, box_score_thresh=cfg.score_threshold,
+                      box_detections_per_img=cfg.detections_per_image, **classes, **common)
     elif cfg.arch == "retinanet":
         anchors = AnchorGenerator(tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in sizes),
                                   ((0.5, 1.0, 2.0),) * 5)

@@ -99,11 +99,11 @@ def init_head_from_classes(model: nn.Module, report: TransferReport, classes: li
 
 def detector_head_rows(name: str, rows: int, num_classes: int, index: int) -> list[int]:
     """The rows of a detector's class-dependent tensor that belong to class `index` (0-based):
-    Faster R-CNN's classifier has the background first and 4 box deltas per class; RetinaNet's
+    Faster and Mask R-CNN put the background first, with 4 box deltas per class; RetinaNet's
     outputs are anchor-major (anchor * classes + class); FCOS has one output per class."""
     if name.startswith("roi_heads.box_predictor.bbox_pred"):
         return [4 * (index + 1) + j for j in range(4)]
-    if name.startswith("roi_heads.box_predictor.cls_score"):
+    if name.startswith(("roi_heads.box_predictor.cls_score", "roi_heads.mask_predictor.mask_fcn_logits")):
         return [index + 1]
     return [a * num_classes + index for a in range(rows // num_classes)]
 
@@ -143,8 +143,8 @@ def init_detector_head_from_classes(model: nn.Module, report: TransferReport, cl
                 params[target][d] = value.to(params[target].dtype)
         rows.append({"row": row, "class": name, "from": [t.describe(labels) for t in terms],
                      "how": "auto" if spec == "auto" else "mapped"})
-    for target, src in pairs.items():  # Faster R-CNN's background
-        if target.startswith("roi_heads.box_predictor."):
+    for target, src in pairs.items():  # Faster and Mask R-CNN's background
+        if target.startswith(("roi_heads.box_predictor.", "roi_heads.mask_predictor.")):
             for d in detector_head_rows(target, 0, 1, -1):
                 params[target][d] = src[d].to(params[target].dtype)
     report.head_rows = rows

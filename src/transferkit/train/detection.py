@@ -71,8 +71,9 @@ def source_classes(cfg: Config) -> list[str]:
 def load_detection_data(cfg: Config, need_train: bool = True) -> DetectionData:
     classes, train, val = load_detection_splits(cfg.data, need_train)
     offset = label_offset(cfg)
-    train_set = DetectionDataset(train, cfg.detection, True, cfg.data.cache, offset, cfg.data.on_bad_image) \
-        if train is not None else None
+    masks = cfg.detection.arch == "maskrcnn"
+    train_set = DetectionDataset(train, cfg.detection, True, cfg.data.cache, offset, cfg.data.on_bad_image,
+                                 masks) if train is not None else None
     val_set = DetectionDataset(val, cfg.detection, False, cfg.data.cache, offset, cfg.data.on_bad_image)
     if train is not None:
         from transferkit.data.check import startup_check
@@ -93,7 +94,7 @@ def detection_loss(device):
     def loss_fn(model, batch):
         images, targets = batch
         images = [im.to(device) for im in images]
-        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        targets = [{k: t[k].to(device) for k in ("boxes", "labels", "masks") if k in t} for t in targets]
         losses = model(images, targets)
         return sum(losses.values()), len(images)
     return loss_fn
