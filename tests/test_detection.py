@@ -298,3 +298,44 @@ def test_mask_rcnn_gets_polygon_masks_that_move_with_the_image(shapes):
     model.train()
     losses = model([image], [{k: target[k] for k in ("boxes", "labels", "masks")}])
     assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
+                                  "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_torchvision_model_zoo_checkpoints_restore_all_but_the_head(name, tmp_path):
+    """torchvision's COCO checkpoints are its builders' state dicts, 91 classes, ResNet BatchNorm frozen
+    (FrozenBatchNorm2d: no step counters). Saved as a .pth the way the model zoo ships them, they
+    restore into transferkit's build of the same detector for 3 classes: every tensor but the
+    class-dependent ones."""
+    from fnmatch import fnmatch
+
+    from timm.layers import freeze_batch_norm_2d
+    from torchvision.models import detection
+
+    zoo = getattr(detection, name)(weights=None, weights_backbone=None, num_classes=91)
+    if hasattr(zoo.backbone, "body"):
+        zoo.backbone.body = freeze_batch_norm_2d(zoo.backbone.body)
+    torch.save(zoo.state_dict(), tmp_path / "coco.pth")
+    model, family = create_detector("unused", 3, DetectionConfig(torchvision_model=name))
+    report = transfer(model, tmp_path / "coco.pth", "all-but-head", family.head_patterns)
+
+    def head(n):
+        return any(fnmatch(n, p) for p in family.head_patterns)
+
+    not_loaded = {e.target for e in report.entries if e.status != "loaded"}
+    assert not_loaded and not_loaded == {n for n in model.state_dict() if head(n)}
+    assert all(head(n) or n.endswith("num_batches_tracked") for n in report.unused_source)  # SSDlite trains its BN
+
+
+def test_torchvision_backbone_from_an_imagenet_resnet(tmp_path):
+    from torchvision.models import resnet50
+
+    torch.save(resnet50(weights=None).state_dict(), tmp_path / "resnet50.pth")
+    model, family = create_detector("unused", 2, DetectionConfig(torchvision_model="fasterrcnn_resnet50_fpn"))
+    report = transfer(model, tmp_path / "resnet50.pth", "backbone", family.head_patterns, family.backbone_patterns,
+                      backbone_prefix=family.backbone_prefix)
+    body = [e for e in report.entries if e.target.startswith("backbone.body.")]
+    assert body and all(e.status == "loaded" and e.how == "exact" for e in body)
+    assert {n for n in report.unused_source if not n.endswith("num_batches_tracked")} == {"fc.weight", "fc.bias"}
+    frozen = [n for n, p in model.backbone.body.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("conv1", "layer1.")) for n in frozen)  # trainable_backbone_layers 3

@@ -151,6 +151,12 @@ class DataConfig(_Section):
 class DetectionConfig(_Section):
     # torchvision detector built around model.name (a timm backbone) with an FPN.
     arch: Literal["fasterrcnn", "maskrcnn", "retinanet", "fcos"] = "fasterrcnn"
+    # Instead, one of torchvision's own detector builders, exactly as torchvision builds it (backbone
+    # included, model.name unused), so torchvision's COCO checkpoints load by name.
+    torchvision_model: Literal["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+                               "fasterrcnn_mobilenet_v3_large_fpn", "maskrcnn_resnet50_fpn",
+                               "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
+                               "ssdlite320_mobilenet_v3_large"] | None = None
     fpn_channels: int = Field(128, ge=8)
     # Backbone stages trained (0-5, from the top; the rest frozen), as torchvision's detectors count them.
     trainable_backbone_layers: int = Field(3, ge=0, le=5)
@@ -166,6 +172,13 @@ class DetectionConfig(_Section):
     # Detections kept per image and their minimum score (evaluation and predict).
     score_threshold: float = Field(0.05, ge=0, le=1)
     detections_per_image: int = Field(100, ge=1)
+
+    @property
+    def kind(self) -> str:
+        """The detector family: arch, or that of torchvision_model (fasterrcnn, maskrcnn, ..., ssdlite)."""
+        if self.torchvision_model:
+            return self.torchvision_model.split("_")[0].removesuffix("320")
+        return self.arch
 
 
 class ParamRule(_Section):

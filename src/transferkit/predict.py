@@ -54,7 +54,7 @@ def load_detector_run(run_dir: str | Path, weights: str = "best"):
     model, _ = create_detector(cfg.model.name, len(classes), cfg.detection)
     load_weights(model, _checkpoint(run_dir, weights))
     model.eval()
-    return model, classes, 1 if WITH_BACKGROUND[cfg.detection.arch] else 0
+    return model, classes, 1 if WITH_BACKGROUND[cfg.detection.kind] else 0
 
 
 @torch.no_grad()

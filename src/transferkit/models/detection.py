@@ -24,7 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from transferkit.config import DetectionConfig
 from transferkit.errors import TransferKitError
-from transferkit.models.registry import Family, timm_family
+from transferkit.models.registry import IMAGENET_MEAN, IMAGENET_STD, Family, Preprocessing, timm_family
 
 # Class-dependent tensors of each detector: their shape follows the number of classes.
 HEAD_PATTERNS = {
@@ -33,10 +33,11 @@ HEAD_PATTERNS = {
                  "roi_heads.mask_predictor.mask_fcn_logits.*"),
     "retinanet": ("head.classification_head.cls_logits.*",),
     "fcos": ("head.classification_head.cls_logits.*",),
+    "ssdlite": ("head.classification_head.module_list.*.1.*",),
 }
 BACKBONE_PREFIX = "backbone.body."
 # Torchvision counts a background class in the classifier of two-stage detectors.
-WITH_BACKGROUND = {"fasterrcnn": True, "maskrcnn": True, "retinanet": False, "fcos": False}
+WITH_BACKGROUND = {"fasterrcnn": True, "maskrcnn": True, "retinanet": False, "fcos": False, "ssdlite": True}
 TWO_STAGE = ("fasterrcnn", "maskrcnn")
 
 
@@ -93,8 +94,50 @@ def freeze_stages(model: nn.Module, trainable: int) -> list[str]:
     return [BACKBONE_PREFIX + n for n in frozen]
 
 
+def resnet_stages(body: nn.Module) -> list[list[str]]:
+    """torchvision's ResNet body in the five stages torchvision counts: conv1+bn1, layer1..layer4."""
+    names = [n for n, _ in body.named_parameters()]
+    stem = [n for n in names if not n.startswith("layer")]
+    return [stem] + [[n for n in names if n.startswith(f"layer{i}.")] for i in range(1, 5)]
+
+
+def create_torchvision_detector(cfg: DetectionConfig, num_classes: int) -> tuple[nn.Module, Family]:
+    """One of torchvision's detector builders, randomly initialised, for `num_classes` classes."""
+    from timm.layers import freeze_batch_norm_2d
+    from torchvision.models import detection
+
+    kind = cfg.kind
+    kwargs: dict = {"weights": None, "weights_backbone": None,
+                    "num_classes": num_classes + (1 if WITH_BACKGROUND[kind] else 0)}
+    if kind in TWO_STAGE:
+        kwargs.update(box_score_thresh=cfg.score_threshold, box_detections_per_img=cfg.detections_per_image)
+    else:
+        kwargs.update(score_thresh=cfg.score_threshold, detections_per_img=cfg.detections_per_image)
+    if kind != "ssdlite":  # SSDlite works at its fixed 320x320
+        kwargs.update(min_size=tuple(cfg.min_size), max_size=cfg.max_size)
+    model = getattr(detection, cfg.torchvision_model)(**kwargs)
+    body = model.backbone.body if hasattr(model.backbone, "body") else model.backbone
+    if cfg.frozen_bn:
+        frozen = freeze_batch_norm_2d(body)  # same tensor names as torchvision's FrozenBatchNorm2d
+        if hasattr(model.backbone, "body"):
+            model.backbone.body = frozen
+        else:
+            model.backbone = frozen
+    if hasattr(model.backbone, "body") and hasattr(model.backbone.body, "layer4"):
+        stages = resnet_stages(model.backbone.body)
+        params = dict(model.backbone.body.named_parameters())
+        for stage in stages[: 5 - cfg.trainable_backbone_layers]:
+            for name in stage:
+                params[name].requires_grad_(False)
+    prefix = BACKBONE_PREFIX if hasattr(model.backbone, "body") else "backbone."
+    pre = Preprocessing(IMAGENET_MEAN, IMAGENET_STD)  # torchvision's detectors normalise with these
+    return model, Family(HEAD_PATTERNS[kind], (prefix + "*",), pre, backbone_prefix=prefix)
+
+
 def create_detector(name: str, num_classes: int, cfg: DetectionConfig) -> tuple[nn.Module, Family]:
     """A randomly initialised detector for `num_classes` object classes (no background)."""
+    if cfg.torchvision_model:
+        return create_torchvision_detector(cfg, num_classes)
     if cfg.arch == "fcos" and cfg.fpn_channels % 32:
         raise TransferKitError(f"detection.fpn_channels {cfg.fpn_channels}: FCOS's head normalises in 32 groups, "
                                "so use a multiple of 32")

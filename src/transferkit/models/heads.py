@@ -101,6 +101,8 @@ def detector_head_rows(name: str, rows: int, num_classes: int, index: int) -> li
     """The rows of a detector's class-dependent tensor that belong to class `index` (0-based):
     Faster and Mask R-CNN put the background first, with 4 box deltas per class; RetinaNet's
     outputs are anchor-major (anchor * classes + class); FCOS has one output per class."""
+    if name.startswith("head.classification_head.module_list"):
+        raise TransferKitError("head rows from source classes are not built for SSDlite's heads")
     if name.startswith("roi_heads.box_predictor.bbox_pred"):
         return [4 * (index + 1) + j for j in range(4)]
     if name.startswith(("roi_heads.box_predictor.cls_score", "roi_heads.mask_predictor.mask_fcn_logits")):

@@ -30,7 +30,7 @@ class DetectionData:
 
 
 def label_offset(cfg: Config) -> int:
-    return 1 if WITH_BACKGROUND[cfg.detection.arch] else 0
+    return 1 if WITH_BACKGROUND[cfg.detection.kind] else 0
 
 
 def build_detector(cfg: Config, classes: list[str], restore: bool = True
@@ -71,7 +71,7 @@ def source_classes(cfg: Config) -> list[str]:
 def load_detection_data(cfg: Config, need_train: bool = True) -> DetectionData:
     classes, train, val = load_detection_splits(cfg.data, need_train)
     offset = label_offset(cfg)
-    masks = cfg.detection.arch == "maskrcnn"
+    masks = cfg.detection.kind == "maskrcnn"
     train_set = DetectionDataset(train, cfg.detection, True, cfg.data.cache, offset, cfg.data.on_bad_image,
                                  masks) if train is not None else None
     val_set = DetectionDataset(val, cfg.detection, False, cfg.data.cache, offset, cfg.data.on_bad_image)
