@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fine-tune vs scratch on synthetic data, no data or network needed")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--task", choices=("classification", "detection"), default="classification",
+                   help="detection: FCOS with an ImageNet vs a random backbone on synthetic boxes")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
 
@@ -230,7 +232,7 @@ def cmd_predict(args) -> int:
 def cmd_demo(args) -> int:
     from transferkit.demo import run_demo
 
-    run_demo(args.out, epochs=args.epochs, seed=args.seed)
+    run_demo(args.out, epochs=args.epochs, seed=args.seed, task=args.task)
     return 0
 
 
