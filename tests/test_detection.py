@@ -160,6 +160,8 @@ def test_backbone_restore_from_the_imagenet_classifier():
     rest = [e for e in report.entries if not e.target.startswith("backbone.body.")]
     assert body and all(e.status == "loaded" for e in body)
     assert rest and all(e.status == "out-of-scope" for e in rest)
+    rows = report.per_module()  # the table splits the restored network from the new FPN
+    assert rows["backbone.body"]["fraction_restored"] == 1.0 and rows["backbone.fpn"]["loaded"] == 0
     # the classifier's own head (conv_head, bn, fc) is what is left unused, with the BN step counters
     assert {n.split(".")[0] for n in report.unused_source if not n.endswith("num_batches_tracked")} == {
         "_conv_head", "_bn1", "_fc"}

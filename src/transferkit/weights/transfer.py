@@ -41,6 +41,13 @@ class TensorEntry:
     init: str | None = None  # how it was initialised, when it was not loaded
 
 
+def module_of(name: str) -> str:
+    """The row of the per-module table: the top-level module, except that a detector's `backbone`
+    is split into its parts (`backbone.body`, the restored network, and `backbone.fpn`, new)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "backbone" and len(parts) > 2 else parts[0]
+
+
 @dataclass
 class TransferReport:
     source: str
@@ -67,7 +74,7 @@ class TransferReport:
     def per_module(self) -> dict[str, dict[str, Any]]:
         groups: dict[str, list[TensorEntry]] = defaultdict(list)
         for e in self.entries:
-            groups[e.target.split(".", 1)[0]].append(e)
+            groups[module_of(e.target)].append(e)
         out = {}
         for module, entries in groups.items():
             total = sum(e.numel for e in entries)
