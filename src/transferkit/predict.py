@@ -63,7 +63,7 @@ def predict_boxes(model, classes: list[str], offset: int, paths: list[Path], sco
     """Boxes [x0, y0, x1, y1] in image pixels with class and score, per image; with `draw_dir`, each
     image with its boxes drawn, as DIR/<name>.png."""
     from torchvision.transforms.functional import pil_to_tensor, to_tensor
-    from torchvision.utils import draw_bounding_boxes
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     results = []
     for path in paths:
@@ -80,8 +80,10 @@ def predict_boxes(model, classes: list[str], offset: int, paths: list[Path], sco
         entry = {"path": str(path), "detections": dets}
         if draw_dir is not None:
             names = [f"{d['class']} {d['score']:.2f}" for d in dets]
-            drawn = draw_bounding_boxes(pil_to_tensor(im), boxes, labels=names, colors="red",
-                                        width=max(2, min(im.size) // 200))
+            canvas = pil_to_tensor(im)
+            if "masks" in out:  # Mask R-CNN: the objects' masks under their boxes
+                canvas = draw_segmentation_masks(canvas, out["masks"][keep][:, 0] >= 0.5, alpha=0.4, colors="red")
+            drawn = draw_bounding_boxes(canvas, boxes, labels=names, colors="red", width=max(2, min(im.size) // 200))
             target = Path(draw_dir) / f"{path.stem}.png"
             atomic_write(target, lambda tmp, d=drawn: Image.fromarray(d.permute(1, 2, 0).numpy()).save(tmp, "PNG"))
             entry["drawn"] = str(target)

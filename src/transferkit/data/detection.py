@@ -51,10 +51,15 @@ class DetectionSplit:
         images, anns = [], []
         for r in self.records:
             images.append({"id": r.image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
-            for box, label, crowd in zip(r.boxes.tolist(), r.labels.tolist(), r.crowd.tolist(), strict=True):
+            for k, (box, label, crowd) in enumerate(zip(r.boxes.tolist(), r.labels.tolist(), r.crowd.tolist(),
+                                                        strict=True)):
                 w, h = box[2] - box[0], box[3] - box[1]
+                x0, y0, x1, y1 = box  # an object without polygons is scored by its box (mask evaluation)
+                polygons = r.polygons[k] if k < len(r.polygons) and r.polygons[k] else [
+                    [x0, y0, x1, y0, x1, y1, x0, y1]]
                 anns.append({"id": len(anns) + 1, "image_id": r.image_id, "category_id": label + 1,
-                             "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": int(crowd)})
+                             "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": int(crowd),
+                             "segmentation": polygons})
         return {"images": images, "annotations": anns,
                 "categories": [{"id": i + 1, "name": n} for i, n in enumerate(self.classes)]}
 

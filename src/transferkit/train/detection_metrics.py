@@ -18,15 +18,34 @@ import torch
 METRIC_KEYS = ("val_map", "val_ap50", "val_ap75", "val_ap_small", "val_ap_medium", "val_ap_large")
 
 
-def to_coco_results(outputs: list[dict], targets: list[dict], label_offset: int) -> list[dict]:
+def to_coco_results(outputs: list[dict], targets: list[dict], label_offset: int,
+                    sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """COCO results in the original images' pixels. With `sizes` (width, height of each original
+    image) and masks in the outputs (Mask R-CNN), each result also gets its mask as RLE."""
     results = []
-    for out, target in zip(outputs, targets, strict=True):
+    for n, (out, target) in enumerate(zip(outputs, targets, strict=True)):
         boxes = out["boxes"].detach().cpu().double() / target["scale"]
-        for (x0, y0, x1, y1), label, score in zip(boxes.tolist(), out["labels"].tolist(), out["scores"].tolist(),
-                                                  strict=True):
-            results.append({"image_id": int(target["image_id"]), "category_id": int(label) - label_offset + 1,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+        rles = _rles(out["masks"], sizes[n]) if sizes is not None and "masks" in out else None
+        for k, ((x0, y0, x1, y1), label, score) in enumerate(zip(boxes.tolist(), out["labels"].tolist(),
+                                                                  out["scores"].tolist(), strict=True)):
+            result = {"image_id": int(target["image_id"]), "category_id": int(label) - label_offset + 1,
+                      "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
+            if rles is not None:
+                result["segmentation"] = rles[k]
+            results.append(result)
     return results
+
+
+def _rles(masks: torch.Tensor, size: tuple[int, int]) -> list[dict]:
+    """Mask R-CNN's soft masks [N, 1, h, w] at the original size, cut at 0.5, as COCO RLE (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+
+    if not len(masks):
+        return []
+    full = torch.nn.functional.interpolate(masks.detach().cpu().float(), size=(size[1], size[0]), mode="bilinear",
+                                           align_corners=False)[:, 0] >= 0.5
+    rles = mask_utils.encode(np.asfortranarray(full.permute(1, 2, 0).numpy().astype(np.uint8)))
+    return [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
 def _coco(dataset: dict):
@@ -39,18 +58,21 @@ def _coco(dataset: dict):
     return coco
 
 
-def coco_map(ground_truth: dict, results: list[dict]) -> dict:
+def coco_map(ground_truth: dict, results: list[dict], iou_type: str = "bbox") -> dict:
     """AP@[.5:.95], AP50, AP75, AP small/medium/large and AP per category name (COCO's definitions;
-    -1 where the ground truth has nothing to score, as pycocotools reports it)."""
+    -1 where the ground truth has nothing to score, as pycocotools reports it). iou_type `segm`
+    scores the results' masks against the ground truth's polygons."""
+    from pycocotools import mask as mask_utils
     from pycocotools.cocoeval import COCOeval
 
     gt = _coco(ground_truth)
     dets = []
     for i, r in enumerate(results):
         x, y, w, h = r["bbox"]
-        dets.append({**r, "id": i + 1, "area": w * h, "iscrowd": 0})
+        area = float(mask_utils.area(r["segmentation"])) if iou_type == "segm" else w * h
+        dets.append({**r, "id": i + 1, "area": area, "iscrowd": 0})
     dt = _coco({"images": ground_truth["images"], "categories": ground_truth["categories"], "annotations": dets})
-    evaluator = COCOeval(gt, dt, "bbox")
+    evaluator = COCOeval(gt, dt, iou_type)
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
@@ -71,13 +93,20 @@ def coco_map(ground_truth: dict, results: list[dict]) -> dict:
 def detect(model, loader, device, label_offset: int) -> list[dict]:
     """Every image of `loader` through the detector in eval mode: COCO results."""
     model.eval()
+    sizes = {r.image_id: (r.width, r.height) for r in loader.dataset.split.records}
     results = []
     for images, targets in loader:
         outputs = model([im.to(device) for im in images])
-        results += to_coco_results(outputs, list(targets), label_offset)
+        results += to_coco_results(outputs, list(targets), label_offset, [sizes[t["image_id"]] for t in targets])
     return results
 
 
 def evaluate_detection(model, loader, split, device, label_offset: int) -> tuple[dict, list[dict]]:
+    """Box mAP (val_map, ...) and, for detectors with masks, mask mAP (val_mask_map, val_mask_ap50, ...)."""
     results = detect(model, loader, device, label_offset)
-    return coco_map(split.coco_ground_truth(), results), results
+    truth = split.coco_ground_truth()
+    metrics = coco_map(truth, results)
+    if results and "segmentation" in results[0]:
+        masks = coco_map(truth, results, "segm")
+        metrics.update({k.replace("val_", "val_mask_"): v for k, v in masks.items() if k in METRIC_KEYS})
+    return metrics, results
