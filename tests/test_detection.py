@@ -386,3 +386,16 @@ def test_mask_map_agrees_with_pycocotools_and_runs_for_mask_rcnn(shapes):
     _, loader = detection_loaders(cfg, data)
     metrics, dets = evaluate_detection(model, loader, data.val, torch.device("cpu"), label_offset(cfg))
     assert dets and "segmentation" in dets[0] and "val_mask_map" in metrics and "val_map" in metrics
+
+
+def test_detection_from_packed_shards_equals_detection_from_coco(shapes, tmp_path):
+    from transferkit.data.shards import pack
+
+    for split in ("train", "val"):
+        pack(shapes / "annotations" / f"{split}.json", tmp_path / "packed" / split, images=shapes / "images" / split)
+    runs = {}
+    for name, extra in (("coco", {}), ("shards", {"data.format": "shards", "data.root": str(tmp_path / "packed")})):
+        cfg = load_config(None, det_overrides(shapes, **{"schedule.epochs": 2, "data.cache": "false", **extra}))
+        runs[name] = [{k: v for k, v in m.items() if k != "seconds"} for m in train(cfg, out=tmp_path / name,
+                                                                                    quiet=True).metrics]
+    assert runs["coco"] == runs["shards"] and runs["shards"][-1]["val_map"] > 0

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from transferkit.config import DataConfig, DetectionConfig
 from transferkit.data.images import BadImage, load_rgb
+from transferkit.data.shards import ShardSample, read_sample
 from transferkit.errors import TransferKitError
 from transferkit.progress import track
 
@@ -30,7 +31,7 @@ from transferkit.progress import track
 @dataclass
 class DetectionRecord:
     image_id: int
-    path: Path
+    path: Path | ShardSample
     width: int
     height: int
     boxes: torch.Tensor  # [N, 4] xyxy, pixels of the original image
@@ -50,7 +51,8 @@ class DetectionSplit:
         """The split as a COCO dict (category ids 1..C in class order), for evaluation."""
         images, anns = [], []
         for r in self.records:
-            images.append({"id": r.image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
+            name = r.path.name if isinstance(r.path, Path) else r.path.key
+            images.append({"id": r.image_id, "file_name": name, "width": r.width, "height": r.height})
             for k, (box, label, crowd) in enumerate(zip(r.boxes.tolist(), r.labels.tolist(), r.crowd.tolist(),
                                                         strict=True)):
                 w, h = box[2] - box[0], box[3] - box[1]
@@ -162,10 +164,34 @@ def load_detection_splits(cfg: DataConfig, need_train: bool = True) -> tuple[lis
             train, val = _split(train, cfg.val_fraction, cfg.split_seed)
         else:
             raise TransferKitError("give data.val_ann, or data.val_fraction to split the training images")
+    elif cfg.format == "shards":
+        classes, train = _read_shard_split(cfg.root / "train", cfg.classes)
+        _, val = _read_shard_split(cfg.root / "val", classes)
     else:
-        raise TransferKitError(f"task detection reads data.format coco or voc, not {cfg.format!r}")
+        raise TransferKitError(f"task detection reads data.format coco, voc or shards, not {cfg.format!r}")
     return classes, DetectionSplit("train", classes, train) if need_train else None, DetectionSplit(
         "val", classes, val)
+
+
+def _read_shard_split(folder: Path, wanted: list[str] | None) -> tuple[list[str], list]:
+    """A pack written by `transferkit data pack` from a COCO JSON: images read from the shards by offset."""
+    from transferkit.data.shards import read_index
+
+    index = read_index(folder)
+    if index.task != "detection":
+        raise TransferKitError(f"{folder} holds {index.task} shards; pack a COCO JSON for detection")
+    classes = _pick_classes(index.classes, wanted, folder)
+    keep = {index.classes.index(c): i for i, c in enumerate(classes)}
+    records = []
+    for n, (sample, rec) in enumerate(zip(index.samples, index.records, strict=True)):
+        anns = [a for a in rec["annotations"] if a["label"] in keep]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        records.append(DetectionRecord(n + 1, sample, rec["width"], rec["height"], boxes,
+                                       torch.tensor([keep[a["label"]] for a in anns], dtype=torch.int64),
+                                       torch.tensor([bool(a["iscrowd"]) for a in anns], dtype=torch.bool),
+                                       [[] for _ in anns]))
+    return classes, records
 
 
 def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -217,7 +243,8 @@ class DetectionDataset(Dataset):
 
     def _load(self, r: DetectionRecord) -> Image.Image:
         s = keep_scale(r.width, r.height, self.det)
-        im = load_rgb(r.path, draft=math.ceil(min(r.width, r.height) * s))
+        draft = math.ceil(min(r.width, r.height) * s)
+        im = read_sample(r.path, draft) if isinstance(r.path, ShardSample) else load_rgb(r.path, draft=draft)
         if im.size != (r.width, r.height):
             raise BadImage(f"the image is {im.size[0]}x{im.size[1]}, the annotations say {r.width}x{r.height}")
         if s < 1.0:
