@@ -200,19 +200,15 @@ def check_dataset(path: str | Path, fmt: str | None = None, images: str | Path |
         splits, classes = _folder_splits(path)
         _check_classification(report, splits, classes, decode)
     elif fmt == "list":
-        from transferkit.data.lists import read_classes, read_list
+        from transferkit.data.lists import read_labelled_list
 
-        classes_file = path.with_name(path.name.rsplit("_", 1)[0] + "_classes.txt")
-        if not classes_file.is_file():
-            raise TransferKitError(f"no classes file {classes_file} beside {path}")
-        classes = read_classes(classes_file)
-        base = Path(root) if root else path.parent
-        _check_classification(report, {"list": read_list(path, base, len(classes))}, classes, decode)
+        classes, pairs = read_labelled_list(path, Path(root) if root else path.parent)
+        _check_classification(report, {"list": pairs}, classes, decode)
     elif fmt == "coco":
-        from transferkit.data.coco import read_coco
+        from transferkit.data.coco import guess_image_folder, read_coco
 
         coco = read_coco(path)
-        image_root = Path(images) if images else _guess_coco_images(path)
+        image_root = Path(images) if images else guess_image_folder(path)
         for p in coco.problems:
             report.add(p.kind, f"{path.name} {p.where}", p.detail, "error" if p.error else "warning")
         by_id = {c["id"]: c["name"] for c in coco.categories}
@@ -231,16 +227,6 @@ def check_dataset(path: str | Path, fmt: str | None = None, images: str | Path |
         check_coco_like(report, dataset.images, [dataset.categories[a["category_id"] - 1] for a in dataset.annotations],
                         dataset.categories, dataset.image_root, decode)
     return report
-
-
-def _guess_coco_images(json_path: Path) -> Path:
-    """COCO's own layout: annotations/instances_<split>.json beside images/<split>/ (or <split>/)."""
-    split = json_path.stem.split("_", 1)[-1]
-    for candidate in (json_path.parent.parent / "images" / split, json_path.parent.parent / split,
-                      json_path.parent / "images", json_path.parent):
-        if candidate.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in candidate.iterdir()):
-            return candidate
-    raise TransferKitError(f"cannot tell where the images of {json_path} are; give --images FOLDER")
 
 
 def startup_check(source: str, classes: list[str], labels: list[int], empty_level: str = "error") -> list[str]:

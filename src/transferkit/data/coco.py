@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transferkit.data.images import IMAGE_SUFFIXES
 from transferkit.errors import TransferKitError
 
 
@@ -144,3 +145,13 @@ def read_coco(path: str | Path) -> CocoFile:
             else w * h, "iscrowd": 1 if iscrowd in (1, True) else 0, "segmentation": ann.get("segmentation", []),
         })
     return out
+
+
+def guess_image_folder(json_path: Path) -> Path:
+    """COCO's own layout: annotations/instances_<split>.json beside images/<split>/ (or <split>/)."""
+    split = json_path.stem.split("_", 1)[-1]
+    for candidate in (json_path.parent.parent / "images" / split, json_path.parent.parent / split,
+                      json_path.parent / "images", json_path.parent):
+        if candidate.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in candidate.iterdir()):
+            return candidate
+    raise TransferKitError(f"cannot tell where the images of {json_path} are; give --images FOLDER")

@@ -112,8 +112,7 @@ def rasterise(polygons: list[list[list[float]]], boxes: torch.Tensor, size: tupl
 
 
 def _read_coco_split(ann: Path, images: Path | None, wanted: list[str] | None) -> tuple[list[str], list]:
-    from transferkit.data.check import _guess_coco_images
-    from transferkit.data.coco import read_coco
+    from transferkit.data.coco import guess_image_folder, read_coco
 
     coco = read_coco(ann)
     errors = [p for p in coco.problems if p.error]
@@ -123,7 +122,7 @@ def _read_coco_split(ann: Path, images: Path | None, wanted: list[str] | None) -
                                f"({len(errors)} such problem(s); `transferkit data check` lists them)")
     names = {c["id"]: c["name"] for c in coco.categories}
     classes = _pick_classes(coco.category_names, wanted, ann)
-    root = images or _guess_coco_images(ann)
+    root = images or guess_image_folder(ann)
     return classes, _records_from_coco(coco.images, coco.annotations, names, classes, root)
 
 

@@ -95,6 +95,21 @@ def read_classes(path: str | Path) -> list[str]:
     return names
 
 
+def classes_file_of(list_path: str | Path) -> Path:
+    """PREFIX_classes.txt beside PREFIX_<split>.lst, as make_lists writes them."""
+    list_path = Path(list_path)
+    return list_path.with_name(list_path.name.rsplit("_", 1)[0] + "_classes.txt")
+
+
+def read_labelled_list(path: str | Path, root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The classes (from the classes file beside the list) and the (image path, label) pairs of a list."""
+    classes_file = classes_file_of(path)
+    if not classes_file.is_file():
+        raise TransferKitError(f"no classes file {classes_file} beside {path}")
+    classes = read_classes(classes_file)
+    return classes, read_list(path, root, len(classes))
+
+
 def read_list(path: str | Path, root: str | Path, num_classes: int | None = None) -> list[tuple[Path, int]]:
     """(image path, label) pairs of a list file; paths are relative to `root`."""
     path, root = Path(path), Path(root)

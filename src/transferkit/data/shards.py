@@ -43,13 +43,17 @@ class ShardSample:
         return f"{self.shard}:{self.key}"
 
 
-def read_sample(sample: ShardSample, draft: int | None = None) -> Image.Image:
+def sample_bytes(sample: ShardSample) -> bytes:
     with open(sample.shard, "rb") as fh:  # a handle per read: safe in forked DataLoader workers
         fh.seek(sample.offset)
         data = fh.read(sample.size)
     if len(data) != sample.size:
         raise BadImage(f"shard ends early ({len(data)} of {sample.size} bytes)")
-    return load_rgb(io.BytesIO(data), draft)
+    return data
+
+
+def read_sample(sample: ShardSample, draft: int | None = None) -> Image.Image:
+    return load_rgb(io.BytesIO(sample_bytes(sample)), draft)
 
 
 @dataclass
@@ -131,13 +135,9 @@ def _samples_of(source: Path, root: Path | None, images: Path | None) -> tuple[s
                                   for a in by_image[img["id"]]]} for img in coco.images]
         return "detection", coco.category_names, items
     if source.suffix == ".lst":
-        from transferkit.data.lists import read_classes, read_list
+        from transferkit.data.lists import read_labelled_list
 
-        classes_file = source.with_name(source.name.rsplit("_", 1)[0] + "_classes.txt")
-        if not classes_file.is_file():
-            raise TransferKitError(f"no classes file {classes_file} beside {source}")
-        classes = read_classes(classes_file)
-        pairs = read_list(source, root or source.parent, len(classes))
+        classes, pairs = read_labelled_list(source, root or source.parent)
         return "classification", classes, [{"path": p, "label": label} for p, label in pairs]
     if source.is_dir():
         from transferkit.data.classification import list_classes
@@ -246,13 +246,12 @@ def check_shards(report, folder: Path, decode: bool) -> None:
         if not decode:
             continue
         try:
-            read_sample(sample)
+            data = sample_bytes(sample)
+            load_rgb(io.BytesIO(data))
         except BadImage as exc:
             report.add("undecodable image", str(sample), f"{exc}; pack again")
             continue
-        with open(sample.shard, "rb") as fh:
-            fh.seek(sample.offset)
-            digest = hashlib.sha256(fh.read(sample.size)).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             report.add("duplicate image", str(sample), f"same bytes as {seen[digest]}", "warning")
         seen.setdefault(digest, str(sample))

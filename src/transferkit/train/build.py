@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transferkit.config import Config, DataConfig
 from transferkit.data.check import startup_check
 from transferkit.data.classification import FolderSplit, ImageDataset, decode_all, list_classes, scan_split
-from transferkit.data.lists import read_classes, read_list
+from transferkit.data.lists import classes_file_of, read_classes, read_list
 from transferkit.data.shards import read_index, read_sample
 from transferkit.data.transforms import eval_transform, pil_resample, resize_size, train_transform
 from transferkit.errors import TransferKitError
@@ -94,7 +94,7 @@ def dataset_classes(cfg: DataConfig, need_train: bool = True) -> list[str]:
     if not root.is_dir():
         raise TransferKitError(f"data.root not found: {root} (a folder holding train/ and val/)")
     if cfg.format == "list":
-        path = cfg.classes_file or Path(str(_list_file(cfg, "train")).removesuffix("_train.lst") + "_classes.txt")
+        path = cfg.classes_file or classes_file_of(_list_file(cfg, "train"))
         if not path.is_file():
             raise TransferKitError(f"classes file not found: {path}; set data.classes_file")
         return read_classes(path)
