@@ -15,6 +15,7 @@ from transferkit.data.detection import GroupedBatchSampler, load_detection_split
 from transferkit.data.synthetic import make_synthetic_detection
 from transferkit.models.classification import restore_pretrained
 from transferkit.models.detection import HEAD_PATTERNS, backbone_stages, create_detector
+from transferkit.patterns import first_match
 from transferkit.train.checkpoint import save_weights
 from transferkit.train.detection_metrics import coco_map, to_coco_results
 from transferkit.train.loop import train
@@ -256,12 +257,12 @@ def test_detection_resumes_exactly_from_inside_an_epoch(shapes, tmp_path):
     assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
-@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn", "retinanet", "fcos", "ssdlite320_mobilenet_v3_large"])
 def test_head_rows_from_the_source_detectors_classes(arch, tmp_path):
     from transferkit.config import HeadInitConfig
-    from transferkit.models.heads import detector_head_rows, init_detector_head_from_classes
+    from transferkit.models.heads import detector_head_rows, has_background, init_detector_head_from_classes
 
-    cfg = SMALL.model_copy(update={"arch": arch})
+    cfg = SMALL.model_copy(update={"torchvision_model": arch} if "_" in arch else {"arch": arch})
     source, _ = create_detector("test_efficientnet", 3, cfg)  # classes: car, person, dog
     save_weights(source, tmp_path / "det.safetensors")
     target, family = create_detector("test_efficientnet", 2, cfg)  # classes: pedestrian, tree
@@ -271,13 +272,15 @@ def test_head_rows_from_the_source_detectors_classes(arch, tmp_path):
     rows = init_detector_head_from_classes(target, report, ["pedestrian", "tree"], ["car", "person", "dog"], spec)
     assert [r["from"] for r in rows] == [["person (1)"], None]
     src, dst = source.state_dict(), target.state_dict()
-    for name in HEAD_PATTERNS[arch]:
-        for tensor in (name[:-2] + ".weight", name[:-2] + ".bias"):
-            s_rows = detector_head_rows(tensor, src[tensor].shape[0], 3, 1)
-            d_rows = detector_head_rows(tensor, dst[tensor].shape[0], 2, 0)
+    tensors = [n for n in dst if first_match(family.head_patterns, n) is not None]
+    assert tensors
+    for tensor in tensors:
+        for s_index, d_index in ((1, 0), *(((-1, -1),) if has_background(tensor) else ())):  # person, background
+            s_rows = detector_head_rows(tensor, src[tensor].shape[0], 3, s_index)
+            d_rows = detector_head_rows(tensor, dst[tensor].shape[0], 2, d_index)
             assert torch.equal(dst[tensor][d_rows], src[tensor][s_rows]), tensor
-            tree = detector_head_rows(tensor, dst[tensor].shape[0], 2, 1)
-            assert torch.equal(dst[tensor][tree], before[tensor][tree]), tensor  # no match: left as built
+        tree = detector_head_rows(tensor, dst[tensor].shape[0], 2, 1)
+        assert torch.equal(dst[tensor][tree], before[tensor][tree]), tensor  # no match: left as built
 
 
 def test_mask_rcnn_gets_polygon_masks_that_move_with_the_image(shapes):
@@ -309,8 +312,6 @@ def test_torchvision_model_zoo_checkpoints_restore_all_but_the_head(name, tmp_pa
     (FrozenBatchNorm2d: no step counters). Saved as a .pth the way the model zoo ships them, they
     restore into transferkit's build of the same detector for 3 classes: every tensor but the
     class-dependent ones."""
-    from fnmatch import fnmatch
-
     from timm.layers import freeze_batch_norm_2d
     from torchvision.models import detection
 
@@ -322,10 +323,12 @@ def test_torchvision_model_zoo_checkpoints_restore_all_but_the_head(name, tmp_pa
     report = transfer(model, tmp_path / "coco.pth", "all-but-head", family.head_patterns)
 
     def head(n):
-        return any(fnmatch(n, p) for p in family.head_patterns)
+        return first_match(family.head_patterns, n) is not None
 
     not_loaded = {e.target for e in report.entries if e.status != "loaded"}
     assert not_loaded and not_loaded == {n for n in model.state_dict() if head(n)}
+    state = model.state_dict()  # and the class-dependent tensors are exactly those whose shape follows the classes
+    assert all(state[n].shape != zoo.state_dict()[n].shape for n in not_loaded)
     assert all(head(n) or n.endswith("num_batches_tracked") for n in report.unused_source)  # SSDlite trains its BN
 
 

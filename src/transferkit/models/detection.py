@@ -33,7 +33,8 @@ HEAD_PATTERNS = {
                  "roi_heads.mask_predictor.mask_fcn_logits.*"),
     "retinanet": ("head.classification_head.cls_logits.*",),
     "fcos": ("head.classification_head.cls_logits.*",),
-    "ssdlite": ("head.classification_head.module_list.*.1.*",),
+    # the last 1x1 convolution of each level (module_list.N.0 is a depthwise block with its own BatchNorm)
+    "ssdlite": (r"re:head\.classification_head\.module_list\.\d+\.1\.(weight|bias)",),
 }
 BACKBONE_PREFIX = "backbone.body."
 # Torchvision counts a background class in the classifier of two-stage detectors.

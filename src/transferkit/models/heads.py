@@ -98,16 +98,21 @@ def init_head_from_classes(model: nn.Module, report: TransferReport, classes: li
 
 
 def detector_head_rows(name: str, rows: int, num_classes: int, index: int) -> list[int]:
-    """The rows of a detector's class-dependent tensor that belong to class `index` (0-based):
-    Faster and Mask R-CNN put the background first, with 4 box deltas per class; RetinaNet's
-    outputs are anchor-major (anchor * classes + class); FCOS has one output per class."""
-    if name.startswith("head.classification_head.module_list"):
-        raise TransferKitError("head rows from source classes are not built for SSDlite's heads")
+    """The rows of a detector's class-dependent tensor that belong to class `index` (0-based; -1:
+    the background, where there is one): Faster and Mask R-CNN put the background first, with 4 box
+    deltas per class; RetinaNet's outputs are anchor-major (anchor * classes + class), SSDlite's too
+    with the background as class 0 of each anchor; FCOS has one output per class."""
     if name.startswith("roi_heads.box_predictor.bbox_pred"):
         return [4 * (index + 1) + j for j in range(4)]
     if name.startswith(("roi_heads.box_predictor.cls_score", "roi_heads.mask_predictor.mask_fcn_logits")):
         return [index + 1]
+    if name.startswith("head.classification_head.module_list"):  # SSDlite
+        return [a * (num_classes + 1) + index + 1 for a in range(rows // (num_classes + 1))]
     return [a * num_classes + index for a in range(rows // num_classes)]
+
+
+def has_background(name: str) -> bool:
+    return name.startswith(("roi_heads.", "head.classification_head.module_list"))
 
 
 @torch.no_grad()
@@ -145,10 +150,11 @@ def init_detector_head_from_classes(model: nn.Module, report: TransferReport, cl
                 params[target][d] = value.to(params[target].dtype)
         rows.append({"row": row, "class": name, "from": [t.describe(labels) for t in terms],
                      "how": "auto" if spec == "auto" else "mapped"})
-    for target, src in pairs.items():  # Faster and Mask R-CNN's background
-        if target.startswith(("roi_heads.box_predictor.", "roi_heads.mask_predictor.")):
-            for d in detector_head_rows(target, 0, 1, -1):
-                params[target][d] = src[d].to(params[target].dtype)
+    for target, src in pairs.items():  # the background rows (Faster and Mask R-CNN, SSDlite)
+        if has_background(target):
+            dest = detector_head_rows(target, params[target].shape[0], len(classes), -1)
+            for d, r in zip(dest, detector_head_rows(target, src.shape[0], len(source_classes), -1), strict=True):
+                params[target][d] = src[r].to(params[target].dtype)
     report.head_rows = rows
     report.note_init(list(pairs), "from source classes")
     return rows
