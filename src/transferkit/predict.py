@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from transferkit.config import Config, validate
-from transferkit.data.images import IMAGE_SUFFIXES, BadImage, load_rgb
+from transferkit.data.images import BadImage, image_files, load_rgb
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write
@@ -96,7 +96,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            paths += image_files(p)
         elif p.exists():
             paths.append(p)
         else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from transferkit.data.images import IMAGE_SUFFIXES, BadImage, load_rgb
+from transferkit.data.images import BadImage, image_files, load_rgb
 from transferkit.errors import TransferKitError
 from transferkit.progress import track
 
@@ -167,8 +167,7 @@ def _folder_splits(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], list[
     splits = {}
     for part in parts:
         splits[part.name] = [(f, label) for label, name in enumerate(classes) if (part / name).is_dir()
-                             for f in sorted((part / name).rglob("*"))
-                             if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+                             for f in image_files(part / name)]
     return splits, classes
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from transferkit.data.images import IMAGE_SUFFIXES, BadImage, load_rgb, shrink_shorter_side
+from transferkit.data.images import IMAGE_SUFFIXES, BadImage, image_files, load_rgb, shrink_shorter_side
 from transferkit.errors import TransferKitError
 from transferkit.progress import track
 
@@ -54,9 +54,7 @@ def scan_split(split_root: Path, classes: list[str]) -> FolderSplit:
         folder = split_root / name
         if not folder.is_dir():
             continue
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                samples.append((path, label))
+        samples += [(path, label) for path in image_files(folder)]
     if not samples:
         raise TransferKitError(f"{split_root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return FolderSplit(split_root, classes, samples)

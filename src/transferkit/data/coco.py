@@ -44,6 +44,10 @@ class CocoFile:
         return out
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not ids
+
+
 def _number(value, where: str, path: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TransferKitError(f"{path}: {where} must be a finite number, not {value!r:.40}")
@@ -80,7 +84,7 @@ def read_coco(path: str | Path) -> CocoFile:
     categories = []
     for i, cat in enumerate(_entries(data, "categories", path)):
         _require(cat, ("id", "name"), f"categories[{i}]", path)
-        if isinstance(cat["id"], bool) or not isinstance(cat["id"], int) or not isinstance(cat["name"], str):
+        if not _is_int(cat["id"]) or not isinstance(cat["name"], str):
             raise TransferKitError(f"{path}: categories[{i}] needs an integer id and a string name")
         categories.append({"id": cat["id"], "name": cat["name"]})
     if len({c["id"] for c in categories}) != len(categories):
@@ -89,7 +93,7 @@ def read_coco(path: str | Path) -> CocoFile:
     images = []
     for i, img in enumerate(_entries(data, "images", path)):
         _require(img, ("id", "file_name"), f"images[{i}]", path)
-        if isinstance(img["id"], bool) or not isinstance(img["id"], int) or not isinstance(img["file_name"], str):
+        if not _is_int(img["id"]) or not isinstance(img["file_name"], str):
             raise TransferKitError(f"{path}: images[{i}] needs an integer id and a string file_name")
         name = img["file_name"]
         if not name or Path(name).is_absolute() or ".." in Path(name).parts:
@@ -97,7 +101,7 @@ def read_coco(path: str | Path) -> CocoFile:
         size = []
         for key in ("width", "height"):
             value = img.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise TransferKitError(f"{path}: images[{i}].{key} must be a non-negative integer, not {value!r:.40}")
             size.append(value)
         images.append({"id": img["id"], "file_name": name, "width": size[0], "height": size[1]})
@@ -111,7 +115,7 @@ def read_coco(path: str | Path) -> CocoFile:
         where = f"annotations[{i}]"
         _require(ann, ("image_id", "category_id", "bbox"), where, path)
         for key in ("image_id", "category_id"):
-            if isinstance(ann[key], bool) or not isinstance(ann[key], int):
+            if not _is_int(ann[key]):
                 raise TransferKitError(f"{path}: {where}.{key} must be an integer, not {ann[key]!r:.40}")
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4:

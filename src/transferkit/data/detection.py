@@ -66,6 +66,12 @@ class DetectionSplit:
                 "categories": [{"id": i + 1, "name": n} for i, n in enumerate(self.classes)]}
 
 
+def _xyxy(anns: list[dict]) -> torch.Tensor:
+    """COCO [x, y, w, h] boxes as an [N, 4] xyxy tensor."""
+    return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
+                        dtype=torch.float32).reshape(-1, 4)
+
+
 def _records_from_coco(images: list[dict], annotations: list[dict], category_names: dict[int, str],
                        classes: list[str], image_root: Path) -> list[DetectionRecord]:
     index = {name: i for i, name in enumerate(classes)}
@@ -77,8 +83,7 @@ def _records_from_coco(images: list[dict], annotations: list[dict], category_nam
     records = []
     for img in images:
         anns = by_image[img["id"]]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = _xyxy(anns)
         labels = torch.tensor([index[category_names[a["category_id"]]] for a in anns], dtype=torch.int64)
         crowd = torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool)
         polygons = [_polygons(a.get("segmentation")) for a in anns]
@@ -184,9 +189,7 @@ def _read_shard_split(folder: Path, wanted: list[str] | None) -> tuple[list[str]
     records = []
     for n, (sample, rec) in enumerate(zip(index.samples, index.records, strict=True)):
         anns = [a for a in rec["annotations"] if a["label"] in keep]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                              for a in anns], dtype=torch.float32).reshape(-1, 4)
-        records.append(DetectionRecord(n + 1, sample, rec["width"], rec["height"], boxes,
+        records.append(DetectionRecord(n + 1, sample, rec["width"], rec["height"], _xyxy(anns),
                                        torch.tensor([keep[a["label"]] for a in anns], dtype=torch.int64),
                                        torch.tensor([bool(a["iscrowd"]) for a in anns], dtype=torch.bool),
                                        [[] for _ in anns]))

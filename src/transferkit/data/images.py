@@ -17,6 +17,11 @@ class BadImage(Exception):
     """A file that cannot be decoded; the message says why."""
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under `folder`, at any depth, in sorted order (so runs are repeatable)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Grayscale, palette, CMYK, 16-bit and alpha images to RGB; transparency is laid on white."""
     if im.mode == "RGB":

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferkit.data.images import IMAGE_SUFFIXES, BadImage, load_rgb
+from transferkit.data.images import BadImage, image_files, load_rgb
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_text
 from transferkit.progress import track
@@ -54,7 +54,7 @@ def make_lists(root: str | Path, prefix: str | Path, fractions=(0.8, 0.1, 0.1), 
     items: list[tuple[int, str]] = []
     unreadable = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = image_files(root / name)
         for path in track(files, f"checking {name}") if check else files:
             rel = path.relative_to(root).as_posix()
             if check:

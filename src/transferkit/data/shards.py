@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from transferkit.data.images import IMAGE_SUFFIXES, BadImage, load_rgb, shrink_shorter_side
+from transferkit.data.images import BadImage, image_files, load_rgb, shrink_shorter_side
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
 from transferkit.progress import track
@@ -143,8 +143,7 @@ def _samples_of(source: Path, root: Path | None, images: Path | None) -> tuple[s
         from transferkit.data.classification import list_classes
 
         classes = list_classes(source)
-        items = [{"path": f, "label": label} for label, name in enumerate(classes)
-                 for f in sorted((source / name).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+        items = [{"path": f, "label": label} for label, name in enumerate(classes) for f in image_files(source / name)]
         return "classification", classes, items
     raise TransferKitError(f"cannot pack {source}: give a class folder, a .lst list file or a COCO .json")
 
