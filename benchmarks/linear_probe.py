@@ -22,17 +22,14 @@ import torch
 from torch import nn
 
 from transferkit.config import load_config
+from transferkit.data.classification import dataset_classes, load_classification_data, make_loader
 from transferkit.data.synthetic import make_synthetic_classification
-from transferkit.train.build import (
-    build_classifier,
-    dataset_classes,
-    load_classification_data,
-    make_loader,
-    place_model,
-)
+from transferkit.run import train
+from transferkit.tasks.classification import build_classifier
+from transferkit.train.device import place_model
 from transferkit.train.evaluate import evaluate
-from transferkit.train.loop import read_metrics, train
 from transferkit.train.optim import build_optimizer, build_scheduler
+from transferkit.train.runlog import read_metrics
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import timm
 
 from transferkit.config import load_config
+from transferkit.data.classification import dataset_classes, load_classification_data, make_loader
 from transferkit.data.shards import pack
 from transferkit.data.synthetic import make_synthetic_classification
 from transferkit.data.transforms import resize_size
-from transferkit.models.registry import timm_family
-from transferkit.train.build import dataset_classes, load_classification_data, make_loader
+from transferkit.models.family import timm_family
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 

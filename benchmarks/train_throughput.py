@@ -23,16 +23,12 @@ import torch
 from torch import nn
 
 from transferkit.config import load_config
+from transferkit.data.classification import dataset_classes, load_classification_data, make_loader
 from transferkit.data.synthetic import make_synthetic_classification
 from transferkit.progress import make_progress
-from transferkit.train.build import (
-    build_model,
-    dataset_classes,
-    load_classification_data,
-    make_loader,
-    place_model,
-)
-from transferkit.train.loop import classification_loss, train_one_epoch
+from transferkit.tasks.classification import ClassificationTask, build_model
+from transferkit.train.device import place_model
+from transferkit.train.loop import Loop, NonFiniteGuard, Optimisation, train_one_epoch
 from transferkit.train.optim import build_optimizer, build_scheduler
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
@@ -87,7 +83,7 @@ def main() -> None:
     device = torch.device("cpu")
     cl = cfg.model.channels_last
     criterion = nn.CrossEntropyLoss()
-    loss_fn = classification_loss(criterion, device, cl)
+    loss_fn = ClassificationTask(cfg).loss(device)
 
     plain = place_model(copy.deepcopy(model), device, cl)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
@@ -95,6 +91,7 @@ def main() -> None:
     ours = place_model(copy.deepcopy(model), device, cl)
     ours_opt = build_optimizer(ours, family.head_patterns, cfg.optim)
     sched = build_scheduler(ours_opt, cfg.schedule, len(loader))
+    opt = Optimisation(ours_opt, sched, NonFiniteGuard(cfg.optim.max_nonfinite_steps))
 
     images = len(data.train_set)
     bs = cfg.data.batch_size
@@ -110,7 +107,10 @@ def main() -> None:
                     plain_epoch(plain, timed[name], plain_opt, criterion, cl)
                 else:
                     task = progress.add_task(f"epoch {epoch}", total=images, info="")
-                    train_one_epoch(ours, timed[name], ours_opt, sched, loss_fn, device, progress, task)
+                    # the loop's own epoch; validation and recording are not timed (None)
+                    loop = Loop(cfg, ours, family.head_patterns, timed[name], None, loss_fn, None, None, progress,
+                                device)
+                    train_one_epoch(loop, opt, task)
                     progress.remove_task(task)
                 if epoch:
                     epoch_rates[name].append(images / (time.perf_counter() - t0))

@@ -24,7 +24,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from transferkit.models.registry import timm_family
+from transferkit.models.family import timm_family
 from transferkit.weights.transfer import transfer
 
 

@@ -13,13 +13,12 @@ from transferkit.cli import main
 from transferkit.config import DetectionConfig, PretrainedConfig, load_config
 from transferkit.data.detection import GroupedBatchSampler, load_detection_splits
 from transferkit.data.synthetic import make_synthetic_detection
-from transferkit.models.classification import restore_pretrained
 from transferkit.models.detection import HEAD_PATTERNS, backbone_stages, create_detector
 from transferkit.patterns import first_match
+from transferkit.run import train
 from transferkit.train.checkpoint import save_weights
 from transferkit.train.detection_metrics import coco_map, to_coco_results
-from transferkit.train.loop import train
-from transferkit.weights.transfer import transfer
+from transferkit.weights.transfer import restore_pretrained, transfer
 
 SMALL = DetectionConfig(min_size=[64], max_size=64, fpn_channels=32)
 
@@ -190,7 +189,7 @@ def test_seeded_split_classes_and_crowd(shapes, tmp_path):
     assert [r.image_id for r in val_split.records] == [r.image_id for r in again.records]
     assert not {r.image_id for r in val_split.records} & {r.image_id for r in train_split.records}
     assert all(int(label) == 0 for r in train_split.records for label in r.labels)
-    from transferkit.train.detection import load_detection_data
+    from transferkit.tasks.detection import load_detection_data
 
     data = load_detection_data(load_config(None, det_overrides(shapes, **{"data.train_ann": str(tmp_path / "a.json")})))
     crowd = next(i for i, r in enumerate(data.train.records) if r.crowd.any())
@@ -202,7 +201,7 @@ def test_seeded_split_classes_and_crowd(shapes, tmp_path):
 
 def test_flip_moves_the_boxes(shapes):
     cfg = load_config(None, det_overrides(shapes, **{"detection.hflip": 1.0, "detection.color_jitter": 0}))
-    from transferkit.train.detection import load_detection_data
+    from transferkit.tasks.detection import load_detection_data
 
     data = load_detection_data(cfg)
     index = next(i for i, r in enumerate(data.train.records) if len(r.boxes))
@@ -285,7 +284,7 @@ def test_head_rows_from_the_source_detectors_classes(arch, tmp_path):
 
 def test_mask_rcnn_gets_polygon_masks_that_move_with_the_image(shapes):
     from transferkit.data.detection import rasterise
-    from transferkit.train.detection import build_detector, load_detection_data
+    from transferkit.tasks.detection import build_detector, load_detection_data
 
     cfg = load_config(None, det_overrides(shapes, **{"detection.arch": "maskrcnn", "detection.hflip": 1.0,
                                                      "detection.color_jitter": 0}))
@@ -350,7 +349,7 @@ def test_mask_map_agrees_with_pycocotools_and_runs_for_mask_rcnn(shapes):
     from pycocotools import mask as mask_utils
 
     from transferkit.data.detection import rasterise
-    from transferkit.train.detection import build_detector, detection_loaders, label_offset, load_detection_data
+    from transferkit.tasks.detection import build_detector, detection_loaders, label_offset, load_detection_data
     from transferkit.train.detection_metrics import evaluate_detection
 
     cfg = load_config(None, det_overrides(shapes, **{"detection.arch": "maskrcnn", "detection.score_threshold": 0}))

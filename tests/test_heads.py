@@ -9,7 +9,7 @@ from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier
 from transferkit.models.heads import init_head, init_head_from_classes
 from transferkit.models.labels import LabelSet, Term, auto_match, resolve_spec
-from transferkit.train.evaluate import evaluate_config
+from transferkit.run import evaluate
 from transferkit.weights.sources import resolve_source
 from transferkit.weights.transfer import transfer
 
@@ -83,6 +83,6 @@ def test_head_init_errors():
 def test_ants_and_bees_head_from_imagenet_before_any_step():
     cfg = load_config(REPO / "configs/classification/hymenoptera_efficientnet_lite0.yaml",
                       [f"data.root={HYMENOPTERA}", "pretrained.head_init.from_classes=auto"])
-    metrics, report = evaluate_config(cfg)
+    metrics, report = evaluate(cfg)
     assert [r["from"] for r in report.head_rows] == [["ant (310)"], ["bee (309)"]]
     assert metrics["val_acc"] >= 0.95, metrics

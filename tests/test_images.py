@@ -5,7 +5,8 @@ import pytest
 from conftest import HYMENOPTERA, SHARED_DATA, needs_shared
 from PIL import Image
 
-from transferkit.data.classification import decode_all, scan_split
+from transferkit.data.classification import decode_all
+from transferkit.data.folders import scan_split
 from transferkit.data.images import BadImage, load_rgb
 from transferkit.errors import TransferKitError
 

@@ -10,7 +10,7 @@ from transferkit.config import DEFAULT_SOURCE, InitRule, load_config
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier
 from transferkit.models.init import apply_init_rules
-from transferkit.train.build import build_model
+from transferkit.tasks.classification import build_model
 from transferkit.weights.transfer import transfer
 
 

@@ -6,7 +6,7 @@ from conftest import tiny_overrides
 from transferkit.config import load_config
 from transferkit.data.lists import make_lists, parse_fractions, read_list
 from transferkit.errors import TransferKitError
-from transferkit.train.loop import train
+from transferkit.run import train
 
 
 def test_stratified_seeded_split_and_unreadable_files(synth_root, tmp_path):

@@ -7,7 +7,7 @@ from timm.data import ImageNetInfo
 from transferkit.config import load_config
 from transferkit.data.images import load_rgb
 from transferkit.data.transforms import eval_transform
-from transferkit.train.build import build_model
+from transferkit.tasks.classification import build_model
 
 ANT, BEE = 310, 309
 INSECTS = range(300, 327)  # ImageNet-1k classes 300-326: beetles, bees, ants, flies, butterflies...

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from transferkit.config import load_config
 from transferkit.errors import TransferKitError
-from transferkit.train.loop import read_metrics, train
+from transferkit.run import train
 from transferkit.train.resume import find_state
+from transferkit.train.runlog import read_metrics
 
 EPOCHS = 6
 
@@ -178,14 +179,14 @@ def test_nonfinite_losses_are_skipped_then_stop(synth_root, tmp_path):
 
 
 def test_new_run_from_a_finished_run_restores_everything(synth_root, tmp_path):
-    from transferkit.train.evaluate import evaluate_config
+    from transferkit.run import evaluate
 
     first = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2}))
     train(first, out=tmp_path / "first", quiet=True)
     final = read_metrics(tmp_path / "first")[-1]
     more = load_config(None, tiny_overrides(synth_root, **{"pretrained.source": str(tmp_path / "first"),
                                                            "pretrained.scope": "full"}))
-    metrics, report = evaluate_config(more)
+    metrics, report = evaluate(more)
     assert report.fraction_restored() == 1.0
     assert metrics["val_acc"] == final["val_acc"]
     assert metrics["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)

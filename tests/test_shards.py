@@ -15,7 +15,7 @@ from transferkit.config import load_config
 from transferkit.data.check import check_dataset
 from transferkit.data.shards import pack, read_index, read_sample
 from transferkit.errors import TransferKitError
-from transferkit.train.loop import train
+from transferkit.run import train
 
 
 def test_pack_writes_webdataset_tars_and_an_exact_index(synth_root, tmp_path):
@@ -55,7 +55,8 @@ def test_training_from_shards_equals_training_from_folders(synth_root, tmp_path)
 
 
 def test_dataloader_workers_split_the_samples(synth_root, tmp_path):
-    from transferkit.data.classification import FolderSplit, ImageDataset
+    from transferkit.data.classification import ImageDataset
+    from transferkit.data.folders import FolderSplit
 
     pack(synth_root / "val", tmp_path / "v")
     index = read_index(tmp_path / "v")

@@ -5,9 +5,9 @@ from conftest import tiny_overrides
 
 from transferkit.config import load_config
 from transferkit.models.classification import create_classifier
-from transferkit.train.build import build_model
+from transferkit.run import train
+from transferkit.tasks.classification import build_model
 from transferkit.train.checkpoint import load_weights
-from transferkit.train.loop import train
 
 
 def run(root, tmp_path, **extra):

@@ -8,10 +8,11 @@ from conftest import tiny_overrides
 from transferkit.config import load_config
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier
-from transferkit.train.build import build_model
+from transferkit.run import train
+from transferkit.tasks.classification import build_model
 from transferkit.train.checkpoint import load_weights, read_metadata
-from transferkit.train.loop import read_metrics, train
 from transferkit.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from transferkit.train.runlog import read_metrics
 
 
 def test_tiny_run_learns_and_writes_run_dir(synth_root, tmp_path):

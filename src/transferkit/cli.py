@@ -11,7 +11,29 @@ import sys
 from pathlib import Path
 
 from transferkit import __version__
+from transferkit.config import SCOPE_ALIASES, load_config
+from transferkit.data.check import check_dataset
+from transferkit.data.convert import CONVERTERS
+from transferkit.data.convert.to_yolo import export_yolo
+from transferkit.data.lists import make_lists, parse_fractions, read_classes
+from transferkit.data.shards import pack
+from transferkit.data.synthetic import SYNTHETIC
+from transferkit.demo import run_demo
 from transferkit.errors import TransferKitError
+from transferkit.fileio import write_json
+from transferkit.models.classification import create_classifier
+from transferkit.patterns import matches
+from transferkit.predict import predict
+from transferkit.progress import console
+from transferkit.run import evaluate, train
+from transferkit.tasks import task_for
+from transferkit.tasks.base import PredictOptions
+from transferkit.train.checkpoint import save_weights
+from transferkit.train.loop import Interrupted
+from transferkit.train.optim import plan_params, plan_table
+from transferkit.weights.formats import read_weights
+from transferkit.weights.sources import resolve_source
+from transferkit.weights.transfer import transfer
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -137,9 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from transferkit.config import load_config
-    from transferkit.train.loop import Interrupted, train
-
     overrides = list(args.override)
     resume = None
     if args.resume:
@@ -174,20 +193,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from transferkit.config import load_config
-    from transferkit.progress import console
-    from transferkit.train.evaluate import evaluate_config
-
     cfg = load_config(args.config, args.override)
-    if args.results and cfg.task != "detection":
-        raise TransferKitError("--results is for detection configs (COCO results JSON)")
-    if args.results:
-        from transferkit.train.build import select_device
-        from transferkit.train.evaluate import evaluate_detector_config
-
-        metrics, report = evaluate_detector_config(cfg, select_device(cfg.device), args.weights, args.results)
-    else:
-        metrics, report = evaluate_config(cfg, args.weights)
+    metrics, report = evaluate(cfg, args.weights, args.results)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -202,44 +209,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from transferkit.predict import expand_inputs, load_detector_run, load_run, predict, predict_boxes, run_config
-
-    if run_config(args.run).task == "detection":
-        model, classes, offset = load_detector_run(args.run, args.weights)
-        results = predict_boxes(model, classes, offset, expand_inputs(args.inputs), args.score, args.draw)
-        if args.json:
-            print(json.dumps(results, indent=2))
-        for r in results if not args.json else []:
-            found = ", ".join(f"{d['class']} {d['score']:.2f} at {d['box']}" for d in r.get("detections", []))
-            print(f"{r['path']}: " + (f"error: {r['error']}" if "error" in r else found or "nothing found"))
-        return 0
-    if args.topk < 1:
-        raise TransferKitError("--topk must be at least 1")
-    model, classes, transform = load_run(args.run, args.weights)
-    results = predict(model, classes, transform, expand_inputs(args.inputs), args.topk)
+    options = PredictOptions(topk=args.topk, score=args.score, draw_dir=Path(args.draw) if args.draw else None)
+    results, task = predict(args.run, args.inputs, args.weights, options)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            if "error" in r:
-                print(f"{r['path']}: error: {r['error']}")
-            else:
-                preds = ", ".join(f"{p['class']} {p['prob']:.3f}" for p in r["predictions"])
-                print(f"{r['path']}: {preds}")
+            print(task.describe(r))
     return 1 if any("error" in r for r in results) else 0
 
 
 def cmd_demo(args) -> int:
-    from transferkit.demo import run_demo
-
     run_demo(args.out, epochs=args.epochs, seed=args.seed, task=args.task)
     return 0
 
 
 def cmd_data(args) -> int:
     if args.data_command == "convert":
-        from transferkit.data.convert import CONVERTERS
-        from transferkit.data.lists import read_classes
 
         if (args.fmt == "coco") != (args.to == "yolo"):
             raise TransferKitError("--to yolo goes with --from coco (the other formats convert to COCO)")
@@ -254,8 +240,6 @@ def cmd_data(args) -> int:
         return 0
 
     if args.data_command == "pack":
-        from transferkit.data.shards import pack
-
         source = Path(args.source)
         parts = [(source / s, Path(args.out) / s) for s in ("train", "val") if (source / s).is_dir()]
         for src, out in parts or [(source, Path(args.out))]:
@@ -267,8 +251,6 @@ def cmd_data(args) -> int:
         return 0
 
     if args.data_command == "check":
-        from transferkit.data.check import check_dataset
-
         report = check_dataset(args.dataset, args.format, args.images, args.root, args.split, not args.no_decode)
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
@@ -277,8 +259,6 @@ def cmd_data(args) -> int:
         return 1 if report.errors else 0
 
     if args.data_command == "list":
-        from transferkit.data.lists import make_lists, parse_fractions
-
         result = make_lists(args.root, args.out, parse_fractions(args.split), args.seed, args.stratify)
         for split, path in result.files.items():
             print(f"wrote {path}: {len(result.splits[split])} images")
@@ -286,22 +266,13 @@ def cmd_data(args) -> int:
             print(f"  left out {rel}: {reason}")
         return 0
 
-    from transferkit.data.synthetic import make_synthetic_classification, make_synthetic_detection
-
-    if args.task == "detection":  # three shape classes: the per-class counts times three images
-        root = make_synthetic_detection(args.out, 3 * args.train_per_class, 3 * args.val_per_class, args.size,
-                                        seed=args.seed)
-        print(f"wrote {root / 'images'} and {root / 'annotations'} (train.json, val.json)")
-        return 0
-    root = make_synthetic_classification(args.out, args.train_per_class, args.val_per_class, args.size,
-                                         seed=args.seed)
-    print(f"wrote {Path(root) / 'train'} and {Path(root) / 'val'}")
+    write, folders = SYNTHETIC[args.task]
+    root = Path(write(args.out, args.train_per_class, args.val_per_class, args.size, seed=args.seed))
+    print(f"wrote {' and '.join(str(root / f) for f in folders)}")
     return 0
 
 
 def _export_yolo(args) -> int:
-    from transferkit.data.convert.to_yolo import export_yolo
-
     if not args.images:
         raise TransferKitError("--from coco needs --images FOLDER (where the JSON's file_names are)")
     result = export_yolo(args.src, args.images, args.out, args.split or "train")
@@ -331,12 +302,6 @@ def _pairs(items: list[str], flag: str, convert=str) -> list[tuple[str, object]]
 
 
 def cmd_weights(args) -> int:
-    from transferkit.config import SCOPE_ALIASES
-    from transferkit.fileio import write_json
-    from transferkit.progress import console
-    from transferkit.weights.formats import read_weights
-    from transferkit.weights.sources import resolve_source
-
     if args.weights_command == "inspect":
         wf = read_weights(resolve_source(args.source))
         info = {
@@ -352,10 +317,6 @@ def cmd_weights(args) -> int:
             for e in info["entries"]:
                 print(f"  {e['name']:<60} {str(tuple(e['shape'])):<22} {e['dtype']}")
         return 0
-
-    from transferkit.models.classification import create_classifier
-    from transferkit.train.checkpoint import save_weights
-    from transferkit.weights.transfer import transfer
 
     if not args.dry_run and not args.out:
         raise TransferKitError("give --out FILE.safetensors for the restored weights, or --dry-run")
@@ -378,19 +339,8 @@ def cmd_weights(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from transferkit.config import load_config
-    from transferkit.models.classification import create_classifier
-    from transferkit.patterns import matches
-    from transferkit.progress import console
-    from transferkit.train.optim import plan_params, plan_table
-
     cfg = load_config(args.config, ["data.root=.", *args.override])
-    if cfg.task == "detection":
-        from transferkit.models.detection import create_detector
-
-        model, family = create_detector(args.model or cfg.model.name, args.num_classes, cfg.detection)
-    else:
-        model, family = create_classifier(args.model or cfg.model.name, args.num_classes)
+    model, family = task_for(cfg).create_model(args.num_classes, args.model)
     plans = plan_params(model, family.head_patterns, cfg.optim)
     shown = [p for p in plans if args.match is None or matches(args.match, p.name)]
     if args.match and not shown:

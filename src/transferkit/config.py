@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from transferkit.errors import TransferKitError, yaml_error
 
@@ -266,6 +266,13 @@ class Config(_Section):
     unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     detection: DetectionConfig = Field(default_factory=DetectionConfig)
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_fits_task(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("task") == "detection" and value != "finetune":
+            raise ValueError(f"strategy {value} is for classifiers; detection fine-tunes (finetune)")
+        return value
 
     @property
     def best_metric(self) -> str:

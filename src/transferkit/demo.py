@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 
 from transferkit.config import DEFAULT_SOURCE, load_config
-from transferkit.data.synthetic import make_synthetic_classification, make_synthetic_detection
+from transferkit.data.synthetic import SYNTHETIC
 from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write, write_json
 from transferkit.progress import console
-from transferkit.train.loop import train
+from transferkit.run import train
 
 # One budget for both arms; only pretrained.source differs.
 DEMO_OVERRIDES = [
@@ -65,13 +67,23 @@ def clear_previous_demo(out: Path) -> None:
             path.unlink()
 
 
-def _overrides(task: str, data_root: Path) -> list[str]:
-    if task == "classification":
-        return [*DEMO_OVERRIDES, f"data.root={data_root}"]
+def _detection_overrides(data_root: Path) -> list[str]:
     files = [f"data.{split}_{what}={data_root / folder / name}"
              for split in ("train", "val")
              for what, folder, name in (("ann", "annotations", f"{split}.json"), ("images", "images", split))]
     return [*DETECTION_OVERRIDES, f"data.root={data_root}", *files]
+
+
+@dataclass(frozen=True)
+class DemoSetup:
+    image_size: int  # of the synthetic images
+    overrides: Callable[[Path], list[str]]  # the synthetic set's root -> the demo's config
+
+
+DEMOS = {
+    "classification": DemoSetup(96, lambda root: [*DEMO_OVERRIDES, f"data.root={root}"]),
+    "detection": DemoSetup(128, _detection_overrides),
+}
 
 
 def run_demo(out: str | Path = "runs/demo", epochs: int = 8, train_per_class: int = 50,
@@ -80,18 +92,16 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 8, train_per_class: in
     out = Path(out)
     clear_previous_demo(out)
     started = time.perf_counter()
-    if task == "classification":
-        data_root = make_synthetic_classification(out / "data", train_per_class, val_per_class, size=96, seed=seed)
-    else:
-        data_root = make_synthetic_detection(out / "data", 3 * train_per_class, 3 * val_per_class, 128, seed=seed)
-    metric = "val_acc" if task == "classification" else "val_map"
+    setup, (write, _) = DEMOS[task], SYNTHETIC[task]
+    data_root = write(out / "data", train_per_class, val_per_class, setup.image_size, seed=seed)
     results = {}
     for arm, source in ARMS.items():
         if not quiet:
             console.rule(f"{arm}: {'pretrained ' + source if source else 'random initialisation'}")
-        cfg = load_config(None, [*_overrides(task, data_root), f"schedule.epochs={epochs}", f"seed={seed}",
+        cfg = load_config(None, [*setup.overrides(data_root), f"schedule.epochs={epochs}", f"seed={seed}",
                                  f"pretrained.source={source or 'null'}"])
         results[arm] = train(cfg, out=out / arm, quiet=quiet)
+    metric = cfg.best_metric
     report = {
         "task": task,
         "metric": metric,
@@ -122,6 +132,7 @@ def _table(report: dict) -> Table:
 
 
 def _plot(results: dict, metric: str, path: Path) -> None:
+    # Deferred on purpose: matplotlib takes about half a second to import, and only the end draws.
     import matplotlib
 
     matplotlib.use("Agg")

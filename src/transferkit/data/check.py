@@ -10,12 +10,17 @@ hashing every image); training runs the cheap structural ones through the same m
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from transferkit.data.coco import guess_image_folder, read_coco
+from transferkit.data.convert import CONVERTERS
 from transferkit.data.images import BadImage, image_files, load_rgb
+from transferkit.data.lists import read_labelled_list
+from transferkit.data.shards import read_index, sample_bytes
 from transferkit.errors import TransferKitError
 from transferkit.progress import track
 
@@ -190,6 +195,36 @@ def check_coco_like(report: CheckReport, images: list[dict], box_classes: list[s
     check_balance(report, "warning")  # detection sets often hold categories they do not use
 
 
+def check_shards(report: CheckReport, folder: Path, decode: bool) -> None:
+    """`data check` on a pack: every image decodes from its shard, labels and classes agree."""
+    index = read_index(folder)
+    report.images = len(index.samples)
+    report.class_counts = dict.fromkeys(index.classes, 0)
+    seen: dict[str, str] = {}
+    for sample, record in zip(track(index.samples, "checking shards") if decode else index.samples, index.records,
+                              strict=True):
+        labels = [record["label"]] if index.task == "classification" else [
+            a["label"] for a in record.get("annotations", [])]
+        for label in labels:
+            if not 0 <= label < len(index.classes):
+                report.add("unknown category", str(sample), f"label {label} is not in 0..{len(index.classes) - 1}")
+            else:
+                report.class_counts[index.classes[label]] += 1
+        if not decode:
+            continue
+        try:
+            data = sample_bytes(sample)
+            load_rgb(io.BytesIO(data))
+        except BadImage as exc:
+            report.add("undecodable image", str(sample), f"{exc}; pack again")
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            report.add("duplicate image", str(sample), f"same bytes as {seen[digest]}", "warning")
+        seen.setdefault(digest, str(sample))
+    check_balance(report, "error" if index.task == "classification" else "warning")
+
+
 def check_dataset(path: str | Path, fmt: str | None = None, images: str | Path | None = None,
                   root: str | Path | None = None, split: str | None = None, decode: bool = True) -> CheckReport:
     path = Path(path)
@@ -199,13 +234,9 @@ def check_dataset(path: str | Path, fmt: str | None = None, images: str | Path |
         splits, classes = _folder_splits(path)
         _check_classification(report, splits, classes, decode)
     elif fmt == "list":
-        from transferkit.data.lists import read_labelled_list
-
         classes, pairs = read_labelled_list(path, Path(root) if root else path.parent)
         _check_classification(report, {"list": pairs}, classes, decode)
     elif fmt == "coco":
-        from transferkit.data.coco import guess_image_folder, read_coco
-
         coco = read_coco(path)
         image_root = Path(images) if images else guess_image_folder(path)
         for p in coco.problems:
@@ -214,12 +245,8 @@ def check_dataset(path: str | Path, fmt: str | None = None, images: str | Path |
         check_coco_like(report, coco.images, [by_id[a["category_id"]] for a in coco.annotations],
                         coco.category_names, image_root, decode)
     elif fmt == "shards":
-        from transferkit.data.shards import check_shards
-
         check_shards(report, path, decode)
     else:
-        from transferkit.data.convert import CONVERTERS
-
         dataset = CONVERTERS[fmt](path, split)
         for s in dataset.skipped:
             report.add(f"{s['what']} skipped", s["file"], s["reason"], s["level"])

@@ -1,63 +1,36 @@
-"""Class-per-folder datasets: ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg."""
+"""Classification data: the splits of a dataset (class folders, list files or packed shards), decoded
+once, as datasets and loaders.
+
+ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg; or list files (data.format: list); or shards
+packed by `transferkit data pack` (data.format: shards).
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from transferkit.data.images import IMAGE_SUFFIXES, BadImage, image_files, load_rgb, shrink_shorter_side
+from transferkit.config import DataConfig
+from transferkit.data.check import startup_check
+from transferkit.data.folders import FolderSplit, list_classes, scan_split
+from transferkit.data.images import BadImage, shrink_shorter_side
+from transferkit.data.lists import classes_file_of, read_classes, read_list
+from transferkit.data.shards import read_index, read_sample
+from transferkit.data.transforms import eval_transform, pil_resample, resize_size, train_transform
 from transferkit.errors import TransferKitError
+from transferkit.preprocessing import Preprocessing
 from transferkit.progress import track
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FolderSplit:
-    """A split's (image, label) pairs; an image is a file path, or a ShardSample read by `load`."""
-
-    root: Path
-    classes: list[str]
-    samples: list[tuple[Path, int]]
-    bad: list[tuple[Path, str]] = field(default_factory=list)
-    load: Callable = load_rgb
-
-
-def list_classes(split_root: Path) -> list[str]:
-    if not split_root.is_dir():
-        raise TransferKitError(
-            f"dataset folder not found: {split_root} (data.root must hold train/ and val/, "
-            "each with one sub-folder per class)"
-        )
-    classes = sorted(p.name for p in split_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise TransferKitError(f"{split_root} has no class sub-folders; put each class's images in its own folder")
-    return classes
-
-
-def scan_split(split_root: Path, classes: list[str]) -> FolderSplit:
-    """List image files per class (sorted, so runs are repeatable); classes must exist in `classes`."""
-    found = list_classes(split_root)
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise TransferKitError(
-            f"{split_root} has class folders that the training split lacks: {', '.join(unknown)}; "
-            "rename or remove them so both splits use the same classes"
-        )
-    samples = []
-    for label, name in enumerate(classes):
-        folder = split_root / name
-        if not folder.is_dir():
-            continue
-        samples += [(path, label) for path in image_files(folder)]
-    if not samples:
-        raise TransferKitError(f"{split_root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return FolderSplit(split_root, classes, samples)
 
 
 def decode_all(
@@ -109,3 +82,97 @@ class ImageDataset(Dataset):
             except BadImage as exc:  # changed on disk since it was read
                 raise TransferKitError(f"cannot decode image {path}: {exc}") from None
         return self.transform(im), label
+
+
+@dataclass
+class ClassificationData:
+    classes: list[str]
+    train: FolderSplit | None
+    val: FolderSplit
+    train_set: ImageDataset | None
+    val_set: ImageDataset
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    """A loader whose order comes from its own generator (seeded), so a resume can restore it."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        worker_init_fn=_seed_worker if num_workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )
+
+
+def _list_file(cfg: DataConfig, split: str) -> Path:
+    path = cfg.train_list if split == "train" else cfg.val_list
+    if path is None:
+        raise TransferKitError(f"data.format=list needs data.{split}_list (a file written by `transferkit data list`)")
+    return path
+
+
+def dataset_classes(cfg: DataConfig, need_train: bool = True) -> list[str]:
+    """Class names: the training split's folders (the validation split's when only evaluating), or
+    for list files the classes file."""
+    root = cfg.root
+    if not root.is_dir():
+        raise TransferKitError(f"data.root not found: {root} (a folder holding train/ and val/)")
+    if cfg.format == "list":
+        path = cfg.classes_file or classes_file_of(_list_file(cfg, "train"))
+        if not path.is_file():
+            raise TransferKitError(f"classes file not found: {path}; set data.classes_file")
+        return read_classes(path)
+    if cfg.format == "shards":
+        index = read_index(root / ("train" if need_train or (root / "train").is_dir() else "val"))
+        if index.task != "classification":
+            raise TransferKitError(f"{index.root} holds {index.task} shards; this run trains a classifier")
+        return index.classes
+    if need_train or (root / "train").is_dir():
+        return list_classes(root / "train")
+    return list_classes(root / "val")
+
+
+def load_classification_data(
+    cfg: DataConfig, pre: Preprocessing, classes: list[str], need_train: bool = True
+) -> ClassificationData:
+    train_root, val_root = cfg.root / "train", cfg.root / "val"
+    eval_size = cfg.eval_image_size or cfg.image_size
+    keep = resize_size(max(cfg.image_size, eval_size), pre) if cfg.cache else None
+    resample = pil_resample(pre)
+
+    def split_of(name: str, folder: Path) -> FolderSplit:
+        if cfg.format == "shards":
+            index = read_index(folder)
+            if index.classes != classes:
+                raise TransferKitError(f"{folder} was packed with classes {index.classes}, the run has {classes}")
+            # Packed images are checked when packed: without the cache, nothing is decoded up front.
+            load = partial(read_sample, draft=resize_size(max(cfg.image_size, eval_size), pre))
+            return FolderSplit(folder, classes, list(zip(index.samples, index.labels(), strict=True)), load=load)
+        if cfg.format == "list":
+            return FolderSplit(cfg.root, classes, read_list(_list_file(cfg, name), cfg.root, len(classes)))
+        return scan_split(folder, classes)
+
+    train = train_set = None
+    if need_train:
+        train = split_of("train", train_root)
+        cache = decode_all(train, cfg.on_bad_image, keep, resample) if cfg.cache or cfg.format != "shards" else None
+        for warning in startup_check(str(train.root), classes, [label for _, label in train.samples]):
+            log.warning("%s: %s", train.root, warning)
+        tf = train_transform(cfg.image_size, pre, cfg.crop_scale, cfg.hflip)
+        train_set = ImageDataset(train, tf, cache if cfg.cache else None)
+    val = split_of("val", val_root)
+    cache = decode_all(val, cfg.on_bad_image, keep, resample) if cfg.cache or cfg.format != "shards" else None
+    val_set = ImageDataset(val, eval_transform(eval_size, pre), cache if cfg.cache else None)
+    for split in (train, val):
+        if split is not None and split.bad:
+            log.warning("%s: skipped %d undecodable image(s)", split.root, len(split.bad))
+    return ClassificationData(classes, train, val, train_set, val_set)

@@ -22,8 +22,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from transferkit.config import DataConfig, DetectionConfig
+from transferkit.data.coco import guess_image_folder, read_coco
+from transferkit.data.convert.voc import convert_voc
 from transferkit.data.images import BadImage, load_rgb
-from transferkit.data.shards import ShardSample, read_sample
+from transferkit.data.shards import ShardSample, read_index, read_sample
 from transferkit.errors import TransferKitError
 from transferkit.progress import track
 
@@ -117,8 +119,6 @@ def rasterise(polygons: list[list[list[float]]], boxes: torch.Tensor, size: tupl
 
 
 def _read_coco_split(ann: Path, images: Path | None, wanted: list[str] | None) -> tuple[list[str], list]:
-    from transferkit.data.coco import guess_image_folder, read_coco
-
     coco = read_coco(ann)
     errors = [p for p in coco.problems if p.error]
     if errors:
@@ -141,8 +141,6 @@ def _pick_classes(available: list[str], wanted: list[str] | None, where: Path) -
 
 
 def _read_voc_split(root: Path, split: str, wanted: list[str] | None) -> tuple[list[str], list]:
-    from transferkit.data.convert.voc import convert_voc
-
     dataset = convert_voc(root, split, wanted)
     names = {i + 1: n for i, n in enumerate(dataset.categories)}
     return dataset.categories, _records_from_coco(dataset.images, dataset.annotations, names, dataset.categories,
@@ -179,8 +177,6 @@ def load_detection_splits(cfg: DataConfig, need_train: bool = True) -> tuple[lis
 
 def _read_shard_split(folder: Path, wanted: list[str] | None) -> tuple[list[str], list]:
     """A pack written by `transferkit data pack` from a COCO JSON: images read from the shards by offset."""
-    from transferkit.data.shards import read_index
-
     index = read_index(folder)
     if index.task != "detection":
         raise TransferKitError(f"{folder} holds {index.task} shards; pack a COCO JSON for detection")

@@ -10,7 +10,6 @@ stays exact. The index is written last: a folder without one is not a finished p
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,7 +20,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from transferkit.data.coco import read_coco
+from transferkit.data.folders import list_classes
 from transferkit.data.images import BadImage, image_files, load_rgb, shrink_shorter_side
+from transferkit.data.lists import read_labelled_list
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
 from transferkit.progress import track
@@ -123,8 +125,6 @@ class _ShardWriter:
 def _samples_of(source: Path, root: Path | None, images: Path | None) -> tuple[str, list[str], list[dict]]:
     """(task, classes, [{"path", "label"} or {"path", "image"(coco entry), "annotations"}])."""
     if source.suffix == ".json":
-        from transferkit.data.coco import read_coco
-
         coco = read_coco(source)
         if images is None:
             raise TransferKitError(f"packing {source} needs --images FOLDER (where its file_names are)")
@@ -135,13 +135,9 @@ def _samples_of(source: Path, root: Path | None, images: Path | None) -> tuple[s
                                   for a in by_image[img["id"]]]} for img in coco.images]
         return "detection", coco.category_names, items
     if source.suffix == ".lst":
-        from transferkit.data.lists import read_labelled_list
-
         classes, pairs = read_labelled_list(source, root or source.parent)
         return "classification", classes, [{"path": p, "label": label} for p, label in pairs]
     if source.is_dir():
-        from transferkit.data.classification import list_classes
-
         classes = list_classes(source)
         items = [{"path": f, "label": label} for label, name in enumerate(classes) for f in image_files(source / name)]
         return "classification", classes, items
@@ -223,35 +219,3 @@ def read_index(folder: str | Path) -> ShardIndex:
         return ShardIndex(folder, data["task"], [str(c) for c in data["classes"]], samples, data["samples"])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise TransferKitError(f"{path}: damaged index ({type(exc).__name__}: {exc}); pack again") from None
-
-
-def check_shards(report, folder: Path, decode: bool) -> None:
-    """`data check` on a pack: every image decodes from its shard, labels and classes agree."""
-    from transferkit.data.check import check_balance
-
-    index = read_index(folder)
-    report.images = len(index.samples)
-    report.class_counts = dict.fromkeys(index.classes, 0)
-    seen: dict[str, str] = {}
-    for sample, record in zip(track(index.samples, "checking shards") if decode else index.samples, index.records,
-                              strict=True):
-        labels = [record["label"]] if index.task == "classification" else [
-            a["label"] for a in record.get("annotations", [])]
-        for label in labels:
-            if not 0 <= label < len(index.classes):
-                report.add("unknown category", str(sample), f"label {label} is not in 0..{len(index.classes) - 1}")
-            else:
-                report.class_counts[index.classes[label]] += 1
-        if not decode:
-            continue
-        try:
-            data = sample_bytes(sample)
-            load_rgb(io.BytesIO(data))
-        except BadImage as exc:
-            report.add("undecodable image", str(sample), f"{exc}; pack again")
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            report.add("duplicate image", str(sample), f"same bytes as {seen[digest]}", "warning")
-        seen.setdefault(digest, str(sample))
-    check_balance(report, "error" if index.task == "classification" else "warning")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from transferkit.fileio import atomic_write
+from transferkit.fileio import atomic_write, write_json
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 
@@ -115,8 +115,6 @@ def make_synthetic_detection(
     """Write out/images/{train,val}/*.png and out/annotations/{train,val}.json (COCO, with polygon
     segmentations): 1-3 filled shapes per image at random places and sizes on cluttered backgrounds,
     some images empty."""
-    from transferkit.fileio import write_json
-
     out = Path(out)
     for split, count, offset in (("train", train_images, 0), ("val", val_images, 1)):
         rng = np.random.default_rng([seed, offset, 7])
@@ -151,3 +149,16 @@ def make_synthetic_detection(
             "images": images, "annotations": anns,
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]})
     return out
+
+
+def _detection_per_class(out: str | Path, train_per_class: int, val_per_class: int, size: int = 128,
+                         seed: int = 0) -> Path:
+    """make_synthetic_detection by per-class counts: three shape classes, so three times the images."""
+    return make_synthetic_detection(out, 3 * train_per_class, 3 * val_per_class, size, seed=seed)
+
+
+# task -> (writer: (out, train_per_class, val_per_class, size, seed=) -> root, the folders it writes)
+SYNTHETIC = {
+    "classification": (make_synthetic_classification, ("train", "val")),
+    "detection": (_detection_per_class, ("images", "annotations")),
+}

@@ -7,7 +7,7 @@ import math
 from PIL import Image
 from torchvision import transforms as T
 
-from transferkit.models.registry import Preprocessing
+from transferkit.preprocessing import Preprocessing
 
 _PIL_MODES = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 _TV_MODES = {

@@ -1,4 +1,4 @@
-"""timm classifiers sized for the user's classes, with pretrained weights restored."""
+"""timm classifiers sized for the user's classes."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import difflib
 import timm
 from torch import nn
 
-from transferkit.config import PretrainedConfig
 from transferkit.errors import TransferKitError
-from transferkit.models.registry import Family, timm_family
-from transferkit.weights.transfer import TransferReport, transfer
+from transferkit.models.family import Family, timm_family
 
 
 def create_classifier(name: str, num_classes: int, drop_rate: float = 0.0, in_chans: int = 3
@@ -24,23 +22,3 @@ def create_classifier(name: str, num_classes: int, drop_rate: float = 0.0, in_ch
                               in_chans=in_chans)
     return model, timm_family(model)
 
-
-def restore_pretrained(model: nn.Module, family: Family, cfg: PretrainedConfig) -> TransferReport | None:
-    """Restore `cfg.source` into `model` (None when there is no source)."""
-    if cfg.source is None:
-        return None
-    return transfer(
-        model,
-        cfg.source,
-        scope=cfg.scope,
-        head_patterns=family.head_patterns,
-        backbone_patterns=family.backbone_patterns,
-        backbone_prefix=family.backbone_prefix,
-        sha256=cfg.sha256,
-        exclude=cfg.exclude,
-        include=cfg.include,
-        rename=cfg.rename,
-        require=cfg.require,
-        on_shape_mismatch=cfg.on_shape_mismatch,
-        adapt_input_conv=cfg.adapt_input_conv,
-    )

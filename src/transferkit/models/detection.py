@@ -14,7 +14,9 @@ from collections import OrderedDict
 
 import timm
 import torch
+from timm.layers import freeze_batch_norm_2d
 from torch import nn
+from torchvision.models import detection
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
@@ -24,7 +26,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from transferkit.config import DetectionConfig
 from transferkit.errors import TransferKitError
-from transferkit.models.registry import IMAGENET_MEAN, IMAGENET_STD, Family, Preprocessing, timm_family
+from transferkit.models.family import Family, timm_family
+from transferkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 # Class-dependent tensors of each detector: their shape follows the number of classes.
 HEAD_PATTERNS = {
@@ -104,9 +107,6 @@ def resnet_stages(body: nn.Module) -> list[list[str]]:
 
 def create_torchvision_detector(cfg: DetectionConfig, num_classes: int) -> tuple[nn.Module, Family]:
     """One of torchvision's detector builders, randomly initialised, for `num_classes` classes."""
-    from timm.layers import freeze_batch_norm_2d
-    from torchvision.models import detection
-
     kind = cfg.kind
     kwargs: dict = {"weights": None, "weights_backbone": None,
                     "num_classes": num_classes + (1 if WITH_BACKGROUND[kind] else 0)}
@@ -171,8 +171,6 @@ def create_detector(name: str, num_classes: int, cfg: DetectionConfig) -> tuple[
         model = FCOS(backbone, num_classes=num_classes, score_thresh=cfg.score_threshold,
                      detections_per_img=cfg.detections_per_image, **common)
     if cfg.frozen_bn:
-        from timm.layers import freeze_batch_norm_2d
-
         model.backbone.body = freeze_batch_norm_2d(model.backbone.body)
     freeze_stages(model, cfg.trainable_backbone_layers)
     family = Family(HEAD_PATTERNS[cfg.arch], (BACKBONE_PREFIX + "*",), pre, backbone_prefix=BACKBONE_PREFIX)

@@ -8,7 +8,7 @@ rules win where they overlap. By default only tensors the transfer did not resto
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from transferkit.config import InitRule
 from transferkit.errors import TransferKitError
 from transferkit.patterns import matches
-from transferkit.weights.transfer import TransferReport
+from transferkit.weights.transfer import TransferReport, read_source_tensors
 
 
 def _fill_weight(rule: InitRule, w: torch.Tensor) -> None:
@@ -46,7 +46,8 @@ def _selected(rule: InitRule, name: str, module: nn.Module) -> bool:
 
 @torch.no_grad()
 def apply_init_rules(model: nn.Module, rules: Sequence[InitRule], report: TransferReport | None = None,
-                     read_source=None) -> dict[str, str]:
+                     read_source: Callable[[str], Mapping[str, torch.Tensor]] = read_source_tensors
+                     ) -> dict[str, str]:
     """Apply `rules` in order; returns {tensor name: how it was initialised} for what was touched."""
     restored = {e.target for e in report.by_status("loaded")} if report else set()
     done: dict[str, str] = {}
@@ -65,7 +66,7 @@ def apply_init_rules(model: nn.Module, rules: Sequence[InitRule], report: Transf
                     continue
                 if rule.type == "pretrained":
                     if source is None:
-                        if read_source is None or rule.checkpoint is None:
+                        if rule.checkpoint is None:
                             raise TransferKitError(f"model.init[{i}]: pretrained needs checkpoint:")
                         source = read_source(rule.checkpoint)
                     key = rule.prefix + full[len(name) + 1:] if name else rule.prefix + full

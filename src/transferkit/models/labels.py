@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from timm.data import ImageNetInfo
+
 from transferkit.errors import TransferKitError
 
 
@@ -23,8 +25,6 @@ class LabelSet:
 
     @classmethod
     def imagenet(cls) -> LabelSet:
-        from timm.data import ImageNetInfo
-
         info = ImageNetInfo()
         names, lookup = [], {}
         for i in range(info.num_classes()):

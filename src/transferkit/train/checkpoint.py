@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,8 +32,6 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = Non
 
 
 def read_metadata(path: str | Path) -> dict:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}

@@ -14,6 +14,9 @@ import io
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 METRIC_KEYS = ("val_map", "val_ap50", "val_ap75", "val_ap_small", "val_ap_medium", "val_ap_large")
 
@@ -38,8 +41,6 @@ def to_coco_results(outputs: list[dict], targets: list[dict], label_offset: int,
 
 def _rles(masks: torch.Tensor, size: tuple[int, int]) -> list[dict]:
     """Mask R-CNN's soft masks [N, 1, h, w] at the original size, cut at 0.5, as COCO RLE (JSON-ready)."""
-    from pycocotools import mask as mask_utils
-
     if not len(masks):
         return []
     full = torch.nn.functional.interpolate(masks.detach().cpu().float(), size=(size[1], size[0]), mode="bilinear",
@@ -49,8 +50,6 @@ def _rles(masks: torch.Tensor, size: tuple[int, int]) -> list[dict]:
 
 
 def _coco(dataset: dict):
-    from pycocotools.coco import COCO
-
     coco = COCO()
     coco.dataset = copy.deepcopy(dataset)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -62,9 +61,6 @@ def coco_map(ground_truth: dict, results: list[dict], iou_type: str = "bbox") ->
     """AP@[.5:.95], AP50, AP75, AP small/medium/large and AP per category name (COCO's definitions;
     -1 where the ground truth has nothing to score, as pycocotools reports it). iou_type `segm`
     scores the results' masks against the ground truth's polygons."""
-    from pycocotools import mask as mask_utils
-    from pycocotools.cocoeval import COCOeval
-
     gt = _coco(ground_truth)
     dets = []
     for i, r in enumerate(results):

@@ -12,7 +12,7 @@ from torch import nn
 
 from transferkit.config import OptimConfig, ScheduleConfig
 from transferkit.errors import TransferKitError
-from transferkit.models.registry import layer_ids
+from transferkit.models.family import layer_ids
 from transferkit.patterns import first_match, matches
 
 

@@ -13,6 +13,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,14 @@ STATES = Path("checkpoints") / "states"
 # Keys that may differ between a run and its resume (with --allow-config-change).
 SAFE_TO_CHANGE = ("schedule.epochs", "out", "device", "data.num_workers", "checkpoint.keep_last",
                   "checkpoint.every_steps", "checkpoint.every_minutes")
+
+
+@dataclass
+class ResumePoint:
+    """A training state found again: its directory and what it holds (load_state)."""
+
+    dir: Path
+    state: dict
 
 
 def rng_state() -> dict:
@@ -123,3 +133,24 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
     a, b = flatten(saved), flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def carry_optimizer_state(source: str | Path | None, optimizer: torch.optim.Optimizer,
+                          say: Callable[..., None]) -> None:
+    """pretrained.with_optimizer: the source run's optimiser state (momentum, moments), with this
+    run's own learning rates."""
+    source = Path(str(source or ""))
+    if not (source / "config.yaml").is_file():
+        raise TransferKitError("pretrained.with_optimizer needs pretrained.source to be a run directory")
+    state_dir = find_state(source, say)
+    lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(load_state(state_dir)["optimizer"])
+    except ValueError as exc:
+        raise TransferKitError(
+            f"the optimiser state of {state_dir} does not fit this run ({exc}); keep the same optim "
+            "settings, or set pretrained.with_optimizer=false"
+        ) from None
+    for group, (lr, initial) in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"], group["initial_lr"] = lr, initial
+    say(f"optimiser state carried from {state_dir}", highlight=False)

@@ -26,11 +26,18 @@ class MetricsLog:
             os.fsync(fh.fileno())
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one per finished epoch."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 # The validation quality shown in the curves and the summary: accuracy for classifiers, mAP for detectors.
 QUALITY = (("val_acc", "val top-1"), ("val_top5", "val top-5"), ("val_map", "val mAP"), ("val_ap50", "val AP50"))
 
 
 def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
+    # Deferred on purpose: matplotlib takes about half a second to import, and only a run's end draws.
     import matplotlib
 
     matplotlib.use("Agg")

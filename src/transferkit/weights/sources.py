@@ -168,7 +168,7 @@ def _is_archive(path: Path) -> bool:
 
 
 def hub_weights(name: str) -> Path:  # pragma: no cover - needs network
-    try:
+    try:  # deferred on purpose: an optional dependency, needed only for hf-hub: sources
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise TransferKitError("hf-hub sources need huggingface_hub: pip install huggingface_hub") from None

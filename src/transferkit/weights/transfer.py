@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
+from timm.models import adapt_input_conv
 from torch import nn
 
+from transferkit.config import PretrainedConfig
 from transferkit.errors import TransferKitError
 from transferkit.patterns import first_match
 from transferkit.weights.formats import WeightFile, read_weights
@@ -110,8 +113,6 @@ class TransferReport:
 
     def table(self):
         """Per top-level module: tensors, loaded, fraction of values restored (a rich Table)."""
-        from rich.table import Table
-
         table = Table(title=f"transfer from {self.source} (scope {self.scope})")
         for col in ("module", "tensors", "loaded", "restored"):
             table.add_column(col, justify="right" if col != "module" else "left")
@@ -172,8 +173,6 @@ class TransferOptions:
 
 def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """timm's rule: 1 channel takes the sum over RGB; N channels repeat RGB, scaled by 3/N."""
-    from timm.models import adapt_input_conv
-
     return adapt_input_conv(in_chans, weight.float()).to(weight.dtype)
 
 
@@ -302,3 +301,30 @@ def transfer(
     if not dry_run:
         apply_transfer(model, to_load)
     return report
+
+
+def restore_pretrained(model: nn.Module, family, cfg: PretrainedConfig) -> TransferReport | None:
+    """Restore a run's `pretrained:` source into `model` (None when there is no source). `family`
+    says where the model's head and backbone are (models/family.py)."""
+    if cfg.source is None:
+        return None
+    return transfer(
+        model,
+        cfg.source,
+        scope=cfg.scope,
+        head_patterns=family.head_patterns,
+        backbone_patterns=family.backbone_patterns,
+        backbone_prefix=family.backbone_prefix,
+        sha256=cfg.sha256,
+        exclude=cfg.exclude,
+        include=cfg.include,
+        rename=cfg.rename,
+        require=cfg.require,
+        on_shape_mismatch=cfg.on_shape_mismatch,
+        adapt_input_conv=cfg.adapt_input_conv,
+    )
+
+
+def read_source_tensors(source: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a source (file, archive, URL, package), under the file's own names."""
+    return read_weights(resolve_source(source)).tensors

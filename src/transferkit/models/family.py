@@ -1,18 +1,15 @@
-"""What a model family declares: its head (class-dependent) patterns and its preprocessing."""
+"""What a model family declares: its head (class-dependent) patterns, where its backbone sits, and
+its preprocessing; and the layer order of a timm model (for layer-wise rules)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from timm.models import group_parameters
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Preprocessing:
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
+from transferkit.errors import TransferKitError
+from transferkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 @dataclass(frozen=True)
@@ -24,10 +21,6 @@ class Family:
     # Where the backbone sits inside a larger model (a detector): `scope: backbone` matches a
     # classifier checkpoint against the names under it.
     backbone_prefix: str | None = None
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def timm_family(model: nn.Module) -> Family:
@@ -47,10 +40,6 @@ def timm_family(model: nn.Module) -> Family:
 
 def layer_ids(model: nn.Module, coarse: bool) -> dict[str, int]:
     """Parameter name -> layer index from the bottom (timm's group_matcher; coarse: whole stages)."""
-    from timm.models import group_parameters
-
-    from transferkit.errors import TransferKitError
-
     if not hasattr(model, "group_matcher"):
         raise TransferKitError(f"{type(model).__name__} does not declare its layers (a timm group_matcher); "
                                "layer-wise rules need a timm model")
