@@ -49,12 +49,14 @@ def read_weights(path: str | Path) -> WeightFile:
 
 
 from transferkit.weights.formats import (  # noqa: E402
-    caffe_file,  # noqa: E402
+    caffe_file,
+    mxnet_file,
     npz_file,
     safetensors_file,
     torch_file,
 )
 
+register("mxnet", mxnet_file.sniff, mxnet_file.read)
 register("safetensors", safetensors_file.sniff, safetensors_file.read)
 register("npz", npz_file.sniff, npz_file.read)
 register("pytorch", torch_file.sniff, torch_file.read)
