@@ -54,9 +54,11 @@ from transferkit.weights.formats import (  # noqa: E402
     npz_file,
     onnx_file,
     safetensors_file,
+    tflite_file,
     torch_file,
 )
 
+register("tflite", tflite_file.sniff, tflite_file.read)
 register("mxnet", mxnet_file.sniff, mxnet_file.read)
 register("safetensors", safetensors_file.sniff, safetensors_file.read)
 register("npz", npz_file.sniff, npz_file.read)
