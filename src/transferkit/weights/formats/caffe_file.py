@@ -232,6 +232,7 @@ def read(path: Path) -> WeightFile:
             origins.tensor(name, source, layer, layer_kind, dtype, converted, **more)
 
         if kind == "BatchNorm":
+            origins.layer(lay.name, kind)  # listed before the Scale layer merged into it
             _batchnorm(lay, stored_lay, arrays, scale_of.get(lay.name), put, path)
             continue
         for j, arr in enumerate(arrays):
