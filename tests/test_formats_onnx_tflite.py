@@ -196,7 +196,8 @@ class TfliteBuilder:
             tensor_offsets.append(t.TensorEnd(b))
         op_offsets = []
         for index, inputs, outputs in self.ops:
-            iv, ov = b.CreateNumpyVector(np.asarray(inputs, np.int32)), b.CreateNumpyVector(np.asarray(outputs, np.int32))
+            iv = b.CreateNumpyVector(np.asarray(inputs, np.int32))
+            ov = b.CreateNumpyVector(np.asarray(outputs, np.int32))
             t.OperatorStart(b)
             t.OperatorAddOpcodeIndex(b, index)
             t.OperatorAddInputs(b, iv)

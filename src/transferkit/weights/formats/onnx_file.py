@@ -31,6 +31,11 @@ def sniff(path: Path, head: bytes) -> bool:
     return len(head) > 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in _NEXT_TAGS
 
 
+def _text(value) -> str:
+    """A proto2 string field holding bytes that are not UTF-8 comes back as bytes."""
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
+
+
 def _onnx():
     try:
         import onnx
@@ -42,7 +47,7 @@ def _onnx():
 
 def _load_external(tensor, path: Path, onnx) -> None:
     """Read an initializer's external data into it, from inside the model's folder only."""
-    info = {e.key: e.value for e in tensor.external_data}
+    info = {_text(e.key): _text(e.value) for e in tensor.external_data}
     location = info.get("location", "")
     base = path.parent.resolve()
     target = (base / location).resolve()
@@ -68,8 +73,6 @@ def _load_external(tensor, path: Path, onnx) -> None:
 
 
 def _array(tensor, path: Path, onnx, numpy_helper) -> np.ndarray:
-    if any(d < 0 for d in tensor.dims):
-        raise TransferKitError(f"{path}: initializer {tensor.name!r} has shape {list(tensor.dims)}")
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         _load_external(tensor, path, onnx)
     try:
@@ -104,16 +107,18 @@ def read(path: Path) -> WeightFile:
                                "read; export the model with dense weights")
     inits = {}
     for tensor in graph.initializer:
-        if tensor.name in inits:
-            raise TransferKitError(f"{path}: the initializer name {tensor.name!r} appears twice")
-        inits[tensor.name] = tensor
+        name = _text(tensor.name)
+        if name in inits:
+            raise TransferKitError(f"{path}: the initializer name {name!r} appears twice")
+        inits[name] = tensor
     if not inits:
         raise TransferKitError(f"{path}: the ONNX graph has no initializers (no stored weights)")
     user: dict[str, tuple[str, str]] = {}
     for i, node in enumerate(graph.node):
-        for name in node.input:
+        for name in map(_text, node.input):
             if name in inits and name not in user:
-                user[name] = (node.name or f"{node.op_type}_{i}", node.op_type)
+                op_type = _text(node.op_type)
+                user[name] = (_text(node.name) or f"{op_type}_{i}", op_type)
     order = list(user) + [name for name in inits if name not in user]
 
     origins = Origins("onnx")
