@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from transferkit.errors import TransferKitError
 from transferkit.weights.formats import WeightFile
-from transferkit.weights.formats.origins import Origins
+from transferkit.weights.formats.origins import Origins, text
 
 _F = descriptor_pb2.FieldDescriptorProto
 # Caffe's V1LayerParameter.LayerType, needed to read V1 prototxt files (`type: CONVOLUTION`).
@@ -125,7 +125,8 @@ class _Layer:
 
 def _layers(net, path: Path) -> list[_Layer]:
     if net.layer:
-        return [_Layer(lp.name, lp.type, list(lp.bottom), list(lp.top), list(lp.blobs),
+        return [_Layer(text(lp.name), text(lp.type), [text(b) for b in lp.bottom], [text(t) for t in lp.top],
+                       list(lp.blobs),
                        lp.batch_norm_param.eps if lp.HasField("batch_norm_param") else None,
                        lp.scale_param.bias_term, lp.inner_product_param.transpose) for lp in net.layer]
     out = []
@@ -135,8 +136,9 @@ def _layers(net, path: Path) -> list[_Layer]:
                                    "upgrade_net_proto_binary tool first")
         enum = _MESSAGES["V1LayerParameter"].DESCRIPTOR.fields_by_name["type"].enum_type
         kind = enum.values_by_number[lp.type].name if lp.type in enum.values_by_number else str(lp.type)
-        out.append(_Layer(lp.name, V1_TO_TYPE.get(kind, kind.title().replace("_", "")), list(lp.bottom),
-                          list(lp.top), list(lp.blobs), transpose=lp.inner_product_param.transpose))
+        out.append(_Layer(text(lp.name), V1_TO_TYPE.get(kind, kind.title().replace("_", "")),
+                          [text(b) for b in lp.bottom], [text(t) for t in lp.top], list(lp.blobs),
+                          transpose=lp.inner_product_param.transpose))
     return out
 
 
@@ -177,10 +179,14 @@ def _blob_array(blob, path: Path, where: str) -> np.ndarray:
 
 
 def _weight(arr: np.ndarray, layer: _Layer) -> np.ndarray:
-    """Legacy blobs are 4-d (1, 1, out, in) for an InnerProduct: back to (out, in)."""
+    """Legacy blobs are 4-d (1, 1, out, in) for an InnerProduct (some converters write (out, in, 1, 1)):
+    back to (out, in)."""
     if layer.kind == "InnerProduct":
-        arr = arr.reshape(arr.shape[-2:]) if arr.ndim >= 2 else arr
-        return arr.T if layer.transpose else arr
+        if arr.ndim == 4 and arr.shape[:2] == (1, 1):
+            arr = arr.reshape(arr.shape[2:])
+        elif arr.ndim == 4 and arr.shape[2:] == (1, 1):
+            arr = arr.reshape(arr.shape[:2])
+        return arr.T if layer.transpose and arr.ndim == 2 else arr
     return arr
 
 
@@ -240,7 +246,7 @@ def read(path: Path) -> WeightFile:
             arr = _weight(arr, stored_lay) if j == 0 else (arr.reshape(-1) if j == 1 else arr)
             converted = "InnerProduct weight transposed" if j == 0 and stored_lay.transpose else ""
             put(f"{lay.name}.{suffix}", arr, f"{lay.name}/blob{j}", converted)
-    return WeightFile(tensors, "caffe", path, origins.metadata(net_name=net.name, **extra))
+    return WeightFile(tensors, "caffe", path, origins.metadata(net_name=text(net.name), **extra))
 
 
 def _batchnorm(lay: _Layer, stored: _Layer, arrays: list[np.ndarray], scale: _Layer | None, put,
@@ -249,6 +255,9 @@ def _batchnorm(lay: _Layer, stored: _Layer, arrays: list[np.ndarray], scale: _La
         raise TransferKitError(f"{path}: BatchNorm layer {lay.name} has {len(arrays)} blobs, expected 3 "
                                "(mean, variance, scale factor); re-export the model")
     mean, var, factor = (a.reshape(-1) for a in arrays[:3])
+    if mean.shape != var.shape:
+        raise TransferKitError(f"{path}: BatchNorm layer {lay.name} has {mean.size} means but {var.size} variances; "
+                               "re-export the model")
     s = float(factor[0]) if factor.size else 0.0
     inv = 0.0 if s == 0 else 1.0 / s  # Caffe's own rule for a zero factor
     eps = lay.eps if lay.eps is not None else stored.eps if stored.eps is not None else BN_EPS_DEFAULT

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from transferkit.errors import TransferKitError
 from transferkit.weights.formats import WeightFile
-from transferkit.weights.formats.origins import Origins, check_fits
+from transferkit.weights.formats.origins import Origins, check_fits, text
 
 # A ModelProto starts with ir_version (field 1, varint) followed by one of its other fields.
 _NEXT_TAGS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x4A, 0x52, 0x72, 0x7A}
@@ -29,11 +29,6 @@ def sniff(path: Path, head: bytes) -> bool:
     if path.suffix == ".onnx":
         return True
     return len(head) > 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in _NEXT_TAGS
-
-
-def _text(value) -> str:
-    """A proto2 string field holding bytes that are not UTF-8 comes back as bytes."""
-    return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
 
 
 def _onnx():
@@ -47,7 +42,7 @@ def _onnx():
 
 def _load_external(tensor, path: Path, onnx) -> None:
     """Read an initializer's external data into it, from inside the model's folder only."""
-    info = {_text(e.key): _text(e.value) for e in tensor.external_data}
+    info = {text(e.key): text(e.value) for e in tensor.external_data}
     location = info.get("location", "")
     base = path.parent.resolve()
     target = (base / location).resolve()
@@ -107,7 +102,7 @@ def read(path: Path) -> WeightFile:
                                "read; export the model with dense weights")
     inits = {}
     for tensor in graph.initializer:
-        name = _text(tensor.name)
+        name = text(tensor.name)
         if name in inits:
             raise TransferKitError(f"{path}: the initializer name {name!r} appears twice")
         inits[name] = tensor
@@ -115,10 +110,10 @@ def read(path: Path) -> WeightFile:
         raise TransferKitError(f"{path}: the ONNX graph has no initializers (no stored weights)")
     user: dict[str, tuple[str, str]] = {}
     for i, node in enumerate(graph.node):
-        for name in map(_text, node.input):
+        for name in map(text, node.input):
             if name in inits and name not in user:
-                op_type = _text(node.op_type)
-                user[name] = (_text(node.name) or f"{op_type}_{i}", op_type)
+                op_type = text(node.op_type)
+                user[name] = (text(node.name) or f"{op_type}_{i}", op_type)
     order = list(user) + [name for name in inits if name not in user]
 
     origins = Origins("onnx")

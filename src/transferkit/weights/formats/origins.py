@@ -55,6 +55,11 @@ class Origins:
         }
 
 
+def text(value: str | bytes) -> str:
+    """A protobuf string field whose bytes are not UTF-8 comes back as bytes: shown with replacements."""
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
+
+
 def check_fits(path: Path, need: int, available: int, what: str) -> None:
     """Stop before allocating when a size read from the file asks for more bytes than it holds."""
     if need < 0 or need > available:
