@@ -2,6 +2,7 @@
 against their PyTorch original, and TFLite files built here with known tensors in TFLite layouts."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def test_onnx_sniffed_by_content_and_missing_package_is_one_line(tmp_path, monke
     renamed = tmp_path / "weights.model"
     renamed.write_bytes((tmp_path / "m.onnx").read_bytes())
     assert read_weights(renamed).format == "onnx"
-    monkeypatch.setitem(__import__("sys").modules, "onnx", None)
+    monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(TransferKitError, match=r"needs the onnx package: pip install 'transferkit\[onnx\]'"):
         read_weights(renamed)
 
@@ -344,8 +345,9 @@ def test_inspect_json_on_real_files(path, fmt, count, capsys):
     assert (info["format"], info["tensors"], len(info["entries"])) == (fmt, count, count)
 
 
-def test_tflite_damaged_files(tmp_path):
+def test_tflite_damaged_files(tmp_path, monkeypatch):
     pytest.importorskip("tflite")
+    flatbuffers = pytest.importorskip("flatbuffers")
     tb = TfliteBuilder()
     x = tb.tensor("input", (1, 5, 5, 3), FLOAT32)
     w = tb.tensor("f", (4, 3, 3, 3), FLOAT32, np.ones((4, 3, 3, 3), np.float32))
@@ -356,7 +358,10 @@ def test_tflite_damaged_files(tmp_path):
         read_weights(tmp_path / "cut.tflite")
     # A shape that asks for more values than the buffer holds.
     tb.tensors[1] = ("f", (4, 3, 3, 30), FLOAT32, np.ones((4, 3, 3, 3), np.float32), None)
-    tb.b = __import__("flatbuffers").Builder(1024)
+    tb.b = flatbuffers.Builder(1024)
     (tmp_path / "shape.tflite").write_bytes(tb.build())
     with pytest.raises(TransferKitError, match=r"tensor 'f' of shape \[4, 3, 3, 30\] float32 has 432 bytes"):
+        read_weights(tmp_path / "shape.tflite")
+    monkeypatch.setitem(sys.modules, "tflite", None)
+    with pytest.raises(TransferKitError, match=r"needs the tflite package: pip install 'transferkit\[tflite\]'"):
         read_weights(tmp_path / "shape.tflite")
