@@ -48,8 +48,20 @@ def read_weights(path: str | Path) -> WeightFile:
     )
 
 
-from transferkit.weights.formats import npz_file, safetensors_file, torch_file  # noqa: E402
+from transferkit.weights.formats import (  # noqa: E402
+    caffe_file,
+    mxnet_file,
+    npz_file,
+    onnx_file,
+    safetensors_file,
+    tflite_file,
+    torch_file,
+)
 
+register("tflite", tflite_file.sniff, tflite_file.read)
+register("mxnet", mxnet_file.sniff, mxnet_file.read)
 register("safetensors", safetensors_file.sniff, safetensors_file.read)
 register("npz", npz_file.sniff, npz_file.read)
 register("pytorch", torch_file.sniff, torch_file.read)
+register("onnx", onnx_file.sniff, onnx_file.read)
+register("caffe", caffe_file.sniff, caffe_file.read)
