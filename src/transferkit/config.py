@@ -116,17 +116,21 @@ class DataConfig(_Section):
     root: Path
     # folder: root/train/<class>/ and root/val/<class>/; list: im2rec list files (paths relative to root);
     # shards: root/train/ and root/val/ written by `transferkit data pack`.
-    format: Literal["folder", "list", "shards", "coco", "voc"] = "folder"
+    format: Literal["folder", "list", "shards", "coco", "voc", "tfrecord"] = "folder"
     train_list: Path | None = None
     val_list: Path | None = None
     # One class name a line; default for lists: PREFIX_classes.txt beside PREFIX_train.lst.
     classes_file: Path | None = None
     # Detection, coco: annotation JSONs and the folders their file_names are in (default: guessed as
-    # `data check` does). voc: root is a VOC year folder, the splits name ImageSets/Main lists.
+    # `data check` does). voc: root is a VOC year folder or a folder of VOC XMLs; the splits name
+    # ImageSets/Main lists, list files or sub-folders; train_images/val_images: the image folders.
     train_ann: Path | None = None
     val_ann: Path | None = None
     train_images: Path | None = None
     val_images: Path | None = None
+    # Detection, tfrecord: TF Object Detection API record files (paths or globs, relative to root).
+    train_records: list[str] = Field(default_factory=list)
+    val_records: list[str] = Field(default_factory=list)
     train_split: str = "train"
     val_split: str = "val"
     # Without val_ann: this fraction of the training images, drawn with split_seed, is the validation split.
