@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -86,7 +86,8 @@ class HeadInitConfig(_Section):
 
 
 class PretrainedConfig(_Section):
-    # A path, `package:NAME` (an installed package that ships a weights file), or null for none.
+    # A path, `package:NAME` (an installed package that ships a weights file), `torchvision:NAME`
+    # (torchvision's model zoo), or null for none.
     source: str | None = DEFAULT_SOURCE
     scope: Literal["backbone", "all-but-head", "full"] = "all-but-head"
     # Expected sha256 of the source file (checked for paths and downloads).
@@ -373,12 +374,39 @@ def _format_error(err: dict[str, Any]) -> str:
 
 def validate(data: dict[str, Any], source: str) -> Config:
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         first = _format_error(errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise TransferKitError(f"config error in {source}: {first}{more}") from None
+    _zoo_detector(cfg, source)
+    return cfg
+
+
+def zoo_builder(name: str) -> str:
+    """The torchvision builder a `torchvision:` name is for, from the name alone: `FCOS_ResNet50_FPN_Weights.X`
+    -> `fcos_resnet50_fpn` (torchvision names each Weights enum after its builder)."""
+    head = name.removeprefix("torchvision:").partition(".")[0]
+    return head[: -len("_Weights")].lower() if head.endswith("_Weights") else head
+
+
+def _zoo_detector(cfg: Config, source: str) -> None:
+    """`pretrained.source: torchvision:<Detector>_Weights.X` sets detection.torchvision_model to its builder
+    (torchvision names each Weights enum after its builder, so the name alone tells which)."""
+    text = cfg.pretrained.source or ""
+    if cfg.task != "detection" or not text.startswith("torchvision:"):
+        return
+    builder = zoo_builder(text)
+    builders = get_args(get_args(DetectionConfig.model_fields["torchvision_model"].annotation)[0])
+    if builder not in builders:
+        return  # e.g. ImageNet classifier weights for a detector's backbone
+    chosen = cfg.detection.torchvision_model
+    if chosen is None:
+        cfg.detection.torchvision_model = builder
+    elif chosen != builder:
+        raise TransferKitError(f"config error in {source}: pretrained.source {text} holds {builder} weights, but "
+                               f"detection.torchvision_model is {chosen}; leave it out or make them agree")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -61,11 +61,19 @@ def source_classes(cfg: Config) -> list[str]:
     """The class names of the source detector, for head_init.from_classes."""
     if cfg.pretrained.head_init.source_classes:
         return cfg.pretrained.head_init.source_classes
+    if str(cfg.pretrained.source).startswith("torchvision:"):  # the zoo's own class names (COCO)
+        from transferkit.models.detection import zoo_source_classes
+        from transferkit.weights.zoo import torchvision_weights
+
+        categories = torchvision_weights(str(cfg.pretrained.source).removeprefix("torchvision:")).categories
+        if categories:
+            return zoo_source_classes(cfg.detection.kind, categories)
     listed = Path(str(cfg.pretrained.source)) / "classes.json"
     if listed.is_file():
         return json.loads(listed.read_text())
     raise TransferKitError("pretrained.head_init for a detector needs the source's class names: give "
-                           "pretrained.head_init.source_classes, or a run directory as pretrained.source")
+                           "pretrained.head_init.source_classes, a run directory or a torchvision: name as "
+                           "pretrained.source")
 
 
 def load_detection_data(cfg: Config, need_train: bool = True) -> DetectionData:
