@@ -126,7 +126,7 @@ def convert_voc(root: str | Path, split: str | None = None, classes: list[str] |
     if not root.is_dir():
         raise TransferKitError(f"VOC annotations not found: {root} (give a VOC year folder or a folder of XMLs)")
     if images is not None and not images.is_dir():
-        raise TransferKitError(f"--images {images} is not a folder")
+        raise TransferKitError(f"the image folder {images} (--images, data.train_images) is not a folder")
     year = is_year_folder(root)
     if val_fraction is not None and split not in ("train", "val"):
         raise TransferKitError(f"a split by fraction ({val_fraction}) is `train` or `val`, not {split!r}")
