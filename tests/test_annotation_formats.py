@@ -6,6 +6,7 @@ import json
 import struct
 
 import pytest
+from conftest import SHARED_DATA, needs_shared
 from detection_fixtures import (
     csv_from_voc,
     example,
@@ -207,3 +208,54 @@ def test_training_reads_a_labelimg_folder_and_tfrecords_directly(year, tmp_path)
         runs[name] = [{k: v for k, v in m.items() if k != "seconds"} for m in result.metrics]
     # the same images, boxes and split from both: the same losses and mAP
     assert runs["voc"] == runs["tfrecord"] and runs["voc"][0]["train_loss"] > 0
+
+
+def _png(array) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_tfrecord_masks_labels_without_text_and_names(tmp_path):
+    import numpy as np
+    from detection_fixtures import bytes_feature, int64_feature
+    from pycocotools import mask as mask_utils
+
+    mask = np.zeros((10, 20), np.uint8)
+    mask[2:5, 3:7] = 1
+    records = [frame(example({  # no image/width or height: read from the image; no class text: the label map
+        "image/encoded": bytes_feature([_png(np.full((10, 20, 3), 90, np.uint8))]),
+        "image/format": bytes_feature([b"png"]), "image/source_id": bytes_feature([b"42"]),
+        "image/object/bbox/xmin": float_feature([3 / 20]), "image/object/bbox/ymin": float_feature([0.2]),
+        "image/object/bbox/xmax": float_feature([7 / 20]), "image/object/bbox/ymax": float_feature([0.5]),
+        "image/object/class/label": int64_feature([2]), "image/object/mask": bytes_feature([_png(mask * 255)]),
+    })) for _ in range(2)]
+    (tmp_path / "m.tfrecord").write_bytes(b"".join(records))
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    doc = _convert(tmp_path, "--from", "tfrecord", str(tmp_path / "m.tfrecord"), "--images", str(tmp_path / "im"),
+                   "--classes", str(tmp_path / "classes.txt"))
+    assert sorted(i["file_name"] for i in doc["images"]) == ["42-2.png", "42.png"]  # source_id, made unique
+    assert doc["images"][0]["width"] == 20 and doc["images"][0]["height"] == 10
+    ann = doc["annotations"][0]
+    assert ann["category_id"] == 2 and ann["bbox"] == pytest.approx([3, 2, 4, 3], abs=1e-4)
+    rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+    assert (mask_utils.decode(rle) == mask).all()
+
+
+@needs_shared
+@pytest.mark.parametrize("year_name", ["VOC2007", "VOC2012"])
+def test_real_voc_files_in_labelimg_layout_convert_as_their_year_folder(year_name, tmp_path):
+    """Pascal VOC's own XMLs and JPEGs, laid out as labelImg keeps them (annotations/ beside images/)."""
+    import shutil
+
+    year = SHARED_DATA / "voc_mini" / "VOCdevkit" / year_name
+    shutil.copytree(year / "Annotations", tmp_path / "annotations")
+    shutil.copytree(year / "JPEGImages", tmp_path / "images")
+    flat = convert_voc(tmp_path / "annotations")
+    assert flat.image_root == tmp_path / "images"
+    assert_same_coco(flat.to_dict(), convert_voc(year).to_dict())
+    assert [s["reason"] for s in flat.skipped] == [s["reason"] for s in convert_voc(year).skipped]
