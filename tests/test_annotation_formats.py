@@ -137,6 +137,24 @@ def test_voc_image_folders_backgrounds_and_splits(year, tmp_path):
         convert_voc(flat, "nosuch")
 
 
+def test_an_image_found_only_by_its_recorded_path(year, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    (tmp_path / "xmls").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    for i, xml in enumerate(sorted((year / "Annotations").glob("*.xml"))[:2]):
+        root = ET.parse(xml).getroot()
+        name = root.findtext("filename")
+        (tmp_path / "elsewhere" / f"renamed_{i}.jpg").write_bytes((year / "JPEGImages" / name).read_bytes())
+        ET.SubElement(root, "path").text = str(tmp_path / "elsewhere" / f"renamed_{i}.jpg")
+        ET.ElementTree(root).write(tmp_path / "xmls" / xml.name)
+    found = convert_voc(tmp_path / "xmls")
+    assert found.image_root == tmp_path / "elsewhere" and not found.skipped
+    assert [i["file_name"] for i in found.images] == ["renamed_0.jpg", "renamed_1.jpg"]
+    with pytest.raises(TransferKitError, match="needs the part to keep: --split train or --split val"):
+        convert_voc(tmp_path / "xmls", val_fraction=0.5)
+
+
 def test_data_check_reads_the_new_layouts(year, tmp_path):
     flat = labelimg_from_voc(year, tmp_path / "labelimg")
     report = check_dataset(flat)

@@ -129,7 +129,8 @@ def convert_voc(root: str | Path, split: str | None = None, classes: list[str] |
         raise TransferKitError(f"the image folder {images} (--images, data.train_images) is not a folder")
     year = is_year_folder(root)
     if val_fraction is not None and split not in ("train", "val"):
-        raise TransferKitError(f"a split by fraction ({val_fraction}) is `train` or `val`, not {split!r}")
+        raise TransferKitError(f"a split by fraction ({val_fraction}) needs the part to keep: --split train or "
+                               f"--split val, not {split!r}")
     keep: set[str] | None = None  # stems kept by a list file
     scan = root / "Annotations" if year else root
     if split and val_fraction is None:
