@@ -83,7 +83,11 @@ def convert_csv(path: str | Path, images: str | Path | None, classes: list[str] 
         except ValueError:
             width = height = 0
         if width <= 0 or height <= 0:
-            width, height = image_size(images / name)
+            try:
+                width, height = image_size(images / name)
+            except TransferKitError:
+                raise TransferKitError(f"{path}:{first_n}: no width and height, and the image {name!r} cannot be "
+                                       f"read under {images}; fill in the columns or fix the image") from None
         out.add_image(image_id, name, width, height)
         for n, row in file_rows:
             where = f"{path}:{n}"
