@@ -171,3 +171,29 @@ def tfrecord_from_voc(year: Path, path: Path, source_id_only: bool = False) -> P
         records.append(frame(example(feats)))
     path.write_bytes(b"".join(records))
     return path
+
+
+def tfrecord_from_coco(doc: dict, images: Path, path: Path) -> Path:
+    """The records of a COCO dataset (crowd regions left out), as create_coco_tf_record.py writes them."""
+    names = {c["id"]: c["name"] for c in doc["categories"]}
+    by_image: dict[int, list[dict]] = {}
+    for a in doc["annotations"]:
+        if not a.get("iscrowd"):
+            by_image.setdefault(a["image_id"], []).append(a)
+    with open(path, "wb") as fh:
+        for img in doc["images"]:
+            w, h = img["width"], img["height"]
+            anns = by_image.get(img["id"], [])
+            fh.write(frame(example({
+                "image/encoded": bytes_feature([(images / img["file_name"]).read_bytes()]),
+                "image/filename": bytes_feature([img["file_name"].encode()]),
+                "image/format": bytes_feature([b"jpeg"]), "image/width": int64_feature([w]),
+                "image/height": int64_feature([h]),
+                "image/object/bbox/xmin": float_feature([a["bbox"][0] / w for a in anns]),
+                "image/object/bbox/ymin": float_feature([a["bbox"][1] / h for a in anns]),
+                "image/object/bbox/xmax": float_feature([(a["bbox"][0] + a["bbox"][2]) / w for a in anns]),
+                "image/object/bbox/ymax": float_feature([(a["bbox"][1] + a["bbox"][3]) / h for a in anns]),
+                "image/object/class/text": bytes_feature([names[a["category_id"]].encode() for a in anns]),
+                "image/object/class/label": int64_feature([a["category_id"] for a in anns]),
+            })))
+    return path

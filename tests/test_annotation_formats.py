@@ -277,3 +277,25 @@ def test_real_voc_files_in_labelimg_layout_convert_as_their_year_folder(year_nam
     assert flat.image_root == tmp_path / "images"
     assert_same_coco(flat.to_dict(), convert_voc(year).to_dict())
     assert [s["reason"] for s in flat.skipped] == [s["reason"] for s in convert_voc(year).skipped]
+
+
+@needs_shared
+def test_coco128_as_a_tfrecord_gives_back_the_official_boxes_and_images(tmp_path):
+    from detection_fixtures import tfrecord_from_coco
+
+    root = SHARED_DATA / "coco128"
+    official = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    record = tfrecord_from_coco(official, root / "images" / "train2017", tmp_path / "coco128.tfrecord")
+    doc = _convert(tmp_path, "--from", "tfrecord", str(record), "--images", str(tmp_path / "images"))
+    assert {(i["id"], i["file_name"], i["width"], i["height"]) for i in doc["images"]} == {
+        (i["id"], i["file_name"], i["width"], i["height"]) for i in official["images"]}
+    names = {c["id"]: c["name"] for c in official["categories"]}
+    ours = {c["id"]: c["name"] for c in doc["categories"]}
+    expected = sorted((a["image_id"], names[a["category_id"]], *a["bbox"]) for a in official["annotations"]
+                      if not a["iscrowd"])
+    got = sorted((a["image_id"], ours[a["category_id"]], *a["bbox"]) for a in doc["annotations"])
+    assert len(got) == len(expected) == 929
+    for g, e in zip(got, expected, strict=True):
+        assert g[:2] == e[:2] and max(abs(a - b) for a, b in zip(g[2:], e[2:], strict=True)) <= 0.5, (g, e)
+    some = official["images"][7]["file_name"]
+    assert (tmp_path / "images" / some).read_bytes() == (root / "images" / "train2017" / some).read_bytes()
