@@ -299,3 +299,31 @@ def test_coco128_as_a_tfrecord_gives_back_the_official_boxes_and_images(tmp_path
         assert g[:2] == e[:2] and max(abs(a - b) for a, b in zip(g[2:], e[2:], strict=True)) <= 0.5, (g, e)
     some = official["images"][7]["file_name"]
     assert (tmp_path / "images" / some).read_bytes() == (root / "images" / "train2017" / some).read_bytes()
+
+
+def test_a_label_map_names_the_classes(year, tmp_path):
+    from transferkit.data.tfrecord import read_label_map
+
+    (tmp_path / "label_map.pbtxt").write_text(
+        "item {\n  id: 2\n  name: 'dog'\n  display_name: 'Dog'\n  frequency: FREQUENT\n}\n"
+        "item {\n  name: \"cat\"\n  id: 1\n}\nitem { id: 7 name: 'bird' }\n")
+    assert read_label_map(tmp_path / "label_map.pbtxt") == {1: "cat", 2: "dog", 7: "bird"}
+    record = tfrecord_from_voc(year, tmp_path / "a.tfrecord")  # class/label 1 cat, 2 dog
+    doc = _convert(tmp_path, "--from", "tfrecord", str(record), "--images", str(tmp_path / "im"),
+                   "--label-map", str(tmp_path / "label_map.pbtxt"))
+    assert [c["name"] for c in doc["categories"]] == ["cat", "dog", "bird"]
+    reference = convert_voc(year).to_dict()
+    reference["categories"].append({"id": 3, "name": "bird", "supercategory": ""})
+    assert_same_coco(doc, reference)
+    # class/label is what the TF OD API trains on: where the map and class/text disagree, the map names it
+    (tmp_path / "renamed.pbtxt").write_text("item { id: 1 name: 'kitty' }\nitem { id: 2 name: 'doggo' }\n")
+    doc = _convert(tmp_path, "--from", "tfrecord", str(record), "--images", str(tmp_path / "im2"),
+                   "--label-map", str(tmp_path / "renamed.pbtxt"))
+    assert [c["name"] for c in doc["categories"]] == ["kitty", "doggo"]
+    assert len(doc["annotations"]) == len(reference["annotations"])
+    (tmp_path / "bad.pbtxt").write_text("item { id: 1 name: 'cat' }\nitem { id: 1 name: 'dog' }\n")
+    with pytest.raises(TransferKitError, match="bad.pbtxt: id 1 is both 'cat' and 'dog'"):
+        read_label_map(tmp_path / "bad.pbtxt")
+    (tmp_path / "bad.pbtxt").write_text("item { id: 'x' }")
+    with pytest.raises(TransferKitError, match="bad.pbtxt: not a TF OD API label map"):
+        read_label_map(tmp_path / "bad.pbtxt")

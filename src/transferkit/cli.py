@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="--from coco, csv: the folder the file names are in; voc: the image folder "
                    "(its images without XML are backgrounds); tfrecord: the new folder the images are written to")
     p.add_argument("--columns", help="csv: header names, e.g. class=label,filename=image")
+    p.add_argument("--label-map", help="tfrecord: the TF OD API label_map.pbtxt (class names by class/label)")
     p.add_argument("--val-fraction", type=float, help="voc: with --split train or val, a seeded split by image")
     p.add_argument("--seed", type=int, default=0, help="the seed of --val-fraction")
     p.add_argument("--out", required=True, help="COCO JSON to write (--to yolo: the YOLO dataset root)")
@@ -320,7 +321,7 @@ def _convert_options(args) -> dict:
 
         return {"images": args.images, "columns": parse_columns(args.columns)}
     if args.fmt == "tfrecord":
-        return {"images": args.images, "keep_difficult": args.keep_difficult}
+        return {"images": args.images, "keep_difficult": args.keep_difficult, "label_map": args.label_map}
     return {}
 
 

@@ -132,6 +132,8 @@ class DataConfig(_Section):
     # Detection, tfrecord: TF Object Detection API record files (paths or globs, relative to root).
     train_records: list[str] = Field(default_factory=list)
     val_records: list[str] = Field(default_factory=list)
+    # tfrecord: the TF OD API label_map.pbtxt naming the classes by class/label (default: class/text).
+    label_map: Path | None = None
     train_split: str = "train"
     val_split: str = "val"
     # Without val_ann: this fraction of the training images, drawn with split_seed, is the validation split.

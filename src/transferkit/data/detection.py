@@ -157,8 +157,10 @@ def _read_voc_split(cfg: DataConfig, split: str | None, wanted: list[str] | None
 def _read_tfrecord_split(cfg: DataConfig, files: list[str], wanted: list[str] | None) -> tuple[list[str], list]:
     """TFRecord files read in place: boxes from a scan of every record, images read back by byte offset."""
     from transferkit.data.convert.tfrecord import expand_files, read_tfrecord_dataset
+    from transferkit.data.tfrecord import read_label_map
 
-    dataset, located = read_tfrecord_dataset(expand_files(files, cfg.root))
+    label_map = read_label_map(cfg.label_map) if cfg.label_map else None
+    dataset, located = read_tfrecord_dataset(expand_files(files, cfg.root), label_map=label_map)
     names = {i + 1: n for i, n in enumerate(dataset.categories)}
     classes = _pick_classes(dataset.categories, wanted, Path(files[0]))
     records = _records_from_coco(dataset.images, dataset.annotations, names, classes, Path())

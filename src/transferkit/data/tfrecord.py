@@ -75,6 +75,56 @@ def example_class():
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
 
 
+@lru_cache(maxsize=1)
+def label_map_class():
+    """object_detection.protos.StringIntLabelMap (the TF OD API's label_map.pbtxt), built like Example; its
+    other item fields (keypoints, frequency, ...) are skipped when read."""
+    F = descriptor_pb2.FieldDescriptorProto  # noqa: N806 - protobuf's own name
+    fdp = descriptor_pb2.FileDescriptorProto(name="transferkit/string_int_label_map.proto",
+                                             package="object_detection.protos", syntax="proto2")
+    item = fdp.message_type.add(name="StringIntLabelMapItem")
+    item.field.add(name="name", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    item.field.add(name="id", number=2, type=F.TYPE_INT32, label=F.LABEL_OPTIONAL)
+    item.field.add(name="display_name", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    fdp.message_type.add(name="StringIntLabelMap").field.add(
+        name="item", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
+        type_name=".object_detection.protos.StringIntLabelMapItem")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("object_detection.protos.StringIntLabelMap"))
+
+
+MAX_LABEL_MAP_BYTES = 16 << 20  # a label map names classes: a few KB; more is not one
+
+
+def read_label_map(path: str | Path) -> dict[int, str]:
+    """A label_map.pbtxt as {id: name} (the `name` records carry as class/text, else `display_name`)."""
+    from google.protobuf import text_format
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_LABEL_MAP_BYTES:
+            raise TransferKitError(f"{path}: {path.stat().st_size} bytes is too large for a label map")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TransferKitError(f"cannot read label map {path}: {exc}") from None
+    label_map = label_map_class()()
+    try:
+        text_format.Parse(text, label_map, allow_unknown_field=True)
+    except text_format.ParseError as exc:
+        raise TransferKitError(f"{path}: not a TF OD API label map ({exc})") from None
+    out: dict[int, str] = {}
+    for item in label_map.item:
+        name = item.name or item.display_name
+        if item.id <= 0 or not name:
+            raise TransferKitError(f"{path}: every item needs an id from 1 and a name (item {name!r} id {item.id})")
+        if out.setdefault(item.id, name) != name:
+            raise TransferKitError(f"{path}: id {item.id} is both {out[item.id]!r} and {name!r}")
+    if not out:
+        raise TransferKitError(f"{path}: the label map has no items")
+    return out
+
+
 def parse_example(data: bytes) -> dict[str, list]:
     """A serialised tf.train.Example as {key: list of bytes, floats or ints}."""
     example = example_class()()

@@ -16,6 +16,6 @@ CONVERTERS = {
     "cityscapes": lambda src, split=None, classes=None: convert_cityscapes(src, split, classes),
     "csv": lambda src, split=None, classes=None, images=None, columns=None: convert_csv(src, images, classes,
                                                                                          columns),
-    "tfrecord": lambda src, split=None, classes=None, images=None, keep_difficult=False: convert_tfrecord(
-        src if isinstance(src, (list, tuple)) else [src], images, classes, keep_difficult),
+    "tfrecord": lambda src, split=None, classes=None, images=None, keep_difficult=False, label_map=None:
+        convert_tfrecord(src if isinstance(src, (list, tuple)) else [src], images, classes, keep_difficult, label_map),
 }

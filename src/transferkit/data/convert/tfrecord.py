@@ -20,7 +20,7 @@ from PIL import Image
 
 from transferkit.data.convert.coco import CocoDataset, stable_image_ids
 from transferkit.data.images import IMAGE_SUFFIXES
-from transferkit.data.tfrecord import DetectionExample, RecordSample, read_examples
+from transferkit.data.tfrecord import DetectionExample, RecordSample, read_examples, read_label_map
 from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write
 
@@ -107,9 +107,11 @@ def _masks(ex: DetectionExample, height: int, width: int, where: str) -> list[di
 
 
 def read_tfrecord_dataset(files: list[Path], classes: list[str] | None = None, keep_difficult: bool = False,
-                          images_out: Path | None = None) -> tuple[CocoDataset, dict[int, RecordSample]]:
+                          images_out: Path | None = None, label_map: dict[int, str] | None = None
+                          ) -> tuple[CocoDataset, dict[int, RecordSample]]:
     """The records of `files` as a COCO dataset, and where each image's record is (by image id). With
-    `images_out`, the encoded images are written there (it must be new or empty)."""
+    `images_out`, the encoded images are written there (it must be new or empty); with `label_map`
+    ({id: name}, read_label_map), class/label names the class and the categories follow the map."""
     if images_out is not None:
         if images_out.exists() and (not images_out.is_dir() or any(images_out.iterdir())):
             raise TransferKitError(f"--images {images_out} is not empty; the images of the records are written into "
@@ -135,11 +137,15 @@ def read_tfrecord_dataset(files: list[Path], classes: list[str] | None = None, k
         examples.append((path, ex, name))
         samples.append(RecordSample(path, offset, length, ex.index, name))
     where = ", ".join(str(f) for f in files[:3])
-    by_label = _label_names([ex for _, ex, _ in examples], where)
-    if classes and not any(ex.texts for _, ex, _ in examples):  # labels only: the label map's ids count from 1
-        by_label = {lb: classes[lb - 1] if 1 <= lb <= len(classes) else str(lb) for lb in by_label}
-    names = list(classes) if classes else ([by_label[k] for k in sorted(by_label)] if by_label else
-                                           sorted({t for _, ex, _ in examples for t in ex.texts}))
+    if label_map:
+        by_label = dict(label_map)
+        names = list(classes) if classes else [label_map[k] for k in sorted(label_map)]
+    else:
+        by_label = _label_names([ex for _, ex, _ in examples], where)
+        if classes and not any(ex.texts for _, ex, _ in examples):  # labels only: ids count from 1
+            by_label = {lb: classes[lb - 1] if 1 <= lb <= len(classes) else str(lb) for lb in by_label}
+        names = list(classes) if classes else ([by_label[k] for k in sorted(by_label)] if by_label else
+                                               sorted({t for _, ex, _ in examples for t in ex.texts}))
     out = CocoDataset(names, image_root=images_out)
     ids = stable_image_ids([name for _, _, name in examples])
     located = {}
@@ -148,7 +154,10 @@ def read_tfrecord_dataset(files: list[Path], classes: list[str] | None = None, k
         located[image_id] = sample
         out.add_image(image_id, name, ex.width, ex.height)
         for k, (x0, y0, x1, y1) in enumerate(ex.boxes):
-            cls = ex.texts[k] if ex.texts else by_label.get(ex.labels[k], str(ex.labels[k]))
+            if ex.labels and (label_map or not ex.texts):
+                cls = by_label.get(ex.labels[k], f"label {ex.labels[k]}")
+            else:
+                cls = ex.texts[k]
             obj = f"{path} record {ex.index} object {k + 1}"
             if cls not in out.categories:
                 out.skip(obj, "object", f"class {cls!r} is not in the class list", "note")
@@ -163,9 +172,10 @@ def read_tfrecord_dataset(files: list[Path], classes: list[str] | None = None, k
 
 
 def convert_tfrecord(files: Iterable[str | Path], images: str | Path | None, classes: list[str] | None = None,
-                     keep_difficult: bool = False) -> CocoDataset:
+                     keep_difficult: bool = False, label_map: str | Path | None = None) -> CocoDataset:
     """`data convert --from tfrecord FILE... --images DIR`: the COCO dataset, images written into DIR."""
     if images is None:
         raise TransferKitError("--from tfrecord needs --images DIR: the records' images are written there")
-    dataset, _ = read_tfrecord_dataset(expand_files(files), classes, keep_difficult, Path(images))
+    names = read_label_map(label_map) if label_map else None
+    dataset, _ = read_tfrecord_dataset(expand_files(files), classes, keep_difficult, Path(images), names)
     return dataset
