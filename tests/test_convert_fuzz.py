@@ -162,3 +162,45 @@ def test_yolo_mutations(lines, data_yaml):
     for ann in result.annotations:  # whatever was kept is a real box inside the image
         x, y, w, h = ann["bbox"]
         assert all(math.isfinite(v) for v in ann["bbox"]) and w > 0 and h > 0 and x + w <= 40 and y + h <= 30
+
+
+def _tf_example(png: bytes) -> bytes:
+    from detection_fixtures import bytes_feature, example, float_feature, int64_feature
+
+    return example({
+        "image/encoded": bytes_feature([png]), "image/filename": bytes_feature([b"a.png"]),
+        "image/width": int64_feature([40]), "image/height": int64_feature([30]),
+        "image/object/bbox/xmin": float_feature([0.1, 0.5]), "image/object/bbox/ymin": float_feature([0.1, 0.2]),
+        "image/object/bbox/xmax": float_feature([0.4, 0.9]), "image/object/bbox/ymax": float_feature([0.6, 0.8]),
+        "image/object/class/text": bytes_feature([b"cat", b"dog"]), "image/object/class/label": int64_feature([1, 2]),
+        "image/object/difficult": int64_feature([0, 1]),
+    })
+
+
+@SETTINGS
+@given(st.data())
+def test_tfrecord_mutations(data):
+    """Bytes changed inside an Example (re-framed with good CRCs, so the parser sees them) or anywhere
+    in the file (the framing sees them)."""
+    from detection_fixtures import frame
+
+    d = _workdir()
+    payload = bytearray(_tf_example((d / "a.png").read_bytes()))
+    reframe = data.draw(st.booleans())
+    blob = payload if reframe else bytearray(frame(bytes(payload)) * 2)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(blob) - 1))
+        blob[at] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[:data.draw(st.integers(0, len(blob)))]
+    (d / "a.tfrecord").write_bytes(frame(bytes(blob)) if reframe else bytes(blob))
+    _converts_or_says_where(lambda: CONVERTERS["tfrecord"](d / "a.tfrecord", images=d / "out"), d / "a.tfrecord")
+
+
+@SETTINGS
+@given(st.lists(st.text(alphabet="a.png,0123456789-e\"cat\n ", max_size=30), max_size=4))
+def test_csv_mutations(lines):
+    d = _workdir()
+    (d / "a.csv").write_text("filename,width,height,class,xmin,ymin,xmax,ymax\na.png,40,30,cat,1,2,20,25\n"
+                             + "\n".join(lines))
+    _converts_or_says_where(lambda: CONVERTERS["csv"](d / "a.csv", images=d), d / "a.csv")

@@ -226,7 +226,8 @@ def test_batches_keep_one_aspect_group_and_follow_the_generator():
 def test_voc_detection_data():
     cfg = load_config(None, det_overrides(SHARED_DATA, **{
         "data.format": "voc", "data.root": str(SHARED_DATA / "voc_mini" / "VOCdevkit" / "VOC2007"),
-        "data.train_split": "trainval", "data.val_split": "test"}))
+        "data.train_split": "trainval", "data.val_split": "test", "data.train_images": "null",
+        "data.val_images": "null"}))
     classes, train_split, val_split = load_detection_splits(cfg.data)
     assert "person" in classes and train_split.records and val_split.records
     assert all(r.boxes.shape[1] == 4 and (r.boxes[:, 2] > r.boxes[:, 0]).all() for r in train_split.records

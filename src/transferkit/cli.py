@@ -14,6 +14,7 @@ from transferkit import __version__
 from transferkit.config import SCOPE_ALIASES, load_config
 from transferkit.data.check import check_dataset
 from transferkit.data.convert import CONVERTERS
+from transferkit.data.convert.csv_boxes import parse_columns
 from transferkit.data.convert.to_yolo import export_yolo
 from transferkit.data.lists import make_lists, parse_fractions, read_classes
 from transferkit.data.shards import pack
@@ -111,14 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("convert", help="convert VOC, YOLO, labelme or Cityscapes annotations to COCO JSON, "
                         "or COCO to YOLO")
-    p.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo", "labelme", "cityscapes", "coco"))
-    p.add_argument("src", help="VOC year folder, YOLO dataset root, labelme folder, Cityscapes root (gtFine/), "
-                   "or a COCO JSON")
+    p.add_argument("--from", dest="fmt", required=True,
+                   choices=("voc", "yolo", "labelme", "cityscapes", "csv", "tfrecord", "coco"))
+    p.add_argument("src", nargs="+", help="VOC year folder or folder of VOC XMLs, YOLO dataset root, labelme folder, "
+                   "Cityscapes root (gtFine/), a CSV of boxes, TFRecord file(s), or a COCO JSON")
     p.add_argument("--to", choices=("coco", "yolo"), default="coco", help="yolo: only --from coco")
-    p.add_argument("--images", help="--from coco: the folder the JSON's file_names are in")
+    p.add_argument("--images", help="--from coco, csv: the folder the file names are in; voc: the image folder "
+                   "(its images without XML are backgrounds); tfrecord: the new folder the images are written to")
+    p.add_argument("--columns", help="csv: header names, e.g. class=label,filename=image")
+    p.add_argument("--label-map", help="tfrecord: the TF OD API label_map.pbtxt (class names by class/label)")
+    p.add_argument("--val-fraction", type=float, help="voc: with --split train or val, a seeded split by image")
+    p.add_argument("--seed", type=int, default=0, help="the seed of --val-fraction")
     p.add_argument("--out", required=True, help="COCO JSON to write (--to yolo: the YOLO dataset root)")
-    p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/ (default: all; "
-                   "--to yolo: the split to write, default train)")
+    p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt, a list file or a sub-folder; YOLO: "
+                   "images/<split>/ (default: all; --to yolo: the split to write, default train)")
     p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
     p.add_argument("--keep-difficult", action="store_true", help="VOC: keep objects marked difficult")
     p = data.add_parser("list", help="im2rec-style list files with a seeded train/val/test split")
@@ -138,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="COCO: the folder the file_names are in")
     p = data.add_parser("check", help="find broken, missing, duplicate images, bad boxes, empty or skewed classes")
     p.add_argument("dataset", help="class folder(s), .lst list file, COCO .json, VOC/YOLO/labelme/Cityscapes "
-                   "folder, or packed shards")
-    p.add_argument("--format", choices=("folder", "list", "coco", "voc", "yolo", "labelme", "cityscapes", "shards"),
-                   help="default: told from the files")
-    p.add_argument("--images", help="COCO: the folder the file_names are in")
+                   "folder, a CSV of boxes, a TFRecord file, or packed shards")
+    p.add_argument("--format", choices=("folder", "list", "coco", "voc", "yolo", "labelme", "cityscapes", "shards",
+                                        "csv", "tfrecord"), help="default: told from the files")
+    p.add_argument("--images", help="COCO, CSV: the folder the file names are in; VOC: the image folder")
     p.add_argument("--root", help="list files: the folder paths are relative to (default: the list's folder)")
     p.add_argument("--split", help="VOC, YOLO, Cityscapes: only this split")
     p.add_argument("--no-decode", action="store_true", help="structure only: do not decode or hash images")
@@ -232,8 +239,9 @@ def cmd_data(args) -> int:
         if args.fmt == "coco":
             return _export_yolo(args)
         classes = read_classes(args.classes) if args.classes else None
-        extra = {"keep_difficult": args.keep_difficult} if args.fmt == "voc" else {}
-        dataset = CONVERTERS[args.fmt](args.src, args.split, classes, **extra)
+        extra = _convert_options(args)
+        src = args.src if args.fmt == "tfrecord" else _one_source(args.src)
+        dataset = CONVERTERS[args.fmt](src, args.split, classes, **extra)
         dataset.save(args.out)
         print(f"wrote {args.out}: {dataset.summary()}")
         _print_skips(dataset.skipped)
@@ -272,10 +280,27 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _one_source(sources: list[str]) -> str:
+    if len(sources) != 1:
+        raise TransferKitError(f"give one source to convert, not {len(sources)} (only --from tfrecord takes several)")
+    return sources[0]
+
+
+def _convert_options(args) -> dict:
+    if args.fmt == "voc":
+        return {"keep_difficult": args.keep_difficult, "images": args.images, "val_fraction": args.val_fraction,
+                "seed": args.seed}
+    if args.fmt == "csv":
+        return {"images": args.images, "columns": parse_columns(args.columns)}
+    if args.fmt == "tfrecord":
+        return {"images": args.images, "keep_difficult": args.keep_difficult, "label_map": args.label_map}
+    return {}
+
+
 def _export_yolo(args) -> int:
     if not args.images:
         raise TransferKitError("--from coco needs --images FOLDER (where the JSON's file_names are)")
-    result = export_yolo(args.src, args.images, args.out, args.split or "train")
+    result = export_yolo(_one_source(args.src), args.images, args.out, args.split or "train")
     print(f"wrote {result.root}: {result.summary()}")
     _print_skips(result.skipped)
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -86,7 +86,8 @@ class HeadInitConfig(_Section):
 
 
 class PretrainedConfig(_Section):
-    # A path, `package:NAME` (an installed package that ships a weights file), or null for none.
+    # A path, `package:NAME` (an installed package that ships a weights file), `torchvision:NAME`
+    # (torchvision's model zoo), or null for none.
     source: str | None = DEFAULT_SOURCE
     scope: Literal["backbone", "all-but-head", "full"] = "all-but-head"
     # Expected sha256 of the source file (checked for paths and downloads).
@@ -116,17 +117,23 @@ class DataConfig(_Section):
     root: Path
     # folder: root/train/<class>/ and root/val/<class>/; list: im2rec list files (paths relative to root);
     # shards: root/train/ and root/val/ written by `transferkit data pack`.
-    format: Literal["folder", "list", "shards", "coco", "voc"] = "folder"
+    format: Literal["folder", "list", "shards", "coco", "voc", "tfrecord"] = "folder"
     train_list: Path | None = None
     val_list: Path | None = None
     # One class name a line; default for lists: PREFIX_classes.txt beside PREFIX_train.lst.
     classes_file: Path | None = None
     # Detection, coco: annotation JSONs and the folders their file_names are in (default: guessed as
-    # `data check` does). voc: root is a VOC year folder, the splits name ImageSets/Main lists.
+    # `data check` does). voc: root is a VOC year folder or a folder of VOC XMLs; the splits name
+    # ImageSets/Main lists, list files or sub-folders; train_images/val_images: the image folders.
     train_ann: Path | None = None
     val_ann: Path | None = None
     train_images: Path | None = None
     val_images: Path | None = None
+    # Detection, tfrecord: TF Object Detection API record files (paths or globs, relative to root).
+    train_records: list[str] = Field(default_factory=list)
+    val_records: list[str] = Field(default_factory=list)
+    # tfrecord: the TF OD API label_map.pbtxt naming the classes by class/label (default: class/text).
+    label_map: Path | None = None
     train_split: str = "train"
     val_split: str = "val"
     # Without val_ann: this fraction of the training images, drawn with split_seed, is the validation split.
@@ -376,12 +383,39 @@ def _format_error(err: dict[str, Any]) -> str:
 
 def validate(data: dict[str, Any], source: str) -> Config:
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         first = _format_error(errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise TransferKitError(f"config error in {source}: {first}{more}") from None
+    _zoo_detector(cfg, source)
+    return cfg
+
+
+def zoo_builder(name: str) -> str:
+    """The torchvision builder a `torchvision:` name is for, from the name alone: `FCOS_ResNet50_FPN_Weights.X`
+    -> `fcos_resnet50_fpn` (torchvision names each Weights enum after its builder)."""
+    head = name.removeprefix("torchvision:").partition(".")[0]
+    return head[: -len("_Weights")].lower() if head.endswith("_Weights") else head
+
+
+def _zoo_detector(cfg: Config, source: str) -> None:
+    """`pretrained.source: torchvision:<Detector>_Weights.X` sets detection.torchvision_model to its builder
+    (torchvision names each Weights enum after its builder, so the name alone tells which)."""
+    text = cfg.pretrained.source or ""
+    if cfg.task != "detection" or not text.startswith("torchvision:"):
+        return
+    builder = zoo_builder(text)
+    builders = get_args(get_args(DetectionConfig.model_fields["torchvision_model"].annotation)[0])
+    if builder not in builders:
+        return  # e.g. ImageNet classifier weights for a detector's backbone
+    chosen = cfg.detection.torchvision_model
+    if chosen is None:
+        cfg.detection.torchvision_model = builder
+    elif chosen != builder:
+        raise TransferKitError(f"config error in {source}: pretrained.source {text} holds {builder} weights, but "
+                               f"detection.torchvision_model is {chosen}; leave it out or make them agree")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -18,13 +18,16 @@ from PIL import Image
 
 from transferkit.data.coco import guess_image_folder, read_coco
 from transferkit.data.convert import CONVERTERS
+from transferkit.data.convert.tfrecord import read_tfrecord_dataset
 from transferkit.data.images import BadImage, image_files, load_rgb
 from transferkit.data.lists import read_labelled_list
 from transferkit.data.shards import read_index, sample_bytes
+from transferkit.data.tfrecord import read_record_image
 from transferkit.errors import TransferKitError
 from transferkit.progress import track
 
-FORMATS = ("folder", "list", "coco", "voc", "yolo", "labelme", "cityscapes", "shards")
+FORMATS = ("folder", "list", "coco", "voc", "yolo", "labelme", "cityscapes", "shards", "csv", "tfrecord")
+TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".record", ".tfrec")
 IMBALANCE_RATIO = 10.0  # most / fewest examples per class above which training is likely skewed
 PLAIN_MODES = {"RGB", "L"}
 
@@ -91,6 +94,10 @@ def detect_format(path: Path) -> str:
             return "list"
         if path.suffix == ".json":
             return "coco"
+        if path.suffix == ".csv":
+            return "csv"
+        if path.suffix in TFRECORD_SUFFIXES:
+            return "tfrecord"
         raise TransferKitError(f"{path}: give a dataset folder, a .lst list file or a COCO .json (or --format)")
     if not path.is_dir():
         raise TransferKitError(f"dataset not found: {path}")
@@ -104,6 +111,8 @@ def detect_format(path: Path) -> str:
         return "cityscapes"
     if any(path.glob("*.json")):
         return "labelme"
+    if next(path.rglob("*.xml"), None) is not None:  # VOC XMLs as annotation tools write them
+        return "voc"
     return "folder"
 
 
@@ -246,13 +255,37 @@ def check_dataset(path: str | Path, fmt: str | None = None, images: str | Path |
                         coco.category_names, image_root, decode)
     elif fmt == "shards":
         check_shards(report, path, decode)
+    elif fmt == "tfrecord":
+        _check_tfrecord(report, path, decode)
     else:
-        dataset = CONVERTERS[fmt](path, split)
+        dataset = CONVERTERS[fmt](path, split, **({"images": images} if fmt in ("voc", "csv") else {}))
         for s in dataset.skipped:
             report.add(f"{s['what']} skipped", s["file"], s["reason"], s["level"])
         check_coco_like(report, dataset.images, [dataset.categories[a["category_id"] - 1] for a in dataset.annotations],
                         dataset.categories, dataset.image_root, decode)
     return report
+
+
+def _check_tfrecord(report: CheckReport, path: Path, decode: bool) -> None:
+    """Every record's framing and Example (a damaged one stops with its index), then every image decoded."""
+    dataset, located = read_tfrecord_dataset([path])
+    for s in dataset.skipped:
+        report.add(f"{s['what']} skipped", s["file"], s["reason"], s["level"])
+    report.images = len(dataset.images)
+    report.class_counts = dict.fromkeys(dataset.categories, 0)
+    for a in dataset.annotations:
+        report.class_counts[dataset.categories[a["category_id"] - 1]] += 1
+    for img in track(dataset.images, "checking images") if decode else ():
+        sample = located[img["id"]]
+        try:
+            size = read_record_image(sample).size
+        except BadImage as exc:
+            report.add("undecodable image", str(sample), f"{exc}; write the record again")
+            continue
+        if size != (img["width"], img["height"]):
+            report.add("size mismatch", str(sample), f"the image is {size[0]}x{size[1]}, image/width and height say "
+                       f"{img['width']}x{img['height']}; boxes may be misplaced")
+    check_balance(report, "warning")
 
 
 def startup_check(source: str, classes: list[str], labels: list[int], empty_level: str = "error") -> list[str]:

@@ -1,4 +1,4 @@
-"""Detection datasets: COCO JSON or Pascal VOC, boxes moved with the image by the transforms.
+"""Detection datasets: COCO JSON, Pascal VOC, TFRecords or packed shards, boxes moved with the image by the transforms.
 
 Each image becomes a record (path, size, boxes in xyxy pixels, 0-based class indices, crowd flags).
 Crowd regions are left out of training targets, as torchvision's references do, and kept in the
@@ -10,7 +10,6 @@ with data.cache the images are decoded once and kept at that size, boxes scaled 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +22,12 @@ from torchvision.transforms import v2
 
 from transferkit.config import DataConfig, DetectionConfig
 from transferkit.data.coco import guess_image_folder, read_coco
-from transferkit.data.convert.voc import convert_voc
+from transferkit.data.convert.tfrecord import expand_files, read_tfrecord_dataset
+from transferkit.data.convert.voc import convert_voc, voc_split_exists
 from transferkit.data.images import BadImage, load_rgb
+from transferkit.data.lists import seeded_val_ids
 from transferkit.data.shards import ShardSample, read_index, read_sample
+from transferkit.data.tfrecord import RecordSample, read_label_map, read_record_image
 from transferkit.errors import TransferKitError
 from transferkit.progress import track
 
@@ -33,7 +35,7 @@ from transferkit.progress import track
 @dataclass
 class DetectionRecord:
     image_id: int
-    path: Path | ShardSample
+    path: Path | ShardSample | RecordSample
     width: int
     height: int
     boxes: torch.Tensor  # [N, 4] xyxy, pixels of the original image
@@ -140,22 +142,51 @@ def _pick_classes(available: list[str], wanted: list[str] | None, where: Path) -
     return list(wanted)
 
 
-def _read_voc_split(root: Path, split: str, wanted: list[str] | None) -> tuple[list[str], list]:
-    dataset = convert_voc(root, split, wanted)
+def _read_voc_split(cfg: DataConfig, split: str | None, wanted: list[str] | None,
+                    images: Path | None) -> tuple[list[str], list]:
+    dataset = convert_voc(cfg.root, split, wanted, images=images)
+    missing = [s for s in dataset.skipped if s["what"] == "image"]
+    if missing:
+        raise TransferKitError(f"{missing[0]['file']}: {missing[0]['reason']} ({len(missing)} such file(s); "
+                               "`transferkit data check` lists them)")
     names = {i + 1: n for i, n in enumerate(dataset.categories)}
     return dataset.categories, _records_from_coco(dataset.images, dataset.annotations, names, dataset.categories,
                                                   dataset.image_root)
+
+
+def _read_tfrecord_split(cfg: DataConfig, files: list[str], wanted: list[str] | None) -> tuple[list[str], list]:
+    """TFRecord files read in place: boxes from a scan of every record, images read back by byte offset."""
+    label_map = read_label_map(cfg.label_map) if cfg.label_map else None
+    dataset, located = read_tfrecord_dataset(expand_files(files, cfg.root), label_map=label_map)
+    names = {i + 1: n for i, n in enumerate(dataset.categories)}
+    classes = _pick_classes(dataset.categories, wanted, Path(files[0]))
+    records = _records_from_coco(dataset.images, dataset.annotations, names, classes, Path())
+    for r in records:
+        r.path = located[r.image_id]
+    return classes, records
 
 
 def load_detection_splits(cfg: DataConfig, need_train: bool = True) -> tuple[list[str], DetectionSplit | None,
                                                                                DetectionSplit]:
     """The classes and the train and val splits the data section describes."""
     if cfg.format == "voc":
-        classes, train = _read_voc_split(cfg.root, cfg.train_split, cfg.classes)
+        # without the split (a list or a folder), the whole folder is split by val_fraction
+        split = cfg.train_split if cfg.val_fraction is None or voc_split_exists(cfg.root, cfg.train_split) else None
+        classes, train = _read_voc_split(cfg, split, cfg.classes, cfg.train_images)
         if cfg.val_fraction is None:
-            _, val = _read_voc_split(cfg.root, cfg.val_split, classes)
+            _, val = _read_voc_split(cfg, cfg.val_split, classes, cfg.val_images or cfg.train_images)
         else:
             train, val = _split(train, cfg.val_fraction, cfg.split_seed)
+    elif cfg.format == "tfrecord":
+        if not cfg.train_records:
+            raise TransferKitError("data.format=tfrecord needs data.train_records (TFRecord files or globs)")
+        classes, train = _read_tfrecord_split(cfg, cfg.train_records, cfg.classes)
+        if cfg.val_records:
+            _, val = _read_tfrecord_split(cfg, cfg.val_records, classes)
+        elif cfg.val_fraction is not None:
+            train, val = _split(train, cfg.val_fraction, cfg.split_seed)
+        else:
+            raise TransferKitError("give data.val_records, or data.val_fraction to split the training records")
     elif cfg.format == "coco":
         if cfg.train_ann is None:
             raise TransferKitError("data.format=coco needs data.train_ann (a COCO instances JSON)")
@@ -170,7 +201,7 @@ def load_detection_splits(cfg: DataConfig, need_train: bool = True) -> tuple[lis
         classes, train = _read_shard_split(cfg.root / "train", cfg.classes)
         _, val = _read_shard_split(cfg.root / "val", classes)
     else:
-        raise TransferKitError(f"task detection reads data.format coco, voc or shards, not {cfg.format!r}")
+        raise TransferKitError(f"task detection reads data.format coco, voc, tfrecord or shards, not {cfg.format!r}")
     return classes, DetectionSplit("train", classes, train) if need_train else None, DetectionSplit(
         "val", classes, val)
 
@@ -194,10 +225,7 @@ def _read_shard_split(folder: Path, wanted: list[str] | None) -> tuple[list[str]
 
 def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
     """A seeded split by image: the same seed and data give the same split on every machine."""
-    order = sorted(records, key=lambda r: r.image_id)
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(order) * fraction))
-    val_ids = {r.image_id for r in order[:n_val]}
+    val_ids = seeded_val_ids([r.image_id for r in records], fraction, seed)
     return [r for r in records if r.image_id not in val_ids], [r for r in records if r.image_id in val_ids]
 
 
@@ -242,7 +270,10 @@ class DetectionDataset(Dataset):
     def _load(self, r: DetectionRecord) -> Image.Image:
         s = keep_scale(r.width, r.height, self.det)
         draft = math.ceil(min(r.width, r.height) * s)
-        im = read_sample(r.path, draft) if isinstance(r.path, ShardSample) else load_rgb(r.path, draft=draft)
+        if isinstance(r.path, RecordSample):
+            im = read_record_image(r.path, draft)
+        else:
+            im = read_sample(r.path, draft) if isinstance(r.path, ShardSample) else load_rgb(r.path, draft=draft)
         if im.size != (r.width, r.height):
             raise BadImage(f"the image is {im.size[0]}x{im.size[1]}, the annotations say {r.width}x{r.height}")
         if s < 1.0:

@@ -43,6 +43,15 @@ def _cut(items: list, fractions: tuple[float, ...]) -> list[list]:
     return [items[:a], items[a:b], items[b:]]
 
 
+def seeded_val_ids(ids: list[int], fraction: float, seed: int) -> set[int]:
+    """The image ids of a seeded validation split: the same seed and ids give the same split anywhere."""
+    if not 0 < fraction < 1:
+        raise TransferKitError(f"the validation fraction {fraction} must be between 0 and 1")
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    return set(order[:max(1, round(len(order) * fraction))])
+
+
 def make_lists(root: str | Path, prefix: str | Path, fractions=(0.8, 0.1, 0.1), seed: int = 0,
                stratify: bool = False, check: bool = True) -> ListResult:
     root = Path(root)

@@ -45,6 +45,13 @@ WITH_BACKGROUND = {"fasterrcnn": True, "maskrcnn": True, "retinanet": False, "fc
 TWO_STAGE = ("fasterrcnn", "maskrcnn")
 
 
+def zoo_source_classes(kind: str, categories: list[str]) -> list[str]:
+    """The class names of a torchvision zoo detector in the order of its class rows, for head_init.
+    torchvision lists `__background__` first: Faster/Mask R-CNN and SSDlite keep it as their
+    background row, which head_init carries apart; RetinaNet and FCOS have a row for it like any class."""
+    return list(categories[1:]) if WITH_BACKGROUND[kind] else list(categories)
+
+
 class TimmFPN(nn.Module):
     """Five feature maps from a timm network through an FPN, as torchvision's detectors expect them:
     for Faster R-CNN strides 4-32 plus a max-pooled 64 (P2-P6); for RetinaNet and FCOS strides 8-32

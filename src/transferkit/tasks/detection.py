@@ -21,7 +21,7 @@ from transferkit.data.detection import DetectionDataset, DetectionSplit, load_de
 from transferkit.data.images import BadImage, load_rgb
 from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write, write_json
-from transferkit.models.detection import WITH_BACKGROUND, create_detector
+from transferkit.models.detection import WITH_BACKGROUND, create_detector, zoo_source_classes
 from transferkit.models.family import Family
 from transferkit.models.heads import init_detector_head_from_classes
 from transferkit.models.init import apply_init_rules
@@ -30,6 +30,7 @@ from transferkit.train.checkpoint import load_weights
 from transferkit.train.detection_metrics import evaluate_detection
 from transferkit.train.rundir import checkpoint_path
 from transferkit.weights.transfer import TransferReport, restore_pretrained
+from transferkit.weights.zoo import torchvision_weights
 
 
 @dataclass
@@ -69,11 +70,16 @@ def source_classes(cfg: Config) -> list[str]:
     """The class names of the source detector, for head_init.from_classes."""
     if cfg.pretrained.head_init.source_classes:
         return cfg.pretrained.head_init.source_classes
+    if str(cfg.pretrained.source).startswith("torchvision:"):  # the zoo's own class names (COCO)
+        categories = torchvision_weights(str(cfg.pretrained.source).removeprefix("torchvision:")).categories
+        if categories:
+            return zoo_source_classes(cfg.detection.kind, categories)
     listed = Path(str(cfg.pretrained.source)) / "classes.json"
     if listed.is_file():
         return json.loads(listed.read_text())
     raise TransferKitError("pretrained.head_init for a detector needs the source's class names: give "
-                           "pretrained.head_init.source_classes, or a run directory as pretrained.source")
+                           "pretrained.head_init.source_classes, a run directory or a torchvision: name as "
+                           "pretrained.source")
 
 
 def load_detection_data(cfg: Config, need_train: bool = True) -> DetectionData:

@@ -7,6 +7,7 @@ Forms:
   package:NAME          an installed Python package that ships exactly one weights file
   RUN_DIR               a transferkit run directory: its checkpoints/last.safetensors
   hf-hub:ORG/NAME       a Hugging Face hub model (needs network; through huggingface_hub)
+  torchvision:NAME      torchvision's model zoo by Weights enum name (weights/zoo.py), downloaded as a URL
 
 The cache is $TRANSFERKIT_CACHE, else ~/.cache/transferkit.
 """
@@ -25,6 +26,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from transferkit.errors import TransferKitError
+from transferkit.weights.zoo import torchvision_weights
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".npz")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -68,15 +70,17 @@ def package_weights(package: str) -> Path:
     return _single_weights_file(root, f"package {package!r}")
 
 
-def download(url: str, sha256: str | None = None, dest_dir: Path | None = None) -> Path:
+def download(url: str, sha256: str | None = None, dest_dir: Path | None = None,
+             sha256_prefix: str | None = None) -> Path:
     """Fetch `url` into the cache once. A partial download resumes; the file appears only when
-    complete (and, with `sha256`, verified)."""
+    complete (and, with `sha256` or the `sha256_prefix` torch.hub checks, verified)."""
     dest_dir = dest_dir or cache_dir() / "downloads"
     name = PurePosixPath(urllib.parse.urlparse(url).path).name or "weights"
     tag = hashlib.sha256(url.encode()).hexdigest()[:12]
     dest = dest_dir / f"{tag}-{name}"
+    expected = (sha256 or sha256_prefix or "").lower()
     if dest.exists():
-        if sha256 and sha256_of(dest) != sha256.lower():
+        if expected and not sha256_of(dest).startswith(expected):
             dest.unlink()  # a cached file that no longer verifies is fetched again
         else:
             return dest
@@ -102,12 +106,13 @@ def download(url: str, sha256: str | None = None, dest_dir: Path | None = None) 
         raise TransferKitError(
             f"download of {url} failed ({reason}); rerun to resume, or download it yourself and give the path"
         ) from None
-    if sha256:
+    if expected:
         got = sha256_of(part)
-        if got != sha256.lower():
+        if not got.startswith(expected):
             part.unlink()
+            what = f"expected {sha256}" if sha256 else f"expected one starting {sha256_prefix}"
             raise TransferKitError(
-                f"download of {url} has sha256 {got}, expected {sha256}; the file was removed, check the URL"
+                f"download of {url} has sha256 {got}, {what}; the file was removed, check the URL"
             )
     os.replace(part, dest)
     return dest
@@ -186,6 +191,9 @@ def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
         return package_weights(text[len("package:") :])
     if text.startswith("hf-hub:"):
         return hub_weights(text[len("hf-hub:") :])
+    if text.startswith("torchvision:"):
+        zoo = torchvision_weights(text[len("torchvision:") :])
+        return download(zoo.download_url, sha256, sha256_prefix=zoo.sha256_prefix)
     text, _, member = text.partition("#")
     if text.startswith(("https://", "http://")):
         path = download(text, sha256)

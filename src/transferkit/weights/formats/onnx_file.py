@@ -32,7 +32,7 @@ def sniff(path: Path, head: bytes) -> bool:
 
 
 def _onnx():
-    try:
+    try:  # deferred on purpose: an optional dependency (the `onnx` extra), needed only for these files
         import onnx
         from onnx import numpy_helper
     except ImportError:

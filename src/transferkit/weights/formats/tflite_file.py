@@ -46,7 +46,7 @@ def sniff(path: Path, head: bytes) -> bool:
 
 
 def _tflite():
-    try:
+    try:  # deferred on purpose: an optional dependency (the `tflite` extra), needed only for these files
         import tflite
     except ImportError:
         raise TransferKitError("reading TFLite files needs the tflite package: "
