@@ -191,11 +191,17 @@ def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
         path = download(text, sha256)
     else:
         path = Path(text).expanduser()
+        if not path.exists() or path.is_dir():
+            from transferkit.weights.formats.tf_checkpoint import checkpoint_index
+
+            if (path / "checkpoints" / "last.safetensors").is_file():  # a transferkit run directory
+                return path / "checkpoints" / "last.safetensors"
+            index = checkpoint_index(path)  # a TF checkpoint prefix, variables/ or SavedModel folder
+            if index is not None:
+                return index
         if not path.exists():
             raise TransferKitError(f"weights source not found: {path} (give a file path, URL or package:NAME)")
         if path.is_dir():
-            if (path / "checkpoints" / "last.safetensors").is_file():  # a transferkit run directory
-                return path / "checkpoints" / "last.safetensors"
             raise TransferKitError(f"weights source {path} is a directory; give the weights file inside it")
         if sha256 and sha256_of(path) != sha256.lower():
             raise TransferKitError(f"{path} does not match the expected sha256 {sha256}")

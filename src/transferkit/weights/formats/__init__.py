@@ -35,8 +35,10 @@ def register(name: str, sniff: Sniffer, read: Reader) -> None:
 def read_weights(path: str | Path) -> WeightFile:
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
+        head = b""  # a directory (a TensorFlow SavedModel) is sniffed by its contents
+        if not path.is_dir():
+            with open(path, "rb") as fh:
+                head = fh.read(64)
     except OSError as exc:
         raise TransferKitError(f"cannot read weights file {path}: {exc.strerror}") from None
     for _name, sniff, read in _READERS:
@@ -48,8 +50,16 @@ def read_weights(path: str | Path) -> WeightFile:
     )
 
 
-from transferkit.weights.formats import npz_file, safetensors_file, torch_file  # noqa: E402
+from transferkit.weights.formats import (  # noqa: E402
+    keras_h5,
+    npz_file,
+    safetensors_file,
+    tf_checkpoint,
+    torch_file,
+)
 
 register("safetensors", safetensors_file.sniff, safetensors_file.read)
 register("npz", npz_file.sniff, npz_file.read)
+register("keras-h5", keras_h5.sniff, keras_h5.read)
+register("tensorflow", tf_checkpoint.sniff, tf_checkpoint.read)
 register("pytorch", torch_file.sniff, torch_file.read)
