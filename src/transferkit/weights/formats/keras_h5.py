@@ -222,7 +222,7 @@ def _keras3_entries(f, path: Path, size: int) -> tuple[list, int]:
     for layer, vars_group in found:
         keys = sorted((k for k in vars_group if k.isdigit()), key=int)
         arrays = [_dataset(vars_group, k, path, size) for k in keys]
-        for key, leaf, array in zip(keys, _keras3_leaves(layer, arrays), arrays):
+        for key, leaf, array in zip(keys, _keras3_leaves(layer, arrays), arrays, strict=False):
             layer_class = _guess_class(layer) or ""
             pt_leaf, out, conversion, kind = convert(leaf, array, layer_class or None)
             name = _torch_name(layer, leaf, pt_leaf, layer_class, "")
