@@ -53,6 +53,7 @@ def read_weights(path: str | Path) -> WeightFile:
 from transferkit.weights.formats import (  # noqa: E402
     keras_h5,
     npz_file,
+    paddle_file,
     safetensors_file,
     tf_checkpoint,
     torch_file,
@@ -62,4 +63,5 @@ register("safetensors", safetensors_file.sniff, safetensors_file.read)
 register("npz", npz_file.sniff, npz_file.read)
 register("keras-h5", keras_h5.sniff, keras_h5.read)
 register("tensorflow", tf_checkpoint.sniff, tf_checkpoint.read)
+register("paddle", paddle_file.sniff, paddle_file.read)
 register("pytorch", torch_file.sniff, torch_file.read)

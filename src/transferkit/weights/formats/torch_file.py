@@ -49,6 +49,10 @@ def read(path: Path) -> WeightFile:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            if _fallback_to_stand_ins(exc, path):  # a pickled whole module (YOLOv5): read inertly
+                from transferkit.weights.formats import pickled_module
+
+                return pickled_module.read(path)
             raise TransferKitError(
                 f"{path}: refused, unpickling it would run code outside plain tensors ({_global_name(exc)}); "
                 "re-save the state_dict only, e.g. torch.save(model.state_dict(), path)"
@@ -62,6 +66,17 @@ def read(path: Path) -> WeightFile:
     tensors, nested = _unwrap(obj, path)
     meta = {"nested_key": nested} if nested else {}
     return WeightFile(tensors, "pytorch", path, meta)
+
+
+def _fallback_to_stand_ins(exc: Exception, path: Path) -> bool:
+    """Only a zip file refused for a global that is not a denied function goes to the stand-in reader."""
+    from transferkit.weights.formats.restricted_pickle import DENIED_MODULES
+
+    marker = "Unsupported global: GLOBAL "
+    if marker not in str(exc) or not zipfile.is_zipfile(path):
+        return False
+    module = str(exc).split(marker, 1)[1].split()[0].rsplit(".", 1)[0]
+    return module.split(".")[0] not in DENIED_MODULES
 
 
 def _global_name(exc: Exception) -> str:
