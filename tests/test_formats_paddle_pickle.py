@@ -25,7 +25,8 @@ from transferkit.weights.formats import read_weights
 
 PADDLE = SHARED_DATA / "weights" / "paddle_mnist_mlp" / "model.pdparams"
 YOLO = SHARED_DATA / "weights" / "yolov5n_coco_pickled_module" / "yolov5n.pt"
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
+# FUZZ_EXAMPLES=1000 for a longer hunt; the suite runs 25 per format.
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 

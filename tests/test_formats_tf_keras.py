@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from transferkit.weights.sources import resolve_source
 RFB = SHARED_DATA / "weights" / "ultralight_face_rfb320_multiformat"
 RFB_TF = RFB / "tf" / "export_models" / "RFB"
 XCEPTION = SHARED_DATA / "weights" / "keras_fer2013_mini_xception" / "fer2013_mini_XCEPTION.102-0.66.hdf5"
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
+# FUZZ_EXAMPLES=1000 for a longer hunt; the suite runs 25 per format.
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def read(path: Path) -> WeightFile:
         raise TransferKitError(f"{path}: damaged Paddle parameters file ({exc}); re-download or re-save it") from None
     except OSError as exc:
         raise TransferKitError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+    except (pickle.UnpicklingError, struct.error, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
             RecursionError, OverflowError, UnicodeDecodeError) as exc:
         raise TransferKitError(
             f"{path}: truncated or damaged Paddle parameters file ({type(exc).__name__}: {str(exc)[:80]}); "

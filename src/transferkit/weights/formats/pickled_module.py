@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,7 +48,7 @@ def read(path: Path) -> WeightFile:
         raise
     except OSError as exc:
         raise TransferKitError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError,
+    except (pickle.UnpicklingError, struct.error, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError,
             KeyError, IndexError, RecursionError, OverflowError, UnicodeDecodeError, RuntimeError) as exc:
         raise TransferKitError(
             f"{path}: truncated or damaged PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:80]}); "

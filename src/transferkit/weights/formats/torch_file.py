@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,7 +47,9 @@ def _is_state_dict(obj: Mapping) -> bool:
 def read(path: Path) -> WeightFile:
     try:
         # Zip-format files are memory-mapped: tensors are read from the page cache, not copied.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # a damaged pickle's odd protocol number is reported below, once
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -58,7 +62,8 @@ def read(path: Path) -> WeightFile:
                 "re-save the state_dict only, e.g. torch.save(model.state_dict(), path)"
             ) from None
         raise TransferKitError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error, IndexError, KeyError,
+            TypeError, AttributeError, UnicodeDecodeError) as exc:  # torch's unpickler on a damaged pickle
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TransferKitError(
             f"{path}: truncated or damaged PyTorch checkpoint ({msg}); re-download or re-save it"
