@@ -25,6 +25,7 @@ from transferkit.weights.sources import resolve_source
 
 RFB = SHARED_DATA / "weights" / "ultralight_face_rfb320_multiformat"
 RFB_TF = RFB / "tf" / "export_models" / "RFB"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 XCEPTION = SHARED_DATA / "weights" / "keras_fer2013_mini_xception" / "fer2013_mini_XCEPTION.102-0.66.hdf5"
 # FUZZ_EXAMPLES=1000 for a longer hunt; the suite runs 25 per format.
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None, derandomize=True,
@@ -248,6 +249,26 @@ def test_keras_mini_xception_loads_strictly_in_pytorch_layout(capsys):
     with torch.no_grad():
         out = model(torch.rand(2, 1, 64, 64))
     assert out.shape == (2, 7) and torch.allclose(out.sum(1), torch.ones(2))
+
+
+@needs_shared
+def test_keras_mini_xception_computes_what_keras_computed():
+    """Outputs Keras produced once (tests/fixtures/make_reference_outputs.py, run with TensorFlow)."""
+    ref = np.load(FIXTURES / "keras_mini_xception_reference.npz")
+    x = torch.from_numpy(((ref["pixels"].astype(np.float32) / 255 - 0.5) * 2)[:, None])
+    model = MiniXception()
+    model.load_state_dict(read_weights(XCEPTION).tensors, strict=False)
+    with torch.no_grad():
+        out = model.eval()(x).numpy()
+    scale = float(np.abs(ref["outputs"]).max())
+    assert np.abs(out - ref["outputs"]).max() <= 1e-4 * scale
+    assert (out.argmax(1) == ref["outputs"].argmax(1)).all()
+    # The two fixes the metadata names are needed: PyTorch's default eps, or symmetric pooling padding, differ.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 1e-5
+    with torch.no_grad():
+        assert np.abs(model(x).numpy() - ref["outputs"]).max() > 1e-4 * scale
 
 
 def _weights_only_split_copy(src: Path, dest: Path, chunk: int) -> None:
