@@ -23,6 +23,7 @@ from transferkit.cli import main
 from transferkit.errors import TransferKitError
 from transferkit.weights.formats import read_weights
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PADDLE = SHARED_DATA / "weights" / "paddle_mnist_mlp" / "model.pdparams"
 YOLO = SHARED_DATA / "weights" / "yolov5n_coco_pickled_module" / "yolov5n.pt"
 # FUZZ_EXAMPLES=1000 for a longer hunt; the suite runs 25 per format.
@@ -68,6 +69,19 @@ def test_paddle_mlp_loads_strictly_into_the_pytorch_sequential(capsys):
         + raw["4.bias"]  # the network in Paddle's own layout, computed with numpy
     with torch.no_grad():
         assert np.allclose(model.eval()(x).numpy(), expected, atol=1e-4)
+
+
+@needs_shared
+def test_paddle_mlp_computes_what_paddle_computed():
+    """Logits Paddle produced once (tests/fixtures/make_reference_outputs.py, run with paddlepaddle)."""
+    ref = np.load(FIXTURES / "paddle_mnist_mlp_reference.npz")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.2), nn.Linear(512, 10))
+    model.load_state_dict(read_weights(PADDLE).tensors, strict=True)
+    with torch.no_grad():
+        out = model.eval()(torch.from_numpy(ref["pixels"].astype(np.float32) / 255)[:, None]).numpy()
+    scale = float(np.abs(ref["outputs"]).max())
+    assert np.abs(out - ref["outputs"]).max() <= 1e-4 * scale
+    assert (out.argmax(1) == ref["outputs"].argmax(1)).all()
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])

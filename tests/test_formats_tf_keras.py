@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import h5py
@@ -19,7 +20,7 @@ from torch import nn
 
 from transferkit.cli import main
 from transferkit.errors import TransferKitError
-from transferkit.weights.formats import read_weights
+from transferkit.weights.formats import read_weights, tf_checkpoint
 from transferkit.weights.formats.tf_layout import convert
 from transferkit.weights.sources import resolve_source
 
@@ -103,6 +104,85 @@ def test_tf_rfb320_mapped_by_its_table_equals_the_pytorch_checkpoint():
     # every .pth tensor but the BatchNorm step counters (TF keeps none) was compared
     assert compared == {k for k in pth if not k.endswith("num_batches_tracked")}
     assert len(compared) == len(tf.tensors) == 209
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def _table_block(entries: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in entries)
+    body += struct.pack("<II", 0, 1)  # one restart point, at 0
+    return body + b"\0" + struct.pack("<I", tf_checkpoint.masked_crc32c(body + b"\0"))
+
+
+def write_bundle(prefix: Path, variables: dict[str, tuple[int, np.ndarray]], size_fix: dict | None = None) -> None:
+    """A TF1-style checkpoint (no object graph): one data block, an index block, an empty meta block."""
+    msgs = tf_checkpoint._messages()
+    data, entries = b"", [(b"", msgs["BundleHeaderProto"](num_shards=1).SerializeToString())]
+    for name in sorted(variables):
+        dtype, array = variables[name]
+        raw = np.ascontiguousarray(array).tobytes()
+        entry = msgs["BundleEntryProto"](dtype=dtype, shard_id=0, offset=len(data),
+                                         size=(size_fix or {}).get(name, len(raw)),
+                                         crc32c=tf_checkpoint.masked_crc32c(raw))
+        for d in array.shape:
+            entry.shape.dim.add(size=d)
+        entries.append((name.encode(), entry.SerializeToString()))
+        data += raw
+    prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(data)
+    block = _table_block(entries)
+    index = _table_block([(entries[-1][0], _varint(0) + _varint(len(block) - 5))])
+    meta = _table_block([])
+    footer = (_varint(len(block) + len(index)) + _varint(len(meta) - 5) + _varint(len(block)) + _varint(len(index) - 5))
+    footer = footer.ljust(40, b"\0") + struct.pack("<Q", tf_checkpoint.TABLE_MAGIC)
+    prefix.with_name(prefix.name + ".index").write_bytes(block + index + meta + footer)
+
+
+def test_tf1_names_slots_shadows_separable_and_bfloat16(tmp_path):
+    rng = np.random.default_rng(2)
+    conv = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+    fc = rng.normal(size=(5, 3)).astype(np.float32)
+    bf16 = torch.tensor([1.5, -2.0, 0.25], dtype=torch.bfloat16)
+    f32 = lambda *shape: (1, np.ones(shape, np.float32))  # noqa: E731
+    prefix = tmp_path / "model.ckpt-100"
+    write_bundle(prefix, {
+        "net/block10/conv/weights": f32(1, 1, 4, 4), "net/block2/conv/weights": (1, conv),
+        "net/block2/conv/BatchNorm/gamma": f32(4), "net/block2/conv/BatchNorm/moving_variance": f32(4),
+        "net/block2/conv/BatchNorm/beta": f32(4), "net/block2/conv/BatchNorm/moving_mean": f32(4),
+        "net/sep/depthwise_kernel": f32(3, 3, 4, 1), "net/sep/pointwise_kernel": f32(1, 1, 4, 8),
+        "net/sep/bias": f32(8), "net/logits/weights": (1, fc), "net/logits/biases": f32(3),
+        "net/emb/embeddings": (14, bf16.view(torch.int16).numpy()),
+        "net/block2/conv/weights/Adam": (1, conv), "net/block2/conv/weights/Adam_1": (1, conv),
+        "net/block2/conv/weights/ExponentialMovingAverage": (1, conv), "global_step": (9, np.array(100)),
+    })
+    wf = read_weights(resolve_source(prefix))
+    assert list(wf.tensors) == [
+        "net.block2.conv.weight", "net.block2.conv.BatchNorm.weight", "net.block2.conv.BatchNorm.bias",
+        "net.block2.conv.BatchNorm.running_mean", "net.block2.conv.BatchNorm.running_var",
+        "net.block10.conv.weight", "net.emb.embeddings", "net.logits.weight", "net.logits.bias",
+        "net.sep.depthwise.weight", "net.sep.pointwise.weight", "net.sep.pointwise.bias"]
+    assert wf.tensors["net.block2.conv.weight"][3, 1, 2, 0] == float(conv[2, 0, 1, 3])
+    assert wf.tensors["net.logits.weight"].shape == (3, 5) and wf.tensors["net.logits.weight"][2, 4] == fc[4, 2]
+    emb = wf.tensors["net.emb.embeddings"]
+    assert emb.dtype == torch.bfloat16 and torch.equal(emb, bf16)
+    assert wf.tensors["net.sep.depthwise.weight"].shape == (4, 1, 3, 3)
+    assert json.loads(wf.metadata["layer_types"])["net.sep.pointwise.bias"] == "SeparableConv2D"
+    assert json.loads(wf.metadata["left_out"]) == {
+        "optimizer slots": 2, "moving-average shadows": 1, "object graph, counters and optimizer state": 1}
+    assert wf.metadata["dtype"] == "bfloat16,float32"
+
+
+def test_tf_entry_whose_size_does_not_fit_its_shape_is_refused(tmp_path):
+    prefix = tmp_path / "model.ckpt"
+    write_bundle(prefix, {"w": (1, np.ones((2, 2), np.float32))}, size_fix={"w": 1 << 40})
+    with pytest.raises(TransferKitError, match=r"'w' declares 1099511627776 bytes but shape \[2, 2\] needs 16"):
+        read_weights(prefix.with_name("model.ckpt.index"))
 
 
 def _copy_rfb(tmp_path: Path) -> Path:

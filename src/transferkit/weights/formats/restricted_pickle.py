@@ -290,7 +290,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         if key not in self._storages:
             itemsize = torch.empty((), dtype=kind.dtype).element_size()
             raw = self.torch_records(key, numel * itemsize)
-            flat = torch.frombuffer(bytearray(raw[: numel * itemsize]), dtype=kind.dtype) if numel else \
+            flat = torch.frombuffer(bytearray(memoryview(raw)[: numel * itemsize]), dtype=kind.dtype) if numel else \
                 torch.empty(0, dtype=kind.dtype)
             self._storages[key] = _Storage(flat)
         return self._storages[key]

@@ -36,9 +36,9 @@ BLOCK_TRAILER = 5  # compression type byte + masked crc32c
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # TF DataType enum -> numpy dtype (little-endian); others (strings, resources, quantized) are not weights.
-DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?", 17: "<u2",
+DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?", 14: "<u2", 17: "<u2",
           19: "<f2", 22: "<u4", 23: "<u8"}
-DT_STRING, DT_BFLOAT16 = 7, 14
+DT_STRING, DT_BFLOAT16 = 7, 14  # bfloat16 is read as its 16-bit pattern and viewed as torch.bfloat16
 # TF1 optimizer slot variables: `<var>/Adam`, `<var>/Momentum`, ...
 TF1_SLOTS = re.compile(r"/(Adam(_\d+)?|Momentum|RMSProp(_\d+)?|Adagrad|Ftrl(_\d+)?|AdamW(_\d+)?)$")
 LEFT_OUT_NAMES = ("save_counter", "global_step", "optimizer", "_CHECKPOINTABLE_OBJECT_GRAPH")
@@ -261,7 +261,7 @@ def _read(index: Path) -> WeightFile:
     if OBJECT_GRAPH_KEY in entries:
         full_names, order = _object_graph(entries[OBJECT_GRAPH_KEY], shards, msgs)
     keys = list(entries)
-    kept = [k for k in keys if not _left_out(k)]
+    kept = [k for k in keys if _left_out(k) is None]
     rank = {k: i for i, k in enumerate(order)}
     kept.sort(key=lambda k: (rank.get(k, len(rank)), _natural_key(k)))
 
@@ -278,7 +278,7 @@ def _read(index: Path) -> WeightFile:
             skipped_dtypes[key] = entry.dtype
             continue
         array = _tensor(key, entry, shards)
-        dtypes.add(str(array.dtype))
+        dtypes.add("bfloat16" if entry.dtype == DT_BFLOAT16 else str(array.dtype))
         parent, _, leaf = _strip(key).rpartition("/")
         pt_leaf, array, conversion, kind = convert(leaf, array)
         parts = [p for p in parent.split("/") if p]
@@ -288,23 +288,25 @@ def _read(index: Path) -> WeightFile:
         name = ".".join(parts + [pt_leaf])
         if name in tensors:
             name = ".".join(parts + [leaf])
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensors[name] = tensor.view(torch.bfloat16) if entry.dtype == DT_BFLOAT16 else tensor
         sources[name], converted[name], types[name] = key, conversion, kind
     if not tensors:
         raise TransferKitError(f"{index}: the checkpoint holds no numeric variables")
-    left_out = {
-        "optimizer slots": sum(".OPTIMIZER_SLOT" in k or bool(TF1_SLOTS.search(k)) for k in keys),
-        "object graph, counters and optimizer state": sum(_left_out(k) and ".OPTIMIZER_SLOT" not in k
-                                            and not TF1_SLOTS.search(k) for k in keys),
-        "non-numeric variables": len(skipped_dtypes),
-    }
+    left_out: dict[str, int] = {}
+    for key in keys:
+        reason = _left_out(key)
+        if reason:
+            left_out[reason] = left_out.get(reason, 0) + 1
+    if skipped_dtypes:
+        left_out["non-numeric variables"] = len(skipped_dtypes)
     meta = {
         "source_format": "tensorflow-bundle",
         "dtype": ",".join(sorted(dtypes)),
         "source_names": as_metadata(sources),
         "layer_types": as_metadata(types),
         "converted": as_metadata(converted),
-        "left_out": as_metadata({k: v for k, v in left_out.items() if v}),
+        "left_out": as_metadata(left_out),
     }
     if full_names:
         meta["variable_names"] = as_metadata({n: full_names[k] for n, k in sources.items() if k in full_names})
@@ -322,9 +324,15 @@ def _strip(key: str) -> str:
     return key[: -len(VALUE_SUFFIX)] if key.endswith(VALUE_SUFFIX) else key
 
 
-def _left_out(key: str) -> bool:
-    return (".OPTIMIZER_SLOT" in key or bool(TF1_SLOTS.search(key))
-            or key.split("/")[0] in LEFT_OUT_NAMES or key.startswith("_"))
+def _left_out(key: str) -> str | None:
+    """Why a variable is not a weight of the model, or None when it is."""
+    if ".OPTIMIZER_SLOT" in key or TF1_SLOTS.search(key):
+        return "optimizer slots"
+    if key.endswith("/ExponentialMovingAverage"):  # TF1 shadow copies; the live variables are kept
+        return "moving-average shadows"
+    if key.split("/")[0] in LEFT_OUT_NAMES or key.startswith("_"):
+        return "object graph, counters and optimizer state"
+    return None
 
 
 def _natural_key(key: str) -> list:

@@ -46,7 +46,8 @@ def convert(leaf: str, array: np.ndarray, layer_type: str | None = None) -> tupl
             return "weight", np.ascontiguousarray(array.transpose(2, 1, 0)), "WIO -> OIW", layer_type or "Conv1D"
         if array.ndim == 4:
             # Conv2DTranspose kernels are (H, W, out, in); the same permutation gives PyTorch's (in, out, H, W).
-            return "weight", np.ascontiguousarray(array.transpose(3, 2, 0, 1)), "HWIO -> OIHW", layer_type or "Conv2D"
+            how = "HWOI -> IOHW" if "transpose" in kind else "HWIO -> OIHW"
+            return "weight", np.ascontiguousarray(array.transpose(3, 2, 0, 1)), how, layer_type or "Conv2D"
         if array.ndim == 5:
             return ("weight", np.ascontiguousarray(array.transpose(4, 3, 0, 1, 2)), "DHWIO -> OIDHW",
                     layer_type or "Conv3D")
