@@ -67,7 +67,7 @@ def test_layout_conversions_move_each_element_where_pytorch_expects_it():
 @needs_shared
 def test_tf_checkpoint_inspects_from_every_form_of_source(capsys):
     forms = [RFB_TF, RFB_TF / "variables", RFB_TF / "variables" / "variables",
-             RFB_TF / "variables" / "variables.index"]
+             RFB_TF / "variables" / "variables.index", RFB_TF / "variables" / "variables.data-00000-of-00001"]
     infos = [inspect_json(form, capsys) for form in forms]
     for info in infos:
         assert info["format"] == "tensorflow" and info["tensors"] == 209
@@ -405,6 +405,33 @@ def test_keras3_weights_h5_by_position(tmp_path):
     assert wf.tensors["conv2d.weight"][3, 1, 0, 2] == float(kernel[0, 2, 1, 3])
     assert wf.tensors["dense.weight"][2, 1] == float(dense[1, 2])
     assert json.loads(wf.metadata["left_out"]) == {"optimizer variables": 2}
+
+
+def test_keras_links_to_other_data_are_refused(tmp_path):
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f.create_dataset("secret", data=np.ones((2, 3), np.float32))
+    for kind in ("external", "soft"):
+        path = tmp_path / f"{kind}.h5"
+        with h5py.File(path, "w") as f:
+            f.attrs["layer_names"] = [b"dense"]
+            g = f.create_group("dense")
+            g.attrs["weight_names"] = [b"dense/kernel:0"]
+            g.create_group("inner").create_dataset("kernel", data=np.ones((2, 3), np.float32))
+            g["dense/kernel:0"] = (h5py.ExternalLink(str(outside), "secret") if kind == "external"
+                                   else h5py.SoftLink("/dense/inner/kernel"))
+        with pytest.raises(TransferKitError, match=rf"{kind}.h5: /dense/dense/kernel:0 is a \w+Link; refusing links"):
+            read_weights(path)
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(np.ones(6, np.float32).tobytes())
+    path = tmp_path / "extstore.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"dense"]
+        g = f.create_group("dense")
+        g.attrs["weight_names"] = [b"kernel:0"]
+        g.create_dataset("kernel:0", shape=(2, 3), dtype=np.float32, external=[(str(raw), 0, 24)])
+    with pytest.raises(TransferKitError, match=r"extstore.h5: /dense/kernel:0 keeps its data in other files"):
+        read_weights(path)
 
 
 def test_keras_damaged_and_foreign_hdf5_files_fail_in_one_line(tmp_path):

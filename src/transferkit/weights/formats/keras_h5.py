@@ -14,6 +14,7 @@ layout (see tf_layout); a SeparableConv2D becomes `<layer>.depthwise.weight`,
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -141,11 +142,27 @@ def _layer_configs(config: dict) -> dict[str, tuple[str, dict]]:
     return found
 
 
+def _member(group, key: str, path: Path):
+    """group[key], refusing soft and external links: a weights file has no need of them, and they could
+    loop or read other files."""
+    import h5py
+
+    link = group.get(key, getlink=True)
+    if link is None:
+        raise TransferKitError(f"{path}: {group.name}/{key} is listed but missing; the file is damaged")
+    if not isinstance(link, h5py.HardLink):
+        kind = type(link).__name__
+        raise TransferKitError(f"{path}: {group.name}/{key} is a {kind}; refusing links in a weights file")
+    return group[key]
+
+
 def _dataset(group, key: str, path: Path, size: int) -> np.ndarray:
-    ds = group[key]
+    ds = _member(group, key, path)
     if not hasattr(ds, "shape") or ds.dtype.kind not in "fiub":
         raise TransferKitError(f"{path}: {ds.name} is not a numeric array; the file is damaged or not Keras weights")
-    nbytes = int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
+    if ds.is_virtual or ds.external:
+        raise TransferKitError(f"{path}: {ds.name} keeps its data in other files; refusing to read them")
+    nbytes = math.prod(ds.shape) * ds.dtype.itemsize
     limit = size if ds.compression is None else size * 1000  # compressed data may expand, within reason
     if nbytes > limit:
         raise TransferKitError(
@@ -169,7 +186,7 @@ def _legacy_entries(group, layers: dict, path: Path, size: int) -> list:
     for layer in _attr_list(group, "layer_names"):
         if layer not in group:
             raise TransferKitError(f"{path}: layer {layer!r} is listed in layer_names but has no group")
-        lgroup = group[layer]
+        lgroup = _member(group, layer, path)
         layer_class, _ = layers.get(layer, ("", {}))
         for weight in _attr_list(lgroup, "weight_names"):
             parts = weight.split(":")[0].split("/")
@@ -200,7 +217,7 @@ def _keras3_entries(f, path: Path, size: int) -> tuple[list, int]:
 
     def walk(group, prefix: str):
         for key in group:
-            item = group[key]
+            item = _member(group, key, path)
             if not hasattr(item, "keys"):
                 continue
             if key == "vars" and prefix:

@@ -41,6 +41,7 @@ DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10
 DT_STRING, DT_BFLOAT16 = 7, 14  # bfloat16 is read as its 16-bit pattern and viewed as torch.bfloat16
 # TF1 optimizer slot variables: `<var>/Adam`, `<var>/Momentum`, ...
 TF1_SLOTS = re.compile(r"/(Adam(_\d+)?|Momentum|RMSProp(_\d+)?|Adagrad|Ftrl(_\d+)?|AdamW(_\d+)?)$")
+DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 LEFT_OUT_NAMES = ("save_counter", "global_step", "optimizer", "_CHECKPOINTABLE_OBJECT_GRAPH")
 
 _MESSAGES: dict[str, type] = {}
@@ -99,6 +100,9 @@ def _messages() -> dict[str, type]:
 def checkpoint_index(path: Path) -> Path | None:
     """The `.index` file a TF source names: a prefix, the index itself, `variables/`, a SavedModel."""
     if path.is_file():
+        if DATA_SHARD.search(path.name):  # a data shard names its index
+            index = path.with_name(path.name.rsplit(".data-", 1)[0] + ".index")
+            return index if index.is_file() else None
         return path if path.suffix == ".index" else None
     if path.with_name(path.name + ".index").is_file():
         return path.with_name(path.name + ".index")
@@ -116,19 +120,19 @@ def checkpoint_index(path: Path) -> Path | None:
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    if path.is_dir():
+    if path.is_dir() or DATA_SHARD.search(path.name):
         return checkpoint_index(path) is not None
-    if path.suffix != ".index" and not re.search(r"\.ckpt(-\d+)?\.index$", path.name):
-        try:  # content: the table footer's magic number in the last 8 bytes
-            with open(path, "rb") as fh:
-                fh.seek(0, 2)
-                if fh.tell() < FOOTER_SIZE:
-                    return False
-                fh.seek(-8, 2)
-                return struct.unpack("<Q", fh.read(8))[0] == TABLE_MAGIC
-        except OSError:
-            return False
-    return True
+    if path.suffix == ".index":
+        return True
+    try:  # content: the table footer's magic number in the last 8 bytes
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            if fh.tell() < FOOTER_SIZE:
+                return False
+            fh.seek(-8, 2)
+            return struct.unpack("<Q", fh.read(8))[0] == TABLE_MAGIC
+    except OSError:
+        return False
 
 
 def masked_crc32c(data) -> int:
