@@ -380,6 +380,38 @@ def test_keras_weights_only_file_with_split_name_attributes(tmp_path):
     assert "Keras default" in ours.metadata["batchnorm_eps_source"]  # no model config in a weights file
 
 
+def test_keras_nested_model_layers_are_named_through_the_inner_model(tmp_path):
+    config = {"class_name": "Model", "config": {"layers": [
+        {"class_name": "InputLayer", "config": {"name": "image"}},
+        {"class_name": "Model", "name": "inner", "config": {"name": "inner", "layers": [
+            {"class_name": "DepthwiseConv2D", "config": {"name": "dw", "padding": "same", "strides": [2, 2]}},
+            {"class_name": "BatchNormalization", "config": {"name": "bn", "epsilon": 1e-5}},
+            {"class_name": "Dense", "config": {"name": "fc"}}]}}]}}
+    rng = np.random.default_rng(3)
+    dw = rng.normal(size=(3, 3, 2, 1)).astype(np.float32)
+    path = tmp_path / "nested.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        g = f.create_group("model_weights")
+        g.attrs["layer_names"] = [b"image", b"inner"]
+        g.create_group("image").attrs["weight_names"] = np.array([], dtype="S1")
+        inner = g.create_group("inner")
+        names = ["dw/depthwise_kernel:0", "bn/gamma:0", "bn/beta:0", "bn/moving_mean:0", "bn/moving_variance:0",
+                 "fc/kernel:0", "fc/bias:0"]
+        inner.attrs["weight_names"] = [n.encode() for n in names]
+        inner["dw/depthwise_kernel:0"] = dw
+        for n in names[1:5]:
+            inner[n] = np.ones(2, np.float32)
+        inner["fc/kernel:0"] = np.ones((2, 4), np.float32)
+        inner["fc/bias:0"] = np.zeros(4, np.float32)
+    wf = read_weights(path)
+    assert list(wf.tensors) == ["inner.dw.weight", "inner.bn.weight", "inner.bn.bias", "inner.bn.running_mean",
+                                "inner.bn.running_var", "inner.fc.weight", "inner.fc.bias"]
+    assert wf.tensors["inner.dw.weight"].shape == (2, 1, 3, 3) and wf.tensors["inner.fc.weight"].shape == (4, 2)
+    assert wf.tensors["inner.dw.weight"][1, 0, 2, 0] == float(dw[2, 0, 1, 0])
+    assert json.loads(wf.metadata["same_padding"]) == ["dw"] and wf.metadata["batchnorm_eps"] == "1e-05"
+
+
 def test_keras3_weights_h5_by_position(tmp_path):
     rng = np.random.default_rng(1)
     kernel = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
