@@ -90,6 +90,8 @@ def _load(zf: zipfile.ZipFile, path: Path):
     if info.file_size > min(MAX_PICKLE, size * 100):
         raise Damaged(f"data.pkl declares {info.file_size} bytes")
     prefix = info.filename[: -len("data.pkl")]
+    if f"{prefix}byteorder" in zf.namelist() and zf.read(f"{prefix}byteorder").strip() not in (b"little", b""):
+        raise Damaged("its tensors are big-endian; re-save it on a little-endian machine")
 
     def record(key: str, nbytes: int) -> bytes:
         name = f"{prefix}data/{key}"
