@@ -30,7 +30,8 @@ DENIED_MODULES = {
     "_io", "types", "functools", "operator", "pdb", "bdb", "timeit", "multiprocessing", "threading", "_thread",
     "signal", "tempfile", "pathlib", "glob", "urllib", "http", "ftplib", "smtplib", "asyncio", "platform",
     "zipimport", "pkgutil", "ensurepip", "venv", "distutils", "setuptools", "pip", "inspect", "gc", "copyreg",
-    "_posixsubprocess", "select", "selectors", "mmap", "fcntl", "resource", "sqlite3", "shelve", "dbm",
+    "_posixsubprocess", "select", "selectors", "mmap", "fcntl", "resource", "sqlite3", "shelve", "dbm", "codecs",
+    "pipes", "commands", "popen2",
 }
 # Plain-data builtins that are safe to construct (small: no size argument that allocates).
 SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex}
@@ -239,7 +240,8 @@ def _load_build(self):
 
 
 class RestrictedUnpickler(pickle._Unpickler):
-    """See the module docstring. `records` reads a torch zip's storage record by key (torch files)."""
+    """See the module docstring. `torch_records(key, nbytes)` returns a torch zip's storage record; without
+    it, torch globals and persistent ids are not admitted."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = _load_build
