@@ -29,8 +29,8 @@ from transferkit.tasks.base import Built, LossFn, PredictOptions, TrainedRun
 from transferkit.train.checkpoint import load_weights
 from transferkit.train.detection_metrics import evaluate_detection
 from transferkit.train.rundir import checkpoint_path
+from transferkit.weights import zoo
 from transferkit.weights.transfer import TransferReport, restore_pretrained
-from transferkit.weights.zoo import torchvision_weights
 
 
 @dataclass
@@ -71,7 +71,7 @@ def source_classes(cfg: Config) -> list[str]:
     if cfg.pretrained.head_init.source_classes:
         return cfg.pretrained.head_init.source_classes
     if str(cfg.pretrained.source).startswith("torchvision:"):  # the zoo's own class names (COCO)
-        categories = torchvision_weights(str(cfg.pretrained.source).removeprefix("torchvision:")).categories
+        categories = zoo.torchvision_weights(str(cfg.pretrained.source).removeprefix("torchvision:")).categories
         if categories:
             return zoo_source_classes(cfg.detection.kind, categories)
     listed = Path(str(cfg.pretrained.source)) / "classes.json"

@@ -26,7 +26,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from transferkit.errors import TransferKitError
-from transferkit.weights.zoo import torchvision_weights
+from transferkit.weights import zoo
+from transferkit.weights.formats.tf_checkpoint import checkpoint_index
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".npz")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -192,18 +193,22 @@ def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
     if text.startswith("hf-hub:"):
         return hub_weights(text[len("hf-hub:") :])
     if text.startswith("torchvision:"):
-        zoo = torchvision_weights(text[len("torchvision:") :])
-        return download(zoo.download_url, sha256, sha256_prefix=zoo.sha256_prefix)
+        weights = zoo.torchvision_weights(text[len("torchvision:") :])
+        return download(weights.download_url, sha256, sha256_prefix=weights.sha256_prefix)
     text, _, member = text.partition("#")
     if text.startswith(("https://", "http://")):
         path = download(text, sha256)
     else:
         path = Path(text).expanduser()
+        if not path.exists() or path.is_dir():
+            if (path / "checkpoints" / "last.safetensors").is_file():  # a transferkit run directory
+                return path / "checkpoints" / "last.safetensors"
+            index = checkpoint_index(path)  # a TF checkpoint prefix, variables/ or SavedModel folder
+            if index is not None:
+                return index
         if not path.exists():
             raise TransferKitError(f"weights source not found: {path} (give a file path, URL or package:NAME)")
         if path.is_dir():
-            if (path / "checkpoints" / "last.safetensors").is_file():  # a transferkit run directory
-                return path / "checkpoints" / "last.safetensors"
             raise TransferKitError(f"weights source {path} is a directory; give the weights file inside it")
         if sha256 and sha256_of(path) != sha256.lower():
             raise TransferKitError(f"{path} does not match the expected sha256 {sha256}")

@@ -35,8 +35,10 @@ def register(name: str, sniff: Sniffer, read: Reader) -> None:
 def read_weights(path: str | Path) -> WeightFile:
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
+        head = b""  # a directory (a TensorFlow SavedModel) is sniffed by its contents
+        if not path.is_dir():
+            with open(path, "rb") as fh:
+                head = fh.read(64)
     except OSError as exc:
         raise TransferKitError(f"cannot read weights file {path}: {exc.strerror}") from None
     for _name, sniff, read in _READERS:
@@ -50,10 +52,13 @@ def read_weights(path: str | Path) -> WeightFile:
 
 from transferkit.weights.formats import (  # noqa: E402
     caffe_file,
+    keras_h5,
     mxnet_file,
     npz_file,
     onnx_file,
+    paddle_file,
     safetensors_file,
+    tf_checkpoint,
     tflite_file,
     torch_file,
 )
@@ -62,6 +67,9 @@ register("tflite", tflite_file.sniff, tflite_file.read)
 register("mxnet", mxnet_file.sniff, mxnet_file.read)
 register("safetensors", safetensors_file.sniff, safetensors_file.read)
 register("npz", npz_file.sniff, npz_file.read)
+register("keras-h5", keras_h5.sniff, keras_h5.read)
+register("tensorflow", tf_checkpoint.sniff, tf_checkpoint.read)
+register("paddle", paddle_file.sniff, paddle_file.read)
 register("pytorch", torch_file.sniff, torch_file.read)
 register("onnx", onnx_file.sniff, onnx_file.read)
 register("caffe", caffe_file.sniff, caffe_file.read)
