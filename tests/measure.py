@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,9 +39,17 @@ class Measured:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-def run_cli(*args: object, timeout: float = 120, cwd: Path | None = None) -> Measured:
+def run_cli(*args: object, timeout: float = 120, cwd: Path | None = None, env: dict[str, str] | None = None,
+            max_file_bytes: int | None = None) -> Measured:
+    """`transferkit ARGS` in a child process. `max_file_bytes`: the child is killed (SIGXFSZ) if it writes
+    any file beyond that size, so a test can assert that a refusal came before the writing."""
+
+    def limit() -> None:
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     proc = subprocess.run([sys.executable, "-c", _CHILD, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or REPO)
+                          timeout=timeout, cwd=cwd or REPO, env={**os.environ, **(env or {})}, preexec_fn=limit)
     err, _, tail = proc.stderr.rpartition("\nMEASURED ")
     assert tail, f"the child died before measuring (exit {proc.returncode}): {proc.stderr[-2000:]}"
     seconds, peak_kb = tail.split()[:2]

@@ -334,21 +334,23 @@ def cmd_weights(args) -> int:
     from transferkit.config import SCOPE_ALIASES
     from transferkit.fileio import write_json
     from transferkit.progress import console
-    from transferkit.weights.formats import read_weights
+    from transferkit.weights.formats import describe_weights
     from transferkit.weights.sources import resolve_source
 
     if args.weights_command == "inspect":
-        wf = read_weights(resolve_source(args.source))
+        import math
+
+        path = resolve_source(args.source)
+        fmt, tensors, metadata = describe_weights(path)  # headers only where the format allows
         info = {
-            "path": str(wf.path), "format": wf.format, "tensors": len(wf.tensors),
-            "parameters": sum(t.numel() for t in wf.tensors.values()), "metadata": wf.metadata,
-            "entries": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                        for k, t in wf.tensors.items()],
+            "path": str(path), "format": fmt, "tensors": len(tensors),
+            "parameters": sum(math.prod(t.shape) for t in tensors), "metadata": metadata,
+            "entries": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors],
         }
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            print(f"{info['path']}: {wf.format}, {info['tensors']} tensors, {info['parameters']:,} values")
+            print(f"{info['path']}: {fmt}, {info['tensors']} tensors, {info['parameters']:,} values")
             for e in info["entries"]:
                 print(f"  {e['name']:<60} {str(tuple(e['shape'])):<22} {e['dtype']}")
         return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from transferkit.errors import TransferKitError
-from transferkit.weights.formats import WeightFile
+from transferkit.weights.formats import WeightFile, zip_names
 
 # Keys under which training scripts nest the weights, most specific first.
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
@@ -18,8 +18,9 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04") or head.startswith(LEGACY_MAGIC) or path.suffix in (
-        ".pth", ".pt", ".bin", ".ckpt")
+    # torch.save's zip format holds ARCHIVE/data.pkl; the legacy format starts with a fixed pickle.
+    return head.startswith(LEGACY_MAGIC) or any(n.endswith("/data.pkl") or n == "data.pkl"
+                                                 for n in zip_names(path, head))
 
 
 def _unwrap(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
