@@ -13,9 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from transferkit.data.images import BadImage, image_files, load_rgb
+from transferkit.data.images import BadImage, image_files, load_rgb, open_image
 from transferkit.errors import TransferKitError
 from transferkit.progress import track
 
@@ -128,7 +126,7 @@ def check_images(report: CheckReport, paths: list[Path], decode: bool = True) ->
         if not decode:
             continue
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 mode = im.mode
             load_rgb(path)
         except (BadImage, OSError, SyntaxError, ValueError) as exc:
@@ -182,7 +180,7 @@ def check_coco_like(report: CheckReport, images: list[dict], box_classes: list[s
     for img in images:
         path = image_root / img["file_name"]
         if decode and path not in bad and img.get("width"):
-            with Image.open(path) as im:
+            with open_image(path) as im:  # decoded once already: a bad image is in `bad`
                 size = im.size
             if size != (img["width"], img["height"]):
                 report.add("size mismatch", str(path), f"the file is {size[0]}x{size[1]}, the annotations say "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from transferkit.data.images import BadImage, image_files, load_rgb, shrink_shorter_side
+from transferkit.data.images import BadImage, image_files, load_rgb, open_image, shrink_shorter_side
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
 from transferkit.progress import track
@@ -68,7 +68,7 @@ class PackResult:
 
 def _upright_size(path: Path) -> tuple[int, int]:
     """The size after the EXIF orientation is applied, as load_rgb returns it, read from the header."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         w, h = im.size
         orientation = im.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
