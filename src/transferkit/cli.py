@@ -99,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "--to yolo: the split to write, default train)")
     p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
     p.add_argument("--keep-difficult", action="store_true", help="VOC: keep objects marked difficult")
+    p.add_argument("--force", action="store_true",
+                   help="replace files in the output that transferkit did not write (refused without it)")
     p = data.add_parser("list", help="im2rec-style list files with a seeded train/val/test split")
     p.add_argument("root", help="a folder with one sub-folder per class")
     p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX_train.lst, _val.lst, _test.lst")
     p.add_argument("--split", default="0.8,0.1,0.1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stratify", action="store_true", help="split each class by the fractions")
+    p.add_argument("--force", action="store_true",
+                   help="replace files in the output that transferkit did not write (refused without it)")
     p = data.add_parser("pack", help="pack images (shrunk if asked) into WebDataset-compatible tar shards")
     p.add_argument("source", help="a class folder, a dataset root with train/ and val/ (packs each), "
                    "a .lst list file, or a COCO .json")
@@ -114,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=float, default=256.0, metavar="MB")
     p.add_argument("--root", help="list files: the folder paths are relative to (default: the list's folder)")
     p.add_argument("--images", help="COCO: the folder the file_names are in")
+    p.add_argument("--force", action="store_true",
+                   help="replace files in the output that transferkit did not write (refused without it)")
     p = data.add_parser("check", help="find broken, missing, duplicate images, bad boxes, empty or skewed classes")
     p.add_argument("dataset", help="class folder(s), .lst list file, COCO .json, VOC/YOLO/labelme/Cityscapes "
                    "folder, or packed shards")
@@ -133,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=25)
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="replace files in the output that transferkit did not write (refused without it)")
     return parser
 
 
@@ -259,7 +267,8 @@ def cmd_data(args) -> int:
         source = Path(args.source)
         parts = [(source / s, Path(args.out) / s) for s in ("train", "val") if (source / s).is_dir()]
         for src, out in parts or [(source, Path(args.out))]:
-            result = pack(src, out, args.resize, args.quality, args.shard_size, args.root, args.images)
+            result = pack(src, out, args.resize, args.quality, args.shard_size, args.root, args.images,
+                          force=args.force)
             print(f"wrote {out}: {result.samples} images in {result.shards} shard(s), "
                   f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s")
             for path, reason in result.left_out:
@@ -279,7 +288,8 @@ def cmd_data(args) -> int:
     if args.data_command == "list":
         from transferkit.data.lists import make_lists, parse_fractions
 
-        result = make_lists(args.root, args.out, parse_fractions(args.split), args.seed, args.stratify)
+        result = make_lists(args.root, args.out, parse_fractions(args.split), args.seed, args.stratify,
+                            force=args.force)
         for split, path in result.files.items():
             print(f"wrote {path}: {len(result.splits[split])} images")
         for rel, reason in result.unreadable:
@@ -290,11 +300,11 @@ def cmd_data(args) -> int:
 
     if args.task == "detection":  # three shape classes: the per-class counts times three images
         root = make_synthetic_detection(args.out, 3 * args.train_per_class, 3 * args.val_per_class, args.size,
-                                        seed=args.seed)
+                                        seed=args.seed, force=args.force)
         print(f"wrote {root / 'images'} and {root / 'annotations'} (train.json, val.json)")
         return 0
     root = make_synthetic_classification(args.out, args.train_per_class, args.val_per_class, args.size,
-                                         seed=args.seed)
+                                         seed=args.seed, force=args.force)
     print(f"wrote {Path(root) / 'train'} and {Path(root) / 'val'}")
     return 0
 
@@ -304,7 +314,7 @@ def _export_yolo(args) -> int:
 
     if not args.images:
         raise TransferKitError("--from coco needs --images FOLDER (where the JSON's file_names are)")
-    result = export_yolo(args.src, args.images, args.out, args.split or "train")
+    result = export_yolo(args.src, args.images, args.out, args.split or "train", force=args.force)
     print(f"wrote {result.root}: {result.summary()}")
     _print_skips(result.skipped)
     return 0

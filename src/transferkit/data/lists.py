@@ -13,6 +13,7 @@ from pathlib import Path
 from transferkit.data.images import BadImage, image_files, load_rgb
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_text
+from transferkit.outputs import OutputFolder, output_folder
 from transferkit.progress import track
 
 SPLITS = ("train", "val", "test")
@@ -44,8 +45,12 @@ def _cut(items: list, fractions: tuple[float, ...]) -> list[list]:
 
 
 def make_lists(root: str | Path, prefix: str | Path, fractions=(0.8, 0.1, 0.1), seed: int = 0,
-               stratify: bool = False, check: bool = True) -> ListResult:
+               stratify: bool = False, check: bool = True, force: bool = False) -> ListResult:
+    """PREFIX_{train,val,test}.lst and PREFIX_classes.txt; list files there that transferkit did not
+    write are not replaced unless `force` (outputs.py)."""
     root = Path(root)
+    outputs = [Path(f"{prefix}_{split}.lst") for split in SPLITS] + [Path(f"{prefix}_classes.txt")]
+    OutputFolder(Path(prefix).parent, force).claim(outputs)  # before the (slow) decoding pass
     if not root.is_dir():
         raise TransferKitError(f"not a folder: {root} (give a folder with one sub-folder per class)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -73,13 +78,17 @@ def make_lists(root: str | Path, prefix: str | Path, fractions=(0.8, 0.1, 0.1), 
         for split, part in zip(SPLITS, _cut(group, fractions), strict=True):
             splits[split] += part
     result = ListResult(classes, splits, unreadable)
-    for split, part in splits.items():
-        if stratify:
-            rng.shuffle(part)
-        path = Path(f"{prefix}_{split}.lst")
-        write_text(path, "".join(f"{i}\t{label}\t{rel}\n" for i, (label, rel) in enumerate(part)))
-        result.files[split] = path
-    write_text(Path(f"{prefix}_classes.txt"), "".join(c + "\n" for c in classes))
+    with output_folder(Path(prefix).parent, force) as folder:
+        folder.claim(outputs)  # again: the decoding pass may have taken a while
+        for split, part in splits.items():
+            if stratify:
+                rng.shuffle(part)
+            path = Path(f"{prefix}_{split}.lst")
+            write_text(path, "".join(f"{i}\t{label}\t{rel}\n" for i, (label, rel) in enumerate(part)))
+            folder.wrote(path)
+            result.files[split] = path
+        write_text(outputs[-1], "".join(c + "\n" for c in classes))
+        folder.wrote(outputs[-1])
     return result
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from transferkit.data.images import BadImage, image_files, load_rgb, open_image, shrink_shorter_side
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
+from transferkit.outputs import OutputFolder, output_folder
 from transferkit.progress import track
 
 INDEX = "index.json"
@@ -88,8 +89,8 @@ def _encode(path: Path, resize: int | None, quality: int) -> tuple[bytes, str, t
 class _ShardWriter:
     """Shards of about `shard_bytes` each, written as NAME.part and renamed when complete."""
 
-    def __init__(self, out: Path, shard_bytes: int):
-        self.out, self.shard_bytes = out, shard_bytes
+    def __init__(self, out: Path, shard_bytes: int, on_close=None):
+        self.out, self.shard_bytes, self.on_close = out, shard_bytes, on_close
         self.files: list[dict] = []
         self.tar: tarfile.TarFile | None = None
 
@@ -118,6 +119,8 @@ class _ShardWriter:
             name = self.files[-1]["file"]
             os.replace(self.out / f"{name}.part", self.out / name)
             self.tar = None
+            if self.on_close:
+                self.on_close(self.out / name)
 
 
 def _samples_of(source: Path, root: Path | None, images: Path | None) -> tuple[str, list[str], list[dict]]:
@@ -149,18 +152,28 @@ def _samples_of(source: Path, root: Path | None, images: Path | None) -> tuple[s
 
 
 def pack(source: str | Path, out: str | Path, resize: int | None = None, quality: int = 90,
-         shard_mb: float = 256.0, root: str | Path | None = None, images: str | Path | None = None) -> PackResult:
+         shard_mb: float = 256.0, root: str | Path | None = None, images: str | Path | None = None,
+         force: bool = False) -> PackResult:
+    """Shards and index.json into `out`. An existing pack there, or shard files transferkit did not
+    write, are not replaced unless `force` (outputs.py)."""
     source, out = Path(source), Path(out)
     if not 1 <= quality <= 100:
         raise TransferKitError(f"--quality {quality} must be 1..100")
     if resize is not None and resize < 8:
         raise TransferKitError(f"--resize {resize} is too small (the shorter side in pixels)")
     task, classes, items = _samples_of(source, Path(root) if root else None, Path(images) if images else None)
-    if (out / INDEX).exists():
-        raise TransferKitError(f"{out} already holds a pack; choose another --out or remove it")
+    if (out / INDEX).exists() and not force:
+        raise TransferKitError(f"{out} already holds a pack; choose another --out, or add --force to replace it")
+    with output_folder(out, force) as folder:
+        folder.claim([out / INDEX, *sorted(out.glob("shard-*.tar"))])
+        return _pack_into(folder, source, out, task, classes, items, resize, quality, shard_mb)
+
+
+def _pack_into(folder: OutputFolder, source: Path, out: Path, task: str, classes: list[str], items: list[dict],
+               resize: int | None, quality: int, shard_mb: float) -> PackResult:
     start = time.perf_counter()
     result = PackResult(out)
-    writer = _ShardWriter(out, int(shard_mb * 1024 * 1024))
+    writer = _ShardWriter(out, int(shard_mb * 1024 * 1024), on_close=folder.wrote)
     records = []
     for n, item in enumerate(track(items, f"packing {source.name}")):
         try:
@@ -184,8 +197,12 @@ def pack(source: str | Path, out: str | Path, resize: int | None = None, quality
     writer.close()
     if not records:
         raise TransferKitError(f"nothing to pack from {source}: no image could be read")
+    for stale in folder.stale(out, "shard-*.tar", {out / f["file"] for f in writer.files}):
+        stale.unlink()  # ours, from a larger pack this one replaces
+        folder.forget(stale)
     write_json(out / INDEX, {"format": INDEX_FORMAT, "task": task, "classes": classes, "resize": resize,
                              "shards": writer.files, "samples": records})
+    folder.wrote(out / INDEX)
     result.samples, result.shards, result.seconds = len(records), len(writer.files), time.perf_counter() - start
     return result
 
