@@ -23,3 +23,10 @@ def clip(value: object, limit: int = ECHO_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
+def one_line(exc: BaseException, limit: int = ECHO_LIMIT) -> str:
+    """An exception's message on one line, cut to `limit` characters (library messages can be
+    several lines, or echo a whole input)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

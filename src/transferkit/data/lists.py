@@ -96,6 +96,8 @@ def read_classes(path: str | Path) -> list[str]:
     """A classes file: one name a line (blank lines and # comments ignored)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise TransferKitError(f"classes file {path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as exc:
         raise TransferKitError(f"cannot read classes file {path}: {exc.strerror}") from None
     names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
@@ -124,6 +126,8 @@ def read_list(path: str | Path, root: str | Path, num_classes: int | None = None
     path, root = Path(path), Path(root)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise TransferKitError(f"list file {path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as exc:
         raise TransferKitError(f"cannot read list file {path}: {exc.strerror}") from None
     out = []
@@ -134,9 +138,9 @@ def read_list(path: str | Path, root: str | Path, num_classes: int | None = None
         try:
             label = int(float(parts[1]))
             rel = parts[-1].strip()
-            if len(parts) < 3 or not rel:
+            if len(parts) < 3 or not rel or "\0" in rel:
                 raise ValueError
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, OverflowError):  # OverflowError: a label of inf
             raise TransferKitError(f"{path}:{n}: expected `index<TAB>label<TAB>path`, got {line[:60]!r}") from None
         target = (root / rel).resolve()
         if not target.is_relative_to(root.resolve()):

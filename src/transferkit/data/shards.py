@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from transferkit.data.images import BadImage, image_files, load_rgb, open_image, shrink_shorter_side
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, one_line
 from transferkit.fileio import write_json
 from transferkit.outputs import OutputFolder, output_folder
 from transferkit.progress import track
@@ -235,11 +235,18 @@ def read_index(folder: str | Path) -> ShardIndex:
         for f in files:
             if Path(f.name) != Path(f.relative_to(folder)) or not f.is_file():
                 raise TransferKitError(f"{path}: shard {f.name} is missing; pack again")
-        samples = [ShardSample(files[r["shard"]], int(r["offset"]), int(r["size"]), str(r["key"]))
-                   for r in data["samples"]]
+        sizes = [f.stat().st_size for f in files]
+        samples = []
+        for r in data["samples"]:
+            shard, offset, size = int(r["shard"]), int(r["offset"]), int(r["size"])
+            # Checked here so a damaged index can never make a read seek backwards or ask for more
+            # bytes than the shard holds (a read of `size` bytes allocates them first).
+            if not (0 <= shard < len(files) and offset >= 0 and size >= 0 and offset + size <= sizes[shard]):
+                raise ValueError(f"sample {str(r.get('key'))[:40]!r} lies outside its shard")
+            samples.append(ShardSample(files[shard], offset, size, str(r["key"])))
         return ShardIndex(folder, data["task"], [str(c) for c in data["classes"]], samples, data["samples"])
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise TransferKitError(f"{path}: damaged index ({type(exc).__name__}: {exc}); pack again") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:
+        raise TransferKitError(f"{path}: damaged index ({type(exc).__name__}: {one_line(exc)}); pack again") from None
 
 
 def check_shards(report, folder: Path, decode: bool) -> None:

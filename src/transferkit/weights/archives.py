@@ -14,15 +14,17 @@ skipped. Unpacking goes into a temporary folder that is removed on any failure.
 
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, one_line
 
 MAX_RATIO = 100  # unpacked bytes per archive byte
 RATIO_FREE_BYTES = 1 << 20  # an archive unpacking to less than this is never refused for its ratio
@@ -145,8 +147,8 @@ def unpack_into(archive: Path, tmp: Path, kind: str) -> None:
                             _copy(src, target, member.size, archive, member.name)
                     # links and devices are skipped: a weights archive has no need of them
     except (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError,
-            ValueError, OSError) as exc:
-        what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            ValueError, OSError, zlib.error, lzma.LZMAError) as exc:
+        what = getattr(exc, "strerror", None) or one_line(exc)
         raise TransferKitError(f"{archive}: damaged or unreadable archive ({what}); re-download it") from None
 
 

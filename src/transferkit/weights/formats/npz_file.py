@@ -12,7 +12,9 @@ its headers whatever the arrays' sizes.
 from __future__ import annotations
 
 import math
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, one_line
 from transferkit.weights.formats import TensorInfo, WeightFile, zip_names
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -55,8 +57,9 @@ def _read_header(fh: IO[bytes], where: str, available: int) -> _Header:
             shape, fortran, dtype = npy_format.read_array_header_2_0(fh, max_header_size=MAX_HEADER)
         else:
             raise ValueError(f"unknown .npy version {version}")
-    except (ValueError, SyntaxError, TypeError, OverflowError, EOFError, MemoryError) as exc:
-        raise TransferKitError(f"{where}: damaged .npy header ({str(exc)[:200]}); re-save the file") from None
+    except (ValueError, SyntaxError, TypeError, OverflowError, EOFError, MemoryError, RecursionError,
+            tokenize.TokenError) as exc:  # what NumPy's header parser (a literal_eval) raises on bad text
+        raise TransferKitError(f"{where}: damaged .npy header ({one_line(exc)}); re-save the file") from None
     if dtype.hasobject:
         raise TransferKitError(f"{where}: refused, an array needs pickle to load (dtype {dtype}); "
                                "save plain numeric arrays")
@@ -128,8 +131,9 @@ def _walk(path: Path, load: bool) -> tuple[list[_Header], dict[str, torch.Tensor
                         tensors[header.name] = _fill(fh, header, where)
     except TransferKitError:
         raise
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError) as exc:
-        what = getattr(exc, "strerror", None) or str(exc)[:200] or type(exc).__name__
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError,
+            zlib.error) as exc:
+        what = getattr(exc, "strerror", None) or one_line(exc)
         raise TransferKitError(f"{path}: truncated or damaged .npz file ({what}); re-download or re-save it") from None
     if not headers:
         raise TransferKitError(f"{path}: the .npz file holds no arrays")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, one_line
 from transferkit.weights.formats import WeightFile
 
 MAX_HEADER = 100_000_000  # bytes; the limit the safetensors library itself enforces
@@ -38,7 +38,7 @@ def _header(path: Path) -> dict:
         try:
             header = json.loads(fh.read(n))
         except (ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 and bad JSON
-            raise TransferKitError(f"{path}: damaged safetensors header ({str(exc)[:200]}); "
+            raise TransferKitError(f"{path}: damaged safetensors header ({one_line(exc)}); "
                                    "re-download or re-save it") from None
     if not isinstance(header, dict):
         raise TransferKitError(f"{path}: damaged safetensors header (not a JSON object); re-download or re-save it")
@@ -55,6 +55,6 @@ def read(path: Path) -> WeightFile:
             tensors = {k: fh.get_tensor(k) for k in order}
             metadata = fh.metadata() or {}
     except (SafetensorError, KeyError, TypeError, IndexError, ValueError, OverflowError, OSError) as exc:
-        what = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        what = one_line(exc)
         raise TransferKitError(f"{path}: damaged safetensors file ({what}); re-download or re-save it") from None
     return WeightFile(tensors, "safetensors", path, dict(metadata))

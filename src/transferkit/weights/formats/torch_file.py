@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, one_line
 from transferkit.weights.formats import WeightFile, zip_names
 
 # Keys under which training scripts nest the weights, most specific first.
@@ -55,8 +57,10 @@ def read(path: Path) -> WeightFile:
                 "re-save the state_dict only, e.g. torch.save(model.state_dict(), path)"
             ) from None
         raise TransferKitError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError, TypeError,
+            AttributeError, struct.error, OverflowError, MemoryError, RecursionError, zlib.error) as exc:
+        # torch's restricted unpickler runs no code, but on damaged bytes it fails in many ways.
+        msg = one_line(exc)
         raise TransferKitError(
             f"{path}: truncated or damaged PyTorch checkpoint ({msg}); re-download or re-save it"
         ) from None
