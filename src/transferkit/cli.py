@@ -422,13 +422,19 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo"
             "weights": cmd_weights, "model": cmd_model}
 
 
+MAX_ERROR_CHARS = 2000
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except TransferKitError as exc:
-        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # one line, whatever the source
+        message = " ".join(str(exc).split("\n"))  # one line, whatever the source
+        if len(message) > MAX_ERROR_CHARS:  # and a bounded one, whatever it echoes
+            message = f"{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS:,} more characters)"
+        print("error: " + message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
