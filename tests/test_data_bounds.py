@@ -84,3 +84,23 @@ def test_yolo_lines_with_nan_or_inf_are_skipped_naming_file_and_line(tmp_path):
     result = run_cli("data", "convert", "--from", "yolo", tmp_path, "--out", out, timeout=120)
     assert result.rc == 0 and f"{label}:2" in result.stdout, result.stderr
     assert len(json.loads(out.read_text())["annotations"]) == 1
+
+
+def test_shard_index_claiming_a_huge_sample_is_refused_before_reading(tmp_path):
+    from transferkit.data.shards import pack, read_index, read_sample
+
+    for i in range(2):
+        (tmp_path / "src" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (9 * i, 0, 0)).save(tmp_path / "src" / "a" / f"{i}.png")
+    pack(tmp_path / "src", tmp_path / "shards")
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    index["samples"][0]["size"] = 10**15  # a petabyte: the read must not be attempted
+    index["samples"][1]["shard"] = -1  # would silently read the last shard
+    (tmp_path / "shards" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(TransferKitError, match="names no place in a shard"):
+        read_index(tmp_path / "shards")
+    index["samples"][1]["shard"] = 0
+    (tmp_path / "shards" / "index.json").write_text(json.dumps(index))
+    sample = read_index(tmp_path / "shards").samples[0]
+    with pytest.raises(BadImage, match="shard ends early"):
+        read_sample(sample)
