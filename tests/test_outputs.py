@@ -108,3 +108,28 @@ def test_a_named_output_file_is_replaced(tmp_path, shapes):
     out.write_text("old")
     assert main(["data", "convert", "--from", "voc", str(voc), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["annotations"][0]["bbox"] == [0, 0, 5, 5]
+
+
+def test_predict_draw_into_the_folder_of_the_inputs_is_refused(tmp_path):
+    import torch
+
+    from transferkit.errors import TransferKitError
+    from transferkit.predict import predict_boxes
+
+    def detector(images):  # one fixed box: enough to exercise the drawing
+        return [{"boxes": torch.tensor([[1.0, 1.0, 6.0, 6.0]]), "labels": torch.tensor([1]),
+                 "scores": torch.tensor([0.9])}]
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (12, 12), (0, 90, 0)).save(photos / "a.png")
+    before = snapshot(photos)
+    with pytest.raises(TransferKitError, match=r"a\.png.*--force"):
+        predict_boxes(detector, ["bg", "cat"], 0, [photos / "a.png"], draw_dir=photos)
+    assert snapshot(photos) == before
+    drawn = tmp_path / "drawn"
+    for _ in range(2):  # its own drawings are replaced on a rerun
+        results = predict_boxes(detector, ["bg", "cat"], 0, [photos / "a.png"], draw_dir=drawn)
+    assert results[0]["drawn"] == str(drawn / "a.png") and snapshot(photos) == before
+    predict_boxes(detector, ["bg", "cat"], 0, [photos / "a.png"], draw_dir=photos, force=True)
+    assert snapshot(photos)["a.png"] != before["a.png"]

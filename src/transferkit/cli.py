@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--score", type=float, default=0.3, help="detection: the lowest score shown")
     p.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR")
+    p.add_argument("--force", action="store_true", help="--draw: replace files in DIR that transferkit did not write")
 
     p = sub.add_parser("demo", help="fine-tune vs scratch on synthetic data, no data or network needed")
     p.add_argument("--out", default="runs/demo")
@@ -214,7 +215,8 @@ def cmd_predict(args) -> int:
 
     if run_config(args.run).task == "detection":
         model, classes, offset = load_detector_run(args.run, args.weights)
-        results = predict_boxes(model, classes, offset, expand_inputs(args.inputs), args.score, args.draw)
+        results = predict_boxes(model, classes, offset, expand_inputs(args.inputs), args.score, args.draw,
+                                force=args.force)
         if args.json:
             print(json.dumps(results, indent=2))
         for r in results if not args.json else []:

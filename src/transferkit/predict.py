@@ -59,12 +59,19 @@ def load_detector_run(run_dir: str | Path, weights: str = "best"):
 
 @torch.no_grad()
 def predict_boxes(model, classes: list[str], offset: int, paths: list[Path], score: float = 0.3,
-                  draw_dir: str | Path | None = None) -> list[dict]:
+                  draw_dir: str | Path | None = None, force: bool = False) -> list[dict]:
     """Boxes [x0, y0, x1, y1] in image pixels with class and score, per image; with `draw_dir`, each
-    image with its boxes drawn, as DIR/<name>.png."""
+    image with its boxes drawn, as DIR/<name>.png (files there that transferkit did not write are
+    not replaced unless `force`: DIR may be the folder holding the input images)."""
     from torchvision.transforms.functional import pil_to_tensor, to_tensor
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+    from transferkit.outputs import OutputFolder
+
+    drawn_files = None
+    if draw_dir is not None:
+        drawn_files = OutputFolder(draw_dir, force)
+        drawn_files.claim([Path(draw_dir) / f"{path.stem}.png" for path in paths])
     results = []
     for path in paths:
         try:
@@ -86,8 +93,11 @@ def predict_boxes(model, classes: list[str], offset: int, paths: list[Path], sco
             drawn = draw_bounding_boxes(canvas, boxes, labels=names, colors="red", width=max(2, min(im.size) // 200))
             target = Path(draw_dir) / f"{path.stem}.png"
             atomic_write(target, lambda tmp, d=drawn: Image.fromarray(d.permute(1, 2, 0).numpy()).save(tmp, "PNG"))
+            drawn_files.wrote(target)
             entry["drawn"] = str(target)
         results.append(entry)
+    if drawn_files is not None and drawn_files.dirty:
+        drawn_files.save()
     return results
 
 
