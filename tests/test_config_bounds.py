@@ -118,8 +118,15 @@ def test_shipped_configs_are_inside_the_bounds():
         load_config(path, ["data.root=x"])
 
 
-def test_crop_scale_error_from_the_command_line(tmp_path):
-    result = run_cli("train", "-o", "data.root=x", "-o", "data.crop_scale=[0.5,0.1]", "--out", tmp_path / "r",
+@pytest.mark.parametrize("override, words", [
+    ("data.crop_scale=[0.5,0.1]", ("data.crop_scale", "swap")),
+    ("optim.lr=.inf", ("optim.lr", "(got inf)")),
+    ("optim.lr=1e30", ("optim.lr", "less than or equal to 10")),
+    ("data.image_size=20000", ("data.image_size", "less than or equal to 2048")),
+])
+def test_values_that_cannot_work_stop_train_at_once_in_one_line(tmp_path, override, words):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    result = run_cli("train", "-o", f"data.root={tmp_path / 'data'}", "-o", override, "--out", tmp_path / "r",
                      timeout=60)
-    one_line_error(result, "data.crop_scale", "swap")
+    one_line_error(result, *words)
     assert not (tmp_path / "r").exists()

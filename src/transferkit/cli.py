@@ -147,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from transferkit.config import load_config
-    from transferkit.train.loop import Interrupted, train
 
     overrides = list(args.override)
     resume = None
@@ -172,6 +171,8 @@ def cmd_train(args) -> int:
     allow = [k for k in args.allow_config_change.split(",") if k]
     if args.epochs:
         allow.append("schedule.epochs")
+    from transferkit.train.loop import Interrupted, train  # torch: imported once the config is known to be valid
+
     try:
         train(cfg, out=args.out, config_path=args.config, resume=resume, allow_config_change=allow)
     except Interrupted as stop:
