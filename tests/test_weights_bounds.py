@@ -174,3 +174,16 @@ def test_safetensors_header_length_beyond_the_file_is_one_line(tmp_path, length)
     path.write_bytes(struct.pack("<Q", length) + b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}')
     result = run_cli("weights", "inspect", path, timeout=60)
     one_line_error(result, str(path), "header length")
+
+
+def test_compressed_member_whose_directory_overstates_its_size_is_read_as_far_as_data_goes(tmp_path):
+    path = zip_with_zeros(tmp_path / "lie.npz", "w.npy", 1, npy_header((1 << 30,)))  # header: 4 GiB of float32
+    raw = bytearray(path.read_bytes())
+    for signature, field in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size, local and central
+        at = raw.index(signature)
+        struct.pack_into("<I", raw, at + field, 0xFFFFFFF0)
+    path.write_bytes(bytes(raw))
+    result = run_cli("weights", "transfer", "--model", "test_efficientnet", "--num-classes", "2", "--from", path,
+                     "--dry-run", timeout=120)
+    one_line_error(result, str(path))
+    assert result.peak_rss < 2 * 2**30, result.peak_rss  # never the 4 GiB the directory claims

@@ -72,15 +72,31 @@ def _read_header(fh: IO[bytes], where: str, available: int) -> _Header:
     return _Header(where, tuple(shape), dtype, fortran, nbytes)
 
 
-def _fill(fh: IO[bytes], header: _Header, where: str) -> torch.Tensor:
-    flat = np.empty(math.prod(header.shape), header.dtype)
-    view = memoryview(flat).cast("B") if header.nbytes else memoryview(b"")
-    done = 0
-    while done < header.nbytes:
-        got = fh.readinto(view[done:done + (16 << 20)])
-        if not got:
-            raise TransferKitError(f"{where}: ends after {done:,} of {header.nbytes:,} bytes; the file is truncated")
-        done += got
+def _fill(fh: IO[bytes], header: _Header, where: str, sized: bool) -> torch.Tensor:
+    """The array's data from `fh`. `sized`: the bytes are known to be there (a plain file, a stored
+    member), so the array is allocated at once; otherwise (a compressed member, whose size in the
+    zip directory is only a claim) it grows as data really arrives, so memory follows the data."""
+    chunk = 16 << 20
+    if sized:
+        flat = np.empty(math.prod(header.shape), header.dtype)
+        view = memoryview(flat).cast("B") if header.nbytes else memoryview(bytearray())
+        done = 0
+        while done < header.nbytes:
+            got = fh.readinto(view[done:done + chunk])
+            if not got:
+                break
+            done += got
+    else:
+        data = bytearray()
+        while len(data) < header.nbytes:
+            block = fh.read(min(chunk, header.nbytes - len(data)))
+            if not block:
+                break
+            data += block
+        done = len(data)
+        flat = np.frombuffer(data, header.dtype) if done == header.nbytes else None
+    if done < header.nbytes:
+        raise TransferKitError(f"{where}: ends after {done:,} of {header.nbytes:,} bytes; the file is truncated")
     array = flat.reshape(header.shape, order="F" if header.fortran else "C")
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
@@ -111,7 +127,7 @@ def _walk(path: Path, load: bool) -> tuple[list[_Header], dict[str, torch.Tensor
                 header.name = path.stem
                 headers.append(header)
                 if load:
-                    tensors[path.stem] = _fill(fh, header, str(path))
+                    tensors[path.stem] = _fill(fh, header, str(path), sized=True)
             return headers, tensors
         with zipfile.ZipFile(path) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
@@ -128,11 +144,13 @@ def _walk(path: Path, load: bool) -> tuple[list[_Header], dict[str, torch.Tensor
                     header.name = _array_name(info.filename)
                     headers.append(header)
                     if load:
-                        tensors[header.name] = _fill(fh, header, where)
+                        stored = info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size
+                        tensors[header.name] = _fill(fh, header, where, sized=stored and info.header_offset
+                                                     + info.compress_size <= path.stat().st_size)
     except TransferKitError:
         raise
     except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError,
-            zlib.error) as exc:
+            zlib.error, MemoryError) as exc:
         what = getattr(exc, "strerror", None) or one_line(exc)
         raise TransferKitError(f"{path}: truncated or damaged .npz file ({what}); re-download or re-save it") from None
     if not headers:
