@@ -187,3 +187,13 @@ def test_compressed_member_whose_directory_overstates_its_size_is_read_as_far_as
                      "--dry-run", timeout=120)
     one_line_error(result, str(path))
     assert result.peak_rss < 2 * 2**30, result.peak_rss  # never the 4 GiB the directory claims
+
+
+def test_zip_member_with_an_empty_name_is_one_line(tmp_path, cache):
+    for name in ("w.npz", "w.zip"):  # found by the fuzzer: zipfile's is_dir() fails on an empty name
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("a.npy", npy_header((2,)) + bytes(8))
+            zf.writestr(zipfile.ZipInfo(""), b"x")
+        with pytest.raises(TransferKitError, match=name):
+            read_weights(resolve_source(path))

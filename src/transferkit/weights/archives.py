@@ -106,7 +106,7 @@ def _copy(src: IO[bytes], target: Path, declared: int, archive: Path, name: str)
 def _zip_members(zf: zipfile.ZipFile, budget: _Budget) -> Iterator[zipfile.ZipInfo]:
     infos = zf.infolist()
     for info in infos:  # every size is checked before the first byte is written
-        budget.declare(info.filename, 0 if info.is_dir() else info.file_size)
+        budget.declare(info.filename, 0 if info.filename.endswith("/") else info.file_size)
     yield from infos
 
 
@@ -128,7 +128,7 @@ def unpack_into(archive: Path, tmp: Path, kind: str) -> None:
             with zipfile.ZipFile(archive) as zf:
                 for info in list(_zip_members(zf, budget)):
                     target = safe_member(tmp, info.filename)
-                    if info.is_dir():
+                    if info.filename.endswith("/") or target == tmp.resolve():  # is_dir() fails on an empty name
                         target.mkdir(parents=True, exist_ok=True)
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def unpack_into(archive: Path, tmp: Path, kind: str) -> None:
                             _copy(src, target, member.size, archive, member.name)
                     # links and devices are skipped: a weights archive has no need of them
     except (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError,
-            ValueError, OSError, zlib.error, lzma.LZMAError) as exc:
+            ValueError, OSError, zlib.error, lzma.LZMAError, IndexError) as exc:
         what = getattr(exc, "strerror", None) or one_line(exc)
         raise TransferKitError(f"{archive}: damaged or unreadable archive ({what}); re-download it") from None
 

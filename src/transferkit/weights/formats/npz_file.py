@@ -130,7 +130,7 @@ def _walk(path: Path, load: bool) -> tuple[list[_Header], dict[str, torch.Tensor
                     tensors[path.stem] = _fill(fh, header, str(path), sized=True)
             return headers, tensors
         with zipfile.ZipFile(path) as zf:
-            infos = [i for i in zf.infolist() if not i.is_dir()]
+            infos = [i for i in zf.infolist() if not i.filename.endswith("/")]  # is_dir() fails on an empty name
             if len(infos) > MAX_ARRAYS:
                 raise TransferKitError(f"{path}: more than {MAX_ARRAYS:,} arrays; not a weights file")
             for info in infos:
@@ -150,7 +150,7 @@ def _walk(path: Path, load: bool) -> tuple[list[_Header], dict[str, torch.Tensor
     except TransferKitError:
         raise
     except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError,
-            zlib.error, MemoryError) as exc:
+            zlib.error, MemoryError, IndexError) as exc:
         what = getattr(exc, "strerror", None) or one_line(exc)
         raise TransferKitError(f"{path}: truncated or damaged .npz file ({what}); re-download or re-save it") from None
     if not headers:
