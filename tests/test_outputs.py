@@ -133,3 +133,14 @@ def test_predict_draw_into_the_folder_of_the_inputs_is_refused(tmp_path):
     assert results[0]["drawn"] == str(drawn / "a.png") and snapshot(photos) == before
     predict_boxes(detector, ["bg", "cat"], 0, [photos / "a.png"], draw_dir=photos, force=True)
     assert snapshot(photos)["a.png"] != before["a.png"]
+
+
+def test_the_manifest_is_not_taken_for_data(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out), "--train-per-class", "2", "--val-per-class", "1",
+                 "--size", "16"]) == 0
+    assert (out / MANIFEST).is_file()
+    capsys.readouterr()
+    assert main(["data", "check", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "folder" and not report["errors"]

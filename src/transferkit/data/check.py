@@ -95,7 +95,7 @@ def detect_format(path: Path) -> str:
         return "yolo"
     if (path / "gtFine").is_dir():
         return "cityscapes"
-    if any(path.glob("*.json")):
+    if any(not p.name.startswith(".") for p in path.glob("*.json")):  # hidden: the toolkit's output manifest
         return "labelme"
     return "folder"
 

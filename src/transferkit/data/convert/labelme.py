@@ -73,7 +73,7 @@ def _size(data: dict, json_path: Path) -> tuple[int, int]:
 
 def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> CocoDataset:
     folder = Path(folder)
-    files = sorted(folder.glob("*.json"))
+    files = sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))  # not the output manifest
     if not files:
         raise TransferKitError(f"{folder} holds no labelme .json files")
     loaded = []
