@@ -32,7 +32,7 @@ SKIPPED_ROOTS = ("optimizer", "optimizer_weights", "metrics")
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    return head.startswith(HDF5_MAGIC) or path.name.endswith((".h5", ".hdf5", ".keras.h5"))
+    return head.startswith(HDF5_MAGIC)  # the .h5/.hdf5 suffixes are the registry's fallback
 
 
 def read(path: Path) -> WeightFile:

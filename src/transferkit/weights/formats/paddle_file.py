@@ -34,9 +34,8 @@ RENAMES = {"_mean": "running_mean", "_variance": "running_var"}
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    if path.suffix in (".pdparams", ".pdopt"):
-        return True
-    # a pickle (protocol 2-5) whose first global is numpy's, as paddle.save writes
+    # By content (the .pdparams/.pdopt suffixes are the registry's fallback): a pickle (protocol
+    # 2-5) whose first global is numpy's, as paddle.save writes
     return len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and b"numpy" in head
 
 

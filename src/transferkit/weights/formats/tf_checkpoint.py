@@ -123,8 +123,6 @@ def checkpoint_index(path: Path) -> Path | None:
 def sniff(path: Path, head: bytes) -> bool:
     if path.is_dir() or DATA_SHARD.search(path.name):
         return checkpoint_index(path) is not None
-    if path.suffix == ".index":
-        return True
     try:  # content: the table footer's magic number in the last 8 bytes
         with open(path, "rb") as fh:
             fh.seek(0, 2)

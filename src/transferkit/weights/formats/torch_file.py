@@ -6,13 +6,14 @@ import pickle
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from transferkit.errors import TransferKitError
-from transferkit.weights.formats import WeightFile, pickled_module
+from transferkit.errors import TransferKitError, one_line
+from transferkit.weights.formats import WeightFile, pickled_module, zip_names
 from transferkit.weights.formats.restricted_pickle import DENIED_MODULES
 from transferkit.weights.formats.state_dict import find_state_dict
 
@@ -20,8 +21,9 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04") or head.startswith(LEGACY_MAGIC) or path.suffix in (
-        ".pth", ".pt", ".bin", ".ckpt")
+    # torch.save's zip format holds ARCHIVE/data.pkl; the legacy format starts with a fixed pickle.
+    return head.startswith(LEGACY_MAGIC) or any(n.endswith("/data.pkl") or n == "data.pkl"
+                                                 for n in zip_names(path, head))
 
 
 def _unwrap(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -50,9 +52,11 @@ def read(path: Path) -> WeightFile:
                 "re-save the state_dict only, e.g. torch.save(model.state_dict(), path)"
             ) from None
         raise TransferKitError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error, IndexError, KeyError,
-            TypeError, AttributeError, UnicodeDecodeError) as exc:  # torch's unpickler on a damaged pickle
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError, TypeError,
+            AttributeError, struct.error, OverflowError, MemoryError, RecursionError, zlib.error,
+            UnicodeDecodeError) as exc:
+        # torch's restricted unpickler runs no code, but on damaged bytes it fails in many ways.
+        msg = one_line(exc)
         raise TransferKitError(
             f"{path}: truncated or damaged PyTorch checkpoint ({msg}); re-download or re-save it"
         ) from None
