@@ -170,3 +170,16 @@ def _detection_split(out: Path, split: str, count: int, offset: int, size: int, 
         "images": images, "annotations": anns,
         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]})
     written.wrote(out / "annotations" / f"{split}.json")
+
+
+def _detection_per_class(out: str | Path, train_per_class: int, val_per_class: int, size: int = 128,
+                         seed: int = 0, force: bool = False) -> Path:
+    """make_synthetic_detection by per-class counts: three shape classes, so three times the images."""
+    return make_synthetic_detection(out, 3 * train_per_class, 3 * val_per_class, size, seed=seed, force=force)
+
+
+# task -> (writer: (out, train_per_class, val_per_class, size, seed=, force=) -> root, the folders it writes)
+SYNTHETIC = {
+    "classification": (make_synthetic_classification, ("train", "val")),
+    "detection": (_detection_per_class, ("images", "annotations")),
+}
