@@ -306,3 +306,33 @@ def test_predict_on_a_run_with_a_damaged_config_is_one_line(synth_root, finished
     image = next((synth_root / "val" / "circle").iterdir())
     assert main(["predict", "--run", str(run), str(image)]) == 2
     assert str(run / "config.yaml") in one_line_error(capsys)
+
+
+def test_a_training_state_with_nonfinite_weights_is_never_saved(synth_root, tmp_path, capsys, monkeypatch):
+    """An update that leaves a weight NaN while the loss it came from was finite: the state due
+    after that step (every 3 steps) is not written, and the run stops naming the tensor."""
+    import transferkit.train.loop as loop_module
+
+    real = loop_module.build_optimisation
+
+    def spoiling(loop):
+        opt = real(loop)
+        calls = {"n": 0}
+
+        def spoil(optimizer, args, kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                with torch.no_grad():
+                    loop.model.conv_stem.weight[0, 0, 0, 0] = float("nan")
+
+        opt.optimizer.register_step_post_hook(spoil)
+        return opt
+
+    monkeypatch.setattr(loop_module, "build_optimisation", spoiling)
+    run = tmp_path / "run"
+    assert main(["train", *options(synth_root, **{"checkpoint.every_steps": 3}), "--out", str(run)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {run}: the training state at step 3: conv_stem.weight holds NaN or inf values, so it was not "
+        "saved; lower optim.lr, or check the data")
+    assert not list((run / "checkpoints" / "states").glob("*"))
+    assert not (run / "metrics.jsonl").exists()
