@@ -76,20 +76,35 @@ def test_out_into_a_folder_of_the_users_own_is_refused_untouched(synth_root, tmp
     assert sorted(p.name for p in mine.iterdir()) == ["checkpoints", "classes.json", "config.yaml"]
 
 
-@pytest.mark.parametrize("finished", [True, False], ids=["finished", "killed-before-its-first-epoch-ended"])
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "killed-inside-its-second-epoch"])
 def test_out_into_an_existing_run_is_refused_with_the_resume_command(synth_root, finished_run, tmp_path, capsys,
                                                                     finished):
     run = copy_of(finished_run, tmp_path)
-    if not finished:  # what a run killed in its first epoch holds: no metrics, no states yet
-        for name in ("metrics.jsonl", "summary.json", "curves.png"):
+    if not finished:  # what a run killed in its second epoch holds: one epoch, one state
+        for name in ("summary.json", "curves.png"):
             (run / name).unlink()
-        shutil.rmtree(run / "checkpoints")
-        (run / "checkpoints").mkdir()
+        (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        shutil.rmtree(run / "checkpoints" / "states" / "step-00000010")
     before = snapshot(run)
     assert main(["train", *options(synth_root), "--out", str(run)]) == 2
     assert one_line_error(capsys) == (
         f"error: {run} already holds a run; continue it with: transferkit train --resume {run} "
         "(add --epochs N to extend it), or choose another --out")
+    assert snapshot(run) == before
+
+
+def test_out_into_a_run_killed_before_its_first_state_says_there_is_nothing_to_resume(synth_root, finished_run,
+                                                                                     tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path)
+    for name in ("metrics.jsonl", "summary.json", "curves.png"):  # what a run killed in its first epoch holds
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()
+    before = snapshot(run)
+    assert main(["train", *options(synth_root), "--out", str(run)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {run} already holds a run that stopped before it saved a training state, so there is nothing to "
+        f"resume; choose another --out, or remove {run} to start it again")
     assert snapshot(run) == before
 
 

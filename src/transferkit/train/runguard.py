@@ -14,6 +14,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from transferkit.errors import TransferKitError
+from transferkit.train.resume import STATES
 
 MARKER = ".transferkit-run"  # {"format": 1}: this folder is a transferkit run
 LOCK = ".transferkit-run.lock"  # held (flock) by the one process that writes the run
@@ -36,8 +37,14 @@ def has_started(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file()
 
 
-def resume_hint(run_dir: Path) -> str:
-    return f"continue it with: transferkit train --resume {run_dir} (add --epochs N to extend it)"
+def already_a_run(run_dir: Path) -> TransferKitError:
+    """The refusal of a new run over a started one: with the command that continues it, or, when it
+    stopped before saving a training state, the news that there is nothing to continue."""
+    if any((run_dir / STATES).glob("step-*")):
+        return TransferKitError(f"{run_dir} already holds a run; continue it with: transferkit train --resume "
+                                f"{run_dir} (add --epochs N to extend it), or choose another --out")
+    return TransferKitError(f"{run_dir} already holds a run that stopped before it saved a training state, so there "
+                            f"is nothing to resume; choose another --out, or remove {run_dir} to start it again")
 
 
 def refuse_unusable_out(run_dir: Path) -> None:
@@ -48,7 +55,7 @@ def refuse_unusable_out(run_dir: Path) -> None:
     if not run_dir.is_dir() or is_marked(run_dir):
         return
     if is_unmarked_run(run_dir):
-        raise TransferKitError(f"{run_dir} already holds a run; {resume_hint(run_dir)}, or choose another --out")
+        raise already_a_run(run_dir)
     others = sorted(p.name for p in run_dir.iterdir() if p.name not in OWN)
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
@@ -141,7 +148,7 @@ def claim_new_run(run_dir: Path) -> RunClaim:
     lock = RunLock(run_dir).acquire()
     if has_started(run_dir):
         lock.release()
-        raise TransferKitError(f"{run_dir} already holds a run; {resume_hint(run_dir)}, or choose another --out")
+        raise already_a_run(run_dir)
     return RunClaim(run_dir, lock, made, new=True)
 
 
