@@ -28,7 +28,7 @@ from transferkit.data.synthetic import make_synthetic_classification
 from transferkit.progress import make_progress
 from transferkit.tasks.classification import ClassificationTask, build_model
 from transferkit.train.device import place_model
-from transferkit.train.loop import Loop, NonFiniteGuard, Optimisation, train_one_epoch
+from transferkit.train.loop import Loop, Optimisation, train_one_epoch
 from transferkit.train.optim import build_optimizer, build_scheduler
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
@@ -91,7 +91,7 @@ def main() -> None:
     ours = place_model(copy.deepcopy(model), device, cl)
     ours_opt = build_optimizer(ours, family.head_patterns, cfg.optim)
     sched = build_scheduler(ours_opt, cfg.schedule, len(loader))
-    opt = Optimisation(ours_opt, sched, NonFiniteGuard(cfg.optim.max_nonfinite_steps))
+    opt = Optimisation(ours_opt, sched)
 
     images = len(data.train_set)
     bs = cfg.data.batch_size

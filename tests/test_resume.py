@@ -168,14 +168,16 @@ def test_changed_config_is_refused_with_a_diff(synth_root, tmp_path):
         train(changed, resume=tmp_path / "run", quiet=True, allow_config_change=["optim.lr"])
 
 
-def test_nonfinite_losses_are_skipped_then_stop(synth_root, tmp_path):
+def test_a_nonfinite_loss_stops_the_run_at_its_step(synth_root, tmp_path):
+    """No step is skipped any more: the first NaN/inf loss stops the run (optim.max_nonfinite_steps,
+    still read from old configs, no longer changes that)."""
     cfg = load_config(None, tiny_overrides(synth_root, **{"optim.name": "sgd", "optim.max_nonfinite_steps": 3}))
-    # A config refuses lr 1e30 (docs/RELIABILITY.md); the loop's guard is for losses that go bad anyway.
+    # A config refuses lr 1e30 (docs/RELIABILITY.md); the loop's stop is for losses that go bad anyway.
     cfg.optim = cfg.optim.model_copy(update={"lr": 1e30})
     with pytest.raises(TransferKitError) as err:
         train(cfg, out=tmp_path / "run", quiet=True)
-    assert str(err.value).startswith("the loss was not finite (NaN or inf) for 3 steps in a row, last at batch ")
-    assert str(err.value).endswith("; lower optim.lr, or check the data and labels")
+    assert str(err.value).startswith(f"{tmp_path / 'run'}: stopped at epoch 1, step 2 (batch 2 of 5): the loss is ")
+    assert str(err.value).endswith("; no state was saved yet")
     assert os.path.isdir(tmp_path / "run")
 
 

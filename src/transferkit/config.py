@@ -234,8 +234,8 @@ class OptimConfig(_Section):
     no_decay_norm_bias: bool = False
     # Layer-wise learning-rate decay: the top layer at lr, each layer below x this factor.
     layer_decay: float | None = Field(None, gt=0, le=1)
-    # Steps with a NaN/inf loss are skipped; this many in a row stop the run.
-    max_nonfinite_steps: int = Field(5, ge=1, le=1_000_000)
+    # Retired: a run now stops at its first NaN/inf loss. Still read from older configs and runs.
+    max_nonfinite_steps: int | None = Field(None, ge=1, le=1_000_000, exclude=True)
 
 
 class ScheduleConfig(_Section):

@@ -46,7 +46,14 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     directory), continue that run from its newest intact training state."""
     started = time.perf_counter()
     say: Say = (lambda *a, **k: None) if quiet else console.print
-    run_dir, resumed = open_run(cfg, out, config_path, resume, allow_config_change, say)
+    claim, resumed = open_run(cfg, out, config_path, resume, allow_config_change, say)
+    with claim as run_dir:  # held (marked and locked) until the run ends, however it ends
+        return train_in(cfg, run_dir, resumed, say, quiet, started)
+
+
+def train_in(cfg: Config, run_dir: Path, resumed: ResumePoint | None, say: Say, quiet: bool, started: float
+             ) -> TrainResult:
+    """The run in a directory this process holds: build, report, train, finish."""
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
     task = task_for(cfg)

@@ -21,12 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit.config import Config
-from transferkit.errors import TransferKitError
 from transferkit.fileio import write_text
 from transferkit.progress import StepProgress
 from transferkit.train.checkpoint import save_weights
+from transferkit.train.finite import NonFiniteError, check_loss, require_finite
 from transferkit.train.optim import build_optimizer, build_scheduler, plan_params, plan_table, set_train_mode
-from transferkit.train.resume import ResumePoint, carry_optimizer_state, save_state, set_rng_state
+from transferkit.train.resume import STATES, ResumePoint, carry_optimizer_state, save_state, set_rng_state
 from transferkit.train.runlog import MetricsLog, read_metrics
 from transferkit.train.strategies import stage_count, unfreeze_stages
 
@@ -64,26 +64,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-class NonFiniteGuard:
-    """Skips steps whose loss is NaN or inf; too many in a row stops the run."""
-
-    def __init__(self, limit: int):
-        self.limit, self.in_row, self.total = limit, 0, 0
-
-    def ok(self, loss: torch.Tensor, where: str) -> bool:
-        if torch.isfinite(loss):
-            self.in_row = 0
-            return True
-        self.in_row += 1
-        self.total += 1
-        if self.in_row >= self.limit:
-            raise TransferKitError(
-                f"the loss was not finite (NaN or inf) for {self.in_row} steps in a row, last at {where}; "
-                "lower optim.lr, or check the data and labels"
-            )
-        return False
-
-
 @dataclass
 class EpochPosition:
     """Where an epoch stands: batches done and the running loss (for resuming inside an epoch)."""
@@ -91,6 +71,7 @@ class EpochPosition:
     batches_done: int = 0
     loss_sum: float = 0.0
     seen: int = 0
+    epoch: int = 1  # of this phase; with batches_done, the step a non-finite loss is reported at
 
 
 class EpochRecorder:
@@ -121,6 +102,7 @@ class EpochRecorder:
         return len(self.log.rows)
 
     def record(self, phase: str, train_loss: float, metrics: dict, lr: float, t0: float) -> None:
+        require_finite(self.model, f"{self.run_dir}: the weights after epoch {self.epoch + 1}")
         row = {"epoch": self.epoch + 1, "train_loss": train_loss, **metrics, "lr": lr,
                "seconds": time.perf_counter() - t0, "phase": phase}
         self.log.append(row)
@@ -158,11 +140,10 @@ class Loop:
 
 @dataclass
 class Optimisation:
-    """What changes the weights, step by step: the optimiser, its schedule, the non-finite guard."""
+    """What changes the weights, step by step: the optimiser and its schedule."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    guard: NonFiniteGuard
 
 
 def build_optimisation(loop: Loop) -> Optimisation:
@@ -172,7 +153,7 @@ def build_optimisation(loop: Loop) -> Optimisation:
     optimizer = build_optimizer(loop.model, loop.head_patterns, cfg.optim, plan)
     loop.say(plan_table(plan))
     scheduler = build_scheduler(optimizer, cfg.schedule, len(loop.train_loader))
-    return Optimisation(optimizer, scheduler, NonFiniteGuard(cfg.optim.max_nonfinite_steps))
+    return Optimisation(optimizer, scheduler)
 
 
 class StateSaver:
@@ -204,10 +185,11 @@ class StateSaver:
 
     def save(self, epochs_done: int, pos: EpochPosition, loader_state: torch.Tensor) -> None:
         recorder, steps = self.loop.recorder, len(self.loop.train_loader)
+        step = epochs_done * steps + pos.batches_done
+        require_finite(self.loop.model, f"{recorder.run_dir}: the training state at step {step}", self.opt.optimizer)
         counters = {"epoch": epochs_done, "batches_done": pos.batches_done, "loss_sum": pos.loss_sum,
-                    "seen": pos.seen, "global_step": epochs_done * steps + pos.batches_done,
-                    "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch,
-                    "nonfinite_total": self.opt.guard.total}
+                    "seen": pos.seen, "global_step": step,
+                    "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch}
         save_state(recorder.run_dir, self.loop.model, self.opt.optimizer, self.opt.scheduler, counters,
                    self.loop.cfg.checkpoint.keep_last)
         self.last_saved = time.monotonic()
@@ -235,18 +217,32 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
             continue
         loss, n = loop.loss_fn(loop.model, batch)
         pos.batches_done = index + 1
-        if opt.guard.ok(loss.detach(), f"batch {index + 1}"):
-            opt.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.optimizer.step()
-            loss_sum += loss.detach().double() * n
-            pos.seen += n
+        stop_on_nonfinite(loop, loss.detach(), batch, pos)
+        opt.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.optimizer.step()
+        loss_sum += loss.detach().double() * n
+        pos.seen += n
         opt.scheduler.step()
         loop.progress.advance_and_draw(task, n)
         if after_step is not None:
             pos.loss_sum = float(loss_sum)
             after_step(pos)
     return float(loss_sum) / max(pos.seen, 1)
+
+
+def stop_on_nonfinite(loop: Loop, loss: torch.Tensor, batch: Any, pos: EpochPosition) -> None:
+    """A NaN or inf loss ends the run here, before it can reach the weights or any saved file."""
+    steps = len(loop.train_loader)
+    step = (pos.epoch - 1) * steps + pos.batches_done
+    try:
+        check_loss(loss, loop.model, batch, step - 1, loop.cfg.optim.lr)
+    except NonFiniteError as exc:
+        run_dir = loop.recorder.run_dir
+        states = sorted(p.name for p in (run_dir / STATES).glob("step-*") if p.is_dir())
+        kept = f"the newest training state is {states[-1]}, from before it" if states else "no state was saved yet"
+        raise NonFiniteError(f"{run_dir}: stopped at epoch {pos.epoch}, step {step} (batch {pos.batches_done} of "
+                             f"{steps}): {exc}; {kept}") from None
 
 
 def open_stages(loop: Loop, epoch: int, stages: int, in_optimizer: set[int]) -> str:
@@ -270,7 +266,6 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.scheduler.load_state_dict(state["scheduler"])  # the step count; the rule is this run's
         loop.train_loader.generator.set_state(state["loader_generator"])
-        opt.guard.total = state.get("nonfinite_total", 0)
         first_epoch, rng = state["epoch"] + 1, state["rng"]
         position = EpochPosition(state["batches_done"], state["loss_sum"], state["seen"])
     elif cfg.pretrained.with_optimizer:
@@ -283,11 +278,11 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
             t0 = time.perf_counter()
             states.start_epoch(epoch)
             task = loop.progress.add_task(f"epoch {epoch}", total=len(loop.train_loader.dataset), info="")
+            position = position or EpochPosition()
+            position.epoch = epoch
             train_loss = train_one_epoch(loop, opt, task, position, rng, states.after_step)
             loop.progress.remove_task(task)
             position, rng = None, None
             metrics = loop.eval_fn(loop.model, loop.val_loader)
-            if opt.guard.total:
-                metrics["nonfinite_steps"] = opt.guard.total
             loop.recorder.record(phase, train_loss, metrics, opt.optimizer.param_groups[0]["lr"], t0)
             states.end_epoch()

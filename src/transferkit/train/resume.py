@@ -2,7 +2,8 @@
 
 A state is a directory checkpoints/states/step-NNNNNNNN/ holding model.safetensors, state.pt
 (optimiser, scheduler, counters, random-number states, the data order's generator state at the
-start of the epoch) and COMPLETE, a marker with each file's sha256 that is written last. The
+start of the epoch), config.yaml (the resolved config it was trained with, which a resume is
+checked against) and COMPLETE, a marker with each file's sha256 that is written last. The
 directory is built under a temporary name and renamed into place, so a reader never sees half of
 one; one whose files do not match their marker is skipped, and the previous one is used.
 """
@@ -26,6 +27,7 @@ from transferkit.train.checkpoint import save_weights
 from transferkit.weights.sources import sha256_of
 
 STATES = Path("checkpoints") / "states"
+KEPT_CONFIG = "config.yaml"  # inside each state: the run's config when the state was saved
 # Keys that may differ between a run and its resume (with --allow-config-change).
 SAFE_TO_CHANGE = ("schedule.epochs", "out", "device", "data.num_workers", "checkpoint.keep_last",
                   "checkpoint.every_steps", "checkpoint.every_minutes")
@@ -66,7 +68,8 @@ def save_state(run_dir: Path, model, optimizer, scheduler, counters: dict, keep_
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        marker = {"files": {n: sha256_of(tmp / n) for n in ("model.safetensors", "state.pt")},
+        shutil.copyfile(run_dir / "config.yaml", tmp / KEPT_CONFIG)
+        marker = {"files": {n: sha256_of(tmp / n) for n in ("model.safetensors", "state.pt", KEPT_CONFIG)},
                   "epoch": counters["epoch"], "batches_done": counters["batches_done"],
                   "global_step": counters["global_step"], "config_sha256": sha256_of(run_dir / "config.yaml")}
         write_json(tmp / "COMPLETE", marker)
@@ -110,7 +113,8 @@ def find_state(run_dir: Path, say=print) -> Path:
         if problem is None:
             return path
         say(f"checkpoint {path} is damaged ({problem}); falling back to the previous one")
-    raise TransferKitError(f"{run_dir} has no complete checkpoint to resume from; start the run again")
+    raise TransferKitError(f"{run_dir} has no complete checkpoint to resume from; start the run again "
+                           f"with another --out (or after removing {run_dir})")
 
 
 def load_state(path: Path) -> dict:

@@ -1,5 +1,6 @@
-"""The run directory: made for a new run (never over another run), or found again for a resume;
-what is written into it before the first step; reading a finished run's config and checkpoints."""
+"""The run directory: made for a new run (never over another run, nor into a folder of the user's
+own), or found again for a resume, and held by this process (train/runguard.py); what is written
+into it before the first step; reading a finished run's config and checkpoints."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
-from transferkit.config import Config, validate
+from transferkit.config import Config, load_config
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json, write_text
-from transferkit.train.resume import SAFE_TO_CHANGE, ResumePoint, config_changes, find_state, load_state
+from transferkit.train.resume import ResumePoint, find_state, load_state
+from transferkit.train.resumecheck import check_resume_config
+from transferkit.train.runguard import RunClaim, claim_new_run, claim_run_to_resume
 from transferkit.weights.transfer import TransferReport
 
 Say = Callable[..., None]
@@ -23,12 +24,6 @@ def default_run_dir(config_path: str | Path | None) -> Path:
     return Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def refuse_existing_run(run_dir: Path) -> Path:
-    if (run_dir / "metrics.jsonl").exists():
-        raise TransferKitError(f"{run_dir} already holds a run (metrics.jsonl); choose another --out")
-    return run_dir
-
-
 def prepare_resume(run_dir: Path, cfg: Config, allow: Sequence[str], say: Say) -> ResumePoint:
     """Check that `cfg` may continue the run in `run_dir`; returns the state to continue from."""
     saved_path = run_dir / "config.yaml"
@@ -36,31 +31,23 @@ def prepare_resume(run_dir: Path, cfg: Config, allow: Sequence[str], say: Say) -
         raise TransferKitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of a train run")
     if cfg.strategy in ("linear_probe", "lp_ft"):
         raise TransferKitError(f"resuming strategy {cfg.strategy} is not supported; start the run again")
-    saved = yaml.safe_load(saved_path.read_text())
-    new = cfg.to_dict()
-    new["model"]["num_classes"] = saved["model"]["num_classes"]
-    changes = {k: v for k, v in config_changes(saved, new).items() if k != "out"}
-    refused = {k: v for k, v in changes.items() if k not in allow}
-    if refused:
-        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise TransferKitError(
-            f"the config differs from the run's ({diff}); resume with the run's own config, or allow "
-            f"keys with --allow-config-change (only {', '.join(SAFE_TO_CHANGE)})"
-        )
-    unsafe = sorted(set(allow) - set(SAFE_TO_CHANGE))
-    if unsafe:
-        raise TransferKitError(f"--allow-config-change: {', '.join(unsafe)} cannot change in a resumed run")
     state_dir = find_state(run_dir, say)
+    check_resume_config(run_dir, state_dir, cfg, allow)  # against the config the state was trained with
     return ResumePoint(state_dir, load_state(state_dir))
 
 
 def open_run(cfg: Config, out: str | Path | None, config_path: str | Path | None, resume: str | Path | None,
-             allow_config_change: Sequence[str], say: Say) -> tuple[Path, ResumePoint | None]:
-    """The run directory and, for a resume, the state to continue from. Nothing is written yet."""
+             allow_config_change: Sequence[str], say: Say) -> tuple[RunClaim, ResumePoint | None]:
+    """The run directory, held by this process until `with claim as run_dir:` ends, and, for a resume,
+    the state to continue from. A new run's folder holds only its marker and lock so far."""
     if resume is not None:
-        run_dir = Path(resume)
-        return run_dir, prepare_resume(run_dir, cfg, list(allow_config_change), say)
-    return refuse_existing_run(Path(out or cfg.out or default_run_dir(config_path))), None
+        claim = claim_run_to_resume(Path(resume))
+        try:
+            return claim, prepare_resume(claim.run_dir, cfg, list(allow_config_change), say)
+        except BaseException:
+            claim.lock.release()
+            raise
+    return claim_new_run(Path(out or cfg.out or default_run_dir(config_path))), None
 
 
 def write_run_start(run_dir: Path, cfg: Config, classes: list[str], report: TransferReport | None) -> None:
@@ -81,7 +68,10 @@ def run_config(run_dir: str | Path) -> Config:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise TransferKitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of a train run")
-    return validate(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    try:
+        return load_config(cfg_path)
+    except UnicodeDecodeError:
+        raise TransferKitError(f"cannot read {cfg_path}: not UTF-8 text; the run's config is damaged") from None
 
 
 def checkpoint_path(run_dir: str | Path, weights: str) -> Path:

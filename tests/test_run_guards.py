@@ -1,0 +1,365 @@
+"""Run directories guard what they hold: a new run never goes into a folder of the user's own nor over
+another run, one process at a time works on a run, a resume checks the config it continues, a
+non-finite loss stops the run before anything non-finite is saved, and a damaged run's config is
+one line, not a traceback."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+from safetensors.torch import load_file
+
+from transferkit.cli import main
+from transferkit.config import load_config
+from transferkit.data.classification import ImageDataset
+from transferkit.run import train
+from transferkit.train.runlog import read_metrics
+
+MARKER = ".transferkit-run"
+
+
+def options(root, **extra):
+    return [a for o in tiny_overrides(root, **extra) for a in ("-o", o)]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (ours included) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys) -> str:
+    """The error: one line, the last written (a run that started prints its progress before it)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], lines
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_root, tmp_path_factory):
+    """A finished two-epoch run, copied by the tests that change it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2})), out=run, quiet=True)
+    return run
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def finite_file(path: Path) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values() if t.is_floating_point())
+
+
+# --- a new run's --out --------------------------------------------------------------------------
+
+def test_out_into_a_folder_of_the_users_own_is_refused_untouched(synth_root, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "config.yaml").write_text("my notes: keep\n")
+    (mine / "classes.json").write_text('["mine"]\n')
+    (mine / "checkpoints" / "best.safetensors").write_bytes(b"my own weights")
+    before = snapshot(mine)
+    assert main(["train", *options(synth_root), "--out", str(mine)]) == 2
+    err = one_line_error(capsys)
+    assert err == (f"error: --out {mine} is not empty and is not a transferkit run (it holds checkpoints, "
+                   "classes.json, config.yaml); give a new or empty folder for the run")
+    assert snapshot(mine) == before  # nothing written, not even a marker
+    assert sorted(p.name for p in mine.iterdir()) == ["checkpoints", "classes.json", "config.yaml"]
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "killed-inside-its-second-epoch"])
+def test_out_into_an_existing_run_is_refused_with_the_resume_command(synth_root, finished_run, tmp_path, capsys,
+                                                                    finished):
+    run = copy_of(finished_run, tmp_path)
+    if not finished:  # what a run killed in its second epoch holds: one epoch, one state
+        for name in ("summary.json", "curves.png"):
+            (run / name).unlink()
+        (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        shutil.rmtree(run / "checkpoints" / "states" / "step-00000010")
+    before = snapshot(run)
+    assert main(["train", *options(synth_root), "--out", str(run)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {run} already holds a run; continue it with: transferkit train --resume {run} "
+        "(add --epochs N to extend it), or choose another --out")
+    assert snapshot(run) == before
+
+
+def test_out_into_a_run_killed_before_its_first_state_says_there_is_nothing_to_resume(synth_root, finished_run,
+                                                                                     tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path)
+    for name in ("metrics.jsonl", "summary.json", "curves.png"):  # what a run killed in its first epoch holds
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()
+    before = snapshot(run)
+    assert main(["train", *options(synth_root), "--out", str(run)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {run} already holds a run that stopped before it saved a training state, so there is nothing to "
+        f"resume; choose another --out, or remove {run} to start it again")
+    assert snapshot(run) == before
+
+
+def test_out_naming_an_existing_file_is_one_line(synth_root, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine\n")
+    assert main(["train", *options(synth_root), "--out", str(target)]) == 2
+    assert one_line_error(capsys) == f"error: --out {target} is a file, not a folder; give a new folder for the run"
+    assert target.read_text() == "mine\n"
+
+
+def test_a_run_that_fails_before_it_starts_leaves_nothing(synth_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *options(synth_root, **{"data.root": str(tmp_path / "nowhere")}), "--out", str(run)]) == 2
+    one_line_error(capsys)
+    assert not run.exists()  # so the same command, with the data fixed, starts it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", *options(synth_root, **{"data.root": str(tmp_path / "nowhere")}), "--out", str(empty)]) == 2
+    assert empty.is_dir() and not any(empty.iterdir())  # the user's empty folder stays, empty
+
+
+def test_the_marker_is_written_first_and_files_follow_the_umask(synth_root, tmp_path, monkeypatch):
+    from transferkit.train import runguard
+
+    seen_at_lock = []
+    real_acquire = runguard.RunLock.acquire
+
+    def acquire(self):
+        seen_at_lock.append(sorted(os.listdir(self.run_dir)))
+        return real_acquire(self)
+
+    monkeypatch.setattr(runguard.RunLock, "acquire", acquire)
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        train(load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1})), out=run, quiet=True)
+    finally:
+        os.umask(old)
+    assert seen_at_lock == [[MARKER]]  # the folder's first file, before the lock and the rest
+    marker = run / MARKER
+    assert json.loads(marker.read_text()) == {"format": 1}
+    state = next((run / "checkpoints" / "states").iterdir())
+    for path in (marker, run / ".transferkit-run.lock", state / "config.yaml", state / "state.pt"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert not (run / ".transferkit-run.pid").exists()  # the holder's id goes with the lock
+
+
+# --- one process per run ------------------------------------------------------------------------
+
+def test_two_trainings_into_one_out_started_together_one_runs(synth_root, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "transferkit", "train", *options(synth_root), "--out", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    ended: dict[int, float] = {}
+    while len(ended) < 2:
+        for i, proc in enumerate(procs):
+            if i not in ended and proc.poll() is not None:
+                ended[i] = time.monotonic()
+        time.sleep(0.02)
+    outputs = [proc.communicate() for proc in procs]
+    codes = sorted(proc.returncode for proc in procs)
+    assert codes == [0, 2], outputs
+    winner = next(i for i, p in enumerate(procs) if p.returncode == 0)
+    loser = 1 - winner
+    assert ended[loser] < ended[winner]  # refused at once, not after the other's training
+    last = outputs[loser][1].strip().splitlines()[-1]
+    assert last == (f"error: {run} is in use by process {procs[winner].pid} (a train or resume of this run); "
+                    "wait for it to end or stop it, then try again")
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_a_resume_of_a_run_in_use_is_refused(synth_root, finished_run, tmp_path, capsys):
+    from filelock import FileLock
+
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    with FileLock(str(run / ".transferkit-run.lock")):
+        (run / ".transferkit-run.pid").write_text("4242\n")
+        assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+    assert one_line_error(capsys) == (f"error: {run} is in use by process 4242 (a train or resume of this run); "
+                                      "wait for it to end or stop it, then try again")
+    (run / ".transferkit-run.pid").unlink()
+    assert snapshot(run) == before
+
+
+# --- a resume checks what it resumes -------------------------------------------------------------
+
+def test_a_hand_edited_run_config_is_refused_on_resume(finished_run, tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.01\n", "lr: 0.5\n"))
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("error: the config differs from the run's (optim.lr: 0.01 -> 0.5); "
+                          f"{config} was edited after step-00000010 was saved; ")
+    assert snapshot(run) == before
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--allow-config-change", "optim.lr"]) == 2
+    assert one_line_error(capsys) == "error: --allow-config-change: optim.lr cannot change in a resumed run"
+
+
+def as_unmarked_run(run: Path) -> None:
+    """What a run written before runs were marked holds: no marker, no lock, no config in its states."""
+    for name in (MARKER, ".transferkit-run.lock"):
+        (run / name).unlink()
+    for state in (run / "checkpoints" / "states").iterdir():
+        (state / "config.yaml").unlink()
+        marker = json.loads((state / "COMPLETE").read_text())
+        del marker["files"]["config.yaml"]
+        (state / "COMPLETE").write_text(json.dumps(marker))
+
+
+def test_an_unmarked_run_still_resumes_and_its_config_is_checked(synth_root, finished_run, tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path)
+    as_unmarked_run(run)
+    config = run / "config.yaml"
+    original = config.read_text()
+    config.write_text(original.replace("lr: 0.01\n", "lr: 0.5\n"))
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {config} was changed after the training state step-00000010 was saved (its sha256 is not the one "
+        "recorded then); put back the config the run was trained with, then resume")
+    config.write_text(original)
+    assert main(["train", *options(synth_root), "--out", str(run)]) == 2  # still a run: not overwritten
+    assert "already holds a run" in one_line_error(capsys)
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
+    assert (run / MARKER).is_file()  # marked now
+
+
+def test_an_old_config_with_the_retired_key_still_resumes(finished_run, tmp_path):
+    run = copy_of(finished_run, tmp_path)
+    as_unmarked_run(run)  # an old run's config.yaml holds optim.max_nonfinite_steps
+    config = run / "config.yaml"
+    text = config.read_text().replace("  lr: 0.01\n", "  lr: 0.01\n  max_nonfinite_steps: 5\n")
+    config.write_text(text)
+    for state in (run / "checkpoints" / "states").iterdir():
+        marker = json.loads((state / "COMPLETE").read_text())
+        marker["config_sha256"] = __import__("hashlib").sha256(text.encode()).hexdigest()
+        (state / "COMPLETE").write_text(json.dumps(marker))
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    assert "max_nonfinite_steps" not in config.read_text()
+
+
+# --- non-finite losses ---------------------------------------------------------------------------
+
+def test_a_huge_learning_rate_stops_naming_the_step(synth_root, tmp_path, capsys, monkeypatch):
+    """`-o optim.lr=1e30` is refused when the config is read (test_config_bounds.py); a learning rate
+    that gets past that check (set from Python) still stops the run at its first non-finite loss."""
+    import transferkit.cli as cli
+
+    real_load = cli.load_config
+
+    def huge_lr(*args, **kwargs):
+        cfg = real_load(*args, **kwargs)
+        cfg.optim = cfg.optim.model_copy(update={"lr": 1e30})
+        return cfg
+
+    monkeypatch.setattr(cli, "load_config", huge_lr)
+    run = tmp_path / "run"
+    args = ["train", *options(synth_root, **{"optim.name": "sgd"}), "--out", str(run)]
+    assert main(args) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: {run}: stopped at epoch 1, step 2 (batch 2 of 5): the loss is ")
+    assert "the learning rate is the likely cause (lower optim.lr, now 1e+30)" in err
+    for name in ("best", "last"):
+        path = run / "checkpoints" / f"{name}.safetensors"
+        assert not path.exists() or finite_file(path)
+    assert not list((run / "checkpoints").glob("states/step-*"))
+
+
+def test_nan_in_the_data_stops_and_keeps_the_last_good_state(synth_root, tmp_path, capsys, monkeypatch):
+    real = ImageDataset.__getitem__
+    calls = {"n": 0}
+
+    def poisoned(self, index):
+        image, label = real(self, index)
+        if len(self) == 72:  # the train split (the validation split has 30 images)
+            calls["n"] += 1
+            if calls["n"] == 72 + 20:  # epoch 2, inside batch 2 (batches of 16)
+                image = torch.full_like(image, float("nan"))
+        return image, label
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", poisoned)
+    run = tmp_path / "run"
+    assert main(["train", *options(synth_root), "--out", str(run)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {run}: stopped at epoch 2, step 7 (batch 2 of 5): the loss is NaN; the batch holds NaN or inf "
+        "values: check the data and its transforms; the newest training state is step-00000005, from before it")
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    states = sorted(p.name for p in (run / "checkpoints" / "states").iterdir())
+    assert states == ["step-00000005"]
+    for name in ("best", "last"):
+        assert finite_file(run / "checkpoints" / f"{name}.safetensors")
+    assert finite_file(run / "checkpoints" / "states" / "step-00000005" / "model.safetensors")
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    from transferkit.models.classification import create_classifier
+    from transferkit.train.finite import NonFiniteError
+    from transferkit.train.loop import EpochRecorder
+
+    model, _ = create_classifier("test_efficientnet", 3)
+    (tmp_path / "checkpoints").mkdir()
+    recorder = EpochRecorder(tmp_path, model, {}, lambda *a, **k: None)
+    recorder.record("finetune", 1.0, {"val_loss": 1.0, "val_acc": 0.5}, 0.01, time.perf_counter())
+    assert (tmp_path / "checkpoints" / "best.safetensors").is_file()
+    before = snapshot(tmp_path)
+    with torch.no_grad():
+        model.bn1.running_var[3] = float("inf")  # a buffer too, not only parameters
+    with pytest.raises(NonFiniteError, match=r"the weights after epoch 2: bn1.running_var holds NaN or inf values"):
+        recorder.record("finetune", 1.0, {"val_loss": 0.5, "val_acc": 0.9}, 0.01, time.perf_counter())
+    assert snapshot(tmp_path) == before  # no metrics row, no last, no best
+
+
+# --- a damaged run --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", [b"model: [unclosed\n", b"\xff\xfe\x00garbage", b"- just\n- a list\n"],
+                         ids=["bad-yaml", "not-utf8", "not-a-mapping"])
+def test_predict_on_a_run_with_a_damaged_config_is_one_line(synth_root, finished_run, tmp_path, capsys, damage):
+    run = copy_of(finished_run, tmp_path)
+    (run / "config.yaml").write_bytes(damage)
+    image = next((synth_root / "val" / "circle").iterdir())
+    assert main(["predict", "--run", str(run), str(image)]) == 2
+    assert str(run / "config.yaml") in one_line_error(capsys)
+
+
+def test_a_training_state_with_nonfinite_weights_is_never_saved(synth_root, tmp_path, capsys, monkeypatch):
+    """An update that leaves a weight NaN while the loss it came from was finite: the state due
+    after that step (every 3 steps) is not written, and the run stops naming the tensor."""
+    import transferkit.train.loop as loop_module
+
+    real = loop_module.build_optimisation
+
+    def spoiling(loop):
+        opt = real(loop)
+        calls = {"n": 0}
+
+        def spoil(optimizer, args, kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                with torch.no_grad():
+                    loop.model.conv_stem.weight[0, 0, 0, 0] = float("nan")
+
+        opt.optimizer.register_step_post_hook(spoil)
+        return opt
+
+    monkeypatch.setattr(loop_module, "build_optimisation", spoiling)
+    run = tmp_path / "run"
+    assert main(["train", *options(synth_root, **{"checkpoint.every_steps": 3}), "--out", str(run)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {run}: the training state at step 3: conv_stem.weight holds NaN or inf values, so it was not "
+        "saved; lower optim.lr, or check the data")
+    assert not list((run / "checkpoints" / "states").glob("*"))
+    assert not (run / "metrics.jsonl").exists()
