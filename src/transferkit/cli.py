@@ -21,10 +21,11 @@ from transferkit.data.shards import pack
 from transferkit.data.synthetic import SYNTHETIC
 from transferkit.demo import run_demo
 from transferkit.errors import TransferKitError
+from transferkit.export import FORMATS, export
 from transferkit.fileio import write_json
 from transferkit.models.classification import create_classifier
 from transferkit.patterns import matches
-from transferkit.predict import predict
+from transferkit.predict import predict, predict_exported
 from transferkit.progress import console
 from transferkit.run import evaluate, train
 from transferkit.tasks import task_for
@@ -64,13 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", metavar="FILE", help="detection: write the detections as a COCO results JSON")
 
     p = sub.add_parser("predict", help="classify images, or find objects in them, with a trained run")
-    p.add_argument("--run", required=True, help="run directory written by `transferkit train`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory written by `transferkit train`")
+    source.add_argument("--model", help="an .onnx file written by `transferkit export` (run by onnxruntime)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("--weights", default="best", help="best, last, or a checkpoint path")
     p.add_argument("--json", action="store_true")
     p.add_argument("--score", type=float, default=0.3, help="detection: the lowest score shown")
     p.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR")
+
+    p = sub.add_parser("export", help="write a run's model as ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("--run", required=True, help="run directory written by `transferkit train`")
+    p.add_argument("--weights", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS))
+    p.add_argument("--out", help="file to write (default: RUN_DIR/export/<weights>.onnx or .pt)")
+    p.add_argument("--dynamic-batch", action="store_true", help="classifiers: any batch size (default: 1)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--check-images", type=int, default=4, help="validation images the file is checked on")
 
     p = sub.add_parser("demo", help="fine-tune vs scratch on synthetic data, no data or network needed")
     p.add_argument("--out", default="runs/demo")
@@ -217,13 +229,24 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     options = PredictOptions(topk=args.topk, score=args.score, draw_dir=Path(args.draw) if args.draw else None)
-    results, task = predict(args.run, args.inputs, args.weights, options)
+    if args.model:
+        results, task = predict_exported(args.model, args.inputs, options)
+    else:
+        results, task = predict(args.run, args.inputs, args.weights, options)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
             print(task.describe(r))
     return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_export(args) -> int:
+    if args.check_images < 1:
+        raise TransferKitError("--check-images must be at least 1: an export is always checked")
+    result = export(args.run, args.format, args.out, args.weights, args.dynamic_batch, args.opset, args.check_images)
+    print(result.summary())
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -381,8 +404,8 @@ def cmd_model(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "data": cmd_data,
-            "weights": cmd_weights, "model": cmd_model}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "demo": cmd_demo,
+            "data": cmd_data, "weights": cmd_weights, "model": cmd_model}
 
 
 def main(argv: list[str] | None = None) -> int:
