@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from transferkit import __version__
+from transferkit.compare import ARMS, DEFAULT_ARMS, compare, parse_arms
 from transferkit.config import SCOPE_ALIASES, load_config
 from transferkit.data.check import check_dataset
 from transferkit.data.convert import CONVERTERS
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-batch", action="store_true", help="classifiers: any batch size (default: 1)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--check-images", type=int, default=4, help="validation images the file is checked on")
+
+    p = sub.add_parser("compare", help="the same config and budget trained several ways, side by side")
+    _add_config_args(p, required=True)
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--out", help="parent folder: one run directory per arm, report.json, report.png "
+                   "(default: runs/compare-<config>-<time>)")
 
     p = sub.add_parser("demo", help="fine-tune vs scratch on synthetic data, no data or network needed")
     p.add_argument("--out", default="runs/demo")
@@ -249,6 +256,11 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    compare(args.config, args.override, parse_arms(args.arms), args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     run_demo(args.out, epochs=args.epochs, seed=args.seed, task=args.task)
     return 0
@@ -404,7 +416,8 @@ def cmd_model(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "compare": cmd_compare,
+            "demo": cmd_demo,
             "data": cmd_data, "weights": cmd_weights, "model": cmd_model}
 
 

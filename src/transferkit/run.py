@@ -31,6 +31,12 @@ from transferkit.weights.transfer import TransferReport
 
 @dataclass
 class TrainResult:
+    """What `train` returns: the run directory, one metrics row per epoch, and the best epoch.
+
+        result = transferkit.train(cfg, out="runs/mine")
+        print(f"{result.best_metric} {result.best_value:.3f} at epoch {result.best_epoch}")
+    """
+
     run_dir: Path
     metrics: list[dict]
     best_epoch: int
