@@ -12,12 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from transferkit.config import Config
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
 from transferkit.progress import console, make_progress
 from transferkit.tasks import task_for
-from transferkit.tasks.base import Built
+from transferkit.tasks.base import Built, Task
+from transferkit.train.board import Board
 from transferkit.train.checkpoint import load_weights
 from transferkit.train.device import place_model, seed_everything, select_device
 from transferkit.train.loop import EpochRecorder, Loop, Say, run_finetune
@@ -65,6 +68,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
         freeze_batchnorm(built.model)
     meta = {"model": cfg.model.name, "classes": built.classes, "task": cfg.task}
     recorder = EpochRecorder(run_dir, built.model, meta, say, cfg.best_metric, resumed)
+    board = attach_board(cfg, task, built, recorder, device)
     with make_progress(disable=quiet) as progress:
         if cfg.strategy in ("linear_probe", "lp_ft"):
             run_probe(cfg, built.model, built.data, device, recorder, progress)
@@ -74,7 +78,22 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
                         lambda model, loader: task.evaluate(model, built.data, loader, device),
                         recorder, progress, device)
             run_finetune(loop, resumed)
+    if board is not None:
+        board.close()
     return finish(cfg, recorder, time.perf_counter() - started, quiet)
+
+
+def attach_board(cfg: Config, task: Task, built: Built, recorder: EpochRecorder,
+                 device: torch.device) -> Board | None:
+    """With logging.tensorboard, every epoch the recorder logs also goes to TensorBoard, with the
+    validation images the task draws (detection: predicted boxes)."""
+    if not cfg.logging.tensorboard:
+        return None
+    count = cfg.logging.tensorboard_images
+    draw = (lambda: task.board_images(built.model, built.data, device, count)) if count else None
+    board = Board(recorder.run_dir / "tensorboard", recorder.epoch + 1, draw)
+    recorder.listeners.append(board.record)
+    return board
 
 
 def announce(built: Built, resumed: ResumePoint | None, run_dir: Path, say: Say) -> None:

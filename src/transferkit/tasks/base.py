@@ -11,6 +11,7 @@ which task it is. What differs between tasks lives behind these methods:
     create_model the architecture alone (`model params`, loading a finished run)
     load_run     a finished run's trained model, for predict
     predict      images -> one result per image; `describe` prints a result as one line
+    board_images validation images drawn for TensorBoard (detection: the predicted boxes)
     export_spec, export_inputs, compare_outputs, exported_model
                  leaving the toolkit (export.py): the module to write, real inputs to check it
                  on, how close its outputs must be, and the file's outputs back in the shape
@@ -120,6 +121,8 @@ class Task(Protocol):
     def predict(self, run: TrainedRun, paths: list[Path], options: PredictOptions) -> list[dict]: ...
 
     def describe(self, result: dict) -> str: ...
+
+    def board_images(self, model: nn.Module, data: Any, device: torch.device, count: int) -> list[torch.Tensor]: ...
 
     def export_spec(self, run: TrainedRun, dynamic_batch: bool) -> ExportSpec: ...
 

@@ -176,6 +176,10 @@ class ClassificationTask:
             return f"{result['path']}: error: {result['error']}"
         return f"{result['path']}: " + ", ".join(f"{p['class']} {p['prob']:.3f}" for p in result["predictions"])
 
+    def board_images(self, model: nn.Module, data: ClassificationData, device: torch.device,
+                     count: int) -> list[torch.Tensor]:
+        return []  # a class name per image says nothing the accuracy curve does not
+
     def export_spec(self, run: TrainedRun, dynamic_batch: bool) -> ExportSpec:
         size = run.cfg.data.eval_image_size or run.cfg.data.image_size
         axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else {}

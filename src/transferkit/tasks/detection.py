@@ -198,6 +198,25 @@ def compare_boxes(expected: list[Outputs], got: list[Outputs]) -> Agreement:
     return Agreement("box corners (px)", max(diffs, default=0.0), BOX_TOLERANCE, agreed, len(diffs))
 
 
+@torch.no_grad()
+def draw_validation(model: nn.Module, dataset: DetectionDataset, classes: list[str], offset: int,
+                    device: torch.device, count: int, score: float = 0.3) -> list[torch.Tensor]:
+    """The first `count` validation images, uint8 [3, H, W], with the true boxes in green and the
+    predicted ones scoring `score` or more in red."""
+    model.eval()
+    drawn = []
+    for index in range(min(count, len(dataset))):
+        image, target = dataset[index]
+        out = model([image.to(device)])[0]
+        keep = out["scores"] >= score
+        canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+        canvas = draw_bounding_boxes(canvas, target["boxes"], colors="green")
+        names = [f"{classes[int(c) - offset]} {float(s):.2f}" for c, s in zip(out["labels"][keep], out["scores"][keep],
+                                                                              strict=True)]
+        drawn.append(draw_bounding_boxes(canvas, out["boxes"][keep].cpu(), labels=names, colors="red"))
+    return drawn
+
+
 class DetectionTask:
     name = "detection"
 
@@ -242,6 +261,10 @@ class DetectionTask:
             return f"{result['path']}: error: {result['error']}"
         found = ", ".join(f"{d['class']} {d['score']:.2f} at {d['box']}" for d in result["detections"])
         return f"{result['path']}: {found or 'nothing found'}"
+
+    def board_images(self, model: nn.Module, data: DetectionData, device: torch.device,
+                     count: int) -> list[torch.Tensor]:
+        return draw_validation(model, data.val_set, data.classes, label_offset(self.cfg), device, count)
 
     def export_spec(self, run: TrainedRun, dynamic_batch: bool) -> ExportSpec:
         if dynamic_batch:
