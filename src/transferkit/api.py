@@ -10,13 +10,16 @@ from pathlib import Path
 
 from torch import nn
 
-from transferkit import export as _export
-from transferkit import predict as _predict
-from transferkit import run as _run
 from transferkit.config import Config
 from transferkit.config import load_config as _load_config
+from transferkit.export import ExportResult
+from transferkit.export import export as _export
 from transferkit.models.family import Family
+from transferkit.predict import predict as _predict
+from transferkit.predict import predict_exported
 from transferkit.run import TrainResult
+from transferkit.run import evaluate as _evaluate
+from transferkit.run import train as _train
 from transferkit.tasks import task_for
 from transferkit.tasks.base import PredictOptions, TrainedRun
 from transferkit.train.rundir import run_config
@@ -45,7 +48,7 @@ def train(cfg: Config, out: str | Path | None = None, quiet: bool = False,
         result = transferkit.train(cfg, out="runs/mine")
         print(result.best_metric, result.best_value, result.run_dir)
     """
-    return _run.train(cfg, out=out, quiet=quiet, resume=resume)
+    return _train(cfg, out=out, quiet=quiet, resume=resume)
 
 
 def evaluate(cfg: Config, weights: str | Path | None = None) -> dict:
@@ -54,7 +57,7 @@ def evaluate(cfg: Config, weights: str | Path | None = None) -> dict:
 
         metrics = transferkit.evaluate(cfg, weights="runs/mine/checkpoints/best.safetensors")
     """
-    return _run.evaluate(cfg, weights)[0]
+    return _evaluate(cfg, weights)[0]
 
 
 def predict(run: str | Path, images: Sequence[str | Path], weights: str = "best", topk: int = 1,
@@ -68,8 +71,8 @@ def predict(run: str | Path, images: Sequence[str | Path], weights: str = "best"
     """
     options = PredictOptions(topk=topk, score=score)
     if Path(run).suffix == ".onnx":
-        return _predict.predict_exported(run, list(images), options)[0]
-    return _predict.predict(run, list(images), weights, options)[0]
+        return predict_exported(run, list(images), options)[0]
+    return _predict(run, list(images), weights, options)[0]
 
 
 def transfer(model: nn.Module, source: str | Path, scope: str = "all-but-head", head_patterns: Sequence[str] = (),
@@ -107,7 +110,7 @@ def load_run(run_dir: str | Path, weights: str = "best") -> TrainedRun:
 
 
 def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, weights: str = "best",
-           dynamic_batch: bool = False, opset: int = 17) -> _export.ExportResult:
+           dynamic_batch: bool = False, opset: int = 17) -> ExportResult:
     """Write a run's model as ONNX or TorchScript (default RUN_DIR/export/best.onnx) with its class
     names and preprocessing as metadata, then check the file against PyTorch on validation images;
     a disagreement over tolerance raises TransferKitError.
@@ -115,4 +118,4 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         result = transferkit.export("runs/mine", format="onnx")
         print(result.summary())
     """
-    return _export.export(run_dir, format, out, weights, dynamic_batch, opset)
+    return _export(run_dir, format, out, weights, dynamic_batch, opset)
