@@ -62,3 +62,25 @@ def test_arms_are_checked_before_training(synth_root, tmp_path):
         compare(None, [*tiny_overrides(synth_root), "task=detection"], ["finetune", "linear_probe"],
                 tmp_path / "det", quiet=True)
     assert not (tmp_path / "det" / "finetune").exists()
+
+
+def test_detection_compares_a_pretrained_backbone_with_a_random_one(source_run, tmp_path):
+    from transferkit.data.synthetic import make_synthetic_detection
+
+    root = make_synthetic_detection(tmp_path / "shapes", 6, 3, 96, seed=0)
+    values = {
+        "task": "detection", "model.name": "test_efficientnet", "data.root": str(root), "data.format": "coco",
+        "data.train_ann": str(root / "annotations" / "train.json"), "data.train_images": str(root / "images" / "train"),
+        "data.val_ann": str(root / "annotations" / "val.json"), "data.val_images": str(root / "images" / "val"),
+        "data.batch_size": 3, "detection.arch": "fcos", "detection.min_size": "[96]", "detection.max_size": 96,
+        "detection.fpn_channels": 64, "schedule.epochs": 1,
+        # the classifier run's network restored into the detector's backbone
+        "pretrained.source": str(source_run), "pretrained.scope": "backbone",
+    }
+    report = compare(None, [f"{k}={v}" for k, v in values.items()], ["finetune", "scratch"], tmp_path / "cmp",
+                     quiet=True)
+    assert report["task"] == "detection" and report["metric"] == "val_map"
+    restored = json.loads((tmp_path / "cmp" / "finetune" / "transfer_report.json").read_text())
+    assert restored["counts"]["loaded"] > 0 and restored["scope"] == "backbone"
+    assert not (tmp_path / "cmp" / "scratch" / "transfer_report.json").exists()
+    assert set(report["arms"]) == {"finetune", "scratch"}
