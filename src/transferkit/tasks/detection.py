@@ -198,17 +198,20 @@ def compare_boxes(expected: list[Outputs], got: list[Outputs]) -> Agreement:
     return Agreement("box corners (px)", max(diffs, default=0.0), BOX_TOLERANCE, agreed, len(diffs))
 
 
+BOARD_SCORE = 0.3  # the boxes drawn for TensorBoard: predict's default lowest score
+
+
 @torch.no_grad()
 def draw_validation(model: nn.Module, dataset: DetectionDataset, classes: list[str], offset: int,
-                    device: torch.device, count: int, score: float = 0.3) -> list[torch.Tensor]:
+                    device: torch.device, count: int) -> list[torch.Tensor]:
     """The first `count` validation images, uint8 [3, H, W], with the true boxes in green and the
-    predicted ones scoring `score` or more in red."""
+    predicted ones scoring BOARD_SCORE or more in red."""
     model.eval()
     drawn = []
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
         out = model([image.to(device)])[0]
-        keep = out["scores"] >= score
+        keep = out["scores"] >= BOARD_SCORE
         canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
         canvas = draw_bounding_boxes(canvas, target["boxes"], colors="green")
         names = [f"{classes[int(c) - offset]} {float(s):.2f}" for c, s in zip(out["labels"][keep], out["scores"][keep],
