@@ -72,3 +72,14 @@ def test_tags_from_a_row():
                             "val_ap_per_class/dog": 0.0, "lr": 0.1}
     assert lr_tags([("head", 0.1), ("base", 0.01), ("base", 0.001)]) == {
         "lr/head": 0.1, "lr/base#1": 0.01, "lr/base#2": 0.001}
+
+
+def test_missing_tensorboard_is_named_in_one_line(synth_root, tmp_path, monkeypatch):
+    import sys
+
+    from transferkit.errors import TransferKitError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the extra were not installed
+    overrides = tiny_overrides(synth_root, **{"schedule.epochs": 1, "logging.tensorboard": "true"})
+    with pytest.raises(TransferKitError, match=r"pip install 'transferkit\[tensorboard\]'"):
+        train(load_config(None, overrides), out=tmp_path / "run", quiet=True)

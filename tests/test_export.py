@@ -148,3 +148,13 @@ def test_missing_and_wrong_files_are_one_line_errors(classifier_run, tmp_path, c
     assert "give an .onnx file" in capsys.readouterr().err
     assert main(["export", "--run", str(tmp_path), "--format", "onnx"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_missing_onnx_packages_are_named_in_one_line(classifier_run, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the `export` extra were not installed
+    assert main(["export", "--run", str(classifier_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: ONNX needs onnx and onnxruntime: pip install 'transferkit[export]'"
+    assert not (tmp_path / "m.onnx").exists()
