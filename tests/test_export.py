@@ -9,7 +9,7 @@ import json
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import HYMENOPTERA, needs_shared, tiny_overrides
 from PIL import Image
 
 from transferkit.cli import main
@@ -158,3 +158,22 @@ def test_missing_onnx_packages_are_named_in_one_line(classifier_run, tmp_path, m
     err = capsys.readouterr().err
     assert err.strip() == "error: ONNX needs onnx and onnxruntime: pip install 'transferkit[export]'"
     assert not (tmp_path / "m.onnx").exists()
+
+
+@needs_shared
+def test_real_photos_export_and_predict_as_the_run(tmp_path, capsys):
+    """Ants vs bees photos of every size: a one-epoch tiny classifier, exported, predicts all 70
+    validation ants as the run does."""
+    overrides = tiny_overrides(HYMENOPTERA, **{"schedule.epochs": 1, "data.eval_image_size": "null"})
+    train(load_config(None, overrides), out=tmp_path / "run", quiet=True)
+    result = export(tmp_path / "run", "onnx", tmp_path / "hym.onnx", check_images=8)
+    assert result.agreement.ok and result.agreement.inputs == 8
+    ants = str(HYMENOPTERA / "val" / "ants")
+    assert main(["predict", "--run", str(tmp_path / "run"), ants, "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--model", str(tmp_path / "hym.onnx"), ants, "--json"]) == 0
+    from_onnx = json.loads(capsys.readouterr().out)
+    assert len(from_run) == 70
+    assert [r["predictions"][0]["class"] for r in from_onnx] == [r["predictions"][0]["class"] for r in from_run]
+    assert [r["predictions"][0]["prob"] for r in from_onnx] == pytest.approx(
+        [r["predictions"][0]["prob"] for r in from_run], abs=1e-5)
