@@ -18,13 +18,14 @@ from detection_fixtures import (
     voc_objects,
 )
 
+from transferkit.checksums import masked_crc32c
 from transferkit.cli import main
 from transferkit.config import load_config
 from transferkit.data.check import check_dataset
 from transferkit.data.convert.voc import convert_voc
-from transferkit.data.tfrecord import masked_crc, scan_records
+from transferkit.data.tfrecord import scan_records
 from transferkit.errors import TransferKitError
-from transferkit.train.loop import train
+from transferkit.run import train
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_the_crc_is_castagnoli_and_masked_as_tensorflow_does():
 
     assert crc32c.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     crc = 0xE3069283
-    assert masked_crc(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    assert masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def test_labelimg_csv_and_tfrecord_convert_to_the_coco_of_their_voc_source(year, tmp_path):
@@ -187,7 +188,7 @@ def test_damaged_tfrecords_are_named_by_record(year, tmp_path):
     with pytest.raises(TransferKitError, match=r"record 5 .*declares \d+ bytes, but 84 are left"):
         list(scan_records(tmp_path / "cut.tfrecord"))
     huge = struct.pack("<Q", 1 << 40)  # a length that would exhaust memory, with a valid CRC
-    (tmp_path / "huge.tfrecord").write_bytes(huge + struct.pack("<I", masked_crc(huge)) + b"\0" * 64)
+    (tmp_path / "huge.tfrecord").write_bytes(huge + struct.pack("<I", masked_crc32c(huge)) + b"\0" * 64)
     with pytest.raises(TransferKitError, match=r"record 0 \(byte 0\): declares 1099511627776 bytes"):
         list(scan_records(tmp_path / "huge.tfrecord"))
     damaged = bytearray(good)

@@ -84,7 +84,8 @@ def test_a_coco_detector_by_name_starts_pedestrian_from_person(server, monkeypat
     """SSDlite from the (mirrored) zoo: downloaded once, restored but for the class rows, and the new
     `pedestrian` rows start from COCO's `person` rows, its background rows carried."""
     from torchvision.models.detection import ssdlite320_mobilenet_v3_large
-    from transferkit.train.detection import build_detector
+
+    from transferkit.tasks.detection import build_detector
 
     base, handler = server
     _, file = ZOO["ssdlite320_mobilenet_v3_large"]

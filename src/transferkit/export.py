@@ -20,7 +20,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import yaml
 
 from transferkit.config import validate
 from transferkit.errors import TransferKitError
@@ -29,6 +28,7 @@ from transferkit.preprocessing import Preprocessing
 from transferkit.tasks import task_for
 from transferkit.tasks.base import Agreement, ExportSpec, RunExported, Task, TrainedRun
 from transferkit.train.rundir import run_config
+from transferkit.yamlsafe import load_yaml
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 META_FILE = "transferkit.json"  # TorchScript keeps the metadata as one JSON file among its _extra_files
@@ -188,7 +188,7 @@ def load_exported(path: str | Path) -> tuple[Task, TrainedRun]:
     if missing:
         raise TransferKitError(f"{path} lacks transferkit metadata ({', '.join(missing)}); write it with "
                                "`transferkit export`")
-    cfg = validate(yaml.safe_load(meta["config"]), f"{path} (its config metadata)")
+    cfg = validate(load_yaml(meta["config"]), f"{path} (its config metadata)")  # bounded: the file may be anyone's
     task = task_for(cfg)
     shape: Sequence = session.get_inputs()[0].shape
     model = task.exported_model(onnx_runner(session), [d if isinstance(d, int) else None for d in shape])

@@ -1,4 +1,9 @@
-"""Atomic writes: a crash never leaves a half-written file behind."""
+"""Atomic writes: a crash never leaves a half-written file behind.
+
+Files are made with mkstemp (mode 0600, so no other process can open the half-written file) and
+given the mode a plain `open()` would have (0666 less the umask) just before they are renamed into
+place, so a run or dataset can be read by whoever the user's umask lets read it.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +25,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process umask: from /proc where Linux shows it, else by setting it and straight back
+    (which briefly changes it for other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

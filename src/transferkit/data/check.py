@@ -14,12 +14,10 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from transferkit.data.coco import guess_image_folder, read_coco
 from transferkit.data.convert import CONVERTERS
 from transferkit.data.convert.tfrecord import read_tfrecord_dataset
-from transferkit.data.images import BadImage, image_files, load_rgb
+from transferkit.data.images import BadImage, image_files, load_rgb, open_image
 from transferkit.data.lists import read_labelled_list
 from transferkit.data.shards import read_index, sample_bytes
 from transferkit.data.tfrecord import read_record_image
@@ -109,7 +107,7 @@ def detect_format(path: Path) -> str:
         return "yolo"
     if (path / "gtFine").is_dir():
         return "cityscapes"
-    if any(path.glob("*.json")):
+    if any(not p.name.startswith(".") for p in path.glob("*.json")):  # hidden: the toolkit's output manifest
         return "labelme"
     if next(path.rglob("*.xml"), None) is not None:  # VOC XMLs as annotation tools write them
         return "voc"
@@ -142,7 +140,7 @@ def check_images(report: CheckReport, paths: list[Path], decode: bool = True) ->
         if not decode:
             continue
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 mode = im.mode
             load_rgb(path)
         except (BadImage, OSError, SyntaxError, ValueError) as exc:
@@ -196,7 +194,7 @@ def check_coco_like(report: CheckReport, images: list[dict], box_classes: list[s
     for img in images:
         path = image_root / img["file_name"]
         if decode and path not in bad and img.get("width"):
-            with Image.open(path) as im:
+            with open_image(path) as im:  # decoded once already: a bad image is in `bad`
                 size = im.size
             if size != (img["width"], img["height"]):
                 report.add("size mismatch", str(path), f"the file is {size[0]}x{size[1]}, the annotations say "

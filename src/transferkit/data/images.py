@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -15,6 +17,21 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 class BadImage(Exception):
     """A file that cannot be decoded; the message says why."""
+
+
+@contextmanager
+def open_image(source: str | Path | IO[bytes]) -> Iterator[Image.Image]:
+    """Image.open with PIL's pixel limit as the file's own error: an image over Image.MAX_IMAGE_PIXELS
+    (PIL warns) or twice that (PIL raises) is a BadImage saying so, like any other undecodable file;
+    every other PIL warning (odd EXIF and the like) is silenced. Header only: call .load() to decode."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                yield im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"too many pixels to decode safely: {str(exc).split(',')[0]}") from None
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -46,20 +63,16 @@ def load_rgb(source: str | Path | IO[bytes], draft: int | None = None) -> Image.
     With `draft`, a JPEG whose shorter side is at least twice `draft` is decoded at 1/2, 1/4 or 1/8
     scale (the DCT does the reduction, several times faster) keeping the shorter side >= `draft`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns about odd EXIF; we only care whether it decodes
-            with Image.open(source) as im:
-                if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
-                    w, h = im.size
-                    short = min(w, h)
-                    im.draft("RGB", (math.ceil(w * draft / short), math.ceil(h * draft / short)))
-                im.load()
-                upright = ImageOps.exif_transpose(im)
-                return to_rgb(upright if upright is not None else im)
+        with open_image(source) as im:
+            if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
+                w, h = im.size
+                short = min(w, h)
+                im.draft("RGB", (math.ceil(w * draft / short), math.ceil(h * draft / short)))
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            return to_rgb(upright if upright is not None else im)
     except FileNotFoundError:
         raise BadImage("file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
         raise BadImage(str(exc) or type(exc).__name__) from None
 

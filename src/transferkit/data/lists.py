@@ -13,6 +13,7 @@ from pathlib import Path
 from transferkit.data.images import BadImage, image_files, load_rgb
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_text
+from transferkit.outputs import OutputFolder, output_folder
 from transferkit.progress import track
 
 SPLITS = ("train", "val", "test")
@@ -53,8 +54,12 @@ def seeded_val_ids(ids: list[int], fraction: float, seed: int) -> set[int]:
 
 
 def make_lists(root: str | Path, prefix: str | Path, fractions=(0.8, 0.1, 0.1), seed: int = 0,
-               stratify: bool = False, check: bool = True) -> ListResult:
+               stratify: bool = False, check: bool = True, force: bool = False) -> ListResult:
+    """PREFIX_{train,val,test}.lst and PREFIX_classes.txt; list files there that transferkit did not
+    write are not replaced unless `force` (outputs.py)."""
     root = Path(root)
+    outputs = [Path(f"{prefix}_{split}.lst") for split in SPLITS] + [Path(f"{prefix}_classes.txt")]
+    OutputFolder(Path(prefix).parent, force).claim(outputs)  # before the (slow) decoding pass
     if not root.is_dir():
         raise TransferKitError(f"not a folder: {root} (give a folder with one sub-folder per class)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -82,13 +87,17 @@ def make_lists(root: str | Path, prefix: str | Path, fractions=(0.8, 0.1, 0.1), 
         for split, part in zip(SPLITS, _cut(group, fractions), strict=True):
             splits[split] += part
     result = ListResult(classes, splits, unreadable)
-    for split, part in splits.items():
-        if stratify:
-            rng.shuffle(part)
-        path = Path(f"{prefix}_{split}.lst")
-        write_text(path, "".join(f"{i}\t{label}\t{rel}\n" for i, (label, rel) in enumerate(part)))
-        result.files[split] = path
-    write_text(Path(f"{prefix}_classes.txt"), "".join(c + "\n" for c in classes))
+    with output_folder(Path(prefix).parent, force) as folder:
+        folder.claim(outputs)  # again: the decoding pass may have taken a while
+        for split, part in splits.items():
+            if stratify:
+                rng.shuffle(part)
+            path = Path(f"{prefix}_{split}.lst")
+            write_text(path, "".join(f"{i}\t{label}\t{rel}\n" for i, (label, rel) in enumerate(part)))
+            folder.wrote(path)
+            result.files[split] = path
+        write_text(outputs[-1], "".join(c + "\n" for c in classes))
+        folder.wrote(outputs[-1])
     return result
 
 
@@ -96,6 +105,8 @@ def read_classes(path: str | Path) -> list[str]:
     """A classes file: one name a line (blank lines and # comments ignored)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise TransferKitError(f"classes file {path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as exc:
         raise TransferKitError(f"cannot read classes file {path}: {exc.strerror}") from None
     names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
@@ -124,6 +135,8 @@ def read_list(path: str | Path, root: str | Path, num_classes: int | None = None
     path, root = Path(path), Path(root)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise TransferKitError(f"list file {path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as exc:
         raise TransferKitError(f"cannot read list file {path}: {exc.strerror}") from None
     out = []
@@ -134,9 +147,9 @@ def read_list(path: str | Path, root: str | Path, num_classes: int | None = None
         try:
             label = int(float(parts[1]))
             rel = parts[-1].strip()
-            if len(parts) < 3 or not rel:
+            if len(parts) < 3 or not rel or "\0" in rel:
                 raise ValueError
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, OverflowError):  # OverflowError: a label of inf
             raise TransferKitError(f"{path}:{n}: expected `index<TAB>label<TAB>path`, got {line[:60]!r}") from None
         target = (root / rel).resolve()
         if not target.is_relative_to(root.resolve()):

@@ -22,10 +22,11 @@ from PIL import Image
 
 from transferkit.data.coco import read_coco
 from transferkit.data.folders import list_classes
-from transferkit.data.images import BadImage, image_files, load_rgb, shrink_shorter_side
+from transferkit.data.images import BadImage, image_files, load_rgb, open_image, shrink_shorter_side
 from transferkit.data.lists import read_labelled_list
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, one_line
 from transferkit.fileio import write_json
+from transferkit.outputs import OutputFolder, output_folder
 from transferkit.progress import track
 
 INDEX = "index.json"
@@ -47,6 +48,9 @@ class ShardSample:
 
 def sample_bytes(sample: ShardSample) -> bytes:
     with open(sample.shard, "rb") as fh:  # a handle per read: safe in forked DataLoader workers
+        available = os.fstat(fh.fileno()).st_size - sample.offset
+        if sample.size > available:  # checked first: a read allocates the size it is asked for
+            raise BadImage(f"shard ends early ({max(available, 0)} of {sample.size} bytes)")
         fh.seek(sample.offset)
         data = fh.read(sample.size)
     if len(data) != sample.size:
@@ -70,7 +74,7 @@ class PackResult:
 
 def _upright_size(path: Path) -> tuple[int, int]:
     """The size after the EXIF orientation is applied, as load_rgb returns it, read from the header."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         w, h = im.size
         orientation = im.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
@@ -90,8 +94,8 @@ def _encode(path: Path, resize: int | None, quality: int) -> tuple[bytes, str, t
 class _ShardWriter:
     """Shards of about `shard_bytes` each, written as NAME.part and renamed when complete."""
 
-    def __init__(self, out: Path, shard_bytes: int):
-        self.out, self.shard_bytes = out, shard_bytes
+    def __init__(self, out: Path, shard_bytes: int, on_close=None):
+        self.out, self.shard_bytes, self.on_close = out, shard_bytes, on_close
         self.files: list[dict] = []
         self.tar: tarfile.TarFile | None = None
 
@@ -120,6 +124,8 @@ class _ShardWriter:
             name = self.files[-1]["file"]
             os.replace(self.out / f"{name}.part", self.out / name)
             self.tar = None
+            if self.on_close:
+                self.on_close(self.out / name)
 
 
 def _samples_of(source: Path, root: Path | None, images: Path | None) -> tuple[str, list[str], list[dict]]:
@@ -145,18 +151,28 @@ def _samples_of(source: Path, root: Path | None, images: Path | None) -> tuple[s
 
 
 def pack(source: str | Path, out: str | Path, resize: int | None = None, quality: int = 90,
-         shard_mb: float = 256.0, root: str | Path | None = None, images: str | Path | None = None) -> PackResult:
+         shard_mb: float = 256.0, root: str | Path | None = None, images: str | Path | None = None,
+         force: bool = False) -> PackResult:
+    """Shards and index.json into `out`. An existing pack there, or shard files transferkit did not
+    write, are not replaced unless `force` (outputs.py)."""
     source, out = Path(source), Path(out)
     if not 1 <= quality <= 100:
         raise TransferKitError(f"--quality {quality} must be 1..100")
     if resize is not None and resize < 8:
         raise TransferKitError(f"--resize {resize} is too small (the shorter side in pixels)")
     task, classes, items = _samples_of(source, Path(root) if root else None, Path(images) if images else None)
-    if (out / INDEX).exists():
-        raise TransferKitError(f"{out} already holds a pack; choose another --out or remove it")
+    if (out / INDEX).exists() and not force:
+        raise TransferKitError(f"{out} already holds a pack; choose another --out, or add --force to replace it")
+    with output_folder(out, force) as folder:
+        folder.claim([out / INDEX, *sorted(out.glob("shard-*.tar"))])
+        return _pack_into(folder, source, out, task, classes, items, resize, quality, shard_mb)
+
+
+def _pack_into(folder: OutputFolder, source: Path, out: Path, task: str, classes: list[str], items: list[dict],
+               resize: int | None, quality: int, shard_mb: float) -> PackResult:
     start = time.perf_counter()
     result = PackResult(out)
-    writer = _ShardWriter(out, int(shard_mb * 1024 * 1024))
+    writer = _ShardWriter(out, int(shard_mb * 1024 * 1024), on_close=folder.wrote)
     records = []
     for n, item in enumerate(track(items, f"packing {source.name}")):
         try:
@@ -180,8 +196,12 @@ def pack(source: str | Path, out: str | Path, resize: int | None = None, quality
     writer.close()
     if not records:
         raise TransferKitError(f"nothing to pack from {source}: no image could be read")
+    for stale in folder.stale(out, "shard-*.tar", {out / f["file"] for f in writer.files}):
+        stale.unlink()  # ours, from a larger pack this one replaces
+        folder.forget(stale)
     write_json(out / INDEX, {"format": INDEX_FORMAT, "task": task, "classes": classes, "resize": resize,
                              "shards": writer.files, "samples": records})
+    folder.wrote(out / INDEX)
     result.samples, result.shards, result.seconds = len(records), len(writer.files), time.perf_counter() - start
     return result
 
@@ -214,8 +234,13 @@ def read_index(folder: str | Path) -> ShardIndex:
         for f in files:
             if Path(f.name) != Path(f.relative_to(folder)) or not f.is_file():
                 raise TransferKitError(f"{path}: shard {f.name} is missing; pack again")
-        samples = [ShardSample(files[r["shard"]], int(r["offset"]), int(r["size"]), str(r["key"]))
-                   for r in data["samples"]]
+        samples = []
+        for r in data["samples"]:
+            shard, offset, size = int(r["shard"]), int(r["offset"]), int(r["size"])
+            if not (0 <= shard < len(files) and offset >= 0 and size >= 0):  # a negative shard would index from the end
+                raise ValueError(f"sample {str(r.get('key'))[:40]!r} names no place in a shard")
+            samples.append(ShardSample(files[shard], offset, size, str(r["key"])))
         return ShardIndex(folder, data["task"], [str(c) for c in data["classes"]], samples, data["samples"])
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise TransferKitError(f"{path}: damaged index ({type(exc).__name__}: {exc}); pack again") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:
+        raise TransferKitError(f"{path}: damaged index ({type(exc).__name__}: {one_line(exc)}); pack again") from None
+

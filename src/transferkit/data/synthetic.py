@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from transferkit.fileio import atomic_write, write_json
+from transferkit.outputs import OutputFolder, output_folder
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 
@@ -90,17 +91,25 @@ def make_synthetic_classification(
     size: int = 96,
     classes: tuple[str, ...] = SHAPES,
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
-    """Write out/train/<class>/*.png and out/val/<class>/*.png; the same seed gives the same files."""
+    """Write out/train/<class>/*.png and out/val/<class>/*.png; the same seed gives the same files.
+    Files there that transferkit did not write are not replaced unless `force` (outputs.py)."""
     out = Path(out)
-    for split, count, offset in (("train", train_per_class, 0), ("val", val_per_class, 1)):
-        for ci, name in enumerate(classes):
-            folder = out / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            rng = np.random.default_rng([seed, offset, ci])
-            for i in range(count):
-                im = draw_sample(rng, name, size)
-                atomic_write(folder / f"{name}_{i:04d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
+    plan = [("train", train_per_class, 0), ("val", val_per_class, 1)]
+    with output_folder(out, force) as written:
+        written.claim([out / split / name / f"{name}_{i:04d}.png" for split, count, _ in plan for name in classes
+                       for i in range(count)])
+        for split, count, offset in plan:
+            for ci, name in enumerate(classes):
+                folder = out / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                rng = np.random.default_rng([seed, offset, ci])
+                for i in range(count):
+                    im = draw_sample(rng, name, size)
+                    path = folder / f"{name}_{i:04d}.png"
+                    atomic_write(path, lambda tmp, im=im: im.save(tmp, format="PNG"))
+                    written.wrote(path)
     return out
 
 
@@ -111,53 +120,65 @@ def make_synthetic_detection(
     size: int = 128,
     classes: tuple[str, ...] = ("circle", "square", "triangle"),
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
     """Write out/images/{train,val}/*.png and out/annotations/{train,val}.json (COCO, with polygon
     segmentations): 1-3 filled shapes per image at random places and sizes on cluttered backgrounds,
-    some images empty."""
+    some images empty. Files there that transferkit did not write are not replaced unless `force`."""
     out = Path(out)
-    for split, count, offset in (("train", train_images, 0), ("val", val_images, 1)):
-        rng = np.random.default_rng([seed, offset, 7])
-        folder = out / "images" / split
-        folder.mkdir(parents=True, exist_ok=True)
-        images, anns = [], []
-        for i in range(count):
-            im = _background(rng, size)
-            draw = ImageDraw.Draw(im)
-            n = 0 if i % 10 == 9 else int(rng.integers(1, 4))  # every tenth image has no objects
-            for _ in range(n):
-                ci = int(rng.integers(len(classes)))
-                r = rng.uniform(0.1, 0.2) * size
-                cx, cy = rng.uniform(r, size - r, 2)
-                colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
-                if classes[ci] == "circle":
-                    pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 33)]
-                else:
-                    pts = _polygon(classes[ci], cx, cy, r, rng.uniform(0, 2 * math.pi))
-                draw.polygon(pts, fill=colour, outline=(0, 0, 0))
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
-                w, h = min(float(size), max(xs)) - x0, min(float(size), max(ys)) - y0
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ci + 1,
-                             "bbox": [round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)],
-                             "area": round(w * h, 2), "iscrowd": 0,
-                             "segmentation": [[round(v, 2) for pt in pts for v in pt]]})
-            name = f"{split}_{i:04d}.png"
-            atomic_write(folder / name, lambda tmp, im=im: im.save(tmp, format="PNG"))
-            images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-        write_json(out / "annotations" / f"{split}.json", {
-            "images": images, "annotations": anns,
-            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]})
+    plan = [("train", train_images, 0), ("val", val_images, 1)]
+    with output_folder(out, force) as written:
+        written.claim([out / "images" / split / f"{split}_{i:04d}.png" for split, count, _ in plan
+                       for i in range(count)] + [out / "annotations" / f"{split}.json" for split, _, _ in plan])
+        for split, count, offset in plan:
+            _detection_split(out, split, count, offset, size, classes, seed, written)
     return out
 
 
+def _detection_split(out: Path, split: str, count: int, offset: int, size: int, classes: tuple[str, ...],
+                     seed: int, written: OutputFolder) -> None:
+    rng = np.random.default_rng([seed, offset, 7])
+    folder = out / "images" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(count):
+        im = _background(rng, size)
+        draw = ImageDraw.Draw(im)
+        n = 0 if i % 10 == 9 else int(rng.integers(1, 4))  # every tenth image has no objects
+        for _ in range(n):
+            ci = int(rng.integers(len(classes)))
+            r = rng.uniform(0.1, 0.2) * size
+            cx, cy = rng.uniform(r, size - r, 2)
+            colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
+            if classes[ci] == "circle":
+                pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 33)]
+            else:
+                pts = _polygon(classes[ci], cx, cy, r, rng.uniform(0, 2 * math.pi))
+            draw.polygon(pts, fill=colour, outline=(0, 0, 0))
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
+            w, h = min(float(size), max(xs)) - x0, min(float(size), max(ys)) - y0
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ci + 1,
+                         "bbox": [round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)],
+                         "area": round(w * h, 2), "iscrowd": 0,
+                         "segmentation": [[round(v, 2) for pt in pts for v in pt]]})
+        name = f"{split}_{i:04d}.png"
+        atomic_write(folder / name, lambda tmp, im=im: im.save(tmp, format="PNG"))
+        written.wrote(folder / name)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+    write_json(out / "annotations" / f"{split}.json", {
+        "images": images, "annotations": anns,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]})
+    written.wrote(out / "annotations" / f"{split}.json")
+
+
 def _detection_per_class(out: str | Path, train_per_class: int, val_per_class: int, size: int = 128,
-                         seed: int = 0) -> Path:
+                         seed: int = 0, force: bool = False) -> Path:
     """make_synthetic_detection by per-class counts: three shape classes, so three times the images."""
-    return make_synthetic_detection(out, 3 * train_per_class, 3 * val_per_class, size, seed=seed)
+    return make_synthetic_detection(out, 3 * train_per_class, 3 * val_per_class, size, seed=seed, force=force)
 
 
-# task -> (writer: (out, train_per_class, val_per_class, size, seed=) -> root, the folders it writes)
+# task -> (writer: (out, train_per_class, val_per_class, size, seed=, force=) -> root, the folders it writes)
 SYNTHETIC = {
     "classification": (make_synthetic_classification, ("train", "val")),
     "detection": (_detection_per_class, ("images", "annotations")),

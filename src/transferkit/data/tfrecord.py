@@ -21,22 +21,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import crc32c
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from transferkit.checksums import masked_crc32c
 from transferkit.data.images import BadImage, load_rgb
 from transferkit.errors import TransferKitError
 
 # One record holds one encoded image and its boxes: far below this. A larger declared length is damage.
 MAX_RECORD_BYTES = 1 << 30
-_MASK_DELTA = 0xA282EAD8
-
-
-def masked_crc(data: bytes) -> int:
-    """TFRecord's masked CRC-32C (rotate right by 15, add a constant), as record_writer.cc computes it."""
-    crc = crc32c.crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
 @lru_cache(maxsize=1)
@@ -168,7 +161,7 @@ def scan_records(path: Path):
                 raise TransferKitError(f"{where}: the file ends inside the record's header; it is truncated, "
                                        "write it again")
             (length,) = struct.unpack("<Q", header[:8])
-            if struct.unpack("<I", header[8:])[0] != masked_crc(header[:8]):
+            if struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
                 raise TransferKitError(f"{where}: damaged length (CRC mismatch); the file is damaged from here on")
             if length > MAX_RECORD_BYTES or pos + 16 + length > size:
                 raise TransferKitError(f"{where}: declares {length} bytes, but {size - pos - 16} are left in the "
@@ -177,7 +170,7 @@ def scan_records(path: Path):
             footer = fh.read(4)
             if len(data) != length or len(footer) != 4:
                 raise TransferKitError(f"{where}: the file ends inside the record; it is truncated")
-            if struct.unpack("<I", footer)[0] != masked_crc(data):
+            if struct.unpack("<I", footer)[0] != masked_crc32c(data):
                 raise TransferKitError(f"{where}: damaged data (CRC mismatch); write the file again")
             yield n, pos + 12, data
             pos += 16 + length
@@ -192,7 +185,7 @@ def read_record(sample: RecordSample) -> bytes:
         footer = fh.read(4)
     if len(data) != sample.length or len(footer) != 4:
         raise BadImage("the TFRecord file ends early; was it changed since it was read?")
-    if struct.unpack("<I", footer)[0] != masked_crc(data):
+    if struct.unpack("<I", footer)[0] != masked_crc32c(data):
         raise BadImage("damaged record (CRC mismatch)")
     return data
 

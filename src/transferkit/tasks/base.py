@@ -68,6 +68,7 @@ class PredictOptions:
     topk: int = 1  # classification: the classes shown per image
     score: float = 0.3  # detection: the lowest score shown
     draw_dir: Path | None = None  # detection: where the images with their boxes are written
+    force: bool = False  # detection: replace files in draw_dir that transferkit did not write
 
 
 @dataclass

@@ -26,6 +26,7 @@ from transferkit.models.detection import WITH_BACKGROUND, create_detector, zoo_s
 from transferkit.models.family import Family
 from transferkit.models.heads import init_detector_head_from_classes
 from transferkit.models.init import apply_init_rules
+from transferkit.outputs import OutputFolder
 from transferkit.tasks.base import (
     Agreement,
     Built,
@@ -39,8 +40,8 @@ from transferkit.tasks.base import (
 from transferkit.train.checkpoint import load_weights
 from transferkit.train.detection_metrics import evaluate_detection
 from transferkit.train.rundir import checkpoint_path
+from transferkit.weights import zoo
 from transferkit.weights.transfer import TransferReport, restore_pretrained
-from transferkit.weights.zoo import torchvision_weights
 
 
 @dataclass
@@ -81,7 +82,7 @@ def source_classes(cfg: Config) -> list[str]:
     if cfg.pretrained.head_init.source_classes:
         return cfg.pretrained.head_init.source_classes
     if str(cfg.pretrained.source).startswith("torchvision:"):  # the zoo's own class names (COCO)
-        categories = torchvision_weights(str(cfg.pretrained.source).removeprefix("torchvision:")).categories
+        categories = zoo.torchvision_weights(str(cfg.pretrained.source).removeprefix("torchvision:")).categories
         if categories:
             return zoo_source_classes(cfg.detection.kind, categories)
     listed = Path(str(cfg.pretrained.source)) / "classes.json"
@@ -124,9 +125,14 @@ def detection_loss(device: torch.device) -> LossFn:
 
 @torch.no_grad()
 def predict_boxes(model: nn.Module, classes: list[str], offset: int, paths: list[Path], score: float = 0.3,
-                  draw_dir: str | Path | None = None) -> list[dict]:
+                  draw_dir: str | Path | None = None, force: bool = False) -> list[dict]:
     """Boxes [x0, y0, x1, y1] in image pixels with class and score, per image; with `draw_dir`, each
-    image with its boxes drawn, as DIR/<name>.png."""
+    image with its boxes drawn, as DIR/<name>.png (files there that transferkit did not write are
+    not replaced unless `force`: DIR may be the folder holding the input images)."""
+    drawn_files = None
+    if draw_dir is not None:
+        drawn_files = OutputFolder(draw_dir, force)
+        drawn_files.claim([Path(draw_dir) / f"{path.stem}.png" for path in paths])
     results = []
     for path in paths:
         try:
@@ -148,8 +154,11 @@ def predict_boxes(model: nn.Module, classes: list[str], offset: int, paths: list
             drawn = draw_bounding_boxes(canvas, boxes, labels=names, colors="red", width=max(2, min(im.size) // 200))
             target = Path(draw_dir) / f"{path.stem}.png"
             atomic_write(target, lambda tmp, d=drawn: Image.fromarray(d.permute(1, 2, 0).numpy()).save(tmp, "PNG"))
+            drawn_files.wrote(target)
             entry["drawn"] = str(target)
         results.append(entry)
+    if drawn_files is not None and drawn_files.dirty:
+        drawn_files.save()
     return results
 
 
@@ -257,7 +266,8 @@ class DetectionTask:
         return TrainedRun(model, classes, self.cfg, family.preprocessing)
 
     def predict(self, run: TrainedRun, paths: list[Path], options: PredictOptions) -> list[dict]:
-        return predict_boxes(run.model, run.classes, label_offset(run.cfg), paths, options.score, options.draw_dir)
+        return predict_boxes(run.model, run.classes, label_offset(run.cfg), paths, options.score, options.draw_dir,
+                             options.force)
 
     def describe(self, result: dict) -> str:
         if "error" in result:

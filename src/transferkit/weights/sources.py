@@ -1,7 +1,7 @@
 """Resolve a weights source to a local file.
 
 Forms:
-  PATH                  a local weights file, or an archive (.tar, .tar.gz, .tgz, .zip) holding one
+  PATH                  a local weights file, or an archive (tar, tar.gz/bz2/xz, .zip) holding one
   PATH_OR_URL#MEMBER    one file inside an archive
   https://...           downloaded once into the cache (resumable, atomic, sha256-checked)
   package:NAME          an installed Python package that ships exactly one weights file
@@ -18,18 +18,16 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path, PurePosixPath
 
 from transferkit.errors import TransferKitError
-from transferkit.weights.zoo import torchvision_weights
+from transferkit.weights import archives, zoo
+from transferkit.weights.formats.tf_checkpoint import checkpoint_index
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".npz")
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
 def cache_dir() -> Path:
@@ -118,58 +116,14 @@ def download(url: str, sha256: str | None = None, dest_dir: Path | None = None,
     return dest
 
 
-def _safe_member(root: Path, name: str) -> Path:
-    target = (root / name).resolve()
-    if not target.is_relative_to(root.resolve()):
-        raise TransferKitError(f"archive member {name!r} points outside the archive; refusing to unpack it")
-    return target
-
-
 def unpack(archive: Path, dest_root: Path | None = None) -> Path:
-    """Unpack an archive once into the cache, refusing members that escape it or are links."""
+    """Unpack an archive once into the cache (weights/archives.py: bounded, no escaping members, no links)."""
     dest_root = dest_root or cache_dir() / "unpacked"
-    dest = dest_root / f"{sha256_of(archive)[:16]}-{archive.name}"
-    if dest.is_dir():
-        return dest
-    dest_root.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    target = _safe_member(tmp, info.filename)
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
-        else:
-            with tarfile.open(archive) as tf:
-                for member in tf.getmembers():
-                    target = _safe_member(tmp, member.name)
-                    if member.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                    elif member.isfile():
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        src = tf.extractfile(member)
-                        with src, open(target, "wb") as out:
-                            shutil.copyfileobj(src, out)
-                    # links and devices are skipped: a weights archive has no need of them
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TransferKitError(f"{archive}: damaged archive ({exc}); re-download it") from None
-    except TransferKitError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.replace(tmp, dest)
-    return dest
+    return archives.unpack(archive, dest_root / f"{sha256_of(archive)[:16]}-{archive.name}")
 
 
 def _is_archive(path: Path) -> bool:
-    return path.name.endswith(ARCHIVE_SUFFIXES)
+    return path.is_file() and archives.archive_kind(path) is not None
 
 
 def hub_weights(name: str) -> Path:  # pragma: no cover - needs network
@@ -192,25 +146,29 @@ def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
     if text.startswith("hf-hub:"):
         return hub_weights(text[len("hf-hub:") :])
     if text.startswith("torchvision:"):
-        zoo = torchvision_weights(text[len("torchvision:") :])
-        return download(zoo.download_url, sha256, sha256_prefix=zoo.sha256_prefix)
+        weights = zoo.torchvision_weights(text[len("torchvision:") :])
+        return download(weights.download_url, sha256, sha256_prefix=weights.sha256_prefix)
     text, _, member = text.partition("#")
     if text.startswith(("https://", "http://")):
         path = download(text, sha256)
     else:
         path = Path(text).expanduser()
+        if not path.exists() or path.is_dir():
+            if (path / "checkpoints" / "last.safetensors").is_file():  # a transferkit run directory
+                return path / "checkpoints" / "last.safetensors"
+            index = checkpoint_index(path)  # a TF checkpoint prefix, variables/ or SavedModel folder
+            if index is not None:
+                return index
         if not path.exists():
             raise TransferKitError(f"weights source not found: {path} (give a file path, URL or package:NAME)")
         if path.is_dir():
-            if (path / "checkpoints" / "last.safetensors").is_file():  # a transferkit run directory
-                return path / "checkpoints" / "last.safetensors"
             raise TransferKitError(f"weights source {path} is a directory; give the weights file inside it")
         if sha256 and sha256_of(path) != sha256.lower():
             raise TransferKitError(f"{path} does not match the expected sha256 {sha256}")
     if _is_archive(path):
         root = unpack(path)
         if member:
-            inner = _safe_member(root, member)
+            inner = archives.safe_member(root, member)
             if not inner.is_file():
                 raise TransferKitError(f"{member!r} is not in archive {path}")
             return inner

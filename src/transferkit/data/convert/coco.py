@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
+from transferkit.data.images import BadImage, open_image
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
 
@@ -14,9 +13,9 @@ from transferkit.fileio import write_json
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (BadImage, OSError, SyntaxError, ValueError) as exc:
         raise TransferKitError(f"cannot read the size of image {path}: {exc}") from None
 
 

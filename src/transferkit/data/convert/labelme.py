@@ -16,9 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from PIL import Image
-
 from transferkit.data.convert.coco import CocoDataset, image_size, stable_image_ids
+from transferkit.data.images import BadImage, open_image
 from transferkit.errors import TransferKitError
 
 POLYGON_TYPES = ("polygon", "rectangle", "circle")
@@ -59,9 +58,9 @@ def _size(data: dict, json_path: Path) -> tuple[int, int]:
         return w, h
     if data.get("imageData"):
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data["imageData"]))) as im:
+            with open_image(io.BytesIO(base64.b64decode(data["imageData"]))) as im:
                 return im.size
-        except (binascii.Error, OSError, ValueError, TypeError) as exc:
+        except (BadImage, binascii.Error, OSError, ValueError, TypeError) as exc:
             raise TransferKitError(f"{json_path}: imageData is not a readable image ({exc})") from None
     image_path = data.get("imagePath")
     if not isinstance(image_path, str) or not image_path:
@@ -74,7 +73,7 @@ def _size(data: dict, json_path: Path) -> tuple[int, int]:
 
 def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> CocoDataset:
     folder = Path(folder)
-    files = sorted(folder.glob("*.json"))
+    files = sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))  # not the output manifest
     if not files:
         raise TransferKitError(f"{folder} holds no labelme .json files")
     loaded = []

@@ -6,6 +6,7 @@ background image (kept, no boxes); a label file without an image is reported.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,7 @@ import yaml
 from transferkit.data.convert.coco import CocoDataset, image_size, stable_image_ids
 from transferkit.data.images import IMAGE_SUFFIXES
 from transferkit.errors import TransferKitError, yaml_error
+from transferkit.yamlsafe import YamlTooLarge, load_yaml
 
 
 def yolo_classes(root: Path) -> list[str]:
@@ -20,7 +22,11 @@ def yolo_classes(root: Path) -> list[str]:
     if not yamls:
         raise TransferKitError(f"{root} has no data yaml naming the classes; give --classes FILE")
     try:
-        data = yaml.safe_load(yamls[0].read_text(encoding="utf-8"))
+        data = load_yaml(yamls[0].read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise TransferKitError(f"{yamls[0]}: not UTF-8 text; save the data yaml as UTF-8") from None
+    except YamlTooLarge as exc:
+        raise TransferKitError(f"{yamls[0]}: refused, the YAML {exc}") from None
     except yaml.YAMLError as exc:
         raise yaml_error(yamls[0], exc) from None
     names = data.get("names") if isinstance(data, dict) else None
@@ -72,6 +78,9 @@ def convert_yolo(root: str | Path, split: str | None = None, classes: list[str] 
                     raise ValueError
             except ValueError:
                 out.skip(where, "line", f"not `class cx cy w h`: {line.strip()[:60]!r}")
+                continue
+            if not all(math.isfinite(v) for v in (cx, cy, w, h)):
+                out.skip(where, "line", f"cx cy w h must be finite numbers: {line.strip()[:60]!r}")
                 continue
             if not 0 <= cls < len(names):
                 out.skip(where, "line", f"class {cls} is not in 0..{len(names) - 1}")

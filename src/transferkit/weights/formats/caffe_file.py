@@ -100,9 +100,8 @@ _NET_TAGS = (b"\x12", b"\x1a", b"\xa2\x06")  # layers (V1), input, layer: what f
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    if path.suffix == ".caffemodel":
-        return True
-    # A NetParameter starts with its name (field 1) or directly with its layers.
+    # By content only (the .caffemodel suffix is the registry's fallback). A NetParameter starts
+    # with its name (field 1) or directly with its layers.
     if head.startswith(b"\xa2\x06") or head[:1] == b"\x12" and len(head) > 2 and head[2:3] == b"\x0a":
         return True
     if head[:1] == b"\x0a" and len(head) > 2 and head[1] < 0x40:

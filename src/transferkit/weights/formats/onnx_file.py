@@ -26,8 +26,7 @@ SUB_BYTE = {21, 22, 23}  # UINT4, INT4, FLOAT4E2M1: two values a byte
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    if path.suffix == ".onnx":
-        return True
+    # By content only (the .onnx suffix is the registry's fallback): ir_version, then a known field.
     return len(head) > 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in _NEXT_TAGS
 
 

@@ -3,65 +3,75 @@
 from __future__ import annotations
 
 import pickle
+import struct
+import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from transferkit.errors import TransferKitError
-from transferkit.weights.formats import WeightFile
+from transferkit.errors import TransferKitError, one_line
+from transferkit.weights.formats import WeightFile, pickled_module, zip_names
+from transferkit.weights.formats.restricted_pickle import DENIED_MODULES
+from transferkit.weights.formats.state_dict import find_state_dict
 
-# Keys under which training scripts nest the weights, most specific first.
-NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04") or head.startswith(LEGACY_MAGIC) or path.suffix in (
-        ".pth", ".pt", ".bin", ".ckpt")
+    # torch.save's zip format holds ARCHIVE/data.pkl; the legacy format starts with a fixed pickle.
+    return head.startswith(LEGACY_MAGIC) or any(n.endswith("/data.pkl") or n == "data.pkl"
+                                                 for n in zip_names(path, head))
 
 
 def _unwrap(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    trail = []
-    while isinstance(obj, Mapping) and not _is_state_dict(obj):
-        key = next((k for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if key is None:
-            break
-        trail.append(key)
-        obj = obj[key]
+    obj, trail = find_state_dict(obj)
     if not isinstance(obj, Mapping):
         raise TransferKitError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise TransferKitError(f"{path}: no tensors found (top-level keys: {list(obj)[:8]})")
-    return tensors, ".".join(trail)
-
-
-def _is_state_dict(obj: Mapping) -> bool:
-    return bool(obj) and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= len(obj) / 2
+    return tensors, trail
 
 
 def read(path: Path) -> WeightFile:
     try:
         # Zip-format files are memory-mapped: tensors are read from the page cache, not copied.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # a damaged pickle's odd protocol number is reported below, once
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            if _fallback_to_stand_ins(exc, path):  # a pickled whole module (YOLOv5): read inertly
+                return pickled_module.read(path)
             raise TransferKitError(
                 f"{path}: refused, unpickling it would run code outside plain tensors ({_global_name(exc)}); "
                 "re-save the state_dict only, e.g. torch.save(model.state_dict(), path)"
             ) from None
         raise TransferKitError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError, TypeError,
+            AttributeError, struct.error, OverflowError, MemoryError, RecursionError, zlib.error,
+            UnicodeDecodeError) as exc:
+        # torch's restricted unpickler runs no code, but on damaged bytes it fails in many ways.
+        msg = one_line(exc)
         raise TransferKitError(
             f"{path}: truncated or damaged PyTorch checkpoint ({msg}); re-download or re-save it"
         ) from None
     tensors, nested = _unwrap(obj, path)
     meta = {"nested_key": nested} if nested else {}
     return WeightFile(tensors, "pytorch", path, meta)
+
+
+def _fallback_to_stand_ins(exc: Exception, path: Path) -> bool:
+    """Only a zip file refused for a global that is not a denied function goes to the stand-in reader."""
+    marker = "Unsupported global: GLOBAL "
+    if marker not in str(exc) or not zipfile.is_zipfile(path):
+        return False
+    module = str(exc).split(marker, 1)[1].split()[0].rsplit(".", 1)[0]
+    return module.split(".")[0] not in DENIED_MODULES
 
 
 def _global_name(exc: Exception) -> str:

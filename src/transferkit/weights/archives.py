@@ -1,0 +1,174 @@
+"""Archives as weights sources: told apart by their bytes, unpacked safely and within bounds.
+
+The kind is decided by content, magic bytes first: a PyTorch checkpoint is itself a zip, so an
+uncompressed tar holding one has a zip's end record near its end, and `zipfile.is_zipfile` alone
+would take the tar for a zip. Tar (gzip, bzip2, xz or plain, told by the `ustar` magic) is
+therefore tested before zip.
+
+Before a byte is written, the declared sizes are summed: an archive that expands more than
+MAX_RATIO times its own size (real weights compress about 1.1:1), holds more than MAX_MEMBERS
+members, or would not fit in the free disk space is refused. While copying, no member may yield
+more bytes than it declared. Members that escape the destination, links and devices are refused or
+skipped. Unpacking goes into a temporary folder that is removed on any failure.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from transferkit.errors import TransferKitError, one_line
+
+MAX_RATIO = 100  # unpacked bytes per archive byte
+RATIO_FREE_BYTES = 1 << 20  # an archive unpacking to less than this is never refused for its ratio
+MAX_MEMBERS = 10_000
+HEAD_BYTES = 512  # enough for the tar header's `ustar` magic at offset 257
+
+COMPRESSED_TAR_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def archive_kind(path: Path, head: bytes | None = None) -> str | None:
+    """'tar', 'zip' or None, from the file's bytes (a zip is only an archive here when named .zip:
+    PyTorch checkpoints and .npz files are zips too)."""
+    if head is None:
+        with open(path, "rb") as fh:
+            head = fh.read(HEAD_BYTES)
+    if head.startswith(COMPRESSED_TAR_MAGIC) or head[257:262] == b"ustar":
+        return "tar"
+    if path.name.lower().endswith(".zip") and (head.startswith(ZIP_MAGIC) or zipfile.is_zipfile(path)):
+        return "zip"
+    if path.name.lower().endswith((".tar", ".tgz", ".tar.gz")) and tarfile.is_tarfile(path):
+        return "tar"  # a pre-POSIX tar without the magic
+    return None
+
+
+def safe_member(root: Path, name: str) -> Path:
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise TransferKitError(f"archive member {name!r} points outside the archive; refusing to unpack it")
+    return target
+
+
+def _free_bytes(folder: Path) -> int:
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+class _Budget:
+    """The bounds on what one archive may write, checked against declared sizes as they are read."""
+
+    def __init__(self, archive: Path, dest: Path):
+        self.archive = archive
+        self.size = max(archive.stat().st_size, 1)
+        self.free = _free_bytes(dest)
+        self.total = 0
+        self.members = 0
+
+    def declare(self, name: str, size: int) -> None:
+        self.members += 1
+        self.total += max(size, 0)
+        if self.members > MAX_MEMBERS:
+            raise TransferKitError(f"{self.archive}: refused, more than {MAX_MEMBERS:,} members; "
+                                   "a weights archive holds a few files, unpack it yourself")
+        if self.total > RATIO_FREE_BYTES and self.total > MAX_RATIO * self.size:
+            raise TransferKitError(
+                f"{self.archive}: refused, it would unpack to over {self.total / self.size:.0f} times its size "
+                f"({self.total:,} bytes by {name!r}; weights compress about 1.1:1, the limit is {MAX_RATIO}:1); "
+                "unpack it yourself if you trust it"
+            )
+        if self.total > self.free:
+            raise TransferKitError(
+                f"{self.archive}: unpacking needs {self.total / 2**20:,.0f} MiB, only {self.free / 2**20:,.0f} MiB "
+                "free in the cache; free space or set TRANSFERKIT_CACHE to a larger disk"
+            )
+
+
+def _copy(src: IO[bytes], target: Path, declared: int, archive: Path, name: str) -> None:
+    left = declared
+    with open(target, "wb") as out:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            left -= len(block)
+            if left < 0:
+                raise TransferKitError(f"{archive}: member {name!r} holds more than the {declared:,} bytes it "
+                                       "declares; the archive is damaged or crafted, refusing it")
+            out.write(block)
+
+
+def _zip_members(zf: zipfile.ZipFile, budget: _Budget) -> Iterator[zipfile.ZipInfo]:
+    infos = zf.infolist()
+    for info in infos:  # every size is checked before the first byte is written
+        budget.declare(info.filename, 0 if info.filename.endswith("/") else info.file_size)
+    yield from infos
+
+
+def _tar_members(tf: tarfile.TarFile, budget: _Budget) -> list[tarfile.TarInfo]:
+    members = []
+    # Iterating reads one header at a time: a member that breaks a bound is refused before the
+    # (possibly decompressing) seek past its data.
+    for member in tf:
+        budget.declare(member.name, member.size if member.isfile() else 0)
+        members.append(member)
+    return members
+
+
+def unpack_into(archive: Path, tmp: Path, kind: str) -> None:
+    """Unpack `archive` into the empty folder `tmp` (bounds checked first); raises TransferKitError."""
+    budget = _Budget(archive, tmp)
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                for info in list(_zip_members(zf, budget)):
+                    target = safe_member(tmp, info.filename)
+                    if info.filename.endswith("/") or target == tmp.resolve():  # is_dir() fails on an empty name
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src:
+                        _copy(src, target, info.file_size, archive, info.filename)
+        else:
+            with tarfile.open(archive) as tf:
+                for member in _tar_members(tf, budget):
+                    target = safe_member(tmp, member.name)
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    elif member.isfile():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        src = tf.extractfile(member)
+                        with src:
+                            _copy(src, target, member.size, archive, member.name)
+                    # links and devices are skipped: a weights archive has no need of them
+    except (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError,
+            ValueError, OSError, zlib.error, lzma.LZMAError, IndexError) as exc:
+        what = getattr(exc, "strerror", None) or one_line(exc)
+        raise TransferKitError(f"{archive}: damaged or unreadable archive ({what}); re-download it") from None
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    """Unpack `archive` into the folder `dest` unless it is there already; nothing stays on failure."""
+    kind = archive_kind(archive)
+    if kind is None:
+        raise TransferKitError(f"{archive}: not a tar or zip archive by its content; give the weights file itself")
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        unpack_into(archive, tmp, kind)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if dest.is_dir():  # another process unpacked the same archive meanwhile
+            return dest
+        raise
+    return dest
