@@ -177,3 +177,15 @@ def test_real_photos_export_and_predict_as_the_run(tmp_path, capsys):
     assert [r["predictions"][0]["class"] for r in from_onnx] == [r["predictions"][0]["class"] for r in from_run]
     assert [r["predictions"][0]["prob"] for r in from_onnx] == pytest.approx(
         [r["predictions"][0]["prob"] for r in from_run], abs=1e-5)
+
+
+def test_export_replaces_its_own_file_but_not_the_users(classifier_run, tmp_path, capsys):
+    assert main(["export", "--run", str(classifier_run), "--format", "onnx"]) == 0  # RUN_DIR/export/best.onnx
+    assert main(["export", "--run", str(classifier_run), "--format", "onnx"]) == 0  # its own: replaced
+    mine = tmp_path / "model.onnx"
+    mine.write_text("the user's")
+    capsys.readouterr()
+    assert main(["export", "--run", str(classifier_run), "--format", "onnx", "--out", str(mine)]) == 2
+    assert "did not write" in capsys.readouterr().err and mine.read_text() == "the user's"
+    assert main(["export", "--run", str(classifier_run), "--format", "onnx", "--out", str(mine), "--force"]) == 0
+    assert read_metadata(mine)["task"] == "classification"

@@ -110,12 +110,13 @@ def load_run(run_dir: str | Path, weights: str = "best") -> TrainedRun:
 
 
 def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, weights: str = "best",
-           dynamic_batch: bool = False, opset: int = 17) -> ExportResult:
+           dynamic_batch: bool = False, opset: int = 17, force: bool = False) -> ExportResult:
     """Write a run's model as ONNX or TorchScript (default RUN_DIR/export/best.onnx) with its class
     names and preprocessing as metadata, then check the file against PyTorch on validation images;
-    a disagreement over tolerance raises TransferKitError.
+    a disagreement over tolerance raises TransferKitError. A file at `out` that transferkit did not
+    write is replaced only with `force`.
 
         result = transferkit.export("runs/mine", format="onnx")
         print(result.summary())
     """
-    return _export(run_dir, format, out, weights, dynamic_batch, opset)
+    return _export(run_dir, format, out, weights, dynamic_batch, opset, force=force)

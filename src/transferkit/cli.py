@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-batch", action="store_true", help="classifiers: any batch size (default: 1)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--check-images", type=int, default=4, help="validation images the file is checked on")
+    p.add_argument("--force", action="store_true", help="replace an --out file that transferkit did not write")
 
     p = sub.add_parser("compare", help="the same config and budget trained several ways, side by side")
     _add_config_args(p, required=True)
@@ -262,7 +263,8 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     if args.check_images < 1:
         raise TransferKitError("--check-images must be at least 1: an export is always checked")
-    result = export(args.run, args.format, args.out, args.weights, args.dynamic_batch, args.opset, args.check_images)
+    result = export(args.run, args.format, args.out, args.weights, args.dynamic_batch, args.opset, args.check_images,
+                    args.force)
     print(result.summary())
     return 0
 

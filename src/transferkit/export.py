@@ -24,6 +24,7 @@ import torch
 from transferkit.config import validate
 from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write
+from transferkit.outputs import output_folder
 from transferkit.preprocessing import Preprocessing
 from transferkit.tasks import task_for
 from transferkit.tasks.base import Agreement, ExportSpec, RunExported, Task, TrainedRun
@@ -131,10 +132,11 @@ def default_out(run_dir: Path, weights: str, fmt: str) -> Path:
 
 
 def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, weights: str = "best",
-           dynamic_batch: bool = False, opset: int = 17, check_images: int = 4) -> ExportResult:
+           dynamic_batch: bool = False, opset: int = 17, check_images: int = 4, force: bool = False) -> ExportResult:
     """Write a finished run's model as ONNX or TorchScript (default RUN_DIR/export/best.onnx), then
     run the file on `check_images` validation images and compare it with the PyTorch model; a
-    difference over the task's tolerance is a TransferKitError.
+    difference over the task's tolerance is a TransferKitError. A file there that transferkit did
+    not write is replaced only with `force`.
 
         >>> result = export("runs/mine", format="onnx")  # doctest: +SKIP
         >>> print(result.summary())  # doctest: +SKIP
@@ -149,7 +151,8 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     inputs = validation_inputs(task, check_images, 3 if dynamic_batch else 1)
     path = Path(out) if out else default_out(run_dir, weights, format)
     metadata = {**file_metadata(run, weights), **spec.metadata}
-    with torch.no_grad(), warnings.catch_warnings():
+    with output_folder(path.parent, force) as folder, torch.no_grad(), warnings.catch_warnings():
+        folder.claim([path])
         warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python, checked below instead
         if format == "onnx":
             write_onnx(spec, inputs[0], path, opset, metadata)
@@ -157,12 +160,15 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         else:
             write_torchscript(spec, inputs[0], path, metadata)
             run_exported = torchscript_runner(path)
+        folder.wrote(path)
         expected = [_outputs(spec.module(*x)) for x in inputs]
         got = [run_exported(x) for x in inputs]
-    agreement = task.compare_outputs(expected, got)
+        agreement = task.compare_outputs(expected, got)
+        if not agreement.ok:
+            path.unlink(missing_ok=True)
+            folder.forget(path)
     result = ExportResult(path, format, agreement, time.perf_counter() - started)
     if not agreement.ok:
-        path.unlink(missing_ok=True)
         raise TransferKitError(f"{path} was removed: it does not agree with the PyTorch model ({result.summary()}); "
                                "try another --opset or --format torchscript")
     return result
