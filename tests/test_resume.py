@@ -213,7 +213,7 @@ def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path,
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_root, tmp_path, monkeypatch):
-    import transferkit.train.resume as resume
+    from transferkit.train import resume
 
     calls = {"n": 0}
     real = resume.save_weights

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from transferkit import __version__
+from transferkit.compare import ARMS, DEFAULT_ARMS, compare, parse_arms
 from transferkit.config import SCOPE_ALIASES, load_config
 from transferkit.data.check import check_dataset
 from transferkit.data.convert import CONVERTERS
@@ -22,10 +23,11 @@ from transferkit.data.shards import pack
 from transferkit.data.synthetic import SYNTHETIC
 from transferkit.demo import run_demo
 from transferkit.errors import TransferKitError
+from transferkit.export import FORMATS, export
 from transferkit.fileio import write_json
 from transferkit.models.classification import create_classifier
 from transferkit.patterns import matches
-from transferkit.predict import predict
+from transferkit.predict import predict, predict_exported
 from transferkit.progress import console
 from transferkit.run import evaluate, train
 from transferkit.tasks import task_for
@@ -65,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", metavar="FILE", help="detection: write the detections as a COCO results JSON")
 
     p = sub.add_parser("predict", help="classify images, or find objects in them, with a trained run")
-    p.add_argument("--run", required=True, help="run directory written by `transferkit train`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory written by `transferkit train`")
+    source.add_argument("--model", help="an .onnx file written by `transferkit export` (run by onnxruntime)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("--weights", default="best", help="best, last, or a checkpoint path")
@@ -73,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", type=float, default=0.3, help="detection: the lowest score shown")
     p.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR")
     p.add_argument("--force", action="store_true", help="--draw: replace files in DIR that transferkit did not write")
+
+    p = sub.add_parser("export", help="write a run's model as ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("--run", required=True, help="run directory written by `transferkit train`")
+    p.add_argument("--weights", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS))
+    p.add_argument("--out", help="file to write (default: RUN_DIR/export/<weights>.onnx or .pt)")
+    p.add_argument("--dynamic-batch", action="store_true", help="classifiers: any batch size (default: 1)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--check-images", type=int, default=4, help="validation images the file is checked on")
+    p.add_argument("--force", action="store_true", help="replace an --out file that transferkit did not write")
+
+    p = sub.add_parser("compare", help="the same config and budget trained several ways, side by side")
+    _add_config_args(p, required=True)
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--out", help="parent folder: one run directory per arm, report.json, report.png "
+                   "(default: runs/compare-<config>-<time>)")
 
     p = sub.add_parser("demo", help="fine-tune vs scratch on synthetic data, no data or network needed")
     p.add_argument("--out", default="runs/demo")
@@ -228,13 +248,30 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     options = PredictOptions(topk=args.topk, score=args.score, draw_dir=Path(args.draw) if args.draw else None,
                              force=args.force)
-    results, task = predict(args.run, args.inputs, args.weights, options)
+    if args.model:
+        results, task = predict_exported(args.model, args.inputs, options)
+    else:
+        results, task = predict(args.run, args.inputs, args.weights, options)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
             print(task.describe(r))
     return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_export(args) -> int:
+    if args.check_images < 1:
+        raise TransferKitError("--check-images must be at least 1: an export is always checked")
+    result = export(args.run, args.format, args.out, args.weights, args.dynamic_batch, args.opset, args.check_images,
+                    args.force)
+    print(result.summary())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    compare(args.config, args.override, parse_arms(args.arms), args.out)
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -395,8 +432,9 @@ def cmd_model(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "data": cmd_data,
-            "weights": cmd_weights, "model": cmd_model}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "compare": cmd_compare,
+            "demo": cmd_demo,
+            "data": cmd_data, "weights": cmd_weights, "model": cmd_model}
 
 
 MAX_ERROR_CHARS = 2000

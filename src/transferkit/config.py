@@ -278,6 +278,13 @@ class UnfreezeConfig(_Section):
     every: int = Field(1, ge=1, le=MAX_EPOCHS)
 
 
+class LoggingConfig(_Section):
+    # Also write TensorBoard events into RUN_DIR/tensorboard/ (needs the `tensorboard` extra).
+    tensorboard: bool = False
+    # Detection: this many validation images with their predicted boxes, each epoch.
+    tensorboard_images: int = Field(4, ge=0)
+
+
 class Config(_Section):
     task: Literal["classification", "detection"] = "classification"
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -293,6 +300,7 @@ class Config(_Section):
     unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     detection: DetectionConfig = Field(default_factory=DetectionConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("strategy")
     @classmethod

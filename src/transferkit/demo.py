@@ -1,6 +1,7 @@
-"""The demo experiment: fine-tune pretrained EfficientNet-Lite0 vs train it from scratch, same budget,
-on a synthetic dataset made on the spot (no data, no network). With task detection: FCOS on an FPN over
-EfficientNet-Lite0, its backbone restored from ImageNet vs random, on synthetic shapes with boxes."""
+"""The demo experiment: `compare` on a synthetic dataset made on the spot (no data, no network):
+pretrained EfficientNet-Lite0 fine-tuned vs trained from scratch, same budget. With task detection:
+FCOS on an FPN over EfficientNet-Lite0, its backbone restored from ImageNet vs random, on synthetic
+shapes with boxes."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.table import Table
-
-from transferkit.config import DEFAULT_SOURCE, load_config
+from transferkit.compare import DEFAULT_ARMS, REPORT_FILES, compare
+from transferkit.config import DEFAULT_SOURCE
 from transferkit.data.synthetic import SYNTHETIC
 from transferkit.errors import TransferKitError
-from transferkit.fileio import atomic_write, write_json
-from transferkit.progress import console
-from transferkit.run import train
+from transferkit.fileio import write_json
 
 # One budget for both arms; only pretrained.source differs.
 DEMO_OVERRIDES = [
@@ -45,8 +43,8 @@ DETECTION_OVERRIDES = [
     "optim.head_lr_mult=1",
     "schedule.warmup_epochs=1",
 ]
-ARMS = {"finetune": DEFAULT_SOURCE, "scratch": None}
-DEMO_ENTRIES = {"data", *ARMS, "report.json", "report.png"}
+ARMS = DEFAULT_ARMS  # finetune (from DEFAULT_SOURCE) and scratch
+DEMO_ENTRIES = {"data", *ARMS, *REPORT_FILES}
 
 
 def clear_previous_demo(out: Path) -> None:
@@ -88,61 +86,16 @@ DEMOS = {
 
 def run_demo(out: str | Path = "runs/demo", epochs: int = 8, train_per_class: int = 50,
              val_per_class: int = 25, seed: int = 0, quiet: bool = False, task: str = "classification") -> dict:
-    """Both arms on one synthetic set. Detection: 3 shape classes, so per-class counts x 3 images."""
+    """`compare` (finetune vs scratch) on a synthetic set written into OUT/data. Detection: 3 shape
+    classes, so per-class counts x 3 images."""
     out = Path(out)
     clear_previous_demo(out)
     started = time.perf_counter()
     setup, (write, _) = DEMOS[task], SYNTHETIC[task]
     data_root = write(out / "data", train_per_class, val_per_class, setup.image_size, seed=seed)
-    results = {}
-    for arm, source in ARMS.items():
-        if not quiet:
-            console.rule(f"{arm}: {'pretrained ' + source if source else 'random initialisation'}")
-        cfg = load_config(None, [*setup.overrides(data_root), f"schedule.epochs={epochs}", f"seed={seed}",
-                                 f"pretrained.source={source or 'null'}"])
-        results[arm] = train(cfg, out=out / arm, quiet=quiet)
-    metric = cfg.best_metric
-    report = {
-        "task": task,
-        "metric": metric,
-        "arms": {
-            arm: {metric: r.metrics[-1][metric], f"best_{metric}": r.best_value,
-                  "seconds": r.seconds, "run_dir": str(r.run_dir)}
-            for arm, r in results.items()
-        },
-        "seconds": time.perf_counter() - started,
-    }
+    overrides = [*setup.overrides(data_root), f"schedule.epochs={epochs}", f"seed={seed}",
+                 f"pretrained.source={DEFAULT_SOURCE}"]
+    report = compare(None, overrides, ARMS, out, quiet, title="fine-tune vs scratch")
+    report["seconds"] = time.perf_counter() - started  # the synthetic set's drawing included
     write_json(out / "report.json", report)
-    _plot(results, metric, out / "report.png")
-    if not quiet:
-        console.print(_table(report))
     return report
-
-
-def _table(report: dict) -> Table:
-    metric = report["metric"]
-    table = Table(title="fine-tune vs scratch, same budget")
-    for col in ("arm", f"final {metric}", f"best {metric}", "seconds"):
-        table.add_column(col, justify="right")
-    for arm, r in report["arms"].items():
-        table.add_row(arm, f"{r[metric]:.3f}", f"{r['best_' + metric]:.3f}", f"{r['seconds']:.0f}")
-    gain = report["arms"]["finetune"][metric] - report["arms"]["scratch"][metric]
-    table.caption = f"transfer bought {gain:+.3f} {metric}; total {report['seconds']:.0f}s"
-    return table
-
-
-def _plot(results: dict, metric: str, path: Path) -> None:
-    # Deferred on purpose: matplotlib takes about half a second to import, and only the end draws.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, r in results.items():
-        ax.plot([m["epoch"] for m in r.metrics], [m[metric] for m in r.metrics], marker="o", label=arm)
-    ax.set(xlabel="epoch", ylabel=metric, ylim=(0, 1.02), title="fine-tune vs scratch")
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transferkit.data.images import image_files
 from transferkit.errors import TransferKitError
+from transferkit.export import load_exported
 from transferkit.tasks import task_for
 from transferkit.tasks.base import PredictOptions, Task
 from transferkit.train.rundir import run_config
@@ -32,4 +33,11 @@ def predict(run_dir: str | Path, inputs: list[str | Path], weights: str = "best"
     `describe` each result as one line. Unreadable images get an `error` instead."""
     task = task_for(run_config(run_dir))
     run = task.load_run(run_dir, weights)
+    return task.predict(run, expand_inputs(inputs), options or PredictOptions()), task
+
+
+def predict_exported(model_path: str | Path, inputs: list[str | Path], options: PredictOptions | None = None
+                     ) -> tuple[list[dict], Task]:
+    """As `predict`, with an ONNX file written by `export` (run by onnxruntime) instead of a run."""
+    task, run = load_exported(model_path)
     return task.predict(run, expand_inputs(inputs), options or PredictOptions()), task

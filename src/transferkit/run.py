@@ -12,12 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from transferkit.config import Config
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
 from transferkit.progress import console, make_progress
 from transferkit.tasks import task_for
-from transferkit.tasks.base import Built
+from transferkit.tasks.base import Built, Task
+from transferkit.train.board import Board
 from transferkit.train.checkpoint import load_weights
 from transferkit.train.device import place_model, seed_everything, select_device
 from transferkit.train.loop import EpochRecorder, Loop, Say, run_finetune
@@ -31,6 +34,12 @@ from transferkit.weights.transfer import TransferReport
 
 @dataclass
 class TrainResult:
+    """What `train` returns: the run directory, one metrics row per epoch, and the best epoch.
+
+        result = transferkit.train(cfg, out="runs/mine")
+        print(f"{result.best_metric} {result.best_value:.3f} at epoch {result.best_epoch}")
+    """
+
     run_dir: Path
     metrics: list[dict]
     best_epoch: int
@@ -66,6 +75,7 @@ def train_in(cfg: Config, run_dir: Path, resumed: ResumePoint | None, say: Say, 
         freeze_batchnorm(built.model)
     meta = {"model": cfg.model.name, "classes": built.classes, "task": cfg.task}
     recorder = EpochRecorder(run_dir, built.model, meta, say, cfg.best_metric, resumed)
+    board = attach_board(cfg, task, built, recorder, device)
     with make_progress(disable=quiet) as progress:
         if cfg.strategy in ("linear_probe", "lp_ft"):
             run_probe(cfg, built.model, built.data, device, recorder, progress)
@@ -75,7 +85,22 @@ def train_in(cfg: Config, run_dir: Path, resumed: ResumePoint | None, say: Say, 
                         lambda model, loader: task.evaluate(model, built.data, loader, device),
                         recorder, progress, device)
             run_finetune(loop, resumed)
+    if board is not None:
+        board.close()
     return finish(cfg, recorder, time.perf_counter() - started, quiet)
+
+
+def attach_board(cfg: Config, task: Task, built: Built, recorder: EpochRecorder,
+                 device: torch.device) -> Board | None:
+    """With logging.tensorboard, every epoch the recorder logs also goes to TensorBoard, with the
+    validation images the task draws (detection: predicted boxes)."""
+    if not cfg.logging.tensorboard:
+        return None
+    count = cfg.logging.tensorboard_images
+    draw = (lambda: task.board_images(built.model, built.data, device, count)) if count else None
+    board = Board(recorder.run_dir / "tensorboard", recorder.epoch + 1, draw)
+    recorder.listeners.append(board.record)
+    return board
 
 
 def announce(built: Built, resumed: ResumePoint | None, run_dir: Path, say: Say) -> None:

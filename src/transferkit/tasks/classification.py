@@ -3,6 +3,7 @@ cross-entropy, top-1/top-5 accuracy, and the top classes of each image."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,13 +13,22 @@ from torch.utils.data import DataLoader
 from transferkit.config import Config
 from transferkit.data.classification import ClassificationData, dataset_classes, load_classification_data, make_loader
 from transferkit.data.images import BadImage, load_rgb
-from transferkit.data.transforms import eval_transform
+from transferkit.data.transforms import eval_transform, resize_size
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier
 from transferkit.models.family import Family
 from transferkit.models.heads import init_head, init_head_from_classes
 from transferkit.models.init import apply_init_rules
-from transferkit.tasks.base import Built, LossFn, PredictOptions, TrainedRun
+from transferkit.tasks.base import (
+    Agreement,
+    Built,
+    ExportSpec,
+    LossFn,
+    Outputs,
+    PredictOptions,
+    RunExported,
+    TrainedRun,
+)
 from transferkit.train.checkpoint import load_weights
 from transferkit.train.evaluate import evaluate
 from transferkit.train.rundir import checkpoint_path
@@ -89,6 +99,23 @@ def predict_classes(model: nn.Module, classes: list[str], transform, paths: list
     return sorted(results, key=lambda r: order[r["path"]])
 
 
+# An exported classifier's logits may differ from PyTorch's by float rounding alone.
+LOGIT_TOLERANCE = 1e-4
+
+
+def compare_logits(expected: list[Outputs], got: list[Outputs]) -> Agreement:
+    """Largest logit difference, and the images whose top-1 class is the same."""
+    max_diff, agreed, images = 0.0, 0, 0
+    for want, have in zip(expected, got, strict=True):
+        want, have = want[0].float(), have[0].float()
+        if want.shape != have.shape:
+            return Agreement("logits", float("inf"), LOGIT_TOLERANCE, 0, len(want))
+        max_diff = max(max_diff, float((want - have).abs().max()))
+        agreed += int((want.argmax(1) == have.argmax(1)).sum())
+        images += len(want)
+    return Agreement("logits", max_diff, LOGIT_TOLERANCE, agreed, images)
+
+
 class ClassificationTask:
     name = "classification"
 
@@ -148,3 +175,33 @@ class ClassificationTask:
         if "error" in result:
             return f"{result['path']}: error: {result['error']}"
         return f"{result['path']}: " + ", ".join(f"{p['class']} {p['prob']:.3f}" for p in result["predictions"])
+
+    def board_images(self, model: nn.Module, data: ClassificationData, device: torch.device,
+                     count: int) -> list[torch.Tensor]:
+        return []  # a class name per image says nothing the accuracy curve does not
+
+    def export_spec(self, run: TrainedRun, dynamic_batch: bool) -> ExportSpec:
+        size = run.cfg.data.eval_image_size or run.cfg.data.image_size
+        axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else {}
+        batch = "N" if dynamic_batch else "1"
+        about = (f"float32 [{batch}, 3, {size}, {size}]: RGB 0-1, shorter side resized to "
+                 f"{resize_size(size, run.preprocessing)} ({run.preprocessing.interpolation}), centre-cropped to "
+                 f"{size}, minus mean, divided by std")
+        metadata = {"image_size": str(size), "resize": str(resize_size(size, run.preprocessing)), "input": about,
+                    "output": "logits [batch, classes]; softmax gives the class probabilities"}
+        return ExportSpec(run.model, ["images"], ["logits"], axes, metadata)
+
+    def export_inputs(self, data: ClassificationData, count: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+        images = [data.val_set[i][0] for i in range(min(count, len(data.val_set)))]
+        return [(torch.stack(images[i : i + batch]),) for i in range(0, len(images), batch)]
+
+    def compare_outputs(self, expected: list[Outputs], got: list[Outputs]) -> Agreement:
+        return compare_logits(expected, got)
+
+    def exported_model(self, run_exported: RunExported, input_shape: list[int | None]) -> Callable:
+        fixed = input_shape[0]  # None: the file takes any batch size
+
+        def logits(images: torch.Tensor) -> torch.Tensor:
+            chunks = images.split(fixed) if fixed else (images,)
+            return torch.cat([run_exported((chunk,))[0] for chunk in chunks])
+        return logits

@@ -5,6 +5,7 @@ detector's losses, COCO mAP through pycocotools, and boxes found in images (draw
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,16 @@ from transferkit.models.family import Family
 from transferkit.models.heads import init_detector_head_from_classes
 from transferkit.models.init import apply_init_rules
 from transferkit.outputs import OutputFolder
-from transferkit.tasks.base import Built, LossFn, PredictOptions, TrainedRun
+from transferkit.tasks.base import (
+    Agreement,
+    Built,
+    ExportSpec,
+    LossFn,
+    Outputs,
+    PredictOptions,
+    RunExported,
+    TrainedRun,
+)
 from transferkit.train.checkpoint import load_weights
 from transferkit.train.detection_metrics import evaluate_detection
 from transferkit.train.rundir import checkpoint_path
@@ -152,6 +162,73 @@ def predict_boxes(model: nn.Module, classes: list[str], offset: int, paths: list
     return results
 
 
+# Exported boxes are the same boxes when their corners agree to a thousandth of a pixel.
+BOX_TOLERANCE = 1e-3
+
+
+class ExportedDetector(nn.Module):
+    """The detector as one exported graph: one image [3, H, W] (RGB, 0-1, any size) in; boxes [N, 4]
+    (x0, y0, x1, y1 in that image's pixels), labels [N], scores [N] (and masks [N, 1, H, W] for
+    Mask R-CNN) out, with torchvision's resizing, normalisation, score threshold and NMS inside."""
+
+    def __init__(self, model: nn.Module, masks: bool):
+        super().__init__()
+        self.model, self.masks = model, masks
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model([image])[0]
+        found = (out["boxes"], out["labels"], out["scores"])
+        return (*found, out["masks"]) if self.masks else found
+
+
+def box_difference(want: Outputs, have: Outputs) -> float:
+    """Largest corner difference (px) after pairing each reference box with the closest exported box
+    of the same class (equal scores may come out in either order); inf when the sets differ."""
+    boxes, labels = want[0].float(), want[1]
+    other, other_labels = have[0].float(), have[1]
+    if len(boxes) != len(other):
+        return float("inf")
+    free = torch.ones(len(other), dtype=torch.bool)
+    worst = 0.0
+    for box, label in zip(boxes, labels, strict=True):
+        gaps = (other - box).abs().amax(dim=1)
+        gaps[~free | (other_labels != label)] = float("inf")
+        best = int(gaps.argmin()) if len(gaps) else -1
+        if best < 0 or not torch.isfinite(gaps[best]):
+            return float("inf")
+        free[best] = False
+        worst = max(worst, float(gaps[best]))
+    return worst
+
+
+def compare_boxes(expected: list[Outputs], got: list[Outputs]) -> Agreement:
+    diffs = [box_difference(want, have) for want, have in zip(expected, got, strict=True)]
+    agreed = sum(d <= BOX_TOLERANCE for d in diffs)
+    return Agreement("box corners (px)", max(diffs, default=0.0), BOX_TOLERANCE, agreed, len(diffs))
+
+
+BOARD_SCORE = 0.3  # the boxes drawn for TensorBoard: predict's default lowest score
+
+
+@torch.no_grad()
+def draw_validation(model: nn.Module, dataset: DetectionDataset, classes: list[str], offset: int,
+                    device: torch.device, count: int) -> list[torch.Tensor]:
+    """The first `count` validation images, uint8 [3, H, W], with the true boxes in green and the
+    predicted ones scoring BOARD_SCORE or more in red."""
+    model.eval()
+    drawn = []
+    for index in range(min(count, len(dataset))):
+        image, target = dataset[index]
+        out = model([image.to(device)])[0]
+        keep = out["scores"] >= BOARD_SCORE
+        canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+        canvas = draw_bounding_boxes(canvas, target["boxes"], colors="green")
+        names = [f"{classes[int(c) - offset]} {float(s):.2f}" for c, s in zip(out["labels"][keep], out["scores"][keep],
+                                                                              strict=True)]
+        drawn.append(draw_bounding_boxes(canvas, out["boxes"][keep].cpu(), labels=names, colors="red"))
+    return drawn
+
+
 class DetectionTask:
     name = "detection"
 
@@ -197,3 +274,40 @@ class DetectionTask:
             return f"{result['path']}: error: {result['error']}"
         found = ", ".join(f"{d['class']} {d['score']:.2f} at {d['box']}" for d in result["detections"])
         return f"{result['path']}: {found or 'nothing found'}"
+
+    def board_images(self, model: nn.Module, data: DetectionData, device: torch.device,
+                     count: int) -> list[torch.Tensor]:
+        return draw_validation(model, data.val_set, data.classes, label_offset(self.cfg), device, count)
+
+    def export_spec(self, run: TrainedRun, dynamic_batch: bool) -> ExportSpec:
+        if dynamic_batch:
+            raise TransferKitError("--dynamic-batch is for classifiers: an exported detector takes one image of any "
+                                   "size per call; leave the flag out")
+        masks = run.cfg.detection.kind == "maskrcnn"
+        outputs = ["boxes", "labels", "scores", *(["masks"] if masks else [])]
+        axes = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in outputs}}
+        offset = label_offset(run.cfg)
+        metadata = {
+            "input": "float32 [3, H, W]: one RGB image, 0-1, any size (resized and normalised inside)",
+            "output": "boxes [N, 4] x0 y0 x1 y1 in input pixels, labels [N] (class index + label_offset), scores [N]"
+                      + (", masks [N, 1, H, W]" if masks else ""),
+            "label_offset": str(offset),
+            "score_threshold": str(run.cfg.detection.score_threshold),
+        }
+        return ExportSpec(ExportedDetector(run.model, masks).eval(), ["image"], outputs, axes, metadata)
+
+    def export_inputs(self, data: DetectionData, count: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+        return [(data.val_set[i][0],) for i in range(min(count, len(data.val_set)))]
+
+    def compare_outputs(self, expected: list[Outputs], got: list[Outputs]) -> Agreement:
+        return compare_boxes(expected, got)
+
+    def exported_model(self, run_exported: RunExported, input_shape: list[int | None]) -> Callable:
+        def detect(images: list[torch.Tensor]) -> list[dict]:
+            found = []
+            for image in images:
+                boxes, labels, scores, *masks = run_exported((image,))
+                out = {"boxes": boxes, "labels": labels, "scores": scores}
+                found.append({**out, "masks": masks[0]} if masks else out)
+            return found
+        return detect

