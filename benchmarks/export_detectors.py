@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transferkit.config import load_config
 from transferkit.data.synthetic import make_synthetic_detection
+from transferkit.deploy import export
 from transferkit.errors import TransferKitError
-from transferkit.export import export
 from transferkit.run import train
 
 DETECTORS = ("fcos", "retinanet", "fasterrcnn", "maskrcnn", "ssdlite320_mobilenet_v3_large")

@@ -26,10 +26,10 @@ from transferkit.data.classification import dataset_classes, load_classification
 from transferkit.data.synthetic import make_synthetic_classification
 from transferkit.run import train
 from transferkit.tasks.classification import build_classifier
-from transferkit.train.device import place_model
-from transferkit.train.evaluate import evaluate
-from transferkit.train.optim import build_optimizer, build_scheduler
-from transferkit.train.runlog import read_metrics
+from transferkit.training.device import place_model
+from transferkit.training.evaluate import evaluate
+from transferkit.training.optim import build_optimizer, build_scheduler
+from transferkit.training.runlog import read_metrics
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 

@@ -27,9 +27,9 @@ from transferkit.data.classification import dataset_classes, load_classification
 from transferkit.data.synthetic import make_synthetic_classification
 from transferkit.progress import make_progress
 from transferkit.tasks.classification import ClassificationTask, build_model
-from transferkit.train.device import place_model
-from transferkit.train.loop import Loop, Optimisation, train_one_epoch
-from transferkit.train.optim import build_optimizer, build_scheduler
+from transferkit.training.device import place_model
+from transferkit.training.loop import Loop, Optimisation, train_one_epoch
+from transferkit.training.optim import build_optimizer, build_scheduler
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 

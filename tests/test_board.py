@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transferkit.config import load_config
 from transferkit.data.synthetic import make_synthetic_detection
 from transferkit.run import train
-from transferkit.train.board import lr_tags, scalars
+from transferkit.training.board import lr_tags, scalars
 
 
 def read_events(run_dir):

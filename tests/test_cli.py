@@ -84,7 +84,7 @@ def test_weights_inspect_and_transfer(tmp_path, capsys):
     import torch
 
     from transferkit.models.classification import create_classifier
-    from transferkit.train.checkpoint import load_weights
+    from transferkit.training.checkpoint import load_weights
 
     src, _ = create_classifier("test_efficientnet", 10)
     torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "src.pth")

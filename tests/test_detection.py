@@ -16,8 +16,8 @@ from transferkit.data.synthetic import make_synthetic_detection
 from transferkit.models.detection import HEAD_PATTERNS, backbone_stages, create_detector
 from transferkit.patterns import first_match
 from transferkit.run import train
-from transferkit.train.checkpoint import save_weights
-from transferkit.train.detection_metrics import coco_map, to_coco_results
+from transferkit.training.checkpoint import save_weights
+from transferkit.training.detection_metrics import coco_map, to_coco_results
 from transferkit.weights.transfer import restore_pretrained, transfer
 
 SMALL = DetectionConfig(min_size=[64], max_size=64, fpn_channels=32)
@@ -351,7 +351,7 @@ def test_mask_map_agrees_with_pycocotools_and_runs_for_mask_rcnn(shapes):
 
     from transferkit.data.detection import rasterise
     from transferkit.tasks.detection import build_detector, detection_loaders, label_offset, load_detection_data
-    from transferkit.train.detection_metrics import evaluate_detection
+    from transferkit.training.detection_metrics import evaluate_detection
 
     cfg = load_config(None, det_overrides(shapes, **{"detection.arch": "maskrcnn", "detection.score_threshold": 0}))
     data = load_detection_data(cfg)

@@ -15,8 +15,8 @@ from PIL import Image
 from transferkit.cli import main
 from transferkit.config import load_config
 from transferkit.data.synthetic import make_synthetic_detection
+from transferkit.deploy import META_FILE, export, read_metadata
 from transferkit.errors import TransferKitError
-from transferkit.export import META_FILE, export, read_metadata
 from transferkit.run import train
 from transferkit.tasks.base import Agreement
 from transferkit.tasks.classification import compare_logits
@@ -56,7 +56,7 @@ def test_classifier_export_agrees_with_pytorch(classifier_run, tmp_path, fmt, ca
     assert "top-1 agree on 4/4" in printed and "tolerance 0.0001" in printed, printed
     # the file reproduces the checkpoint's logits on an image it was not checked on
     from transferkit.tasks import task_for
-    from transferkit.train.rundir import run_config
+    from transferkit.training.rundir import run_config
     task = task_for(run_config(classifier_run))
     run = task.load_run(classifier_run)
     x = torch.rand(1, 3, 32, 32)

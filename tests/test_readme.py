@@ -92,7 +92,7 @@ def _json(path):
 def test_help_shows_the_api_and_import_stays_light():
     # `import transferkit` alone does not load torch; help() reaches the API and so does
     code = ("import sys, transferkit as tk; print('TORCH', 'torch' in sys.modules); help(tk); "
-            "import transferkit.train.loop; print(type(tk.train).__name__, type(tk.predict).__name__)")
+            "import transferkit.training.loop; print(type(tk.train).__name__, type(tk.predict).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(REPO / "src"), "PAGER": "cat", "PATH": "/usr/bin:/bin"}).stdout
     for name in ("load_config", "train", "evaluate", "predict", "transfer", "create_model", "load_run",

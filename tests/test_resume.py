@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from transferkit.config import load_config
 from transferkit.errors import TransferKitError
 from transferkit.run import train
-from transferkit.train.resume import find_state
-from transferkit.train.runlog import read_metrics
+from transferkit.training.resume import find_state
+from transferkit.training.runlog import read_metrics
 
 EPOCHS = 6
 
@@ -213,7 +213,7 @@ def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path,
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_root, tmp_path, monkeypatch):
-    from transferkit.train import resume
+    from transferkit.training import resume
 
     calls = {"n": 0}
     real = resume.save_weights

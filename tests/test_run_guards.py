@@ -21,7 +21,7 @@ from transferkit.cli import main
 from transferkit.config import load_config
 from transferkit.data.classification import ImageDataset
 from transferkit.run import train
-from transferkit.train.runlog import read_metrics
+from transferkit.training.runlog import read_metrics
 
 MARKER = ".transferkit-run"
 
@@ -128,7 +128,7 @@ def test_a_run_that_fails_before_it_starts_leaves_nothing(synth_root, tmp_path, 
 
 
 def test_the_marker_is_written_first_and_files_follow_the_umask(synth_root, tmp_path, monkeypatch):
-    from transferkit.train import runguard
+    from transferkit.training import runguard
 
     seen_at_lock = []
     real_acquire = runguard.RunLock.acquire
@@ -307,8 +307,8 @@ def test_nan_in_the_data_stops_and_keeps_the_last_good_state(synth_root, tmp_pat
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     from transferkit.models.classification import create_classifier
-    from transferkit.train.finite import NonFiniteError
-    from transferkit.train.loop import EpochRecorder
+    from transferkit.training.finite import NonFiniteError
+    from transferkit.training.loop import EpochRecorder
 
     model, _ = create_classifier("test_efficientnet", 3)
     (tmp_path / "checkpoints").mkdir()
@@ -338,7 +338,7 @@ def test_predict_on_a_run_with_a_damaged_config_is_one_line(synth_root, finished
 def test_a_training_state_with_nonfinite_weights_is_never_saved(synth_root, tmp_path, capsys, monkeypatch):
     """An update that leaves a weight NaN while the loss it came from was finite: the state due
     after that step (every 3 steps) is not written, and the run stops naming the tensor."""
-    import transferkit.train.loop as loop_module
+    import transferkit.training.loop as loop_module
 
     real = loop_module.build_optimisation
 

@@ -7,7 +7,7 @@ from transferkit.config import load_config
 from transferkit.models.classification import create_classifier
 from transferkit.run import train
 from transferkit.tasks.classification import build_model
-from transferkit.train.checkpoint import load_weights
+from transferkit.training.checkpoint import load_weights
 
 
 def run(root, tmp_path, **extra):

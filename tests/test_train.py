@@ -10,9 +10,9 @@ from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier
 from transferkit.run import train
 from transferkit.tasks.classification import build_model
-from transferkit.train.checkpoint import load_weights, read_metadata
-from transferkit.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from transferkit.train.runlog import read_metrics
+from transferkit.training.checkpoint import load_weights, read_metadata
+from transferkit.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from transferkit.training.runlog import read_metrics
 
 
 def test_tiny_run_learns_and_writes_run_dir(synth_root, tmp_path):
@@ -131,7 +131,7 @@ def test_rule_matching_nothing_is_an_error():
 
 
 def test_freeze_until_no_decay_and_layer_decay():
-    from transferkit.train.optim import plan_params
+    from transferkit.training.optim import plan_params
 
     model, family = create_classifier("tf_efficientnet_lite0", 2)
     plans = {p.name: p for p in plan_params(model, family.head_patterns,

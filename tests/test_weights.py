@@ -9,7 +9,7 @@ from conftest import SHARED_DATA, needs_shared
 from transferkit.config import DEFAULT_SOURCE
 from transferkit.errors import TransferKitError
 from transferkit.models.classification import create_classifier
-from transferkit.train.checkpoint import load_weights, save_weights
+from transferkit.training.checkpoint import load_weights, save_weights
 from transferkit.weights.formats import read_weights
 from transferkit.weights.sources import resolve_source
 from transferkit.weights.transfer import transfer

@@ -12,17 +12,17 @@ from torch import nn
 
 from transferkit.config import Config
 from transferkit.config import load_config as _load_config
-from transferkit.export import ExportResult
-from transferkit.export import export as _export
+from transferkit.deploy import ExportResult
+from transferkit.deploy import export as _export
 from transferkit.models.family import Family
-from transferkit.predict import predict as _predict
-from transferkit.predict import predict_exported
+from transferkit.prediction import predict as _predict
+from transferkit.prediction import predict_exported
 from transferkit.run import TrainResult
 from transferkit.run import evaluate as _evaluate
 from transferkit.run import train as _train
 from transferkit.tasks import task_for
 from transferkit.tasks.base import PredictOptions, TrainedRun
-from transferkit.train.rundir import run_config
+from transferkit.training.rundir import run_config
 from transferkit.weights.transfer import TransferReport
 from transferkit.weights.transfer import transfer as _transfer
 
@@ -66,7 +66,7 @@ def predict(run: str | Path, images: Sequence[str | Path], weights: str = "best"
     file written by `export`: the `topk` classes with probabilities, or the boxes scoring `score`
     or more. An image that cannot be decoded gets an `error` instead.
 
-        for r in transferkit.predict("runs/mine", ["photo.jpg"], topk=2):
+        for r in transferkit.prediction("runs/mine", ["photo.jpg"], topk=2):
             print(r["path"], r["predictions"])
     """
     options = PredictOptions(topk=topk, score=score)

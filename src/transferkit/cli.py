@@ -22,19 +22,19 @@ from transferkit.data.lists import make_lists, parse_fractions, read_classes
 from transferkit.data.shards import pack
 from transferkit.data.synthetic import SYNTHETIC
 from transferkit.demo import run_demo
+from transferkit.deploy import FORMATS, export
 from transferkit.errors import TransferKitError
-from transferkit.export import FORMATS, export
 from transferkit.fileio import write_json
 from transferkit.models.classification import create_classifier
 from transferkit.patterns import matches
-from transferkit.predict import predict, predict_exported
+from transferkit.prediction import predict, predict_exported
 from transferkit.progress import console
 from transferkit.run import evaluate, train
 from transferkit.tasks import task_for
 from transferkit.tasks.base import PredictOptions
-from transferkit.train.checkpoint import save_weights
-from transferkit.train.loop import Interrupted
-from transferkit.train.optim import plan_params, plan_table
+from transferkit.training.checkpoint import save_weights
+from transferkit.training.loop import Interrupted
+from transferkit.training.optim import plan_params, plan_table
 from transferkit.weights.formats import describe_weights
 from transferkit.weights.sources import resolve_source
 from transferkit.weights.transfer import transfer

@@ -20,15 +20,15 @@ from transferkit.fileio import write_json
 from transferkit.progress import console, make_progress
 from transferkit.tasks import task_for
 from transferkit.tasks.base import Built, Task
-from transferkit.train.board import Board
-from transferkit.train.checkpoint import load_weights
-from transferkit.train.device import place_model, seed_everything, select_device
-from transferkit.train.loop import EpochRecorder, Loop, Say, run_finetune
-from transferkit.train.optim import freeze_batchnorm
-from transferkit.train.resume import ResumePoint
-from transferkit.train.rundir import open_run, write_run_start
-from transferkit.train.runlog import plot_curves, summary_table
-from transferkit.train.strategies import run_probe
+from transferkit.training.board import Board
+from transferkit.training.checkpoint import load_weights
+from transferkit.training.device import place_model, seed_everything, select_device
+from transferkit.training.loop import EpochRecorder, Loop, Say, run_finetune
+from transferkit.training.optim import freeze_batchnorm
+from transferkit.training.resume import ResumePoint
+from transferkit.training.rundir import open_run, write_run_start
+from transferkit.training.runlog import plot_curves, summary_table
+from transferkit.training.strategies import run_probe
 from transferkit.weights.transfer import TransferReport
 
 

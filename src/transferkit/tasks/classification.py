@@ -29,9 +29,9 @@ from transferkit.tasks.base import (
     RunExported,
     TrainedRun,
 )
-from transferkit.train.checkpoint import load_weights
-from transferkit.train.evaluate import evaluate
-from transferkit.train.rundir import checkpoint_path
+from transferkit.training.checkpoint import load_weights
+from transferkit.training.evaluate import evaluate
+from transferkit.training.rundir import checkpoint_path
 from transferkit.weights.transfer import TransferReport, restore_pretrained
 
 

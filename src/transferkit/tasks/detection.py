@@ -37,9 +37,9 @@ from transferkit.tasks.base import (
     RunExported,
     TrainedRun,
 )
-from transferkit.train.checkpoint import load_weights
-from transferkit.train.detection_metrics import evaluate_detection
-from transferkit.train.rundir import checkpoint_path
+from transferkit.training.checkpoint import load_weights
+from transferkit.training.detection_metrics import evaluate_detection
+from transferkit.training.rundir import checkpoint_path
 from transferkit.weights import zoo
 from transferkit.weights.transfer import TransferReport, restore_pretrained
 

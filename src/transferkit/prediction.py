@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from transferkit.data.images import image_files
+from transferkit.deploy import load_exported
 from transferkit.errors import TransferKitError
-from transferkit.export import load_exported
 from transferkit.tasks import task_for
 from transferkit.tasks.base import PredictOptions, Task
-from transferkit.train.rundir import run_config
+from transferkit.training.rundir import run_config
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:

@@ -22,8 +22,8 @@ from transferkit.fileio import atomic_write
 from transferkit.models.family import layer_ids
 from transferkit.patterns import first_match
 from transferkit.progress import StepProgress
-from transferkit.train.evaluate import classification_metrics
-from transferkit.train.optim import build_optimizer, build_scheduler
+from transferkit.training.evaluate import classification_metrics
+from transferkit.training.optim import build_optimizer, build_scheduler
 
 
 @torch.no_grad()
@@ -103,7 +103,7 @@ def stage_count(model: nn.Module) -> int:
 def run_probe(cfg: Config, model: nn.Module, data: ClassificationData, device: torch.device, recorder,
               progress: StepProgress) -> None:
     """Linear probe: backbone features computed once, the head trained on them; each epoch goes to
-    `recorder` (train/loop.py's EpochRecorder) as phase `probe`."""
+    `recorder` (training/loop.py's EpochRecorder) as phase `probe`."""
     t0 = time.perf_counter()
     epochs = cfg.schedule.epochs if cfg.strategy == "linear_probe" else cfg.probe.epochs
     if cfg.probe.augment:

@@ -23,7 +23,7 @@ import torch
 
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
-from transferkit.train.checkpoint import save_weights
+from transferkit.training.checkpoint import save_weights
 from transferkit.weights.sources import sha256_of
 
 STATES = Path("checkpoints") / "states"

@@ -1,5 +1,5 @@
 """The run directory: made for a new run (never over another run, nor into a folder of the user's
-own), or found again for a resume, and held by this process (train/runguard.py); what is written
+own), or found again for a resume, and held by this process (training/runguard.py); what is written
 into it before the first step; reading a finished run's config and checkpoints."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 from transferkit.config import Config, load_config
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json, write_text
-from transferkit.train.resume import ResumePoint, find_state, load_state
-from transferkit.train.resumecheck import check_resume_config
-from transferkit.train.runguard import RunClaim, claim_new_run, claim_run_to_resume
+from transferkit.training.resume import ResumePoint, find_state, load_state
+from transferkit.training.resumecheck import check_resume_config
+from transferkit.training.runguard import RunClaim, claim_new_run, claim_run_to_resume
 from transferkit.weights.transfer import TransferReport
 
 Say = Callable[..., None]

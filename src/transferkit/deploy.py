@@ -28,7 +28,7 @@ from transferkit.outputs import output_folder
 from transferkit.preprocessing import Preprocessing
 from transferkit.tasks import task_for
 from transferkit.tasks.base import Agreement, ExportSpec, RunExported, Task, TrainedRun
-from transferkit.train.rundir import run_config
+from transferkit.training.rundir import run_config
 from transferkit.yamlsafe import load_yaml
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader
 from transferkit.config import Config
 from transferkit.fileio import write_text
 from transferkit.progress import StepProgress
-from transferkit.train.checkpoint import save_weights
-from transferkit.train.finite import NonFiniteError, check_loss, require_finite
-from transferkit.train.optim import build_optimizer, build_scheduler, plan_params, plan_table, set_train_mode
-from transferkit.train.resume import STATES, ResumePoint, carry_optimizer_state, save_state, set_rng_state
-from transferkit.train.runlog import MetricsLog, read_metrics
-from transferkit.train.strategies import stage_count, unfreeze_stages
+from transferkit.training.checkpoint import save_weights
+from transferkit.training.finite import NonFiniteError, check_loss, require_finite
+from transferkit.training.optim import build_optimizer, build_scheduler, plan_params, plan_table, set_train_mode
+from transferkit.training.resume import STATES, ResumePoint, carry_optimizer_state, save_state, set_rng_state
+from transferkit.training.runlog import MetricsLog, read_metrics
+from transferkit.training.strategies import stage_count, unfreeze_stages
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]  # (model, batch) -> (loss, batch size)
 EvalFn = Callable[[nn.Module, DataLoader], dict]  # (model, validation loader) -> metrics

@@ -12,7 +12,7 @@ import yaml
 
 from transferkit.config import Config
 from transferkit.errors import TransferKitError
-from transferkit.train.resume import KEPT_CONFIG, SAFE_TO_CHANGE, config_changes
+from transferkit.training.resume import KEPT_CONFIG, SAFE_TO_CHANGE, config_changes
 from transferkit.weights.sources import sha256_of
 
 # Keys that old configs and runs may hold but that no longer do anything: not compared.

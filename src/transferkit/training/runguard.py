@@ -14,7 +14,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from transferkit.errors import TransferKitError
-from transferkit.train.resume import STATES
+from transferkit.training.resume import STATES
 
 MARKER = ".transferkit-run"  # {"format": 1}: this folder is a transferkit run
 LOCK = ".transferkit-run.lock"  # held (flock) by the one process that writes the run
