@@ -6,6 +6,8 @@ Statuses, per target tensor:
   excluded       left out by a user `exclude` pattern
   out-of-scope   outside the scope (the head, for all-but-head and backbone)
   missing        no source tensor matched; keeps the model's own initialisation
+  folded         a convolution + BatchNorm pair restored from a source that folded the BatchNorm
+                 into the convolution (weights/folding.py): same function, BatchNorm as identity
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from torch import nn
 from transferkit.config import PretrainedConfig
 from transferkit.errors import TransferKitError
 from transferkit.patterns import first_match
+from transferkit.weights.folding import BN_LEAVES, batchnorm_eps, conv_bn_pairs, fold, folded_view, source_is_folded
 from transferkit.weights.formats import WeightFile, read_weights
-from transferkit.weights.matching import input_adaptable, match_names
+from transferkit.weights.matching import apply_renames, input_adaptable, match_names
 from transferkit.weights.sources import resolve_source
 
 SCOPES = ("backbone", "all-but-head", "full")
+RESTORED = ("loaded", "folded")  # statuses whose values came from the source
 
 
 @dataclass
@@ -72,7 +76,7 @@ class TransferReport:
     def fraction_restored(self, names: Sequence[str] | None = None) -> float:
         chosen = [e for e in self.entries if names is None or e.target in names]
         total = sum(e.numel for e in chosen)
-        return sum(e.numel for e in chosen if e.status == "loaded") / total if total else 0.0
+        return sum(e.numel for e in chosen if e.status in RESTORED) / total if total else 0.0
 
     def per_module(self) -> dict[str, dict[str, Any]]:
         groups: dict[str, list[TensorEntry]] = defaultdict(list)
@@ -81,10 +85,10 @@ class TransferReport:
         out = {}
         for module, entries in groups.items():
             total = sum(e.numel for e in entries)
-            loaded = sum(e.numel for e in entries if e.status == "loaded")
+            loaded = sum(e.numel for e in entries if e.status in RESTORED)
             out[module] = {
                 "tensors": len(entries),
-                "loaded": sum(e.status == "loaded" for e in entries),
+                "loaded": sum(e.status in RESTORED for e in entries),
                 "fraction_restored": loaded / total if total else 0.0,
             }
         return out
@@ -130,7 +134,7 @@ class TransferReport:
             f"{self.fraction_restored():.1%} of target values restored; "
             f"{len(self.unused_source)} source tensors unused"
         ]
-        others = [e for e in self.entries if e.status != "loaded"]
+        others = [e for e in self.entries if e.status not in RESTORED]
         for e in others[:limit]:
             detail = (e.reason or "") + (f"; initialised {e.init}" if e.init else "")
             lines.append(f"  {e.status:<13} {e.target} {tuple(e.shape)} {detail}".rstrip())
@@ -193,6 +197,10 @@ def plan_transfer(
     src_shapes = {k: tuple(v.shape) for k, v in weights.tensors.items()}
     tgt_shapes = {k: tuple(v.shape) for k, v in target.items()}
     heads = {n for n in target if first_match(head_patterns, n) is not None}
+    pairs = conv_bn_pairs(tgt_shapes, batchnorm_eps(model))
+    folded = source_is_folded(src_shapes, pairs)
+    if folded:  # a folded source is matched against the names it has: conv biases, no BatchNorm
+        tgt_shapes = folded_view(tgt_shapes, pairs, keep=set(apply_renames(list(src_shapes), opt.rename).values()))
     if scope == "backbone" and backbone_prefix:
         inner = {k[len(backbone_prefix):]: v for k, v in tgt_shapes.items() if k.startswith(backbone_prefix)}
         matches = {backbone_prefix + k: m for k, m in match_names(src_shapes, inner, rename=opt.rename).items()}
@@ -243,9 +251,28 @@ def plan_transfer(
             to_load[name] = weights.tensors[m.source]
         report.entries.append(entry)
     restored_sources = {e.source for e in report.entries if e.status == "loaded"}
+    if folded:
+        restored_sources |= _restore_folded(report, to_load, pairs, matches, weights)
     report.unused_source = [k for k in weights.tensors if k not in restored_sources]
     check_required(report, opt.require, heads)
     return report, to_load
+
+
+def _restore_folded(report: TransferReport, to_load: dict[str, torch.Tensor], pairs, matches, weights) -> set[str]:
+    """Each pair the source folded: its BatchNorm as identity (plus the folded bias), marked folded."""
+    by_name = {e.target: e for e in report.entries}
+    held = {n for n, e in by_name.items() if e.status in ("excluded", "out-of-scope")}  # the user's say wins
+    pairs = [p for p in pairs if not any(p.bn_name(leaf) in held for leaf in BN_LEAVES)]
+    loaded = {e.target for e in report.entries if e.status == "loaded"}
+    done = fold(pairs, {t: m.source for t, m in matches.items()}, weights.tensors, loaded)
+    to_load.update(done.values)
+    for p in done.pairs:
+        for name in (f"{p.conv}.weight", p.bias, *(p.bn_name(leaf) for leaf in BN_LEAVES)):
+            entry = by_name.get(name)
+            if entry is not None:
+                entry.status, entry.how = "folded", "folded"
+                entry.reason = f"BatchNorm {p.bn} folded into {p.conv} in the source; identity here, eps {p.eps:g}"
+    return done.sources
 
 
 def check_required(report: TransferReport, require: Mapping[str, float], heads: set[str]) -> None:
@@ -265,7 +292,7 @@ def check_required(report: TransferReport, require: Mapping[str, float], heads: 
         got = report.fraction_restored(names)
         if got + 1e-12 < minimum:
             chosen = set(names)
-            first = next(e for e in report.entries if e.target in chosen and e.status != "loaded")
+            first = next(e for e in report.entries if e.target in chosen and e.status not in RESTORED)
             raise TransferKitError(
                 f"only {got:.1%} of {group} was restored from {report.source} (required {minimum:.0%}); "
                 f"first not restored: {first.target} ({first.status}: {first.reason}); "
