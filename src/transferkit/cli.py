@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--model", help="timm model name, or package.module:function returning an nn.Module "
                         "(that code is imported and run)")
     target.add_argument("--like", metavar="REF", help="an existing checkpoint whose names and shapes are the target")
+    p.add_argument("--bn-eps", type=float, default=1e-5, help="--like: the BatchNorm eps of the model the "
+                   "template's checkpoint is for (folded BatchNorm is restored as identity for that eps)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="timm models: a new head for this many classes (default: keep the source's, scope full)")
     p.add_argument("--in-chans", type=int, default=3)
@@ -412,7 +414,7 @@ def cmd_weights(args) -> int:
 
 def _transfer_target(args) -> Target:
     if args.like:
-        return template_target(args.like)
+        return template_target(args.like, args.bn_eps)
     if ":" in args.model:
         return factory_target(args.model)
     model, family = create_classifier(args.model, args.num_classes or IMAGENET_CLASSES, in_chans=args.in_chans)

@@ -48,7 +48,8 @@ def batchnorm_eps(model: nn.Module) -> dict[str, float]:
     return {name: float(m.eps) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-def conv_bn_pairs(shapes: Mapping[str, Shape], eps: Mapping[str, float] | None = None) -> list[ConvBN]:
+def conv_bn_pairs(shapes: Mapping[str, Shape], eps: Mapping[str, float] | None = None,
+                  default_eps: float = DEFAULT_EPS) -> list[ConvBN]:
     """Convolutions directly followed by a BatchNorm of their width, in state-dict order: a 4-D
     `X.weight` (and `X.bias`), then `Y.weight`, `Y.bias`, `Y.running_mean`, `Y.running_var` of
     its output width. Works on names and shapes alone, so a template checkpoint serves as well as
@@ -67,7 +68,7 @@ def conv_bn_pairs(shapes: Mapping[str, Shape], eps: Mapping[str, float] | None =
         bn = names[j][: -len(".weight")]
         width = (shapes[name][0],)
         if all(tuple(shapes.get(f"{bn}.{leaf}", ())) == width for leaf in BN_LEAVES):
-            pairs.append(ConvBN(conv, bn, has_bias, (eps or {}).get(bn, DEFAULT_EPS)))
+            pairs.append(ConvBN(conv, bn, has_bias, (eps or {}).get(bn, default_eps)))
     return pairs
 
 

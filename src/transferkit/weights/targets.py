@@ -17,6 +17,7 @@ from torch import nn
 
 from transferkit.errors import TransferKitError
 from transferkit.patterns import first_match
+from transferkit.weights.folding import DEFAULT_EPS
 from transferkit.weights.formats import read_weights
 from transferkit.weights.sources import resolve_source
 from transferkit.weights.transfer import RESTORED, TransferReport
@@ -26,9 +27,10 @@ class Template(nn.Module):
     """A parameter-only stand-in for a model: its state dict is the reference checkpoint's names,
     shapes and dtypes, in the reference's order, filled as restoring goes."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor], bn_eps: float = DEFAULT_EPS) -> None:
         super().__init__()
         self._tensors = {k: v.detach().clone() for k, v in tensors.items()}
+        self.bn_eps = bn_eps  # the eps of the BatchNorms the checkpoint is loaded into (folding needs it)
 
     def state_dict(self, *args, keep_vars: bool = False, **kwargs) -> dict[str, torch.Tensor]:  # noqa: ARG002
         return dict(self._tensors)  # the same tensors, so restoring into it fills them in place
@@ -64,9 +66,9 @@ class Target:
     default_scope: str = "full"
 
 
-def template_target(reference: str) -> Target:
+def template_target(reference: str, bn_eps: float = DEFAULT_EPS) -> Target:
     """`--like REF`: the names and shapes of an existing checkpoint, every tensor restored by default."""
-    return Target(Template(read_weights(resolve_source(reference)).tensors), f"like {reference}")
+    return Target(Template(read_weights(resolve_source(reference)).tensors, bn_eps), f"like {reference}")
 
 
 def factory_target(spec: str) -> Target:

@@ -26,7 +26,8 @@ from torch import nn
 from transferkit.config import PretrainedConfig
 from transferkit.errors import TransferKitError
 from transferkit.patterns import first_match
-from transferkit.weights.folding import BN_LEAVES, batchnorm_eps, conv_bn_pairs, fold, folded_view, source_is_folded
+from transferkit.weights import folding
+from transferkit.weights.folding import BN_LEAVES, conv_bn_pairs, fold, folded_view, source_is_folded
 from transferkit.weights.formats import WeightFile, read_weights
 from transferkit.weights.matching import apply_renames, input_adaptable, match_names
 from transferkit.weights.sources import resolve_source
@@ -197,7 +198,8 @@ def plan_transfer(
     src_shapes = {k: tuple(v.shape) for k, v in weights.tensors.items()}
     tgt_shapes = {k: tuple(v.shape) for k, v in target.items()}
     heads = {n for n in target if first_match(head_patterns, n) is not None}
-    pairs = conv_bn_pairs(tgt_shapes, batchnorm_eps(model))
+    # a template has no modules to ask: it says which eps its checkpoint's BatchNorms were built with
+    pairs = conv_bn_pairs(tgt_shapes, folding.batchnorm_eps(model), getattr(model, "bn_eps", folding.DEFAULT_EPS))
     folded = source_is_folded(src_shapes, pairs)
     if folded:  # a folded source is matched against the names it has: conv biases, no BatchNorm
         tgt_shapes = folded_view(tgt_shapes, pairs, keep=set(apply_renames(list(src_shapes), opt.rename).values()))
@@ -267,7 +269,10 @@ def _restore_folded(report: TransferReport, to_load: dict[str, torch.Tensor], pa
     done = fold(pairs, {t: m.source for t, m in matches.items()}, weights.tensors, loaded)
     to_load.update(done.values)
     for p in done.pairs:
-        for name in (f"{p.conv}.weight", p.bias, *(p.bn_name(leaf) for leaf in BN_LEAVES)):
+        counter = p.bn_name("num_batches_tracked")
+        if counter in by_name:  # the identity BatchNorm has seen no batches
+            to_load[counter] = torch.zeros((), dtype=torch.long)
+        for name in (f"{p.conv}.weight", p.bias, *(p.bn_name(leaf) for leaf in BN_LEAVES), counter):
             entry = by_name.get(name)
             if entry is not None:
                 entry.status, entry.how = "folded", "folded"
