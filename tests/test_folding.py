@@ -98,6 +98,19 @@ def test_unfolded_source_is_copied_as_it_is(tmp_path):
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in net.state_dict().items())
 
 
+def test_a_smaller_source_with_batchnorm_names_is_not_taken_for_folded(tmp_path):
+    """The source has fewer BatchNorms than the target (a backbone only), but holds them by name:
+    they are restored as they are, and nothing is folded."""
+    net = trained_net()
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items() if not k.startswith(("3.", "4.", "6."))},
+               tmp_path / "part.pth")
+    fresh = ConvBNNet()
+    report = transfer(fresh, tmp_path / "part.pth", scope="full")
+    assert "folded" not in report.counts()
+    assert torch.equal(fresh.state_dict()["1.running_var"], net.state_dict()["1.running_var"])
+    assert {e.target: e.status for e in report.entries}["4.running_var"] == "missing"
+
+
 def test_excluded_batchnorm_is_not_folded(tmp_path):
     torch.save(folded_state(trained_net()), tmp_path / "deploy.pth")
     fresh = ConvBNNet()
