@@ -29,7 +29,7 @@ from transferkit.patterns import first_match
 from transferkit.weights import folding
 from transferkit.weights.folding import BN_LEAVES, conv_bn_pairs, fold, folded_view, source_is_folded
 from transferkit.weights.formats import WeightFile, read_weights
-from transferkit.weights.matching import apply_renames, input_adaptable, match_names
+from transferkit.weights.matching import apply_renames, input_adaptable, match_names, strip_wrappers
 from transferkit.weights.sources import resolve_source
 
 SCOPES = ("backbone", "all-but-head", "full")
@@ -202,7 +202,7 @@ def plan_transfer(
     pairs = conv_bn_pairs(tgt_shapes, folding.batchnorm_eps(model), getattr(model, "bn_eps", folding.DEFAULT_EPS))
     folded = source_is_folded(src_shapes, pairs)
     if folded:  # a folded source is matched against the names it has: conv biases, no BatchNorm
-        tgt_shapes = folded_view(tgt_shapes, pairs, keep=set(apply_renames(list(src_shapes), opt.rename).values()))
+        tgt_shapes = folded_view(tgt_shapes, pairs, keep=_named_in_source(list(src_shapes), tgt_shapes, opt.rename))
     if scope == "backbone" and backbone_prefix:
         inner = {k[len(backbone_prefix):]: v for k, v in tgt_shapes.items() if k.startswith(backbone_prefix)}
         matches = {backbone_prefix + k: m for k, m in match_names(src_shapes, inner, rename=opt.rename).items()}
@@ -258,6 +258,14 @@ def plan_transfer(
     report.unused_source = [k for k in weights.tensors if k not in restored_sources]
     check_required(report, opt.require, heads)
     return report, to_load
+
+
+def _named_in_source(source: list[str], target: Mapping, rename) -> set[str]:
+    """Target names the source holds by name (renamed, or under a wrapper): a BatchNorm the source
+    keeps by name stays in the folded view, so a smaller source is not taken for a folded one."""
+    renamed = apply_renames(source, rename)
+    held = {strip_wrappers(renamed.get(n, n)) for n in source}
+    return set(renamed.values()) | {n for n in target if strip_wrappers(n) in held}
 
 
 def _restore_folded(report: TransferReport, to_load: dict[str, torch.Tensor], pairs, matches, weights) -> set[str]:
