@@ -66,8 +66,10 @@ def test_pairs_are_found_by_names_and_shapes():
     assert [(p.conv, p.bn, p.has_bias, p.eps) for p in pairs] == [("0", "1", False, 1e-3), ("3", "4", True, 1e-5)]
     shapes["4.running_mean"] = (5,)  # a BatchNorm of another width is not this convolution's
     assert [p.conv for p in conv_bn_pairs(shapes)] == ["0"]
-    assert source_is_folded({"a.weight": (8, 3, 3, 3)}, pairs)
-    assert not source_is_folded({"1.running_mean": (8,), "4.running_mean": (4,)}, pairs)
+    assert source_is_folded({"a.weight": (8, 3, 3, 3), "a.bias": (8,)}, pairs)
+    assert not source_is_folded({"a.weight": (8, 3, 3, 3)}, pairs)  # no bias: nothing was folded into it
+    assert not source_is_folded({"a.weight": (8, 3, 3, 3), "a.bias": (8,), "b.running_mean": (8,)}, pairs)
+    assert not source_is_folded({"a.weight": (8, 3, 3, 3), "a.bias": (8,)}, [])
 
 
 def test_folded_source_restores_the_same_function(tmp_path):

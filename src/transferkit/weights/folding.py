@@ -9,9 +9,10 @@ hold it. A BatchNorm kept as a scale and an offset without running statistics (T
 constants after a convolution it could not fold) gets mean 0 and var 1 - eps: it then computes
 x * weight + bias. The report marks every tensor of such a pair `folded`.
 
-A source is taken for folded when it holds fewer BatchNorms (running means) than the target has
-convolution + BatchNorm pairs; its convolution biases then land on the target convolution's bias,
-which is added to the names matched against when the convolution has none.
+A source is taken for folded when the target has convolution + BatchNorm pairs and the source has
+no BatchNorm statistics at all but convolutions with a bias; its convolution biases then land on
+the target convolution's bias, which is added to the names matched against when the convolution
+has none.
 """
 
 from __future__ import annotations
@@ -73,8 +74,13 @@ def conv_bn_pairs(shapes: Mapping[str, Shape], eps: Mapping[str, float] | None =
 
 
 def source_is_folded(source: Mapping[str, Shape], pairs: Collection[ConvBN]) -> bool:
-    """Fewer BatchNorms in the source than convolution + BatchNorm pairs in the target."""
-    return bool(pairs) and sum(n.endswith(".running_mean") for n in source) < len(pairs)
+    """The target has convolution + BatchNorm pairs, the source no BatchNorm statistics at all and
+    convolutions with a bias: where its BatchNorms went. A source that keeps some BatchNorms (a
+    backbone for a bigger model, a classifier for a detector) is matched as it is."""
+    if not pairs or any(n.endswith(".running_mean") for n in source):
+        return False
+    return any(len(shape) == 4 and n.endswith(".weight") and tuple(source.get(f"{n[:-7]}.bias", ())) == shape[:1]
+               for n, shape in source.items())
 
 
 def folded_view(target: Mapping[str, Shape], pairs: Collection[ConvBN], keep: Collection[str] = ()) -> dict[str, Shape]:

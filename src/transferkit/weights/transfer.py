@@ -200,7 +200,8 @@ def plan_transfer(
     heads = {n for n in target if first_match(head_patterns, n) is not None}
     # a template has no modules to ask: it says which eps its checkpoint's BatchNorms were built with
     pairs = conv_bn_pairs(tgt_shapes, folding.batchnorm_eps(model), getattr(model, "bn_eps", folding.DEFAULT_EPS))
-    folded = source_is_folded(src_shapes, pairs)
+    renamed = apply_renames(list(src_shapes), opt.rename)  # a name map tells which tensor is a bias
+    folded = source_is_folded({renamed.get(k, k): v for k, v in src_shapes.items()}, pairs)
     if folded:  # a folded source is matched against the names it has: conv biases, no BatchNorm
         tgt_shapes = folded_view(tgt_shapes, pairs, keep=_named_in_source(list(src_shapes), tgt_shapes, opt.rename))
     if scope == "backbone" and backbone_prefix:
