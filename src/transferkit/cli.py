@@ -33,7 +33,7 @@ from transferkit.tasks.base import PredictOptions
 from transferkit.train.checkpoint import save_weights
 from transferkit.train.loop import Interrupted
 from transferkit.train.optim import plan_params, plan_table
-from transferkit.weights.export import convert
+from transferkit.weights.export import conversion_summary, convert
 from transferkit.weights.formats import describe_weights, read_weights
 from transferkit.weights.name_maps import as_rename_rules, read_name_map
 from transferkit.weights.sources import resolve_source
@@ -379,7 +379,7 @@ def cmd_weights(args) -> int:
     if args.weights_command == "convert":
         weights = convert(args.source, args.out, args.sha256)
         print(f"wrote {args.out}: {len(weights.tensors)} tensors from {weights.format} "
-              f"(converted: {weights.metadata.get('converted', 'none')})")
+              f"(converted: {conversion_summary(weights.metadata)})")
         return 0
 
     if not args.dry_run and not args.out:

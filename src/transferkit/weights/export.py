@@ -7,6 +7,7 @@ where each tensor came from (formats/origins.py) in the safetensors metadata.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,6 +27,20 @@ def convert(source: str | Path, out: str | Path, sha256: str | None = None) -> W
     meta.update({"format": weights.format, "source": str(source)})
     atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return weights
+
+
+def conversion_summary(metadata: dict[str, str]) -> str:
+    """One line: each conversion and how many tensors had it. Readers record it either as that line
+    already (origins.py) or as JSON of tensor -> conversion (the TensorFlow and Keras readers)."""
+    converted = metadata.get("converted", "none")
+    try:
+        per_tensor = json.loads(converted)
+    except json.JSONDecodeError:
+        return converted
+    if not isinstance(per_tensor, dict):
+        return converted
+    counts = Counter(v for v in per_tensor.values() if v != "unchanged")
+    return "; ".join(f"{what}: {n}" for what, n in counts.items()) or "none"
 
 
 def _distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
