@@ -1,6 +1,6 @@
-"""MXNet RetinaFace mnet.25 without MXNet: its outputs cannot be produced here (MXNet has no wheels
-for this Python), so the converted tensors are checked against values decoded by hand from the
-file's bytes, and each BatchNorm against the symbol's own attributes (fix_gamma, eps)."""
+"""MXNet RetinaFace mnet.25 without MXNet: no reference outputs from MXNet itself yet, so the
+converted tensors are checked against values decoded by hand from the file's bytes, and each
+BatchNorm against the symbol's own attributes (fix_gamma, eps)."""
 
 from __future__ import annotations
 
