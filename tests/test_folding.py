@@ -177,6 +177,9 @@ def test_factory_target(tmp_path, monkeypatch, capsys):
                      "--dry-run"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["weights", "transfer", "--model", "user_nets:build", "--num-classes", "3", "--from",
+                 str(tmp_path / "deploy.pth"), "--dry-run"]) == 2
+    assert "--num-classes sizes a timm model's head" in capsys.readouterr().err
     sys.modules.pop("user_nets", None)
 
 

@@ -413,6 +413,8 @@ def cmd_weights(args) -> int:
 
 
 def _transfer_target(args) -> Target:
+    if (args.like or ":" in args.model) and args.num_classes is not None:
+        raise TransferKitError("--num-classes sizes a timm model's head; a template or your own model has its own")
     if args.like:
         return template_target(args.like, args.bn_eps)
     if ":" in args.model:
