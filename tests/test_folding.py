@@ -139,7 +139,9 @@ def test_template_target_and_name_map(tmp_path, capsys):
             "--out", str(out)]
     assert main(args) == 2  # by order, the shapes disagree at once
     assert "part at position 0" in capsys.readouterr().err
+    capsys.readouterr()
     assert main([*args, "--map", str(tmp_path / "map.json")]) == 0
+    assert "warning" not in capsys.readouterr().err
     written = load_file(out)
     assert set(written) == set(net.state_dict())  # the reference's names only: no bias added to conv 0
     fresh = ConvBNNet()
@@ -149,6 +151,9 @@ def test_template_target_and_name_map(tmp_path, capsys):
     assert main([*args, "--map", str(tmp_path / "map.json"), "--bn-eps", "1e-2"]) == 0
     fresh.load_state_dict(load_file(out))  # restored for another eps: not the same function here
     assert not torch.allclose(outputs(fresh), outputs(net), rtol=1e-4, atol=1e-4)
+    assert main([*args, "--map", str(tmp_path / "map.json"), "--exclude", "6.*"]) == 0
+    assert torch.equal(load_file(out)["6.weight"], net.state_dict()["6.weight"])  # the reference's own
+    assert "2 tensors of" in capsys.readouterr().err  # and named as not restored
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert main([*args, "--map", str(tmp_path / "bad.json")]) == 2
     assert "a name map is an object" in capsys.readouterr().err

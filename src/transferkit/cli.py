@@ -37,7 +37,7 @@ from transferkit.weights.export import conversion_summary, convert
 from transferkit.weights.formats import describe_weights, read_weights
 from transferkit.weights.name_maps import as_rename_rules, read_name_map
 from transferkit.weights.sources import resolve_source
-from transferkit.weights.targets import Target, factory_target, random_head, template_target
+from transferkit.weights.targets import Target, factory_target, random_head, template_target, unrestored
 from transferkit.weights.transfer import TransferOptions, apply_transfer, plan_transfer
 
 IMAGENET_CLASSES = 1000  # a timm model named without --num-classes keeps an ImageNet source's classes
@@ -409,6 +409,10 @@ def cmd_weights(args) -> int:
             print(f"warning: {args.out} has a head that was not restored ({', '.join(random)}): it predicts at "
                   "random until trained; to keep the source's classes, leave out --num-classes or use --scope full",
                   file=sys.stderr)
+        kept = unrestored(report) if not target.head_patterns else []
+        if kept:  # a template or a user's model: no head is known, so every tensor not restored is named
+            print(f"warning: {len(kept)} tensors of {args.out} were not restored and keep {target.initial} "
+                  f"(first: {', '.join(kept[:3])}); see the report", file=sys.stderr)
     return 0
 
 

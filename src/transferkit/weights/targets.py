@@ -64,16 +64,24 @@ class Target:
     head_patterns: Sequence[str] = ()
     backbone_patterns: Sequence[str] | None = None
     default_scope: str = "full"
+    initial: str = "the model's initialisation"  # what a tensor that is not restored holds
 
 
 def template_target(reference: str, bn_eps: float = DEFAULT_EPS) -> Target:
     """`--like REF`: the names and shapes of an existing checkpoint, every tensor restored by default."""
-    return Target(Template(read_weights(resolve_source(reference)).tensors, bn_eps), f"like {reference}")
+    return Target(Template(read_weights(resolve_source(reference)).tensors, bn_eps), f"like {reference}",
+                  initial="the reference's values")
 
 
 def factory_target(spec: str) -> Target:
     """`--model pkg.mod:function`: the user's own model; its head is not known, so scope full by default."""
     return Target(from_factory(spec), spec)
+
+
+def unrestored(report: TransferReport) -> list[str]:
+    """Tensors the source did not give, BatchNorm step counters aside (they carry nothing)."""
+    return [e.target for e in report.entries
+            if e.status not in RESTORED and not e.target.endswith("num_batches_tracked")]
 
 
 def random_head(report: TransferReport, head_patterns: Sequence[str]) -> list[str]:
