@@ -263,3 +263,17 @@ def test_efficientnet_lite0_without_num_classes_predicts_imagenet(tmp_path):
     assert all(want in got for want, got in zip(expected, top5, strict=True)), top5
     # the one miss: bees crowded on their comb, which ImageNet calls honeycomb (599)
     assert [got[0] for got in top5] == [310, 310, 599, 309]
+
+
+def test_folded_tensors_count_as_restored_for_init_rules(tmp_path):
+    """model.init touches only what was not restored: folded tensors came from the source."""
+    from transferkit.config import InitRule
+    from transferkit.models.init import apply_init_rules
+
+    net = trained_net()
+    torch.save(folded_state(net), tmp_path / "deploy.pth")
+    fresh = ConvBNNet()
+    report = transfer(fresh, tmp_path / "deploy.pth", scope="full", exclude=["6.*"])
+    done = apply_init_rules(fresh, [InitRule(type="constant", layer=["Conv2d", "BatchNorm2d"], val=0.0)], report)
+    assert set(done) == {"6.weight", "6.bias"}
+    assert torch.count_nonzero(fresh.state_dict()["0.weight"]) > 0

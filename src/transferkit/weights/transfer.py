@@ -97,6 +97,10 @@ class TransferReport:
     def by_status(self, status: str) -> list[TensorEntry]:
         return [e for e in self.entries if e.status == status]
 
+    def restored(self) -> list[str]:
+        """Target names whose values came from the source: loaded, or folded."""
+        return [e.target for e in self.entries if e.status in RESTORED]
+
     def note_init(self, names: Sequence[str], how: str) -> None:
         chosen = set(names)
         for e in self.entries:
