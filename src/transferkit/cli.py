@@ -35,9 +35,14 @@ from transferkit.tasks.base import PredictOptions
 from transferkit.training.checkpoint import save_weights
 from transferkit.training.loop import Interrupted
 from transferkit.training.optim import plan_params, plan_table
-from transferkit.weights.formats import describe_weights
+from transferkit.weights.convert import conversion_summary, convert
+from transferkit.weights.formats import describe_weights, read_weights
+from transferkit.weights.name_maps import as_rename_rules, read_name_map
 from transferkit.weights.sources import resolve_source
-from transferkit.weights.transfer import transfer
+from transferkit.weights.targets import Target, factory_target, random_head, template_target, unrestored
+from transferkit.weights.transfer import TransferOptions, apply_transfer, plan_transfer
+
+IMAGENET_CLASSES = 1000  # a timm model named without --num-classes keeps an ImageNet source's classes
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -107,21 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="file, archive, URL or package:NAME")
     p.add_argument("--json", action="store_true")
     p = wsub.add_parser("transfer", help="restore a source into a model and save it (or --dry-run: report only)")
-    p.add_argument("--model", required=True, help="timm model name")
-    p.add_argument("--num-classes", type=int, default=1000)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="timm model name, or package.module:function returning an nn.Module "
+                        "(that code is imported and run)")
+    target.add_argument("--like", metavar="REF", help="an existing checkpoint whose names and shapes are the target")
+    p.add_argument("--bn-eps", type=float, default=1e-5, help="--like: the BatchNorm eps of the model the "
+                   "template's checkpoint is for (folded BatchNorm is restored as identity for that eps)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="timm models: a new head for this many classes (default: keep the source's, scope full)")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--from", dest="source", required=True, help="file, archive, URL or package:NAME")
     p.add_argument("--sha256")
-    p.add_argument("--scope", default="all-but-head",
-                   help="backbone | all-but-head | full (or classification | detection)")
+    p.add_argument("--scope", default=None, help="backbone | all-but-head | full (or classification | detection); "
+                   "default full, or all-but-head with --num-classes")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN")
     p.add_argument("--rename", action="append", default=[], metavar="REGEX=REPLACEMENT")
+    p.add_argument("--map", metavar="FILE.json", help="source -> target names: an object, or a layer table "
+                   '[{"name": LAYER, "weight": [TARGET, ...]}]')
     p.add_argument("--require", action="append", default=[], metavar="GROUP=FRACTION")
     p.add_argument("--on-shape-mismatch", choices=("skip", "error"), default="skip")
     p.add_argument("--report", help="write the transfer report JSON here")
     p.add_argument("--out", help="output .safetensors")
     p.add_argument("--dry-run", action="store_true", help="print the report, write no weights")
+
+    p = wsub.add_parser("convert", help="every tensor of a source, in PyTorch layout under its own names, "
+                        "to safetensors with the origin record as metadata")
+    p.add_argument("source", help="file, archive, URL or package:NAME")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--sha256")
 
     model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("params", help="parameter names and shapes, and which optimiser rule each falls under")
@@ -394,24 +413,56 @@ def cmd_weights(args) -> int:
                 print(f"  {e['name']:<60} {str(tuple(e['shape'])):<22} {e['dtype']}")
         return 0
 
+    if args.weights_command == "convert":
+        weights = convert(args.source, args.out, args.sha256)
+        print(f"wrote {args.out}: {len(weights.tensors)} tensors from {weights.format} "
+              f"(converted: {conversion_summary(weights.metadata)})")
+        return 0
+
     if not args.dry_run and not args.out:
         raise TransferKitError("give --out FILE.safetensors for the restored weights, or --dry-run")
-    model, family = create_classifier(args.model, args.num_classes, in_chans=args.in_chans)
-    report = transfer(
-        model, args.source, scope=SCOPE_ALIASES.get(args.scope, args.scope), head_patterns=family.head_patterns,
-        backbone_patterns=family.backbone_patterns, sha256=args.sha256, dry_run=args.dry_run,
-        exclude=args.exclude, include=args.include, rename=_pairs(args.rename, "--rename"),
-        require=dict(_pairs(args.require, "--require", float)), on_shape_mismatch=args.on_shape_mismatch,
-    )
+    target = _transfer_target(args)
+    weights = read_weights(resolve_source(args.source, args.sha256))
+    rename = _pairs(args.rename, "--rename") + (as_rename_rules(read_name_map(args.map, weights)) if args.map else [])
+    options = TransferOptions(
+        scope=SCOPE_ALIASES.get(args.scope, args.scope or target.default_scope), exclude=args.exclude,
+        include=args.include, rename=rename, require=dict(_pairs(args.require, "--require", float)),
+        on_shape_mismatch=args.on_shape_mismatch)
+    report, to_load = plan_transfer(target.model, weights, options, target.head_patterns, target.backbone_patterns)
+    report.source = args.source
+    model = target.model
+    if not args.dry_run:
+        apply_transfer(model, to_load)
     console.print(report.table())
     for line in report.summary_lines()[1:]:
         console.print(line, highlight=False)
     if args.report:
         write_json(args.report, report.to_dict())
     if not args.dry_run:
-        save_weights(model, args.out, {"model": args.model, "source": args.source})
+        save_weights(model, args.out, {"model": target.label, "source": args.source})
         print(f"wrote {args.out}")
+        random = random_head(report, target.head_patterns)
+        if random:
+            print(f"warning: {args.out} has a head that was not restored ({', '.join(random)}): it predicts at "
+                  "random until trained; to keep the source's classes, leave out --num-classes or use --scope full",
+                  file=sys.stderr)
+        kept = unrestored(report) if not target.head_patterns else []
+        if kept:  # a template or a user's model: no head is known, so every tensor not restored is named
+            print(f"warning: {len(kept)} tensors of {args.out} were not restored and keep {target.initial} "
+                  f"(first: {', '.join(kept[:3])}); see the report", file=sys.stderr)
     return 0
+
+
+def _transfer_target(args) -> Target:
+    if (args.like or ":" in args.model) and args.num_classes is not None:
+        raise TransferKitError("--num-classes sizes a timm model's head; a template or your own model has its own")
+    if args.like:
+        return template_target(args.like, args.bn_eps)
+    if ":" in args.model:
+        return factory_target(args.model)
+    model, family = create_classifier(args.model, args.num_classes or IMAGENET_CLASSES, in_chans=args.in_chans)
+    return Target(model, args.model, family.head_patterns, family.backbone_patterns,
+                  "full" if args.num_classes is None else "all-but-head")
 
 
 def cmd_model(args) -> int:

@@ -49,7 +49,7 @@ def apply_init_rules(model: nn.Module, rules: Sequence[InitRule], report: Transf
                      read_source: Callable[[str], Mapping[str, torch.Tensor]] = read_source_tensors
                      ) -> dict[str, str]:
     """Apply `rules` in order; returns {tensor name: how it was initialised} for what was touched."""
-    restored = {e.target for e in report.by_status("loaded")} if report else set()
+    restored = set(report.restored()) if report else set()
     done: dict[str, str] = {}
     for i, rule in enumerate(rules):
         if not rule.layer and rule.override is None:

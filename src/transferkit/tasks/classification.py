@@ -51,7 +51,7 @@ def build_model(cfg: Config, num_classes: int, restore: bool = True) -> tuple[nn
     torch.manual_seed(cfg.seed)  # the new head's initialisation is part of the run's seed
     model, family = create_classifier(cfg.model.name, num_classes, cfg.model.drop_rate)
     report = restore_pretrained(model, family, cfg.pretrained) if restore else None
-    restored = [e.target for e in report.by_status("loaded")] if report else []
+    restored = report.restored() if report else []
     initialised = init_head(model, family.head_patterns, cfg.model.head_init, skip=restored)
     if report is not None:
         report.note_init(initialised, cfg.model.head_init)

@@ -67,7 +67,7 @@ def build_detector(cfg: Config, classes: list[str], restore: bool = True
     if report is not None:
         # torchvision's own initialisation of the heads (normal std 0.01, prior-probability bias
         # for RetinaNet and FCOS) is what they are tuned with, so the new tensors keep it.
-        restored = {e.target for e in report.by_status("loaded")}
+        restored = set(report.restored())
         report.note_init([e.target for e in report.entries if e.target not in restored], "torchvision default")
         if cfg.pretrained.head_init is not None:
             init_detector_head_from_classes(model, report, classes, source_classes(cfg),

@@ -6,6 +6,8 @@ Statuses, per target tensor:
   excluded       left out by a user `exclude` pattern
   out-of-scope   outside the scope (the head, for all-but-head and backbone)
   missing        no source tensor matched; keeps the model's own initialisation
+  folded         a convolution + BatchNorm pair restored from a source that folded the BatchNorm
+                 into the convolution (weights/folding.py): same function, BatchNorm as identity
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from torch import nn
 from transferkit.config import PretrainedConfig
 from transferkit.errors import TransferKitError
 from transferkit.patterns import first_match
+from transferkit.weights import folding
+from transferkit.weights.folding import BN_LEAVES, conv_bn_pairs, fold, folded_view, source_is_folded
 from transferkit.weights.formats import WeightFile, read_weights
-from transferkit.weights.matching import input_adaptable, match_names
+from transferkit.weights.matching import apply_renames, input_adaptable, match_names, strip_wrappers
 from transferkit.weights.sources import resolve_source
 
 SCOPES = ("backbone", "all-but-head", "full")
+RESTORED = ("loaded", "folded")  # statuses whose values came from the source
 
 
 @dataclass
@@ -80,7 +85,7 @@ class TransferReport:
     def fraction_restored(self, names: Sequence[str] | None = None) -> float:
         chosen = [e for e in self.entries if names is None or e.target in names]
         total = sum(e.numel for e in chosen)
-        return sum(e.numel for e in chosen if e.status == "loaded") / total if total else 0.0
+        return sum(e.numel for e in chosen if e.status in RESTORED) / total if total else 0.0
 
     def per_module(self) -> dict[str, dict[str, Any]]:
         groups: dict[str, list[TensorEntry]] = defaultdict(list)
@@ -89,16 +94,20 @@ class TransferReport:
         out = {}
         for module, entries in groups.items():
             total = sum(e.numel for e in entries)
-            loaded = sum(e.numel for e in entries if e.status == "loaded")
+            loaded = sum(e.numel for e in entries if e.status in RESTORED)
             out[module] = {
                 "tensors": len(entries),
-                "loaded": sum(e.status == "loaded" for e in entries),
+                "loaded": sum(e.status in RESTORED for e in entries),
                 "fraction_restored": loaded / total if total else 0.0,
             }
         return out
 
     def by_status(self, status: str) -> list[TensorEntry]:
         return [e for e in self.entries if e.status == status]
+
+    def restored(self) -> list[str]:
+        """Target names whose values came from the source: loaded, or folded."""
+        return [e.target for e in self.entries if e.status in RESTORED]
 
     def note_init(self, names: Sequence[str], how: str) -> None:
         chosen = set(names)
@@ -138,7 +147,7 @@ class TransferReport:
             f"{self.fraction_restored():.1%} of target values restored; "
             f"{len(self.unused_source)} source tensors unused"
         ]
-        others = [e for e in self.entries if e.status != "loaded"]
+        others = [e for e in self.entries if e.status not in RESTORED]
         for e in others[:limit]:
             detail = (e.reason or "") + (f"; initialised {e.init}" if e.init else "")
             lines.append(f"  {e.status:<13} {e.target} {tuple(e.shape)} {detail}".rstrip())
@@ -201,6 +210,12 @@ def plan_transfer(
     src_shapes = {k: tuple(v.shape) for k, v in weights.tensors.items()}
     tgt_shapes = {k: tuple(v.shape) for k, v in target.items()}
     heads = {n for n in target if first_match(head_patterns, n) is not None}
+    # a template has no modules to ask: it says which eps its checkpoint's BatchNorms were built with
+    pairs = conv_bn_pairs(tgt_shapes, folding.batchnorm_eps(model), getattr(model, "bn_eps", folding.DEFAULT_EPS))
+    renamed = apply_renames(list(src_shapes), opt.rename)  # a name map tells which tensor is a bias
+    folded = source_is_folded({renamed.get(k, k): v for k, v in src_shapes.items()}, pairs)
+    if folded:  # a folded source is matched against the names it has: conv biases, no BatchNorm
+        tgt_shapes = folded_view(tgt_shapes, pairs, keep=_named_in_source(list(src_shapes), tgt_shapes, opt.rename))
     if scope == "backbone" and backbone_prefix:
         inner = {k[len(backbone_prefix):]: v for k, v in tgt_shapes.items() if k.startswith(backbone_prefix)}
         matches = {backbone_prefix + k: m for k, m in match_names(src_shapes, inner, rename=opt.rename).items()}
@@ -251,9 +266,39 @@ def plan_transfer(
             to_load[name] = weights.tensors[m.source]
         report.entries.append(entry)
     restored_sources = {e.source for e in report.entries if e.status == "loaded"}
+    if folded:
+        restored_sources |= _restore_folded(report, to_load, pairs, matches, weights)
     report.unused_source = [k for k in weights.tensors if k not in restored_sources]
     check_required(report, opt.require, heads)
     return report, to_load
+
+
+def _named_in_source(source: list[str], target: Mapping, rename) -> set[str]:
+    """Target names the source holds by name (renamed, or under a wrapper): a BatchNorm the source
+    keeps by name stays in the folded view, so a smaller source is not taken for a folded one."""
+    renamed = apply_renames(source, rename)
+    held = {strip_wrappers(renamed.get(n, n)) for n in source}
+    return set(renamed.values()) | {n for n in target if strip_wrappers(n) in held}
+
+
+def _restore_folded(report: TransferReport, to_load: dict[str, torch.Tensor], pairs, matches, weights) -> set[str]:
+    """Each pair the source folded: its BatchNorm as identity (plus the folded bias), marked folded."""
+    by_name = {e.target: e for e in report.entries}
+    held = {n for n, e in by_name.items() if e.status in ("excluded", "out-of-scope")}  # the user's say wins
+    pairs = [p for p in pairs if not any(p.bn_name(leaf) in held for leaf in BN_LEAVES)]
+    loaded = {e.target for e in report.entries if e.status == "loaded"}
+    done = fold(pairs, {t: m.source for t, m in matches.items()}, weights.tensors, loaded)
+    to_load.update(done.values)
+    for p in done.pairs:
+        counter = p.bn_name("num_batches_tracked")
+        if counter in by_name:  # the identity BatchNorm has seen no batches
+            to_load[counter] = torch.zeros((), dtype=torch.long)
+        for name in (f"{p.conv}.weight", p.bias, *(p.bn_name(leaf) for leaf in BN_LEAVES), counter):
+            entry = by_name.get(name)
+            if entry is not None:
+                entry.status, entry.how = "folded", "folded"
+                entry.reason = f"BatchNorm {p.bn} folded into {p.conv} in the source; identity here, eps {p.eps:g}"
+    return done.sources
 
 
 def check_required(report: TransferReport, require: Mapping[str, float], heads: set[str]) -> None:
@@ -273,7 +318,7 @@ def check_required(report: TransferReport, require: Mapping[str, float], heads: 
         got = report.fraction_restored(names)
         if got + 1e-12 < minimum:
             chosen = set(names)
-            first = next(e for e in report.entries if e.target in chosen and e.status != "loaded")
+            first = next(e for e in report.entries if e.target in chosen and e.status not in RESTORED)
             raise TransferKitError(
                 f"only {got:.1%} of {group} was restored from {report.source} (required {minimum:.0%}); "
                 f"first not restored: {first.target} ({first.status}: {first.reason}); "
