@@ -19,7 +19,7 @@ from transferkit.progress import console, make_progress
 from transferkit.tasks import task_for
 from transferkit.tasks.base import Built
 from transferkit.train.checkpoint import load_weights
-from transferkit.train.device import place_model, seed_everything, select_device
+from transferkit.train.device import compile_model, place_model, seed_everything, select_device
 from transferkit.train.loop import EpochRecorder, Loop, Say, run_finetune
 from transferkit.train.optim import freeze_batchnorm
 from transferkit.train.resume import ResumePoint
@@ -57,6 +57,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     place_model(built.model, device, built.channels_last)
     if cfg.optim.freeze_bn:
         freeze_batchnorm(built.model)
+    compiled = compile_model(built.model, device, say) if cfg.model.compile else None
     meta = {"model": cfg.model.name, "classes": built.classes, "task": cfg.task}
     recorder = EpochRecorder(run_dir, built.model, meta, say, cfg.best_metric, resumed)
     with make_progress(disable=quiet) as progress:
@@ -66,7 +67,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
             train_loader, val_loader = task.loaders(built.data)
             loop = Loop(cfg, built.model, built.family.head_patterns, train_loader, val_loader, task.loss(device),
                         lambda model, loader: task.evaluate(model, built.data, loader, device),
-                        recorder, progress, device)
+                        recorder, progress, device, compiled)
             run_finetune(loop, resumed)
     return finish(cfg, recorder, time.perf_counter() - started, quiet)
 
