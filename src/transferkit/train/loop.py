@@ -275,7 +275,7 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
                 set_rng_state(rng_at_position)
             continue
         with opt.precision.autocast():
-            loss, n = loop.loss_fn(loop.compiled or loop.model, batch)
+            loss, n = loop.loss_fn(loop.model if loop.compiled is None else loop.compiled, batch)
         pos.batches_done = index + 1
         if opt.guard.ok(loss.detach(), f"batch {index + 1}"):
             # the mean over the window's batches: K batches give the gradient of one K-times batch
