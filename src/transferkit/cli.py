@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on the config's validation split")
     _add_config_args(p, required=False)
-    p.add_argument("--weights", help="safetensors checkpoint; without it, the model as the config builds it")
+    p.add_argument("--weights", help="safetensors checkpoint; without it, the model as the config builds it. "
+                                      "A run with optim.ema keeps the EMA's weights in checkpoints/best.safetensors "
+                                      "(and ema.safetensors)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--results", metavar="FILE", help="detection: write the detections as a COCO results JSON")
 
@@ -67,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory written by `transferkit train`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--topk", type=int, default=1)
-    p.add_argument("--weights", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--weights", default="best",
+                   help="best, last, ema, or a checkpoint path. A run with optim.ema: best holds the EMA's weights "
+                        "(unless checkpoint.best_metric names a live metric), ema the EMA's last, last the live ones")
     p.add_argument("--json", action="store_true")
     p.add_argument("--score", type=float, default=0.3, help="detection: the lowest score shown")
     p.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR")

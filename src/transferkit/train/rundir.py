@@ -85,8 +85,9 @@ def run_config(run_dir: str | Path) -> Config:
 
 
 def checkpoint_path(run_dir: str | Path, weights: str) -> Path:
-    """`best`, `last`, or a path given as it is."""
-    named = weights in ("best", "last")
+    """`best`, `last`, `ema` (a run with optim.ema: the EMA's weights of the last epoch), or a path
+    given as it is."""
+    named = weights in ("best", "last", "ema")
     ckpt = Path(run_dir) / "checkpoints" / f"{weights}.safetensors" if named else Path(weights)
     if not ckpt.is_file():
         raise TransferKitError(f"checkpoint not found: {ckpt}; has the run finished an epoch?")
