@@ -197,8 +197,9 @@ def cmd_train(args) -> int:
         train(cfg, out=args.out, config_path=args.config, resume=resume, allow_config_change=allow)
     except Interrupted as stop:
         name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
-        print(f"{name}: stopped at {stop.where}; the state is saved. Resume with: "
-              f"transferkit train --resume {stop.run_dir}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for every rank
+            print(f"{name}: stopped at {stop.where}; the state is saved. Resume with: "
+                  f"transferkit train --resume {stop.run_dir}", file=sys.stderr)
         return 128 + stop.signum
     return 0
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from transferkit.config import Config
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
@@ -20,6 +22,7 @@ from transferkit.tasks import task_for
 from transferkit.tasks.base import Built
 from transferkit.train.checkpoint import load_weights
 from transferkit.train.device import compile_model, place_model, seed_everything, select_device
+from transferkit.train.distributed import Processes, from_environment
 from transferkit.train.loop import EpochRecorder, Loop, Say, run_finetune
 from transferkit.train.optim import freeze_batchnorm
 from transferkit.train.resume import ResumePoint
@@ -45,30 +48,47 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     """Run the whole pass the config describes and write the run directory. With `resume` (a run
     directory), continue that run from its newest intact training state."""
     started = time.perf_counter()
-    say: Say = (lambda *a, **k: None) if quiet else console.print
-    run_dir, resumed = open_run(cfg, out, config_path, resume, allow_config_change, say)
     device = select_device(cfg.device)
+    processes = from_environment(device, cfg.strategy)  # torchrun's ranks, or one process
+    try:
+        return train_in_process(cfg, processes, processes.device(device), started, quiet or not processes.main,
+                                (out, config_path, resume, allow_config_change))
+    finally:
+        processes.close()
+
+
+def train_in_process(cfg: Config, processes: Processes, device: torch.device, started: float, quiet: bool,
+                     where: tuple) -> TrainResult:
+    """`train` in this process: rank 0 writes the run directory, the other ranks only train."""
+    say: Say = (lambda *a, **k: None) if quiet else console.print
+    run_dir, resumed = open_run(cfg, *where, say)
     seed_everything(cfg.seed)
     task = task_for(cfg)
     built = task.build(restore=resumed is None)
-    write_run_start(run_dir, cfg, built.classes, built.report)
+    if processes.main:
+        write_run_start(run_dir, cfg, built.classes, built.report)
     announce(built, resumed, run_dir, say)
 
     place_model(built.model, device, built.channels_last)
     if cfg.optim.freeze_bn:
         freeze_batchnorm(built.model)
-    compiled = compile_model(built.model, device, say) if cfg.model.compile else None
+    wrapped = processes.wrap(built.model, device)
+    if cfg.model.compile:
+        wrapped = compile_model(wrapped, device, say)
     meta = {"model": cfg.model.name, "classes": built.classes, "task": cfg.task}
-    recorder = EpochRecorder(run_dir, built.model, meta, say, cfg.best_metric, resumed)
+    recorder = EpochRecorder(run_dir, built.model, meta, say, cfg.best_metric, resumed if processes.main else None)
     with make_progress(disable=quiet) as progress:
         if cfg.strategy in ("linear_probe", "lp_ft"):
             run_probe(cfg, built.model, built.data, device, recorder, progress)
         if cfg.strategy != "linear_probe":
-            train_loader, val_loader = task.loaders(built.data)
+            train_loader, val_loader = task.loaders(built.data, processes.shard)
+            say(processes.describe_batch(cfg.data.batch_size, cfg.optim.accumulate), highlight=False)
             loop = Loop(cfg, built.model, built.family.head_patterns, train_loader, val_loader, task.loss(device),
                         lambda model, loader: task.evaluate(model, built.data, loader, device),
-                        recorder, progress, device, compiled)
+                        recorder, progress, device, None if wrapped is built.model else wrapped, processes)
             run_finetune(loop, resumed)
+    if not processes.main:
+        return TrainResult(run_dir, [], 0, cfg.best_metric, float("nan"), time.perf_counter() - started)
     return finish(cfg, recorder, time.perf_counter() - started, quiet)
 
 

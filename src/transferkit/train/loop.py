@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from transferkit.errors import TransferKitError
 from transferkit.fileio import write_text
 from transferkit.progress import StepProgress
 from transferkit.train.checkpoint import save_weights
+from transferkit.train.distributed import Processes
 from transferkit.train.ema import WeightAverage
 from transferkit.train.optim import build_optimizer, build_scheduler, plan_params, plan_table, set_train_mode
 from transferkit.train.precision import MixedPrecision
@@ -163,7 +164,9 @@ class Loop:
     recorder: EpochRecorder
     progress: StepProgress
     device: torch.device
-    compiled: nn.Module | None = None  # model.compile: torch.compile of `model`, for the training steps
+    # What the training steps call: `model` in DistributedDataParallel and/or torch.compile (None: model).
+    wrapped: nn.Module | None = None
+    processes: Processes = field(default_factory=Processes)  # torchrun's ranks; one process by default
 
     @property
     def say(self) -> Say:
@@ -227,6 +230,8 @@ class StateSaver:
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.loader_state = self.loop.train_loader.generator.get_state()  # this epoch's data order comes from here
+        if hasattr(self.loop.train_loader.sampler, "set_epoch"):  # DistributedSampler: the order of seed + epoch
+            self.loop.train_loader.sampler.set_epoch(epoch)
 
     def after_step(self, pos: EpochPosition) -> None:
         every, minutes = self.loop.cfg.checkpoint.every_steps, self.loop.cfg.checkpoint.every_minutes
@@ -234,16 +239,19 @@ class StateSaver:
         step = (self.epoch - 1) * optimiser_steps(steps, k) + optimiser_steps(pos.batches_done, k)
         due = bool(every) and step % every == 0
         due |= bool(minutes) and time.monotonic() - self.last_saved >= minutes * 60
-        if self.stop.signum is not None or (due and pos.batches_done < steps):
+        signum = self.loop.processes.agree_stop(self.stop.signum)  # every rank stops after the same step
+        if signum is not None or (due and pos.batches_done < steps):
             self.save(self.epoch - 1, pos, self.loader_state)
-        if self.stop.signum is not None:
+        if signum is not None:
             where = f"epoch {self.epoch}, batch {pos.batches_done}"
-            raise Interrupted(self.stop.signum, self.loop.recorder.run_dir, where)
+            raise Interrupted(signum, self.loop.recorder.run_dir, where)
 
     def end_epoch(self) -> None:
         self.save(self.epoch, EpochPosition(), self.loop.train_loader.generator.get_state())
 
     def save(self, epochs_done: int, pos: EpochPosition, loader_state: torch.Tensor) -> None:
+        if not self.loop.processes.main:  # rank 0 writes the run's one state
+            return
         recorder, steps = self.loop.recorder, len(self.loop.train_loader)
         counters = {"epoch": epochs_done, "batches_done": pos.batches_done, "loss_sum": pos.loss_sum,
                     "seen": pos.seen, "global_step": epochs_done * steps + pos.batches_done,
@@ -275,9 +283,9 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
                 set_rng_state(rng_at_position)
             continue
         with opt.precision.autocast():
-            loss, n = loop.loss_fn(loop.model if loop.compiled is None else loop.compiled, batch)
+            loss, n = loop.loss_fn(loop.model if loop.wrapped is None else loop.wrapped, batch)
         pos.batches_done = index + 1
-        if opt.guard.ok(loss.detach(), f"batch {index + 1}"):
+        if opt.guard.ok(loop.processes.agree_finite(loss.detach()), f"batch {index + 1}"):
             # the mean over the window's batches: K batches give the gradient of one K-times batch
             opt.precision.backward(loss / window_size(index, len(loop.train_loader), opt.accumulate))
             opt.pending = True
@@ -290,7 +298,9 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
         if after_step is not None:
             pos.loss_sum = float(loss_sum)
             after_step(pos)
-    return float(loss_sum) / max(pos.seen, 1)
+    loss_total, seen = loop.processes.sum(torch.stack([loss_sum, torch.tensor(float(pos.seen), dtype=torch.float64,
+                                                                             device=loss_sum.device)])).tolist()
+    return loss_total / max(seen, 1)  # over every rank's images
 
 
 def window_size(index: int, batches: int, accumulate: int) -> int:
@@ -350,10 +360,16 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
             train_loss = train_one_epoch(loop, opt, task, position, rng, states.after_step)
             loop.progress.remove_task(task)
             position, rng = None, None
-            metrics = loop.eval_fn(loop.model, loop.val_loader)
-            if opt.ema is not None:  # the EMA's weights, scored the same way
-                metrics.update({f"ema_{k}": v for k, v in loop.eval_fn(opt.ema.module, loop.val_loader).items()})
-            if opt.guard.total:
-                metrics["nonfinite_steps"] = opt.guard.total
-            loop.recorder.record(phase, train_loss, metrics, opt.optimizer.param_groups[0]["lr"], t0)
+            if loop.processes.main:  # the whole validation set, scored once
+                record_epoch(loop, opt, phase, train_loss, t0)
             states.end_epoch()
+
+
+def record_epoch(loop: Loop, opt: Optimisation, phase: str, train_loss: float, t0: float) -> None:
+    """Score the epoch's weights (and the EMA's) on the validation set and record them."""
+    metrics = loop.eval_fn(loop.model, loop.val_loader)
+    if opt.ema is not None:  # the EMA's weights, scored the same way
+        metrics.update({f"ema_{k}": v for k, v in loop.eval_fn(opt.ema.module, loop.val_loader).items()})
+    if opt.guard.total:
+        metrics["nonfinite_steps"] = opt.guard.total
+    loop.recorder.record(phase, train_loss, metrics, opt.optimizer.param_groups[0]["lr"], t0)
