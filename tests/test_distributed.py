@@ -111,3 +111,19 @@ def test_sigterm_stops_every_rank_and_the_run_resumes(synth_root, tmp_path):
     assert [r["epoch"] for r in read_metrics(run)] == list(range(1, 7))
     a, b = (load_file(str(r / "checkpoints/last.safetensors")) for r in (run, tmp_path / "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_sampler_is_told_each_epoch(synth_root, tmp_path, monkeypatch):
+    """A world of one process in this one (torchrun's environment by hand): the DistributedSampler
+    hears every epoch, so that each draws its own order from the seed."""
+    from torch.utils.data import DistributedSampler
+
+    for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
+        monkeypatch.setenv(key, value)
+    heard = []
+    real = DistributedSampler.set_epoch
+    monkeypatch.setattr(DistributedSampler, "set_epoch", lambda self, epoch: heard.append(epoch) or real(self, epoch))
+    train(load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 3})), out=tmp_path / "run", quiet=True)
+    assert heard == [1, 2, 3]
+    assert not torch.distributed.is_initialized()  # the process group is closed at the end
