@@ -71,6 +71,14 @@ class Processes:
             dist.all_reduce(values)
         return values
 
+    def check_resume(self, saved_world: int, state_dir) -> None:
+        """A state is resumed by as many processes as wrote it: each rank's share of the data order
+        depends on the number of ranks."""
+        if saved_world != self.world:
+            how = f"{saved_world} processes in all (torchrun)" if saved_world > 1 else "one process, without torchrun"
+            raise TransferKitError(f"{state_dir} was saved by a run of {saved_world} process(es), this one has "
+                                   f"{self.world}; resume it with {how}")
+
     def describe_batch(self, batch_size: int, accumulate: int) -> str:
         """The line that says how many images make one optimiser step."""
         parts = [f"{self.world} processes x data.batch_size {batch_size}"] if self.active else \

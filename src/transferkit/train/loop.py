@@ -181,7 +181,7 @@ class Optimisation:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     guard: NonFiniteGuard
-    precision: MixedPrecision
+    precision: MixedPrecision = field(default_factory=lambda: MixedPrecision("none", torch.device("cpu")))
     accumulate: int = 1
     ema: WeightAverage | None = None
     pending: bool = False  # gradients of the current accumulation window wait for their step
@@ -256,7 +256,8 @@ class StateSaver:
         counters = {"epoch": epochs_done, "batches_done": pos.batches_done, "loss_sum": pos.loss_sum,
                     "seen": pos.seen, "global_step": epochs_done * steps + pos.batches_done,
                     "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch,
-                    "nonfinite_total": self.opt.guard.total, **self.opt.extra_state()}
+                    "nonfinite_total": self.opt.guard.total, "processes": self.loop.processes.world,
+                    **self.opt.extra_state()}
         save_state(recorder.run_dir, self.loop.model, self.opt.optimizer, self.opt.scheduler, counters,
                    self.loop.cfg.checkpoint.keep_last)
         self.last_saved = time.monotonic()
@@ -298,9 +299,8 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
         if after_step is not None:
             pos.loss_sum = float(loss_sum)
             after_step(pos)
-    loss_total, seen = loop.processes.sum(torch.stack([loss_sum, torch.tensor(float(pos.seen), dtype=torch.float64,
-                                                                             device=loss_sum.device)])).tolist()
-    return loss_total / max(seen, 1)  # over every rank's images
+    totals = loop.processes.sum(torch.tensor([float(loss_sum), pos.seen], dtype=torch.float64))
+    return float(totals[0]) / max(float(totals[1]), 1)  # over every rank's images
 
 
 def window_size(index: int, batches: int, accumulate: int) -> int:
@@ -340,6 +340,7 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
     first_epoch, position, rng = 1, None, None  # epochs of this phase
     if resume is not None:
         state = resume.state
+        loop.processes.check_resume(state.get("processes", 1), resume.dir)
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.scheduler.load_state_dict(state["scheduler"])  # the step count; the rule is this run's
         loop.train_loader.generator.set_state(state["loader_generator"])
