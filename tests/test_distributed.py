@@ -127,3 +127,13 @@ def test_the_sampler_is_told_each_epoch(synth_root, tmp_path, monkeypatch):
     train(load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 3})), out=tmp_path / "run", quiet=True)
     assert heard == [1, 2, 3]
     assert not torch.distributed.is_initialized()  # the process group is closed at the end
+
+
+def test_a_state_is_resumed_by_as_many_processes_as_saved_it(tmp_path):
+    Processes(rank=0, world=2, active=True).check_resume(2, tmp_path)
+    Processes().check_resume(1, tmp_path)
+    with pytest.raises(TransferKitError, match=r"saved by a run of 2 process\(es\), this one has 1; resume it with "
+                                               r"2 processes in all \(torchrun\)"):
+        Processes().check_resume(2, tmp_path)
+    with pytest.raises(TransferKitError, match="resume it with one process, without torchrun"):
+        Processes(rank=0, world=4, active=True).check_resume(1, tmp_path)
