@@ -65,6 +65,8 @@ def train_in_process(cfg: Config, processes: Processes, device: torch.device, st
     seed_everything(cfg.seed)
     task = task_for(cfg)
     built = task.build(restore=resumed is None)
+    if processes.rank:  # the same model on every rank, but each its own augmentations and dropout
+        seed_everything(cfg.seed + processes.rank)
     if processes.main:
         write_run_start(run_dir, cfg, built.classes, built.report)
     announce(built, resumed, run_dir, say)
