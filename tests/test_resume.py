@@ -65,10 +65,12 @@ def reference_ema(synth_root, tmp_path_factory):
 
 
 def kill_mid_run(root, run, sig, **extra):
-    """Start a run, wait until it has finished an epoch, then a random moment more, and signal it."""
+    """Start a run, wait until it has finished an epoch and saved its state, then a random moment
+    more, and signal it. (Waiting for metrics.jsonl alone raced with the epoch's state: a SIGKILL
+    between the two left nothing to resume from.)"""
     proc = cli("train", *options(root, **extra), "--out", run, wait=False)
     deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+    while not list(run.glob("checkpoints/states/step-*/COMPLETE")):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
         time.sleep(0.02)
     time.sleep(random.uniform(0, 0.4))
