@@ -82,6 +82,9 @@ def test_override_syntax():
 
 
 def test_every_config_key_is_documented():
+    from types import UnionType
+    from typing import get_args
+
     from conftest import REPO
     from pydantic import BaseModel
 
@@ -91,8 +94,13 @@ def test_every_config_key_is_documented():
 
     def keys(model, prefix=""):
         for name, field in model.model_fields.items():
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                yield from keys(field.annotation, f"{prefix}{name}.")
+            # a section, or an optional one (`EmaConfig | None`): its own key and each of its keys
+            options = get_args(field.annotation) if isinstance(field.annotation, UnionType) else ()
+            sections = [t for t in (field.annotation, *options) if isinstance(t, type) and issubclass(t, BaseModel)]
+            if sections and sections[0] is not field.annotation:
+                yield prefix + name
+            if sections:
+                yield from keys(sections[0], f"{prefix}{name}.")
             else:
                 yield prefix + name
 

@@ -45,6 +45,9 @@ def strip(rows):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+EMA = {"optim.ema": "{decay: 0.9}"}  # an EMA moving fast enough to tell a rebuilt one from a resumed one
+
+
 @pytest.fixture(scope="module")
 def reference(synth_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("ref") / "run"
@@ -53,11 +56,21 @@ def reference(synth_root, tmp_path_factory):
     return run
 
 
-def kill_mid_run(root, run, sig):
-    """Start a run, wait until it has finished an epoch, then a random moment more, and signal it."""
-    proc = cli("train", *options(root), "--out", run, wait=False)
+@pytest.fixture(scope="module")
+def reference_ema(synth_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref_ema") / "run"
+    proc = cli("train", *options(synth_root, **EMA), "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def kill_mid_run(root, run, sig, **extra):
+    """Start a run, wait until it has finished an epoch and saved its state, then a random moment
+    more, and signal it. (Waiting for metrics.jsonl alone raced with the epoch's state: a SIGKILL
+    between the two left nothing to resume from.)"""
+    proc = cli("train", *options(root, **extra), "--out", run, wait=False)
     deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+    while not list(run.glob("checkpoints/states/step-*/COMPLETE")):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
         time.sleep(0.02)
     time.sleep(random.uniform(0, 0.4))
@@ -66,9 +79,11 @@ def kill_mid_run(root, run, sig):
     return proc.returncode, err
 
 
-def test_sigkill_then_resume_auto_is_bit_identical(synth_root, reference, tmp_path):
+@pytest.mark.parametrize("ema", [False, True], ids=["plain", "with-EMA"])
+def test_sigkill_then_resume_auto_is_bit_identical(synth_root, request, tmp_path, ema):
+    reference = request.getfixturevalue("reference_ema" if ema else "reference")
     run = tmp_path / "run"
-    code, _ = kill_mid_run(synth_root, run, signal.SIGKILL)
+    code, _ = kill_mid_run(synth_root, run, signal.SIGKILL, **(EMA if ema else {}))
     if code == 0:
         pytest.skip("the run finished before the kill landed")
     assert code == -signal.SIGKILL
@@ -78,6 +93,9 @@ def test_sigkill_then_resume_auto_is_bit_identical(synth_root, reference, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stderr
     assert same_weights(run / "checkpoints/last.safetensors", reference / "checkpoints/last.safetensors")
+    if ema:  # the EMA and its update count came back with the state, not rebuilt from the weights
+        assert same_weights(run / "checkpoints/ema.safetensors", reference / "checkpoints/ema.safetensors")
+        assert same_weights(run / "checkpoints/best.safetensors", reference / "checkpoints/best.safetensors")
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))  # each epoch exactly once
     assert strip(rows) == strip(read_metrics(reference))

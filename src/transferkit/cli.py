@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on the config's validation split")
     _add_config_args(p, required=False)
-    p.add_argument("--weights", help="safetensors checkpoint; without it, the model as the config builds it")
+    p.add_argument("--weights", help="safetensors checkpoint; without it, the model as the config builds it. "
+                                      "A run with optim.ema keeps the EMA's weights in checkpoints/best.safetensors "
+                                      "(and ema.safetensors)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--results", metavar="FILE", help="detection: write the detections as a COCO results JSON")
 
@@ -77,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="an .onnx file written by `transferkit export` (run by onnxruntime)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--topk", type=int, default=1)
-    p.add_argument("--weights", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--weights", default="best",
+                   help="best, last, ema, or a checkpoint path. A run with optim.ema: best holds the EMA's weights "
+                        "(unless checkpoint.best_metric names a live metric), ema the EMA's last, last the live ones")
     p.add_argument("--json", action="store_true")
     p.add_argument("--score", type=float, default=0.3, help="detection: the lowest score shown")
     p.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR")
@@ -242,8 +246,9 @@ def cmd_train(args) -> int:
         train(cfg, out=args.out, config_path=args.config, resume=resume, allow_config_change=allow)
     except Interrupted as stop:
         name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
-        print(f"{name}: stopped at {stop.where}; the state is saved. Resume with: "
-              f"transferkit train --resume {stop.run_dir}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for every rank
+            print(f"{name}: stopped at {stop.where}; the state is saved. Resume with: "
+                  f"transferkit train --resume {stop.run_dir}", file=sys.stderr)
         return 128 + stop.signum
     return 0
 

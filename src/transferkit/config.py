@@ -86,6 +86,8 @@ class ModelConfig(_Section):
     init: list[InitRule] = Field(default_factory=list)
     # NHWC activations: about 1.7x faster convolutions on CPU.
     channels_last: bool = True
+    # torch.compile the model (falls back to eager, with one line saying why, where unsupported).
+    compile: bool = False
 
 
 class HeadInitConfig(_Section):
@@ -215,6 +217,13 @@ class ParamRule(_Section):
     freeze: bool = False
 
 
+class EmaConfig(_Section):
+    # The EMA's decay per optimiser step (timm ModelEmaV3).
+    decay: float = Field(0.999, gt=0, lt=1)
+    # timm's decay warm-up: 1 - (1 + step)^(-2/3), capped at decay, so the first steps count.
+    warmup: bool = True
+
+
 class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0, le=MAX_LR)
@@ -236,6 +245,12 @@ class OptimConfig(_Section):
     layer_decay: float | None = Field(None, gt=0, le=1)
     # Retired: a run now stops at its first NaN/inf loss. Still read from older configs and runs.
     max_nonfinite_steps: int | None = Field(None, ge=1, le=1_000_000, exclude=True)
+    # Mixed precision: torch.autocast in bfloat16 or float16 (fp16 with a GradScaler); none: float32.
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    # An exponential moving average of the weights, evaluated beside them each epoch.
+    ema: EmaConfig | None = None
+    # Batches whose gradients are summed into one optimiser step; the schedule counts optimiser steps.
+    accumulate: int = Field(1, ge=1)
 
 
 class ScheduleConfig(_Section):
@@ -257,7 +272,9 @@ class CheckpointConfig(_Section):
     every_minutes: float | None = Field(None, gt=0, allow_inf_nan=False)
     # What best.safetensors is best at: highest val_acc (ties: lower val_loss), or lowest val_loss.
     # val_map for detection. null: val_acc for classification, val_map for detection.
-    best_metric: Literal["val_acc", "val_loss", "val_map"] | None = None
+    # With optim.ema, ema_val_acc / ema_val_loss / ema_val_map choose on the EMA's weights (the
+    # default with an EMA), and best.safetensors then holds the EMA's weights.
+    best_metric: Literal["val_acc", "val_loss", "val_map", "ema_val_acc", "ema_val_loss", "ema_val_map"] | None = None
 
 
 class ProbeConfig(_Section):
@@ -309,9 +326,28 @@ class Config(_Section):
             raise ValueError(f"strategy {value} is for classifiers; detection fine-tunes (finetune)")
         return value
 
+    @field_validator("strategy")
+    @classmethod
+    def _ema_needs_finetuning(cls, value: str, info: ValidationInfo) -> str:
+        optim = info.data.get("optim")
+        if value == "linear_probe" and optim is not None and optim.ema is not None:
+            raise ValueError("optim.ema averages fine-tuned weights; linear_probe has none (use lp_ft)")
+        return value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _ema_metric_needs_ema(cls, value: CheckpointConfig, info: ValidationInfo) -> CheckpointConfig:
+        optim = info.data.get("optim")
+        if (value.best_metric or "").startswith("ema_") and optim is not None and optim.ema is None:
+            raise ValueError(f"best_metric {value.best_metric} needs an EMA: set optim.ema (e.g. optim.ema={{}})")
+        return value
+
     @property
     def best_metric(self) -> str:
-        return self.checkpoint.best_metric or ("val_map" if self.task == "detection" else "val_acc")
+        if self.checkpoint.best_metric:
+            return self.checkpoint.best_metric
+        prefix = "ema_" if self.optim.ema is not None else ""
+        return prefix + ("val_map" if self.task == "detection" else "val_acc")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

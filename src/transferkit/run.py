@@ -22,11 +22,12 @@ from transferkit.tasks import task_for
 from transferkit.tasks.base import Built, Task
 from transferkit.training.board import Board
 from transferkit.training.checkpoint import load_weights
-from transferkit.training.device import place_model, seed_everything, select_device
+from transferkit.training.device import compile_model, place_model, seed_everything, select_device
+from transferkit.training.distributed import Processes, from_environment
 from transferkit.training.loop import EpochRecorder, Loop, Say, run_finetune
 from transferkit.training.optim import freeze_batchnorm
 from transferkit.training.resume import ResumePoint
-from transferkit.training.rundir import open_run, write_run_start
+from transferkit.training.rundir import follow_run, open_run, write_run_start
 from transferkit.training.runlog import plot_curves, summary_table
 from transferkit.training.strategies import run_probe
 from transferkit.weights.transfer import TransferReport
@@ -54,39 +55,58 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     """Run the whole pass the config describes and write the run directory. With `resume` (a run
     directory), continue that run from its newest intact training state."""
     started = time.perf_counter()
+    processes = from_environment(select_device(cfg.device), cfg.strategy)  # torchrun's ranks, or one process
+    quiet = quiet or not processes.main  # rank 0 alone prints
     say: Say = (lambda *a, **k: None) if quiet else console.print
-    claim, resumed = open_run(cfg, out, config_path, resume, allow_config_change, say)
-    with claim as run_dir:  # held (marked and locked) until the run ends, however it ends
-        return train_in(cfg, run_dir, resumed, say, quiet, started)
+    # Rank 0 holds the run directory (marked and locked) until the run ends, however it ends; the
+    # other ranks only read it.
+    opener = open_run if processes.main else follow_run
+    try:
+        claim, resumed = opener(cfg, out, config_path, resume, allow_config_change, say)
+        with claim as run_dir:
+            return train_in(cfg, run_dir, resumed, processes, quiet, started)
+    finally:
+        processes.close()
 
 
-def train_in(cfg: Config, run_dir: Path, resumed: ResumePoint | None, say: Say, quiet: bool, started: float
-             ) -> TrainResult:
-    """The run in a directory this process holds: build, report, train, finish."""
-    device = select_device(cfg.device)
+def train_in(cfg: Config, run_dir: Path, resumed: ResumePoint | None, processes: Processes, quiet: bool,
+             started: float) -> TrainResult:
+    """The run in a directory this process holds: build, report, train, finish. Under torchrun,
+    rank 0 writes the run directory and the other ranks only train."""
+    say: Say = (lambda *a, **k: None) if quiet else console.print
+    device = processes.device(select_device(cfg.device))
     seed_everything(cfg.seed)
     task = task_for(cfg)
     built = task.build(restore=resumed is None)
-    write_run_start(run_dir, cfg, built.classes, built.report)
+    if processes.rank:  # the same model on every rank, but each its own augmentations and dropout
+        seed_everything(cfg.seed + processes.rank)
+    if processes.main:
+        write_run_start(run_dir, cfg, built.classes, built.report)
     announce(built, resumed, run_dir, say)
 
     place_model(built.model, device, built.channels_last)
     if cfg.optim.freeze_bn:
         freeze_batchnorm(built.model)
+    wrapped = processes.wrap(built.model, device)
+    if cfg.model.compile:
+        wrapped = compile_model(wrapped, device, say)
     meta = {"model": cfg.model.name, "classes": built.classes, "task": cfg.task}
-    recorder = EpochRecorder(run_dir, built.model, meta, say, cfg.best_metric, resumed)
-    board = attach_board(cfg, task, built, recorder, device)
+    recorder = EpochRecorder(run_dir, built.model, meta, say, cfg.best_metric, resumed if processes.main else None)
+    board = attach_board(cfg, task, built, recorder, device) if processes.main else None
     with make_progress(disable=quiet) as progress:
         if cfg.strategy in ("linear_probe", "lp_ft"):
             run_probe(cfg, built.model, built.data, device, recorder, progress)
         if cfg.strategy != "linear_probe":
-            train_loader, val_loader = task.loaders(built.data)
+            train_loader, val_loader = task.loaders(built.data, processes.shard)
+            say(processes.describe_batch(cfg.data.batch_size, cfg.optim.accumulate), highlight=False)
             loop = Loop(cfg, built.model, built.family.head_patterns, train_loader, val_loader, task.loss(device),
                         lambda model, loader: task.evaluate(model, built.data, loader, device),
-                        recorder, progress, device)
+                        recorder, progress, device, None if wrapped is built.model else wrapped, processes)
             run_finetune(loop, resumed)
     if board is not None:
         board.close()
+    if not processes.main:
+        return TrainResult(run_dir, [], 0, cfg.best_metric, float("nan"), time.perf_counter() - started)
     return finish(cfg, recorder, time.perf_counter() - started, quiet)
 
 

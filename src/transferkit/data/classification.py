@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from transferkit.config import DataConfig
 from transferkit.data.check import startup_check
@@ -99,12 +99,19 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
-    """A loader whose order comes from its own generator (seeded), so a resume can restore it."""
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                shard: tuple[int, int] | None = None) -> DataLoader:
+    """A loader whose order comes from its own generator (seeded), so a resume can restore it. With
+    `shard` (rank, world: several processes), this rank's part of the order that a DistributedSampler
+    draws from the seed and the epoch (`loader.sampler.set_epoch`)."""
+    sampler = None
+    if shard is not None:
+        sampler = DistributedSampler(dataset, num_replicas=shard[1], rank=shard[0], shuffle=shuffle, seed=seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         worker_init_fn=_seed_worker if num_workers else None,
         generator=torch.Generator().manual_seed(seed),

@@ -313,10 +313,23 @@ class DetectionDataset(Dataset):
 
 
 class GroupedBatchSampler(Sampler):
-    """Batches of images from one aspect-ratio group (less padding), in an order drawn from `generator`."""
+    """Batches of images from one aspect-ratio group (less padding), in an order drawn from `generator`.
+    With `shard` (rank, world), every rank draws the same order and takes every world-th batch from
+    its rank on; the first batches are taken again where the count does not divide, so that every
+    rank makes the same number of steps."""
 
-    def __init__(self, groups: list[int], batch_size: int, shuffle: bool, generator: torch.Generator):
+    def __init__(self, groups: list[int], batch_size: int, shuffle: bool, generator: torch.Generator,
+                 shard: tuple[int, int] | None = None):
         self.groups, self.batch_size, self.shuffle, self.generator = groups, batch_size, shuffle, generator
+        self.shard = shard
+
+    def _mine(self, batches: list[list[int]]) -> list[list[int]]:
+        if self.shard is None:
+            return batches
+        rank, world = self.shard
+        per_rank = -(-len(batches) // world)
+        padded = (batches * world)[: per_rank * world]
+        return padded[rank::world]
 
     def _batches(self, draw: bool) -> list[list[int]]:
         n = len(self.groups)
@@ -330,10 +343,10 @@ class GroupedBatchSampler(Sampler):
         return batches
 
     def __iter__(self):
-        return iter(self._batches(self.shuffle))
+        return iter(self._mine(self._batches(self.shuffle)))
 
     def __len__(self) -> int:
-        return len(self._batches(False))
+        return len(self._mine(self._batches(False)))
 
 
 def collate(batch):
@@ -341,8 +354,8 @@ def collate(batch):
 
 
 def make_detection_loader(dataset: DetectionDataset, batch_size: int, shuffle: bool, num_workers: int,
-                          seed: int) -> DataLoader:
+                          seed: int, shard: tuple[int, int] | None = None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    sampler = GroupedBatchSampler(dataset.groups, batch_size, shuffle, generator)
+    sampler = GroupedBatchSampler(dataset.groups, batch_size, shuffle, generator, shard)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       generator=generator, persistent_workers=num_workers > 0)

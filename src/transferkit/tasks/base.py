@@ -5,7 +5,7 @@ A task is chosen once, from the config (`task_for` in tasks/__init__.py); after 
 which task it is. What differs between tasks lives behind these methods:
 
     build        data and model as the config builds them (pretrained restore, new head initialised)
-    loaders      the training and validation loaders
+    loaders      the training loader (one rank's share under torchrun) and the validation loader
     loss         a batch -> (loss, batch size)
     evaluate     a validation loader -> metrics (accuracy, or COCO mAP)
     create_model the architecture alone (`model params`, loading a finished run)
@@ -108,7 +108,10 @@ class Task(Protocol):
 
     def build(self, need_train: bool = True, restore: bool = True) -> Built: ...
 
-    def loaders(self, data: Any) -> tuple[DataLoader | None, DataLoader]: ...
+    def loaders(self, data: Any, shard: tuple[int, int] | None = None) -> tuple[DataLoader | None, DataLoader]:
+        """The training loader (with `shard` = (rank, world): this process's part of it) and the
+        validation loader (whole: rank 0 evaluates it alone)."""
+        ...
 
     def loss(self, device: torch.device) -> LossFn: ...
 

@@ -129,9 +129,10 @@ class ClassificationTask:
         data = load_classification_data(cfg.data, family.preprocessing, classes, need_train)
         return Built(model, family, report, data, cfg.model.channels_last)
 
-    def loaders(self, data: ClassificationData) -> tuple[DataLoader | None, DataLoader]:
+    def loaders(self, data: ClassificationData, shard: tuple[int, int] | None = None
+                ) -> tuple[DataLoader | None, DataLoader]:
         bs, workers, seed = self.cfg.data.batch_size, self.cfg.data.num_workers, self.cfg.seed
-        train = make_loader(data.train_set, bs, True, workers, seed) if data.train_set is not None else None
+        train = make_loader(data.train_set, bs, True, workers, seed, shard) if data.train_set is not None else None
         return train, make_loader(data.val_set, bs, False, workers, seed)
 
     def loss(self, device: torch.device) -> LossFn:

@@ -106,9 +106,10 @@ def load_detection_data(cfg: Config, need_train: bool = True) -> DetectionData:
     return DetectionData(classes, train, val, train_set, val_set)
 
 
-def detection_loaders(cfg: Config, data: DetectionData) -> tuple[DataLoader | None, DataLoader]:
+def detection_loaders(cfg: Config, data: DetectionData, shard: tuple[int, int] | None = None
+                      ) -> tuple[DataLoader | None, DataLoader]:
     bs, workers = cfg.data.batch_size, cfg.data.num_workers
-    train = make_detection_loader(data.train_set, bs, True, workers, cfg.seed) if data.train_set else None
+    train = make_detection_loader(data.train_set, bs, True, workers, cfg.seed, shard) if data.train_set else None
     return train, make_detection_loader(data.val_set, bs, False, workers, cfg.seed)
 
 
@@ -241,8 +242,9 @@ class DetectionTask:
         # channels_last stays off: torchvision's detection transform batches the images itself
         return Built(model, family, report, data, channels_last=False)
 
-    def loaders(self, data: DetectionData) -> tuple[DataLoader | None, DataLoader]:
-        return detection_loaders(self.cfg, data)
+    def loaders(self, data: DetectionData, shard: tuple[int, int] | None = None
+                ) -> tuple[DataLoader | None, DataLoader]:
+        return detection_loaders(self.cfg, data, shard)
 
     def loss(self, device: torch.device) -> LossFn:
         return detection_loss(device)

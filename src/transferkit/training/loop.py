@@ -8,11 +8,12 @@ loader (`Loop.loss_fn`, `Loop.eval_fn`); nothing here knows which task it trains
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ from transferkit.config import Config
 from transferkit.fileio import write_text
 from transferkit.progress import StepProgress
 from transferkit.training.checkpoint import save_weights
+from transferkit.training.distributed import Processes
+from transferkit.training.ema import WeightAverage
 from transferkit.training.finite import NonFiniteError, check_loss, require_finite
 from transferkit.training.optim import build_optimizer, build_scheduler, plan_params, plan_table, set_train_mode
+from transferkit.training.precision import MixedPrecision
 from transferkit.training.resume import STATES, ResumePoint, carry_optimizer_state, save_state, set_rng_state
 from transferkit.training.runlog import MetricsLog, read_metrics
 from transferkit.training.strategies import stage_count, unfreeze_stages
@@ -83,10 +87,11 @@ class EpochRecorder:
         dropped from metrics.jsonl, so that each epoch appears there exactly once."""
         self.run_dir, self.model, self.meta, self.say = run_dir, model, meta, say
         self.best_metric = best_metric
-        self.log = MetricsLog(run_dir / "metrics.jsonl")
-        self.best, self.best_epoch = (-1.0, float("inf")), 0
+        self.ema_model: nn.Module | None = None  # set by the loop when the run keeps an EMA
         # called with each row and the learning rate of each parameter group (TensorBoard)
         self.listeners: list[Callable[[dict, list[tuple[str, float]]], None]] = []
+        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.best, self.best_epoch = (-1.0, float("inf")), 0
         if resume is not None:
             self.best, self.best_epoch = tuple(resume.state["best"]), resume.state["best_epoch"]
             if self.log.path.exists():
@@ -94,9 +99,12 @@ class EpochRecorder:
                 write_text(self.log.path, "".join(json.dumps(r) + "\n" for r in self.log.rows))
 
     def is_better(self, row: dict) -> bool:
-        if self.best_metric == "val_loss":
-            return row["val_loss"] < self.best[1]
-        loss = row.get("val_loss", 0.0)  # ties go to the lower loss, where there is one
+        if self.best_metric not in row:  # an EMA metric in an epoch without an EMA (a probe phase)
+            return False
+        loss_key = "ema_val_loss" if self.best_metric.startswith("ema_") else "val_loss"
+        if self.best_metric == loss_key:
+            return row[loss_key] < self.best[1]
+        loss = row.get(loss_key, 0.0)  # ties go to the lower loss, where there is one
         return (row[self.best_metric], -loss) > (self.best[0], -self.best[1])
 
     @property
@@ -106,18 +114,26 @@ class EpochRecorder:
     def record(self, phase: str, train_loss: float, metrics: dict, lr: float, t0: float,
                group_lrs: list[tuple[str, float]] | None = None) -> None:
         require_finite(self.model, f"{self.run_dir}: the weights after epoch {self.epoch + 1}")
+        if self.ema_model is not None:
+            require_finite(self.ema_model, f"{self.run_dir}: the EMA weights after epoch {self.epoch + 1}")
         row = {"epoch": self.epoch + 1, "train_loss": train_loss, **metrics, "lr": lr,
                "seconds": time.perf_counter() - t0, "phase": phase}
         self.log.append(row)
         for listen in self.listeners:
             listen(row, group_lrs or [("all", lr)])
         checkpoints = self.run_dir / "checkpoints"
-        save_weights(self.model, checkpoints / "last.safetensors", {**self.meta, **row})
+        save_weights(self.model, checkpoints / "last.safetensors", {**self.meta, **row, "weights": "live"})
+        if self.ema_model is not None:
+            save_weights(self.ema_model, checkpoints / "ema.safetensors", {**self.meta, **row, "weights": "ema"})
         if self.is_better(row):
-            value = row["val_loss"] if self.best_metric == "val_loss" else row[self.best_metric]
-            self.best, self.best_epoch = (value, row.get("val_loss", 0.0)), row["epoch"]
-            save_weights(self.model, checkpoints / "best.safetensors", {**self.meta, **row})
-        shown = "  ".join(f"{k} {row[k]:.4f}" for k in ("val_loss", "val_acc", "val_map", "val_ap50") if k in row)
+            on_ema = self.best_metric.startswith("ema_")
+            loss = row.get("ema_val_loss" if on_ema else "val_loss", 0.0)
+            self.best, self.best_epoch = (row[self.best_metric], loss), row["epoch"]
+            weights = self.ema_model if on_ema else self.model
+            save_weights(weights, checkpoints / "best.safetensors",
+                         {**self.meta, **row, "weights": "ema" if on_ema else "live"})
+        shown = "  ".join(f"{k} {row[k]:.4f}" for k in ("val_loss", "val_acc", "val_map", "val_ap50", "ema_val_acc",
+                                                        "ema_val_map") if k in row)
         self.say(f"epoch {row['epoch']} ({phase}): train_loss {train_loss:.4f}  {shown}  ({row['seconds']:.1f}s)",
                  highlight=False)
 
@@ -137,6 +153,9 @@ class Loop:
     recorder: EpochRecorder
     progress: StepProgress
     device: torch.device
+    # What the training steps call: `model` in DistributedDataParallel and/or torch.compile (None: model).
+    wrapped: nn.Module | None = None
+    processes: Processes = field(default_factory=Processes)  # torchrun's ranks; one process by default
 
     @property
     def say(self) -> Say:
@@ -145,10 +164,30 @@ class Loop:
 
 @dataclass
 class Optimisation:
-    """What changes the weights, step by step: the optimiser and its schedule."""
+    """What changes the weights, step by step: the optimiser, its schedule, the precision of the
+    forward pass, the batches summed into one step, and the EMA of the weights."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: MixedPrecision = field(default_factory=lambda: MixedPrecision("none", torch.device("cpu")))
+    accumulate: int = 1
+    ema: WeightAverage | None = None
+    pending: bool = False  # gradients of the current accumulation window wait for their step
+
+    def extra_state(self) -> dict:
+        """What the training state holds besides the optimiser and schedule: scaler, EMA."""
+        ema = {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        return {**self.precision.state_dict(), **ema}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.precision.load_state_dict(state)
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+
+def optimiser_steps(batches: int, accumulate: int) -> int:
+    """Optimiser steps in `batches` batches (a last, shorter window still makes a step)."""
+    return math.ceil(batches / accumulate)
 
 
 def build_optimisation(loop: Loop) -> Optimisation:
@@ -157,13 +196,18 @@ def build_optimisation(loop: Loop) -> Optimisation:
     plan = plan_params(loop.model, loop.head_patterns, cfg.optim)
     optimizer = build_optimizer(loop.model, loop.head_patterns, cfg.optim, plan)
     loop.say(plan_table(plan))
-    scheduler = build_scheduler(optimizer, cfg.schedule, len(loop.train_loader))
-    return Optimisation(optimizer, scheduler)
+    k = cfg.optim.accumulate
+    scheduler = build_scheduler(optimizer, cfg.schedule, optimiser_steps(len(loop.train_loader), k))
+    ema = WeightAverage(loop.model, cfg.optim.ema) if cfg.optim.ema is not None else None
+    loop.recorder.ema_model = ema.module if ema is not None else None
+    optimizer.zero_grad(set_to_none=True)  # gradients left by a probe phase are not this phase's
+    return Optimisation(optimizer, scheduler, MixedPrecision(cfg.optim.amp, loop.device), k, ema)
 
 
 class StateSaver:
     """Writes training states: at each epoch's end, and after any step where one is due (every K
-    steps, every M minutes) or a stop signal came; after a signal the run stops (Interrupted)."""
+    steps, every M minutes) or a stop signal came; after a signal the run stops (Interrupted).
+    Called only after optimiser steps, so with optim.accumulate a state never holds half a window."""
 
     def __init__(self, loop: Loop, opt: Optimisation, stop: StopSignals):
         self.loop, self.opt, self.stop = loop, opt, stop
@@ -173,28 +217,35 @@ class StateSaver:
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.loader_state = self.loop.train_loader.generator.get_state()  # this epoch's data order comes from here
+        if hasattr(self.loop.train_loader.sampler, "set_epoch"):  # DistributedSampler: the order of seed + epoch
+            self.loop.train_loader.sampler.set_epoch(epoch)
 
     def after_step(self, pos: EpochPosition) -> None:
         every, minutes = self.loop.cfg.checkpoint.every_steps, self.loop.cfg.checkpoint.every_minutes
-        steps = len(self.loop.train_loader)
-        due = bool(every) and ((self.epoch - 1) * steps + pos.batches_done) % every == 0
+        steps, k = len(self.loop.train_loader), self.opt.accumulate
+        step = (self.epoch - 1) * optimiser_steps(steps, k) + optimiser_steps(pos.batches_done, k)
+        due = bool(every) and step % every == 0
         due |= bool(minutes) and time.monotonic() - self.last_saved >= minutes * 60
-        if self.stop.signum is not None or (due and pos.batches_done < steps):
+        signum = self.loop.processes.agree_stop(self.stop.signum)  # every rank stops after the same step
+        if signum is not None or (due and pos.batches_done < steps):
             self.save(self.epoch - 1, pos, self.loader_state)
-        if self.stop.signum is not None:
+        if signum is not None:
             where = f"epoch {self.epoch}, batch {pos.batches_done}"
-            raise Interrupted(self.stop.signum, self.loop.recorder.run_dir, where)
+            raise Interrupted(signum, self.loop.recorder.run_dir, where)
 
     def end_epoch(self) -> None:
         self.save(self.epoch, EpochPosition(), self.loop.train_loader.generator.get_state())
 
     def save(self, epochs_done: int, pos: EpochPosition, loader_state: torch.Tensor) -> None:
+        if not self.loop.processes.main:  # rank 0 writes the run's one state
+            return
         recorder, steps = self.loop.recorder, len(self.loop.train_loader)
         step = epochs_done * steps + pos.batches_done
         require_finite(self.loop.model, f"{recorder.run_dir}: the training state at step {step}", self.opt.optimizer)
         counters = {"epoch": epochs_done, "batches_done": pos.batches_done, "loss_sum": pos.loss_sum,
                     "seen": pos.seen, "global_step": step,
-                    "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch}
+                    "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch,
+                    "processes": self.loop.processes.world, **self.opt.extra_state()}
         save_state(recorder.run_dir, self.loop.model, self.opt.optimizer, self.opt.scheduler, counters,
                    self.loop.cfg.checkpoint.keep_last)
         self.last_saved = time.monotonic()
@@ -220,24 +271,29 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
             if index == skip - 1 and rng_at_position is not None:
                 set_rng_state(rng_at_position)
             continue
-        loss, n = loop.loss_fn(loop.model, batch)
+        with opt.precision.autocast():
+            loss, n = loop.loss_fn(loop.model if loop.wrapped is None else loop.wrapped, batch)
         pos.batches_done = index + 1
-        stop_on_nonfinite(loop, loss.detach(), batch, pos)
-        opt.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.optimizer.step()
+        stop_on_nonfinite(loop, loop.processes.agree_finite(loss.detach()), batch, pos)
+        # the mean over the window's batches: K batches give the gradient of one K-times batch
+        opt.precision.backward(loss / window_size(index, len(loop.train_loader), opt.accumulate))
+        opt.pending = True
         loss_sum += loss.detach().double() * n
         pos.seen += n
-        opt.scheduler.step()
         loop.progress.advance_and_draw(task, n)
+        if (index + 1) % opt.accumulate and index + 1 < len(loop.train_loader):
+            continue  # the window goes on
+        optimiser_step(loop.model, opt)
         if after_step is not None:
             pos.loss_sum = float(loss_sum)
             after_step(pos)
-    return float(loss_sum) / max(pos.seen, 1)
+    totals = loop.processes.sum(torch.tensor([float(loss_sum), pos.seen], dtype=torch.float64))
+    return float(totals[0]) / max(float(totals[1]), 1)  # over every rank's images
 
 
 def stop_on_nonfinite(loop: Loop, loss: torch.Tensor, batch: Any, pos: EpochPosition) -> None:
-    """A NaN or inf loss ends the run here, before it can reach the weights or any saved file."""
+    """A NaN or inf loss ends the run here, before it can reach the weights or any saved file (under
+    torchrun, every rank stops at the same step: `loss` is NaN on all when it is on one)."""
     steps = len(loop.train_loader)
     step = (pos.epoch - 1) * steps + pos.batches_done
     try:
@@ -248,6 +304,25 @@ def stop_on_nonfinite(loop: Loop, loss: torch.Tensor, batch: Any, pos: EpochPosi
         kept = f"the newest training state is {states[-1]}, from before it" if states else "no state was saved yet"
         raise NonFiniteError(f"{run_dir}: stopped at epoch {pos.epoch}, step {step} (batch {pos.batches_done} of "
                              f"{steps}): {exc}; {kept}") from None
+
+
+def window_size(index: int, batches: int, accumulate: int) -> int:
+    """Batches in the accumulation window of batch `index` (0-based): K, or fewer for the last one."""
+    start = index - index % accumulate
+    return min(accumulate, batches - start)
+
+
+def optimiser_step(model: nn.Module, opt: Optimisation) -> None:
+    """The end of a window: a step where some batch had a finite loss, the schedule moves on either
+    way (a skipped step is still a step of the schedule), and the EMA follows the new weights."""
+    if opt.pending:
+        opt.precision.step(opt.optimizer)
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.pending = False
+        if opt.ema is not None:
+            opt.ema.update(model)
+    with opt.precision.quiet_schedule():
+        opt.scheduler.step()
 
 
 def open_stages(loop: Loop, epoch: int, stages: int, in_optimizer: set[int]) -> str:
@@ -268,9 +343,11 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
     first_epoch, position, rng = 1, None, None  # epochs of this phase
     if resume is not None:
         state = resume.state
+        loop.processes.check_resume(state.get("processes", 1), resume.dir)
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.scheduler.load_state_dict(state["scheduler"])  # the step count; the rule is this run's
         loop.train_loader.generator.set_state(state["loader_generator"])
+        opt.load_extra_state(state)
         first_epoch, rng = state["epoch"] + 1, state["rng"]
         position = EpochPosition(state["batches_done"], state["loss_sum"], state["seen"])
     elif cfg.pretrained.with_optimizer:
@@ -282,14 +359,22 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
             phase = open_stages(loop, epoch, stages, in_optimizer) if stages else "finetune"
             t0 = time.perf_counter()
             states.start_epoch(epoch)
-            task = loop.progress.add_task(f"epoch {epoch}", total=len(loop.train_loader.dataset), info="")
             position = position or EpochPosition()
             position.epoch = epoch
+            task = loop.progress.add_task(f"epoch {epoch}", total=len(loop.train_loader.dataset), info="")
             train_loss = train_one_epoch(loop, opt, task, position, rng, states.after_step)
             loop.progress.remove_task(task)
             position, rng = None, None
-            metrics = loop.eval_fn(loop.model, loop.val_loader)
-            groups = opt.optimizer.param_groups
-            loop.recorder.record(phase, train_loss, metrics, groups[0]["lr"], t0,
-                                 [(g.get("name", str(i)), g["lr"]) for i, g in enumerate(groups)])
+            if loop.processes.main:  # the whole validation set, scored once
+                record_epoch(loop, opt, phase, train_loss, t0)
             states.end_epoch()
+
+
+def record_epoch(loop: Loop, opt: Optimisation, phase: str, train_loss: float, t0: float) -> None:
+    """Score the epoch's weights (and the EMA's) on the validation set and record them."""
+    metrics = loop.eval_fn(loop.model, loop.val_loader)
+    if opt.ema is not None:  # the EMA's weights, scored the same way
+        metrics.update({f"ema_{k}": v for k, v in loop.eval_fn(opt.ema.module, loop.val_loader).items()})
+    groups = opt.optimizer.param_groups
+    loop.recorder.record(phase, train_loss, metrics, groups[0]["lr"], t0,
+                         [(g.get("name", str(i)), g["lr"]) for i, g in enumerate(groups)])

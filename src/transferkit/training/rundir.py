@@ -50,6 +50,29 @@ def open_run(cfg: Config, out: str | Path | None, config_path: str | Path | None
     return claim_new_run(Path(out or cfg.out or default_run_dir(config_path))), None
 
 
+class FollowedRun:
+    """A run directory that another process (torchrun's rank 0) holds: this one only reads it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def __enter__(self) -> Path:
+        return self.run_dir
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def follow_run(cfg: Config, out: str | Path | None, config_path: str | Path | None, resume: str | Path | None,
+               allow_config_change: Sequence[str], say: Say) -> tuple[FollowedRun, ResumePoint | None]:
+    """open_run for torchrun's other ranks: the same directory and state, neither claimed nor checked
+    (rank 0 claims the run and checks the config)."""
+    if resume is not None:
+        state_dir = find_state(Path(resume), say)
+        return FollowedRun(Path(resume)), ResumePoint(state_dir, load_state(state_dir))
+    return FollowedRun(Path(out or cfg.out or default_run_dir(config_path))), None
+
+
 def write_run_start(run_dir: Path, cfg: Config, classes: list[str], report: TransferReport | None) -> None:
     """What a run writes before its first step: the resolved config, the class names and the transfer
     report. Called only once data and weights have been read without error."""
@@ -75,8 +98,9 @@ def run_config(run_dir: str | Path) -> Config:
 
 
 def checkpoint_path(run_dir: str | Path, weights: str) -> Path:
-    """`best`, `last`, or a path given as it is."""
-    named = weights in ("best", "last")
+    """`best`, `last`, `ema` (a run with optim.ema: the EMA's weights of the last epoch), or a path
+    given as it is."""
+    named = weights in ("best", "last", "ema")
     ckpt = Path(run_dir) / "checkpoints" / f"{weights}.safetensors" if named else Path(weights)
     if not ckpt.is_file():
         raise TransferKitError(f"checkpoint not found: {ckpt}; has the run finished an epoch?")
