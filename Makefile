@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint
+.PHONY: demo test lint mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,3 +17,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# Mutation testing, one module at a time: make mutation MUTANTS='transferkit.weights.matching*'
+# (no MUTANTS: every module configured in pyproject.toml). Slow; not part of `make test`.
+MUTANTS ?=
+mutation: $(STAMP)
+	nice $(BIN)/mutmut run --max-children 1 $(MUTANTS)
+	$(BIN)/mutmut results

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
-from transferkit.data.convert import convert_labelme, convert_voc, convert_yolo
+from transferkit.data.convert import convert_cityscapes, convert_labelme, convert_voc, convert_yolo
 from transferkit.data.convert.to_yolo import export_yolo
 
 
@@ -141,7 +142,68 @@ def test_coco_to_yolo_normalises_centres(tmp_path):
             {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 1}]}))
     result = export_yolo(tmp_path / "in.json", tmp_path / "img", tmp_path / "out")
     assert (result.images, result.boxes) == (1, 2)
+    assert result.summary() == "1 images, 2 boxes; skipped 1"
+    placed = tmp_path / "out" / "images" / "train" / "a.png"
+    assert placed.read_bytes() == (tmp_path / "img" / "a.png").read_bytes()
+    assert placed.stat().st_ino == (tmp_path / "img" / "a.png").stat().st_ino  # a hard link, not a copy
+    assert yaml.safe_load((tmp_path / "out" / "data.yaml").read_text()) == {
+        "path": ".", "train": "images/train", "names": {0: "cat", 1: "dog"}}
     assert (tmp_path / "out" / "labels" / "train" / "a.txt").read_text() == (
         "1 0.500000 0.500000 0.200000 0.400000\n"   # dog is the second category: class 1
         "0 0.075000 0.100000 0.150000 0.200000\n")  # centre (15, 10) of 200 x 100
     assert [s["reason"] for s in result.skipped] == ["crowd region (YOLO has no crowd form)"]
+
+
+# --- Cityscapes ------------------------------------------------------------------------------
+
+def test_cityscapes_instances_groups_clipping_and_skips(tmp_path):
+    frame = tmp_path / "gtFine" / "val" / "bonn"
+    frame.mkdir(parents=True)
+    (frame / "bonn_000001_000019_gtFine_polygons.json").write_text(json.dumps({
+        "imgWidth": 100, "imgHeight": 50, "objects": [
+            {"label": "car", "polygon": [[10, 5], [30, 5], [30, 25], [10, 25]]},
+            {"label": "cargroup", "polygon": [[40, 10], [60, 10], [50, 40]]},   # a crowd region of cars
+            {"label": "person", "polygon": [[90, 40], [120, 40], [120, 70]]},   # reaches outside: clipped
+            {"label": "road", "polygon": [[0, 0], [5, 0], [5, 5]]},
+            {"label": "bicycle", "polygon": [[1, 1], [2, 2]]},
+        ]}))
+    coco = convert_cityscapes(tmp_path, "val")
+    assert coco.categories[:3] == ["person", "rider", "car"]
+    assert coco.images == [{"id": 1, "file_name": "leftImg8bit/val/bonn/bonn_000001_000019_leftImg8bit.png",
+                            "width": 100, "height": 50}]
+    assert [(n, b, a["iscrowd"]) for (_, n, b), a in zip(boxes(coco), coco.annotations, strict=True)] == [
+        ("car", [10.0, 5.0, 20.0, 20.0], 0),
+        ("car", [40.0, 10.0, 20.0, 30.0], 1),
+        ("person", [90.0, 40.0, 10.0, 10.0], 0),   # x 90..120 and y 40..70 clipped to 100 x 50
+    ]
+    assert coco.annotations[2]["segmentation"] == [[90, 40, 100, 40, 100, 50]]
+    assert [(s["level"], s["reason"]) for s in coco.skipped] == [
+        ("note", "'road' is not an instance class"), ("error", "`polygon` is not a list of 3 or more [x, y]")]
+
+
+# --- the COCO file the converters write --------------------------------------------------------
+
+def test_the_written_coco_json(tmp_path, voc):
+    coco = convert_voc(voc)
+    coco.save(tmp_path / "out" / "voc.json")
+    written = json.loads((tmp_path / "out" / "voc.json").read_text())
+    assert written["categories"] == [{"id": 1, "name": "cat", "supercategory": ""},
+                                     {"id": 2, "name": "dog", "supercategory": ""},
+                                     {"id": 3, "name": "person", "supercategory": ""}]
+    assert [i["file_name"] for i in written["images"]] == ["000001.jpg", "000002.jpg"]
+    assert written["annotations"][0] == {"id": 1, "image_id": 1, "category_id": 2, "bbox": [0.0, 0.0, 10.0, 20.0],
+                                         "area": 200.0, "iscrowd": 0, "segmentation": []}
+    assert [a["id"] for a in written["annotations"]] == [1, 2, 3, 4]
+    assert coco.summary() == "2 images, 4 boxes, 3 categories; skipped: 1 x difficult, 1 x object"
+
+
+def test_images_are_listed_by_id_whatever_order_they_came_in():
+    from transferkit.data.convert.coco import CocoDataset, stable_image_ids
+
+    coco = CocoDataset(["a"])
+    coco.add_image(7, "b.jpg", 10, 10)
+    coco.add_image(3, "a.jpg", 10, 10)
+    assert [i["id"] for i in coco.to_dict()["images"]] == [3, 7]
+    assert stable_image_ids(["000012.jpg", "7.png"]) == {"000012.jpg": 12, "7.png": 7}
+    assert stable_image_ids(["b.jpg", "a.jpg", "12.jpg"]) == {"12.jpg": 1, "a.jpg": 2, "b.jpg": 3}
+    assert stable_image_ids(["1.jpg", "01.png"]) == {"01.png": 1, "1.jpg": 2}  # the same number twice
