@@ -13,6 +13,7 @@ from PIL import Image
 
 from transferkit.data.convert import convert_cityscapes, convert_labelme, convert_voc, convert_yolo
 from transferkit.data.convert.to_yolo import export_yolo
+from transferkit.errors import TransferKitError
 
 
 def boxes(coco) -> list[tuple[int, str, list[float]]]:
@@ -207,3 +208,55 @@ def test_images_are_listed_by_id_whatever_order_they_came_in():
     assert stable_image_ids(["000012.jpg", "7.png"]) == {"000012.jpg": 12, "7.png": 7}
     assert stable_image_ids(["b.jpg", "a.jpg", "12.jpg"]) == {"12.jpg": 1, "a.jpg": 2, "b.jpg": 3}
     assert stable_image_ids(["1.jpg", "01.png"]) == {"01.png": 1, "1.jpg": 2}  # the same number twice
+
+
+def test_coco_to_yolo_skips_what_yolo_cannot_hold(tmp_path):
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    for name, size in (("a.png", (200, 100)), ("sub/a.png", (20, 10)), ("b.png", (20, 10)), ("c.png", (20, 10))):
+        Image.new("RGB", size).save(tmp_path / "img" / name)
+    (tmp_path / "in.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 100},
+                   {"id": 2, "file_name": "sub/a.png", "width": 20, "height": 10},
+                   {"id": 3, "file_name": "missing.png", "width": 20, "height": 10},
+                   {"id": 4, "file_name": "b.png", "width": 0, "height": 10},
+                   {"id": 5, "file_name": "c.png", "width": 20, "height": 10}],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 20], "iscrowd": 0},
+            {"id": 2, "image_id": 9, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 0}]}))
+    out = tmp_path / "out"
+    result = export_yolo(tmp_path / "in.json", tmp_path / "img", out, split="val")
+    assert (result.root, result.images, result.boxes) == (out, 2, 1)
+    assert result.skipped == [
+        {"file": str(tmp_path / "in.json"), "what": "annotations[1]", "reason": "image_id 9 is not in images"},
+        {"file": str(tmp_path / "img" / "sub" / "a.png"), "what": "image", "reason": "another image is named a"},
+        {"file": str(tmp_path / "img" / "missing.png"), "what": "image", "reason": "file not found"},
+        {"file": str(tmp_path / "img" / "b.png"), "what": "image", "reason": "width/height missing in the JSON"}]
+    assert sorted(p.name for p in (out / "images" / "val").iterdir()) == ["a.png", "c.png"]
+    assert [p.name for p in (out / "labels" / "val").iterdir()] == ["a.txt"]  # c.png: a background image
+    assert (out / "labels" / "val" / "a.txt").read_text() == "0 0.125000 0.100000 0.250000 0.200000\n"
+    assert yaml.safe_load((out / "data.yaml").read_text()) == {"path": ".", "val": "images/val", "names": {0: "cat"}}
+    with pytest.raises(TransferKitError, match=r"image folder not found: .*nowhere \(give the folder the file_names"):
+        export_yolo(tmp_path / "in.json", tmp_path / "nowhere", out)
+
+
+def test_coco_to_yolo_copies_where_it_cannot_link(tmp_path, monkeypatch):
+    import transferkit.data.convert.to_yolo as to_yolo
+
+    def no_links(src, dst):
+        raise OSError("links not allowed here")
+
+    monkeypatch.setattr(to_yolo.os, "link", no_links)
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "in.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 20, "height": 10}],
+        "categories": [{"id": 1, "name": "cat"}], "annotations": []}))
+    export_yolo(tmp_path / "in.json", tmp_path / "img", tmp_path / "out")
+    placed = tmp_path / "out" / "images" / "train" / "a.png"
+    assert placed.read_bytes() == (tmp_path / "img" / "a.png").read_bytes()
+    assert placed.stat().st_ino != (tmp_path / "img" / "a.png").stat().st_ino
+    placed.write_bytes(b"kept")  # a second export leaves an image already in place
+    export_yolo(tmp_path / "in.json", tmp_path / "img", tmp_path / "out")
+    assert placed.read_bytes() == b"kept"
