@@ -71,6 +71,21 @@ def test_voc_difficult_kept_on_request(voc):
     assert (1, "cat", [4.0, 4.0, 4.0, 5.0]) in boxes(coco)  # 5..8 -> w 4; 5..9 -> h 5
 
 
+def test_voc_split_lists_choose_the_files(voc, tmp_path):
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("000002\n\n")
+    (voc / "ImageSets" / "Main" / "bad.txt").write_text("000003\n")
+    coco = convert_voc(voc, "val", classes=["person", "dog"])
+    assert coco.categories == ["person", "dog"] and [i["id"] for i in coco.images] == [2]
+    assert boxes(coco) == [(2, "person", [1.0, 2.0, 1.0, 1.0])]
+    with pytest.raises(TransferKitError, match=r"split list not found: .*ImageSets/Main/test\.txt"):
+        convert_voc(voc, "test")
+    with pytest.raises(TransferKitError, match=r"000003\.xml is listed in the split but does not exist"):
+        convert_voc(voc, "bad")
+    with pytest.raises(TransferKitError, match=r"is not a VOC folder \(no Annotations/\); give e.g. VOCdevkit/VOC2007"):
+        convert_voc(tmp_path)
+
+
 # --- labelme ---------------------------------------------------------------------------------
 
 LABELME = {
