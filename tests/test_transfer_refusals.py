@@ -304,3 +304,29 @@ def test_meaningless_options_are_refused(tmp_path, opts, message):
     scope = opts.pop("scope", "all-but-head")
     with pytest.raises(TransferKitError, match=message):
         transfer(Small(), path, scope, HEAD, **opts)
+
+
+def test_summary_lines_name_every_tensor_not_loaded(tmp_path):
+    state = source_state()
+    del state["stem.bias"]
+    state["body.weight"] = torch.zeros(7, 4)
+    path = save(tmp_path, state)
+    report = transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.running_*"])
+    report.note_init(["head.weight"], "xavier")
+    report.head_rows = [{"row": 0, "class": "ant", "from": ["ant (310)", "-bee (309)"]},
+                        {"row": 1, "class": "tree", "from": None, "init": "zeros"}]
+    assert report.summary_lines(limit=4) == [
+        f"transfer from {path} (pytorch, scope all-but-head): excluded 2, loaded 5, missing 1, out-of-scope 2, "
+        "skipped-shape 1; 68.3% of target values restored; 5 source tensors unused",
+        "  missing       stem.bias (4,) no matching source tensor; keeps its initialisation",
+        "  excluded      bn.running_mean (4,) by pattern 'bn.running_*'",
+        "  excluded      bn.running_var (4,) by pattern 'bn.running_*'",
+        "  skipped-shape body.weight (6, 4) source (7, 4) vs target (6, 4)",
+        "  ... 2 more not loaded (see transfer_report.json)",
+        "  head row 0 'ant' <- ant (310) + -bee (309)",
+        "  head row 1 'tree' <- no source class; initialised zeros",
+    ]
+    assert report.summary_lines()[5:7] == [
+        "  out-of-scope  head.weight (3, 6) not restored with scope all-but-head; initialised xavier",
+        "  out-of-scope  head.bias (3,) not restored with scope all-but-head"]
+    assert report.to_dict()["head_rows"] == report.head_rows

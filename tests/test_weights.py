@@ -298,6 +298,21 @@ def test_the_reader_itself_asks_for_weights_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "ran"
     torch.save({"w": torch.zeros(1), "evil": _RunsCode(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(TransferKitError, match="refused, unpickling it would run code"):
+    with pytest.raises(TransferKitError, match=r"evil.pth: refused, unpickling it would run code outside plain "
+                       r"tensors \(needs (posix|os)\.system\); re-save the state_dict only, e\.g\. "
+                       r"torch\.save\(model\.state_dict\(\), path\)$"):
         read_weights(tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Weights only load failed. ...\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+     "needs posix.system"),
+    ("Weights only load failed. Unsupported global: GLOBAL __main__.Net was not an allowed global",
+     "needs __main__.Net"),
+    ("Weights only load failed. Unsupported operand 149", "not allowed by weights_only"),
+])
+def test_the_refusal_names_the_global_in_either_of_torchs_wordings(text, expected):
+    from transferkit.weights.formats.torch_file import _global_name
+
+    assert _global_name(pickle.UnpicklingError(text)) == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,8 +66,6 @@ def read(path: Path) -> WeightFile:
 
 
 def _global_name(exc: Exception) -> str:
-    text = str(exc)
-    marker = "Unsupported global: GLOBAL "
-    if marker in text:
-        return "needs " + text.split(marker, 1)[1].split()[0]
-    return "not allowed by weights_only"
+    # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ...".
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"needs {found.group(1)}" if found else "not allowed by weights_only"
