@@ -330,3 +330,32 @@ def test_summary_lines_name_every_tensor_not_loaded(tmp_path):
         "  out-of-scope  head.weight (3, 6) not restored with scope all-but-head; initialised xavier",
         "  out-of-scope  head.bias (3,) not restored with scope all-but-head"]
     assert report.to_dict()["head_rows"] == report.head_rows
+    assert not any("more not loaded" in line for line in report.summary_lines(limit=6))  # exactly 6 not loaded
+
+
+def test_the_table_has_a_row_per_module(tmp_path):
+    from rich.console import Console
+
+    state = source_state()
+    state["body.weight"] = torch.zeros(7, 4)
+    report = transfer(Small(), save(tmp_path, state), "all-but-head", HEAD)
+    table = report.table()
+    assert table.title == f"transfer from {save(tmp_path, state)} (scope all-but-head)"
+    assert [c.header for c in table.columns] == ["module", "tensors", "loaded", "restored"]
+    assert [c.justify for c in table.columns] == ["left", "right", "right", "right"]
+    assert [list(c.cells) for c in table.columns] == [
+        ["stem", "bn", "body", "head"], ["2", "5", "2", "2"], ["2", "5", "1", "0"],
+        ["100.0%", "100.0%", "20.0%", "0.0%"]]
+    assert table.caption == "loaded 8, out-of-scope 2, skipped-shape 1; 3 source tensors unused"
+    console = Console(record=True, width=100)
+    console.print(table)
+    assert "skipped-shape 1" in console.export_text()
+
+
+@pytest.mark.parametrize("name, module", [
+    ("backbone.body.blocks.0.conv.weight", "backbone.body"), ("backbone.fpn.inner.0.weight", "backbone.fpn"),
+    ("backbone.weight", "backbone"), ("blocks.0.0.conv_dw.weight", "blocks"), ("classifier.bias", "classifier")])
+def test_a_detectors_backbone_is_split_into_its_parts_in_the_table(name, module):
+    from transferkit.weights.transfer import module_of
+
+    assert module_of(name) == module
