@@ -334,8 +334,6 @@ def test_summary_lines_name_every_tensor_not_loaded(tmp_path):
 
 
 def test_the_table_has_a_row_per_module(tmp_path):
-    from rich.console import Console
-
     state = source_state()
     state["body.weight"] = torch.zeros(7, 4)
     report = transfer(Small(), save(tmp_path, state), "all-but-head", HEAD)
@@ -347,9 +345,6 @@ def test_the_table_has_a_row_per_module(tmp_path):
         ["stem", "bn", "body", "head"], ["2", "5", "2", "2"], ["2", "5", "1", "0"],
         ["100.0%", "100.0%", "20.0%", "0.0%"]]
     assert table.caption == "loaded 8, out-of-scope 2, skipped-shape 1; 3 source tensors unused"
-    console = Console(record=True, width=100)
-    console.print(table)
-    assert "skipped-shape 1" in console.export_text()
 
 
 @pytest.mark.parametrize("name, module", [
