@@ -94,7 +94,8 @@ def drop_at(k):
     (insert_at(2), 2, r"extra \(7, 7, 7\)"),       # source longer: it must still line up with the start
     (insert_at(9), 9, r"extra \(7, 7, 7\)"),
     (drop_at(7), 7, r"p8.bias \(6,\)"),                 # source shorter
-], ids=["reshape0", "reshape3", "reshape7", "reshape8", "insert2", "insert9", "drop7"])
+    (lambda state: dict(list(renamed(state).items())[:7]), 7, r"\(end\)"),  # source is the target's start
+], ids=["reshape0", "reshape3", "reshape7", "reshape8", "insert2", "insert9", "drop7", "source-ends"])
 def test_orders_that_part_are_refused_showing_where(tmp_path, edit, k, source_at):
     path = save(tmp_path, edit(source_state()))
     model = Small()
@@ -354,3 +355,23 @@ def test_a_detectors_backbone_is_split_into_its_parts_in_the_table(name, module)
     from transferkit.weights.transfer import module_of
 
     assert module_of(name) == module
+
+
+def test_report_dict_and_empty_groups(tmp_path):
+    from transferkit.weights.transfer import TensorEntry, TransferReport
+
+    path = save(tmp_path, source_state())
+    data = transfer(Small(), path, "backbone", HEAD).to_dict()
+    assert (data["source"], data["format"], data["scope"]) == (str(path), "pytorch", "backbone")
+    assert data["unused_source"] == ["head.weight", "head.bias"] and data["head_rows"] == []
+    assert data["counts"] == {"loaded": 9, "out-of-scope": 2}
+    empty = TransferReport("x.pth", "pytorch", "full", [TensorEntry("scale.weight", "missing", [0], 0)])
+    assert empty.fraction_restored() == 0.0 and empty.per_module()["scale"]["fraction_restored"] == 0.0
+
+
+def test_adapted_input_conv_keeps_the_source_dtype():
+    from transferkit.weights.transfer import adapt_input_channels
+
+    rgb = torch.ones(4, 3, 3, 3, dtype=torch.float16)
+    grey = adapt_input_channels(rgb, 1)
+    assert grey.dtype == torch.float16 and grey.shape == (4, 1, 3, 3) and torch.all(grey == 3.0)
