@@ -375,3 +375,24 @@ def test_adapted_input_conv_keeps_the_source_dtype():
     rgb = torch.ones(4, 3, 3, 3, dtype=torch.float16)
     grey = adapt_input_channels(rgb, 1)
     assert grey.dtype == torch.float16 and grey.shape == (4, 1, 3, 3) and torch.all(grey == 3.0)
+
+
+def test_one_tensor_lining_up_is_not_a_structure():
+    """A single leftover target tensor that fits the source's first is too little to pair by order;
+    two are enough."""
+    with pytest.raises(TransferKitError, match=r"part at position 1: source b.w \(3,\) vs target \(end\); "
+                                               r"check that the source is for this architecture$"):
+        match_names({"a.w": (2,), "b.w": (3,)}, {"x.w": (2,)})
+    m = match_names({"a.w": (2,), "b.w": (3,), "c.w": (4,)}, {"x.w": (2,), "y.w": (3,)})
+    assert {t: (x.source, x.how) for t, x in m.items()} == {"x.w": ("a.w", "structure"), "y.w": ("b.w", "structure")}
+
+
+@pytest.mark.parametrize("source, target, expected", [
+    ((8, 3, 3, 3), (8, 1, 3, 3), True), ((8, 3, 5, 5), (8, 4, 5, 5), True),
+    ((8, 4, 3, 3), (8, 1, 3, 3), False),   # the source is not RGB
+    ((8, 3, 3, 3), (8, 3, 3, 3), False),   # nothing to adapt
+    ((8, 3, 3, 3), (4, 1, 3, 3), False), ((8, 3, 3, 3), (8, 1, 5, 5), False), ((8, 3), (8, 1), False)])
+def test_which_convs_are_input_adaptable(source, target, expected):
+    from transferkit.weights.matching import input_adaptable
+
+    assert input_adaptable(source, target) is expected
