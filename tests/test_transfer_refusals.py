@@ -127,6 +127,8 @@ def test_a_backbone_lines_up_with_the_start_only_when_shapes_agree():
     tgt = {n: tuple(v.shape) for n, v in Small().state_dict().items() if not n.startswith("head.")}
     m = match_names(src, tgt)
     assert {t: (x.source, x.how) for t, x in m.items()} == {n: (s, "structure") for n, s in zip(tgt, src, strict=False)}
+    grey = {**tgt, "stem.weight": (4, 1, 3, 3)}  # a 1-channel first conv still lines up: it is adapted
+    assert match_names(src, grey)["stem.weight"] == match_names(src, tgt)["stem.weight"]
     src["p7.weight"] = (6, 5)
     with pytest.raises(TransferKitError, match=r"part at position 7: source p7.weight \(6, 5\) vs target body.weight"):
         match_names(src, tgt)
