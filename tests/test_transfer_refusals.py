@@ -208,6 +208,23 @@ def test_require_below_threshold_names_the_tensors(tmp_path, opts, group, got, f
     assert "\n" not in msg
 
 
+def test_require_lists_the_first_five_not_restored(tmp_path):
+    path = save(tmp_path, source_state())
+    with pytest.raises(TransferKitError, match=r"7 of 11 tensors not restored: bn.weight, bn.bias, bn.running_mean, "
+                                               r"bn.running_var, bn.num_batches_tracked \(\+2 more\); check the"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"all": 1.0})
+    with pytest.raises(TransferKitError, match=r"2 of 11 tensors not restored: head.weight, head.bias; check the"):
+        transfer(Small(), path, "all-but-head", HEAD, require={"all": 1.0})
+
+
+def test_require_head_is_the_declared_head(tmp_path):
+    path = save(tmp_path, source_state())
+    with pytest.raises(TransferKitError, match=r"only 0.0% of head was restored .*2 of 2 tensors not restored"):
+        transfer(Small(), path, "all-but-head", HEAD, require={"head": 0.5})
+    report = transfer(Small(), path, "full", HEAD, require={"head": 1.0, "backbone": 1.0})
+    assert report.fraction_restored() == 1.0
+
+
 def test_require_counts_a_shape_skip_as_not_restored(tmp_path):
     state = source_state()
     state["stem.bias"] = torch.zeros(5)
