@@ -415,3 +415,15 @@ def test_which_convs_are_input_adaptable(source, target, expected):
     from transferkit.weights.matching import input_adaptable
 
     assert input_adaptable(source, target) is expected
+
+
+def test_backbone_scope_restores_only_the_backbone_patterns(tmp_path):
+    path = save(tmp_path, source_state())
+    report = transfer(Small(), path, "backbone", HEAD, backbone_patterns=("stem.*", "bn.*"))
+    assert {e.target: e.status for e in report.entries} == {
+        **{n: "loaded" for n in NAMES[:7]}, **{n: "out-of-scope" for n in NAMES[7:]}}
+    assert report.by_status("out-of-scope")[0].reason == "not restored with scope backbone"
+    # The backbone patterns only narrow scope backbone; without them it is everything but the head.
+    assert transfer(Small(), path, "all-but-head", HEAD, backbone_patterns=("stem.*",)).counts() == {
+        "loaded": 9, "out-of-scope": 2}
+    assert transfer(Small(), path, "backbone", HEAD).counts() == {"loaded": 9, "out-of-scope": 2}
