@@ -215,6 +215,12 @@ def test_require_lists_the_first_five_not_restored(tmp_path):
         transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"all": 1.0})
     with pytest.raises(TransferKitError, match=r"2 of 11 tensors not restored: head.weight, head.bias; check the"):
         transfer(Small(), path, "all-but-head", HEAD, require={"all": 1.0})
+    with pytest.raises(TransferKitError, match=r"\(required 90%\); .* 5 of 9 tensors not restored: bn.weight, bn.bias, "
+                                               r"bn.running_mean, bn.running_var, bn.num_batches_tracked; check the "
+                                               r"source, scope and patterns with --dry-run$"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"backbone": 0.9})
+    with pytest.raises(TransferKitError, match=r"\(required 99.5%\)"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"backbone": 0.995})
 
 
 def test_require_head_is_the_declared_head(tmp_path):
