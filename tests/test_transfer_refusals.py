@@ -357,6 +357,8 @@ def test_summary_lines_name_every_tensor_not_loaded(tmp_path):
         "  out-of-scope  head.bias (3,) not restored with scope all-but-head"]
     assert report.to_dict()["head_rows"] == report.head_rows
     assert not any("more not loaded" in line for line in report.summary_lines(limit=6))  # exactly 6 not loaded
+    nothing = transfer(Small(), path, "all-but-head", HEAD, exclude=["*"])
+    assert nothing.summary_lines()[-1] == "  ... 3 more not loaded (see transfer_report.json)"  # 8 shown of 11
 
 
 def test_the_table_has_a_row_per_module(tmp_path):
@@ -375,7 +377,7 @@ def test_the_table_has_a_row_per_module(tmp_path):
 
 @pytest.mark.parametrize("name, module", [
     ("backbone.body.blocks.0.conv.weight", "backbone.body"), ("backbone.fpn.inner.0.weight", "backbone.fpn"),
-    ("backbone.weight", "backbone"), ("blocks.0.0.conv_dw.weight", "blocks"), ("classifier.bias", "classifier")])
+    ("backbone.weight", "backbone"), ("backbone.body.weight", "backbone.body"), ("blocks.0.0.conv_dw.weight", "blocks"), ("classifier.bias", "classifier")])
 def test_a_detectors_backbone_is_split_into_its_parts_in_the_table(name, module):
     from transferkit.weights.transfer import module_of
 
