@@ -377,7 +377,8 @@ def test_the_table_has_a_row_per_module(tmp_path):
 
 @pytest.mark.parametrize("name, module", [
     ("backbone.body.blocks.0.conv.weight", "backbone.body"), ("backbone.fpn.inner.0.weight", "backbone.fpn"),
-    ("backbone.weight", "backbone"), ("backbone.body.weight", "backbone.body"), ("blocks.0.0.conv_dw.weight", "blocks"), ("classifier.bias", "classifier")])
+    ("backbone.weight", "backbone"), ("backbone.body.weight", "backbone.body"),
+    ("blocks.0.0.conv_dw.weight", "blocks"), ("classifier.bias", "classifier")])
 def test_a_detectors_backbone_is_split_into_its_parts_in_the_table(name, module):
     from transferkit.weights.transfer import module_of
 
