@@ -3,7 +3,8 @@
     .venv/bin/python tools/mutation_scores.py [PATH-PART ...]    e.g. weights/ models/heads.py
 
 The score is killed / (killed + survived); timeouts (a looping mutant, or a slow machine), mutants
-without a test and those not checked yet are counted apart. mutmut writes no per-module summary of its own, hence this reader.
+without a test and those not checked yet are counted apart. mutmut writes no per-module summary of
+its own, hence this reader.
 """
 
 from __future__ import annotations
