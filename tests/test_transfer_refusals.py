@@ -436,3 +436,23 @@ def test_backbone_scope_restores_only_the_backbone_patterns(tmp_path):
     assert transfer(Small(), path, "all-but-head", HEAD, backbone_patterns=("stem.*",)).counts() == {
         "loaded": 9, "out-of-scope": 2}
     assert transfer(Small(), path, "backbone", HEAD).counts() == {"loaded": 9, "out-of-scope": 2}
+
+
+def test_backbone_scope_with_a_prefix_matches_the_classifier_under_it(tmp_path):
+    """A detector-like model holds the classifier under `body.`: scope backbone with that prefix
+    matches the source's own names below it (TF OD API's classification checkpoints)."""
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Small()
+            self.neck = nn.Linear(6, 2)
+
+    src = source_state()
+    path = save(tmp_path, src)
+    model = Detector()
+    report = transfer(model, path, "backbone", ("body.head.*",), ("body.*",), backbone_prefix="body.")
+    assert {e.target: (e.status, e.how) for e in report.entries if e.status == "loaded"} == {
+        f"body.{n}": ("loaded", "exact") for n in NAMES[:9]}
+    assert {e.target for e in report.by_status("out-of-scope")} == {
+        "body.head.weight", "body.head.bias", "neck.weight", "neck.bias"}
+    assert torch.equal(model.body.body.weight, src["body.weight"])
