@@ -219,6 +219,9 @@ def test_require_lists_the_first_five_not_restored(tmp_path):
                                                r"bn.running_mean, bn.running_var, bn.num_batches_tracked; check the "
                                                r"source, scope and patterns with --dry-run$"):
         transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"backbone": 0.9})
+    with pytest.raises(TransferKitError, match=r"6 of 9 tensors not restored: stem.bias, bn.weight, bn.bias, "
+                                               r"bn.running_mean, bn.running_var \(\+1 more\); check"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*", "stem.bias"], require={"backbone": 0.9})
     with pytest.raises(TransferKitError, match=r"\(required 99.5%\)"):
         transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"backbone": 0.995})
 
@@ -456,3 +459,7 @@ def test_backbone_scope_with_a_prefix_matches_the_classifier_under_it(tmp_path):
     assert {e.target for e in report.by_status("out-of-scope")} == {
         "body.head.weight", "body.head.bias", "neck.weight", "neck.bias"}
     assert torch.equal(model.body.body.weight, src["body.weight"])
+    renamed_source = save(tmp_path, {f"features.{k}": v for k, v in src.items()}, "features.pth")
+    report = transfer(Detector(), renamed_source, "backbone", ("body.head.*",), ("body.*",), backbone_prefix="body.",
+                      rename=[(r"^features\.", "")])
+    assert {e.how for e in report.by_status("loaded")} == {"renamed"} and len(report.by_status("loaded")) == 9
