@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz
+.PHONY: demo test lint fuzz mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,3 +22,10 @@ test: $(STAMP)
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_readers_fuzz.py tests/test_convert_fuzz.py
+
+# Mutation testing, one module at a time: make mutation MUTANTS='transferkit.weights.matching*'
+# (no MUTANTS: every module configured in pyproject.toml). Slow; not part of `make test`.
+MUTANTS ?=
+mutation: $(STAMP)
+	nice $(BIN)/mutmut run --max-children 1 $(MUTANTS)
+	$(BIN)/mutmut results

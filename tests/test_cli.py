@@ -35,8 +35,9 @@ def test_train_eval_predict(synth_root, tmp_path, capsys):
     assert results[-1]["path"].endswith("square_0000.png")
     assert len(results[0]["predictions"]) == 2
     assert {p["class"] for r in results for p in r["predictions"]} <= {"circle", "cross", "square"}
-    probs = [p["prob"] for p in results[0]["predictions"]]
-    assert probs[0] >= probs[1] and 0.99 < sum(p["prob"] for p in results[0]["predictions"]) or probs[0] > 0
+    for r in results:  # the top 2 of 3 classes, most probable first
+        probs = [p["prob"] for p in r["predictions"]]
+        assert probs[0] >= probs[1] > 0 and sum(probs) < 1, r
 
 
 def test_eval_without_weights_is_the_model_before_training(synth_root, tmp_path, capsys):

@@ -6,9 +6,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -88,44 +90,77 @@ def _dump(doc) -> str:
     return json.dumps(doc, allow_nan=True)
 
 
-def _workdir() -> Path:
-    d = Path(tempfile.mkdtemp())
-    Image.new("RGB", (40, 30), (9, 9, 9)).save(d / "a.png")
-    return d
+@contextmanager
+def _workdir() -> Iterator[Path]:
+    """A folder with a 40x30 image, removed after the example (hypothesis runs many per test)."""
+    with tempfile.TemporaryDirectory(prefix="tk-fuzz-") as name:
+        d = Path(name)
+        Image.new("RGB", (40, 30), (9, 9, 9)).save(d / "a.png")
+        yield d
+
+
+def _boxes_are_real(annotations, images, category_ids, slack: float) -> None:
+    """Every box kept is finite, has an area, belongs to a known image and category, and lies inside
+    its image (within `slack`: converters round to 3 decimals, the COCO reader allows half a pixel)."""
+    sizes = {im["id"]: (im["width"], im["height"]) for im in images}
+    for ann in annotations:
+        x, y, w, h = ann["bbox"]
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in (x, y, w, h)), ann
+        assert w > 0 and h > 0, ann
+        assert ann["image_id"] in sizes and ann["category_id"] in category_ids, ann
+        width, height = sizes[ann["image_id"]]
+        if width and height:  # a COCO file may leave the size out
+            assert -slack <= x and -slack <= y and x + w <= width + slack and y + h <= height + slack, ann
+        assert math.isfinite(ann["area"]) and ann["area"] >= 0, ann
 
 
 def _converts_or_says_where(run, file: Path) -> None:
+    """A converter either stops with one line naming the file, or gives only real boxes."""
     try:
-        run()
+        result = run()
     except TransferKitError as exc:
         message = str(exc)
         assert "\n" not in message and (str(file) in message or file.name in message), message
+        return
+    if hasattr(result, "skipped"):  # a converter's CocoDataset
+        _boxes_are_real(result.annotations, result.images, range(1, len(result.categories) + 1), 1e-3)
+    else:  # read_coco's CocoFile
+        _boxes_are_real(result.annotations, result.images, {c["id"] for c in result.categories}, 0.5)
+
+
+def _labelme_with(points, shape_type):
+    doc = copy.deepcopy(LABELME)
+    doc["shapes"][1].update(points=points, shape_type=shape_type)
+    return doc
 
 
 @SETTINGS
 @given(mutated_json(LABELME))
+@example(_labelme_with([[2, 2], [300, 200]], "rectangle"))  # reaches outside: clipped
+@example(_labelme_with([[5, 5], [5, 20]], "rectangle"))  # no width: skipped
+@example(_labelme_with([[50, 50], [60, 60]], "rectangle"))  # wholly outside: skipped
 def test_labelme_mutations(doc):
-    d = _workdir()
-    (d / "a.json").write_text(_dump(doc))
-    _converts_or_says_where(lambda: CONVERTERS["labelme"](d), d / "a.json")
+    with _workdir() as d:
+        (d / "a.json").write_text(_dump(doc))
+        _converts_or_says_where(lambda: CONVERTERS["labelme"](d), d / "a.json")
 
 
 @SETTINGS
 @given(mutated_json(CITYSCAPES))
 def test_cityscapes_mutations(doc):
-    d = _workdir()
-    frame = d / "gtFine" / "train" / "x"
-    frame.mkdir(parents=True)
-    (frame / "x_000000_000000_gtFine_polygons.json").write_text(_dump(doc))
-    _converts_or_says_where(lambda: CONVERTERS["cityscapes"](d), frame / "x_000000_000000_gtFine_polygons.json")
+    with _workdir() as d:
+        frame = d / "gtFine" / "train" / "x"
+        frame.mkdir(parents=True)
+        (frame / "x_000000_000000_gtFine_polygons.json").write_text(_dump(doc))
+        _converts_or_says_where(lambda: CONVERTERS["cityscapes"](d), frame / "x_000000_000000_gtFine_polygons.json")
 
 
 @SETTINGS
 @given(mutated_json(COCO))
 def test_coco_mutations(doc):
-    d = _workdir()
-    (d / "a.json").write_text(_dump(doc))
-    _converts_or_says_where(lambda: read_coco(d / "a.json"), d / "a.json")
+    with _workdir() as d:
+        (d / "a.json").write_text(_dump(doc))
+        _converts_or_says_where(lambda: read_coco(d / "a.json"), d / "a.json")
 
 
 @SETTINGS
@@ -137,32 +172,32 @@ def test_voc_mutations(data):
         end = data.draw(st.integers(start, min(len(text), start + 12)))
         text = text[:start] + data.draw(st.sampled_from(["", "-", "1e9", "nan", "<", "&x;", "abc", "-5", "..", "/"])) \
             + text[end:]
-    d = _workdir()
-    (d / "Annotations").mkdir()
-    (d / "JPEGImages").mkdir()
-    (d / "a.png").rename(d / "JPEGImages" / "a.png")
-    (d / "Annotations" / "a.xml").write_text(text)
-    _converts_or_says_where(lambda: CONVERTERS["voc"](d), d / "Annotations" / "a.xml")
+    with _workdir() as d:
+        (d / "Annotations").mkdir()
+        (d / "JPEGImages").mkdir()
+        (d / "a.png").rename(d / "JPEGImages" / "a.png")
+        (d / "Annotations" / "a.xml").write_text(text)
+        _converts_or_says_where(lambda: CONVERTERS["voc"](d), d / "Annotations" / "a.xml")
 
 
 @SETTINGS
 @given(st.lists(st.text(alphabet="0123456789 .-e\tnaif", max_size=30), max_size=4), st.sampled_from(
     ["names: [cat, dog]", "names: {0: cat, 1: dog}", "names: 3", "names: {x: cat}", ": :", "[1, 2]", ""]))
+@example(["0 0.9 0.5 0.5 0.5", "1 0.5 0.5 0 0.2", "1 -2 0.5 0.5 0.5"], "names: [cat, dog]")
 def test_yolo_mutations(lines, data_yaml):
-    d = _workdir()
-    (d / "images" / "train").mkdir(parents=True)
-    (d / "labels" / "train").mkdir(parents=True)
-    (d / "a.png").rename(d / "images" / "train" / "a.png")
-    (d / "labels" / "train" / "a.txt").write_text("\n".join(lines))
-    (d / "data.yaml").write_text(data_yaml)
-    try:
-        result = CONVERTERS["yolo"](d)
-    except TransferKitError as exc:
-        assert "\n" not in str(exc) and "data.yaml" in str(exc), exc
-        return
-    for ann in result.annotations:  # whatever was kept is a real box inside the image
-        x, y, w, h = ann["bbox"]
-        assert all(math.isfinite(v) for v in ann["bbox"]) and w > 0 and h > 0 and x + w <= 40 and y + h <= 30
+    with _workdir() as d:
+        (d / "images" / "train").mkdir(parents=True)
+        (d / "labels" / "train").mkdir(parents=True)
+        (d / "a.png").rename(d / "images" / "train" / "a.png")
+        (d / "labels" / "train" / "a.txt").write_text("\n".join(lines))
+        (d / "data.yaml").write_text(data_yaml)
+        _converts_or_says_where(lambda: CONVERTERS["yolo"](d), d / "data.yaml")
+
+
+def test_the_fuzz_leaves_no_folders_behind():
+    before = set(Path(tempfile.gettempdir()).glob("tk-fuzz-*"))
+    test_yolo_mutations()
+    assert set(Path(tempfile.gettempdir()).glob("tk-fuzz-*")) == before
 
 
 def _tf_example(png: bytes) -> bytes:
@@ -185,23 +220,24 @@ def test_tfrecord_mutations(data):
     in the file (the framing sees them)."""
     from detection_fixtures import frame
 
-    d = _workdir()
-    payload = bytearray(_tf_example((d / "a.png").read_bytes()))
-    reframe = data.draw(st.booleans())
-    blob = payload if reframe else bytearray(frame(bytes(payload)) * 2)
-    for _ in range(data.draw(st.integers(1, 4))):
-        at = data.draw(st.integers(0, len(blob) - 1))
-        blob[at] = data.draw(st.integers(0, 255))
-    if data.draw(st.booleans()):
-        blob = blob[:data.draw(st.integers(0, len(blob)))]
-    (d / "a.tfrecord").write_bytes(frame(bytes(blob)) if reframe else bytes(blob))
-    _converts_or_says_where(lambda: CONVERTERS["tfrecord"](d / "a.tfrecord", images=d / "out"), d / "a.tfrecord")
+    with _workdir() as d:
+        payload = bytearray(_tf_example((d / "a.png").read_bytes()))
+        reframe = data.draw(st.booleans())
+        blob = payload if reframe else bytearray(frame(bytes(payload)) * 2)
+        for _ in range(data.draw(st.integers(1, 4))):
+            at = data.draw(st.integers(0, len(blob) - 1))
+            blob[at] = data.draw(st.integers(0, 255))
+        if data.draw(st.booleans()):
+            blob = blob[:data.draw(st.integers(0, len(blob)))]
+        (d / "a.tfrecord").write_bytes(frame(bytes(blob)) if reframe else bytes(blob))
+        _converts_or_says_where(lambda: CONVERTERS["tfrecord"](d / "a.tfrecord", images=d / "out"),
+                                d / "a.tfrecord")
 
 
 @SETTINGS
 @given(st.lists(st.text(alphabet="a.png,0123456789-e\"cat\n ", max_size=30), max_size=4))
 def test_csv_mutations(lines):
-    d = _workdir()
-    (d / "a.csv").write_text("filename,width,height,class,xmin,ymin,xmax,ymax\na.png,40,30,cat,1,2,20,25\n"
-                             + "\n".join(lines))
-    _converts_or_says_where(lambda: CONVERTERS["csv"](d / "a.csv", images=d), d / "a.csv")
+    with _workdir() as d:
+        (d / "a.csv").write_text("filename,width,height,class,xmin,ymin,xmax,ymax\na.png,40,30,cat,1,2,20,25\n"
+                                 + "\n".join(lines))
+        _converts_or_says_where(lambda: CONVERTERS["csv"](d / "a.csv", images=d), d / "a.csv")

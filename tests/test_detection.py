@@ -230,8 +230,16 @@ def test_voc_detection_data():
         "data.val_images": "null"}))
     classes, train_split, val_split = load_detection_splits(cfg.data)
     assert "person" in classes and train_split.records and val_split.records
-    assert all(r.boxes.shape[1] == 4 and (r.boxes[:, 2] > r.boxes[:, 0]).all() for r in train_split.records
-               if len(r.boxes))
+    # Every record's boxes against its XML read here: VOC's 1-based inclusive pixels to xyxy from 0.
+    from defusedxml import ElementTree
+
+    for record in train_split.records + val_split.records:
+        xml = ElementTree.parse(record.path.parent.parent / "Annotations" / f"{record.path.stem}.xml").getroot()
+        expected = [[float(o.findtext(f"bndbox/{t}")) - d for t, d in
+                     (("xmin", 1), ("ymin", 1), ("xmax", 0), ("ymax", 0))] + [classes.index(o.findtext("name"))]
+                    for o in xml.findall("object") if o.findtext("difficult", "0").strip() != "1"]
+        got = [[*box, label] for box, label in zip(record.boxes.tolist(), record.labels.tolist(), strict=True)]
+        assert got == expected, record.path
 
 
 def test_data_synth_detection_cli(tmp_path):
@@ -239,6 +247,15 @@ def test_data_synth_detection_cli(tmp_path):
                  "--val-per-class", "2", "--size", "64"]) == 0
     train_json = json.loads((tmp_path / "s" / "annotations" / "train.json").read_text())
     assert len(train_json["images"]) == 15 and train_json["annotations"]
+    assert [c["name"] for c in train_json["categories"]] == ["circle", "square", "triangle"]
+    sizes = {i["id"]: (i["width"], i["height"]) for i in train_json["images"]}
+    assert set(sizes.values()) == {(64, 64)}
+    assert {a["category_id"] for a in train_json["annotations"]} == {1, 2, 3}
+    assert {a["image_id"] for a in train_json["annotations"]} <= set(sizes)
+    for a in train_json["annotations"]:  # inside its image, with an area
+        x, y, w, h = a["bbox"]
+        width, height = sizes[a["image_id"]]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= width and y + h <= height, a
 
 
 def test_detection_resumes_exactly_from_inside_an_epoch(shapes, tmp_path):
@@ -301,8 +318,17 @@ def test_mask_rcnn_gets_polygon_masks_that_move_with_the_image(shapes):
         assert mask.sum() > 0.3 * (x1 - x0) * (y1 - y0) and mask[:, :max(0, x0 - 1)].sum() == 0
     model, _, _ = build_detector(cfg, data.classes, restore=False)
     model.train()
-    losses = model([image], [{k: target[k] for k in ("boxes", "labels", "masks")}])
-    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())
+    # Mask logits held at +10 everywhere: the mask loss is then ~10 x the share of background pixels
+    # in each target mask, and ~0 against full masks, so it shows the polygons reach the loss.
+    with torch.no_grad():
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.zero_()
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(10.0)
+    losses = {}
+    for name, masks in (("polygons", target["masks"]), ("full", torch.ones_like(target["masks"]))):
+        torch.manual_seed(0)  # the same sampled proposals for both
+        losses[name] = model([image], [{"boxes": target["boxes"], "labels": target["labels"], "masks": masks}])
+    assert all(torch.isfinite(v) for v in losses["polygons"].values())
+    assert losses["full"]["loss_mask"] < 0.01 < 0.5 < losses["polygons"]["loss_mask"]
 
 
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
@@ -377,6 +403,12 @@ def test_mask_map_agrees_with_pycocotools_and_runs_for_mask_rcnn(shapes):
     _, loader = detection_loaders(cfg, data)
     metrics, dets = evaluate_detection(model, loader, data.val, torch.device("cpu"), label_offset(cfg))
     assert dets and "segmentation" in dets[0] and "val_mask_map" in metrics and "val_map" in metrics
+    from pycocotools import mask as mask_utils
+
+    sizes = {r.image_id: (r.height, r.width) for r in data.val.records}
+    for det in dets[:20]:  # each mask is at its image's original size
+        rle = {"size": det["segmentation"]["size"], "counts": det["segmentation"]["counts"].encode("ascii")}
+        assert mask_utils.decode(rle).shape == sizes[det["image_id"]]
 
 
 def test_detection_from_packed_shards_equals_detection_from_coco(shapes, tmp_path):

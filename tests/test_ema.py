@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
-from transferkit.predict import predict
 
 from transferkit.config import EmaConfig, load_config
 from transferkit.errors import TransferKitError
+from transferkit.prediction import predict
 from transferkit.run import evaluate, train
 from transferkit.tasks.base import PredictOptions
 from transferkit.training.checkpoint import read_metadata

@@ -1,10 +1,12 @@
 """im2rec-style list files: seeded, stratified splits; training from lists; broken lists."""
 
+import json
+
 import pytest
 from conftest import tiny_overrides
 
 from transferkit.config import load_config
-from transferkit.data.lists import make_lists, parse_fractions, read_list
+from transferkit.data.lists import make_lists, parse_fractions, read_labelled_list, read_list
 from transferkit.errors import TransferKitError
 from transferkit.run import train
 
@@ -38,7 +40,15 @@ def test_training_from_list_files(synth_root, tmp_path):
         "data.val_list": str(tmp_path / "l_val.lst"), "schedule.epochs": 2}))
     result = train(cfg, out=tmp_path / "run", quiet=True)
     assert len(result.metrics) == 2
-    assert (tmp_path / "run" / "classes.json").read_text().count('"') == 6
+    assert json.loads((tmp_path / "run" / "classes.json").read_text()) == ["circle", "cross", "square"]
+    # Each listed label is the class of the folder its image sits in, and the two lists hold every image once.
+    seen = []
+    for name in ("l_train.lst", "l_val.lst"):
+        classes, items = read_labelled_list(tmp_path / name, synth_root / "train")
+        assert classes == ["circle", "cross", "square"]
+        assert all(classes[label] == path.parent.name for path, label in items), name
+        seen += [path for path, _ in items]
+    assert sorted(seen) == sorted((synth_root / "train").glob("*/*.png")) and len(seen) == 72
 
 
 def test_broken_lists_are_one_line_errors(tmp_path):

@@ -4,12 +4,10 @@ import errno
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from safetensors.torch import load_file
 from transferkit.config import load_config
 from transferkit.errors import TransferKitError
 from transferkit.run import train
-from transferkit.training.resume import find_state
+from transferkit.training.resume import find_state, load_state
 from transferkit.training.runlog import read_metrics
 
 EPOCHS = 6
@@ -64,19 +62,29 @@ def reference_ema(synth_root, tmp_path_factory):
     return run
 
 
+# Runs the CLI with a global optimiser-step hook that makes the process signal itself right after
+# step STOP_AT: the signal lands at a known point inside the loop, on every machine.
+STOP_AT = 8  # 5 steps an epoch: batch 3 of epoch 2
+SELF_SIGNAL = """
+import os, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from transferkit.cli import main
+sig, at, steps = int(sys.argv[1]), int(sys.argv[2]), [0]
+def hook(optimizer, args, kwargs):
+    steps[0] += 1
+    if steps[0] == at:
+        os.kill(os.getpid(), sig)
+register_optimizer_step_post_hook(hook)
+raise SystemExit(main(sys.argv[3:]))
+"""
+
+
 def kill_mid_run(root, run, sig, **extra):
-    """Start a run, wait until it has finished an epoch and saved its state, then a random moment
-    more, and signal it. (Waiting for metrics.jsonl alone raced with the epoch's state: a SIGKILL
-    between the two left nothing to resume from.)"""
-    proc = cli("train", *options(root, **extra), "--out", run, wait=False)
-    deadline = time.time() + 120
-    while not list(run.glob("checkpoints/states/step-*/COMPLETE")):
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
-        time.sleep(0.02)
-    time.sleep(random.uniform(0, 0.4))
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+    """A run that signals itself after optimiser step STOP_AT, inside epoch 2."""
+    cmd = [sys.executable, "-c", SELF_SIGNAL, str(int(sig)), str(STOP_AT), "train", *options(root, **extra),
+           "--out", str(run)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
 
 
 @pytest.mark.parametrize("ema", [False, True], ids=["plain", "with-EMA"])
@@ -84,11 +92,9 @@ def test_sigkill_then_resume_auto_is_bit_identical(synth_root, request, tmp_path
     reference = request.getfixturevalue("reference_ema" if ema else "reference")
     run = tmp_path / "run"
     code, _ = kill_mid_run(synth_root, run, signal.SIGKILL, **(EMA if ema else {}))
-    if code == 0:
-        pytest.skip("the run finished before the kill landed")
     assert code == -signal.SIGKILL
-    done = len(read_metrics(run))
-    assert done < EPOCHS
+    assert len(read_metrics(run)) == 1  # killed inside epoch 2: its state is epoch 1's end
+    assert [p.name for p in (run / "checkpoints" / "states").glob("step-*")] == ["step-00000005"]
     proc = cli("train", "--resume", "auto", "--out", run)
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stderr
@@ -105,11 +111,11 @@ def test_sigkill_then_resume_auto_is_bit_identical(synth_root, request, tmp_path
 def test_signal_saves_state_and_resume_continues_mid_epoch(synth_root, reference, tmp_path, sig):
     run = tmp_path / "run"
     code, err = kill_mid_run(synth_root, run, sig)
-    if code == 0:
-        pytest.skip("the run finished before the signal landed")
     assert code == 128 + sig
     message = err.strip().splitlines()[-1]
-    assert message.startswith(f"{signal.Signals(sig).name}: stopped at epoch ")
+    assert message.startswith(f"{signal.Signals(sig).name}: stopped at epoch 2, batch 3")
+    assert sorted(p.name for p in (run / "checkpoints" / "states").glob("step-*")) == [
+        "step-00000005", f"step-{STOP_AT:08d}"]
     assert message.endswith(f"; the state is saved. Resume with: transferkit train --resume {run}")
     proc = cli("train", "--resume", run)
     assert proc.returncode == 0, proc.stderr
@@ -269,6 +275,10 @@ def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
     a = train(carried, out=tmp_path / "carried", quiet=True)
     b = train(plain, out=tmp_path / "plain", quiet=True)
     assert a.metrics[0]["train_loss"] != b.metrics[0]["train_loss"]  # Adam moments made a difference
+    # Adam's step count goes on from the first run's 5 steps (72 images, batch 16) only when carried.
+    steps = [load_state(find_state(tmp_path / r, print))["optimizer"]["state"][0]["step"].item()
+             for r in ("carried", "plain")]
+    assert steps == [10, 5]
     bad = load_config(None, tiny_overrides(synth_root, **{"pretrained.with_optimizer": "true"}))
     with pytest.raises(TransferKitError, match="needs pretrained.source to be a run directory"):
         train(bad, out=tmp_path / "bad", quiet=True)

@@ -30,11 +30,15 @@ def test_linear_probe_trains_only_the_head(synth_root, tmp_path):
 
 
 def test_linear_probe_with_augmented_views(synth_root, tmp_path):
-    result, _, _ = run(synth_root, tmp_path, strategy="linear_probe",
-                       **{"schedule.epochs": 2, "probe.augment": "true", "probe.views": 2, "probe.cache": "disk"})
+    result, s0, s1 = run(synth_root, tmp_path, strategy="linear_probe",
+                         **{"schedule.epochs": 2, "probe.augment": "true", "probe.views": 2, "probe.cache": "disk"})
     assert len(result.metrics) == 2
     saved = torch.load(result.run_dir / "probe_features.pt", weights_only=True)
     assert saved["train"].shape[:2] == (2, 72) and saved["val"].shape[:2] == (1, 30)
+    # Each view is its own augmented pass: the two differ for every image; probing leaves the backbone as built.
+    differs = (saved["train"][0] - saved["train"][1]).abs().amax(dim=1) > 1e-4
+    assert differs.all(), f"{int((~differs).sum())} of 72 images got the same features in both views"
+    assert all(torch.equal(s0[k], s1[k]) for k in s0 if not k.startswith("classifier."))
 
 
 def test_lp_ft_probes_then_fine_tunes(synth_root, tmp_path):

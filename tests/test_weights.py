@@ -150,15 +150,25 @@ def test_nested_checkpoint_is_unwrapped(tmp_path):
 
 
 @needs_shared
-def test_real_legacy_third_party_checkpoint():
+def test_real_legacy_third_party_checkpoint(capsys):
+    import json
+
     path = SHARED_DATA / "weights" / "pytorch_retinaface_mnet025_widerface" / "mobilenet0.25_Final.pth"
     wf = read_weights(path)
     assert wf.format == "pytorch"
     assert next(iter(wf.tensors)) == "body.stage1.0.0.weight"
-    assert len(wf.tensors) > 100
+    plain = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file of 300 tensors
+    assert len(plain) == 300 and list(wf.tensors) == list(plain)
+    assert all(torch.equal(wf.tensors[k], v) for k, v in plain.items())
     from transferkit.cli import main
 
+    capsys.readouterr()
     assert main(["weights", "inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["tensors"]) == ("pytorch", 300)
+    assert info["parameters"] == sum(v.numel() for v in plain.values())
+    assert info["entries"] == [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                               for k, v in plain.items()]
 
 
 @pytest.mark.parametrize("wrap", [torch.nn.DataParallel, torch.compile], ids=["DataParallel", "compile"])
@@ -280,3 +290,29 @@ def test_sources_are_memory_mapped_not_copied(tmp_path, suffix):
     for name, tensor in wf.tensors.items():
         assert torch.equal(tensor, state[name])
         assert any(lo <= tensor.data_ptr() < hi for lo, hi in spans), f"{name} was copied, not mapped"
+
+
+def test_the_reader_itself_asks_for_weights_only(tmp_path, monkeypatch):
+    """Not torch's default: with the default turned back to unpickling anything (torch's own switch
+    for old code), a code-running checkpoint is still refused and runs nothing."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(1), "evil": _RunsCode(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(TransferKitError, match=r"evil.pth: refused, unpickling it would run code outside plain "
+                       r"tensors \(needs (posix|os)\.system\); re-save the state_dict only, e\.g\. "
+                       r"torch\.save\(model\.state_dict\(\), path\)$"):
+        read_weights(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Weights only load failed. ...\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+     "needs posix.system"),
+    ("Weights only load failed. Unsupported global: GLOBAL __main__.Net was not an allowed global",
+     "needs __main__.Net"),
+    ("Weights only load failed. Unsupported operand 149", "not allowed by weights_only"),
+])
+def test_the_refusal_names_the_global_in_either_of_torchs_wordings(text, expected):
+    from transferkit.weights.formats.torch_file import _global_name
+
+    assert _global_name(pickle.UnpicklingError(text)) == expected

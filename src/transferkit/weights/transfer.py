@@ -318,10 +318,14 @@ def check_required(report: TransferReport, require: Mapping[str, float], heads: 
         got = report.fraction_restored(names)
         if got + 1e-12 < minimum:
             chosen = set(names)
-            first = next(e for e in report.entries if e.target in chosen and e.status not in RESTORED)
+            short = [e for e in report.entries if e.target in chosen and e.status not in RESTORED]
+            first = short[0]
+            listed = ", ".join(e.target for e in short[:5]) + (f" (+{len(short) - 5} more)" if len(short) > 5 else "")
+            required = f"{minimum:.0%}" if round(minimum * 100, 9).is_integer() else f"{minimum:.1%}"
             raise TransferKitError(
-                f"only {got:.1%} of {group} was restored from {report.source} (required {minimum:.0%}); "
+                f"only {got:.1%} of {group} was restored from {report.source} (required {required}); "
                 f"first not restored: {first.target} ({first.status}: {first.reason}); "
+                f"{len(short)} of {len(names)} tensors not restored: {listed}; "
                 "check the source, scope and patterns with --dry-run"
             )
 

@@ -22,7 +22,8 @@ def image_size(path: Path) -> tuple[int, int]:
 def stable_image_ids(names: list[str]) -> dict[str, int]:
     """Numeric file stems become the ids (COCO's own scheme); otherwise 1.. in sorted name order."""
     stems = [Path(n).stem for n in names]
-    if all(s.isdigit() for s in stems) and len(set(stems)) == len(stems):
+    # "1" and "01" are one number: the ids must stay unique, not only the names.
+    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
         return {n: int(Path(n).stem) for n in names}
     return {n: i + 1 for i, n in enumerate(sorted(names))}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -17,6 +18,8 @@ from transferkit.weights.formats import WeightFile, pickled_module, zip_names
 from transferkit.weights.formats.restricted_pickle import DENIED_MODULES
 from transferkit.weights.formats.state_dict import find_state_dict
 
+# torch words a refused global "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ...".
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
@@ -67,16 +70,12 @@ def read(path: Path) -> WeightFile:
 
 def _fallback_to_stand_ins(exc: Exception, path: Path) -> bool:
     """Only a zip file refused for a global that is not a denied function goes to the stand-in reader."""
-    marker = "Unsupported global: GLOBAL "
-    if marker not in str(exc) or not zipfile.is_zipfile(path):
+    found = _GLOBAL.search(str(exc))
+    if found is None or not zipfile.is_zipfile(path):
         return False
-    module = str(exc).split(marker, 1)[1].split()[0].rsplit(".", 1)[0]
-    return module.split(".")[0] not in DENIED_MODULES
+    return found.group(1).split(".")[0] not in DENIED_MODULES
 
 
 def _global_name(exc: Exception) -> str:
-    text = str(exc)
-    marker = "Unsupported global: GLOBAL "
-    if marker in text:
-        return "needs " + text.split(marker, 1)[1].split()[0]
-    return "not allowed by weights_only"
+    found = _GLOBAL.search(str(exc))
+    return f"needs {found.group(1)}" if found else "not allowed by weights_only"

@@ -1,0 +1,465 @@
+"""What the transfer must refuse, flag or still find: table-driven, on a model small enough to
+write every tensor's shape by hand.
+
+Small's state_dict, in order (position: name shape numel):
+  0 stem.weight (4, 3, 3, 3) 108    1 stem.bias (4,) 4
+  2 bn.weight (4,) 4    3 bn.bias (4,) 4    4 bn.running_mean (4,) 4    5 bn.running_var (4,) 4
+  6 bn.num_batches_tracked () 1
+  7 body.weight (6, 4) 24    8 body.bias (6,) 6
+  9 head.weight (3, 6) 18    10 head.bias (3,) 3                                  total 180
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from transferkit.errors import TransferKitError
+from transferkit.weights.matching import match_names, strip_wrappers
+from transferkit.weights.transfer import transfer
+
+HEAD = ("head.*",)
+NAMES = ["stem.weight", "stem.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+         "bn.num_batches_tracked", "body.weight", "body.bias", "head.weight", "head.bias"]
+NUMEL = dict(zip(NAMES, [108, 4, 4, 4, 4, 4, 1, 24, 6, 18, 3], strict=True))
+
+
+class Small(nn.Module):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, classes)
+
+
+def source_state(seed: int = 1, classes: int = 3) -> dict[str, torch.Tensor]:
+    """Small's tensors with values a fresh Small does not have, so a load is visible."""
+    torch.manual_seed(seed)
+    state = Small(classes).state_dict()
+    return {k: v + 10 if v.is_floating_point() else v + 7 for k, v in state.items()}
+
+
+def save(tmp_path, state, name="src.pth"):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_the_docstring_table_is_small():
+    state = Small().state_dict()
+    assert list(state) == NAMES
+    assert {k: v.numel() for k, v in state.items()} == NUMEL and sum(NUMEL.values()) == 180
+
+
+# --- refused: names never agree and the orders part at position k -----------------------------
+
+def renamed(state):
+    """Another implementation's names: nothing agrees but the last part (BatchNorm counters stay counters)."""
+    return {f"p{i}.{n.rsplit('.', 1)[1]}": v for i, (n, v) in enumerate(state.items())}
+
+
+def reshape_at(k):
+    def edit(state):
+        items = list(renamed(state).items())
+        items[k] = (items[k][0], torch.zeros(5, *items[k][1].shape[1:]) if items[k][1].dim() else torch.zeros(2))
+        return dict(items)
+    return edit
+
+
+def insert_at(k):
+    def edit(state):
+        items = list(renamed(state).items())
+        items.insert(k, ("extra", torch.zeros(7, 7, 7)))
+        return dict(items)
+    return edit
+
+
+def drop_at(k):
+    def edit(state):
+        items = list(renamed(state).items())
+        del items[k]
+        return dict(items)
+    return edit
+
+
+@pytest.mark.parametrize("edit, k, source_at", [
+    (reshape_at(0), 0, r"p0.weight \(5, 3, 3, 3\)"),      # equal lengths, first tensor differs
+    (reshape_at(3), 3, r"p3.bias \(5,\)"),
+    (reshape_at(7), 7, r"p7.weight \(5, 4\)"),
+    (reshape_at(8), 8, r"p8.bias \(5,\)"),              # last non-head tensor
+    (insert_at(2), 2, r"extra \(7, 7, 7\)"),       # source longer: it must still line up with the start
+    (insert_at(9), 9, r"extra \(7, 7, 7\)"),
+    (drop_at(7), 7, r"p8.bias \(6,\)"),                 # source shorter
+    (lambda state: dict(list(renamed(state).items())[:7]), 7, r"\(end\)"),  # source is the target's start
+], ids=["reshape0", "reshape3", "reshape7", "reshape8", "insert2", "insert9", "drop7", "source-ends"])
+def test_orders_that_part_are_refused_showing_where(tmp_path, edit, k, source_at):
+    path = save(tmp_path, edit(source_state()))
+    model = Small()
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    target_at = re.escape(f"target {NAMES[k]} {tuple(model.state_dict()[NAMES[k]].shape)}")
+    with pytest.raises(TransferKitError, match=rf"they part at position {k}: source {source_at} vs {target_at}"):
+        transfer(model, path, "all-but-head", HEAD)
+    assert all(torch.equal(before[n], v) for n, v in model.state_dict().items()), "a refused source wrote tensors"
+
+
+def test_reshaped_head_is_the_one_difference_structure_accepts(tmp_path):
+    """The control for the table above: only the declared head differs, so the pairing holds."""
+    src = source_state(classes=5)
+    path = save(tmp_path, renamed(src))
+    model = Small()
+    report = transfer(model, path, "all-but-head", HEAD)
+    assert {e.target: (e.status, e.source, e.how) for e in report.entries} == {
+        n: ("loaded" if i < 9 else "out-of-scope", f"p{i}.{n.rsplit('.', 1)[1]}", "structure")
+        for i, n in enumerate(NAMES)}
+    assert torch.equal(model.body.weight, src["body.weight"])
+    # Without the head declared, the same source is misaligned at the head.
+    with pytest.raises(TransferKitError, match=r"part at position 9: source p9.weight \(5, 6\) vs target head.weight"):
+        transfer(Small(), path, "all-but-head", ())
+
+
+def test_a_backbone_lines_up_with_the_start_only_when_shapes_agree():
+    """Target shorter than the source: accepted by order only if every pair has one shape."""
+    src = {k: tuple(v.shape) for k, v in renamed(source_state()).items()}
+    tgt = {n: tuple(v.shape) for n, v in Small().state_dict().items() if not n.startswith("head.")}
+    m = match_names(src, tgt)
+    assert {t: (x.source, x.how) for t, x in m.items()} == {n: (s, "structure") for n, s in zip(tgt, src, strict=False)}
+    grey = {**tgt, "stem.weight": (4, 1, 3, 3)}  # a 1-channel first conv still lines up: it is adapted
+    assert match_names(src, grey)["stem.weight"] == match_names(src, tgt)["stem.weight"]
+    src["p7.weight"] = (6, 5)
+    with pytest.raises(TransferKitError, match=r"part at position 7: source p7.weight \(6, 5\) vs target body.weight"):
+        match_names(src, tgt)
+
+
+def test_partial_name_agreement_leaves_the_misaligned_rest_unloaded(tmp_path):
+    """Where some names agree, a misaligned rest is not paired by order: it is reported."""
+    src = source_state()
+    state = {("body.weight" if n == "body.weight" else f"x.{n}"): v for n, v in src.items()}
+    state["x.stem.weight"] = torch.zeros(5, 3, 3, 3)
+    report = transfer(Small(), save(tmp_path, state), "all-but-head", HEAD)
+    assert [e.target for e in report.by_status("loaded")] == ["body.weight"]
+    assert {e.status for e in report.entries if e.target != "body.weight"} == {"missing", "out-of-scope"}
+
+
+def test_counters_only_on_one_side_are_left_out_of_the_pairing(tmp_path):
+    # A frozen BatchNorm keeps no step counter.
+    src = {k: v for k, v in renamed(source_state()).items() if k != "p6.num_batches_tracked"}
+    report = transfer(Small(), save(tmp_path, src), "all-but-head", HEAD)
+    assert report.counts() == {"loaded": 8, "missing": 1, "out-of-scope": 2}
+    assert report.by_status("missing")[0].target == "bn.num_batches_tracked"
+
+
+# --- refused: scope full with a reshaped tensor ------------------------------------------------
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.module."])
+@pytest.mark.parametrize("name, shape", [("stem.bias", (5,)), ("body.weight", (6, 5)), ("bn.running_var", (8,))])
+def test_full_scope_stops_at_a_reshaped_non_head_tensor(tmp_path, prefix, name, shape):
+    state = source_state()
+    state[name] = torch.zeros(shape)
+    path = save(tmp_path, {prefix + k: v for k, v in state.items()})
+    model = Small()
+    before = model.stem.weight.clone()
+    target_shape = tuple(model.state_dict()[name].shape)
+    with pytest.raises(TransferKitError, match=re.escape(f"shape mismatch for {name} (source {shape} vs target "
+                                                         f"{target_shape})")):
+        transfer(model, path, "full", HEAD)
+    assert torch.equal(model.stem.weight, before)
+    # The same source, all-but-head: skipped for its shape, with both shapes, and not restored.
+    report = transfer(Small(), path, "all-but-head", HEAD)
+    entry = next(e for e in report.entries if e.target == name)
+    assert (entry.status, entry.reason) == ("skipped-shape", f"source {shape} vs target {target_shape}")
+    assert report.fraction_restored() == pytest.approx((159 - NUMEL[name]) / 180)
+    with pytest.raises(TransferKitError, match="shape mismatch for"):
+        transfer(Small(), path, "all-but-head", HEAD, on_shape_mismatch="error")
+
+
+def test_full_scope_refuses_another_class_count(tmp_path):
+    path = save(tmp_path, source_state(classes=5))
+    with pytest.raises(TransferKitError, match=r"head tensor head.weight differs in shape .*class count changed"):
+        transfer(Small(), path, "full", HEAD)
+
+
+def test_full_scope_loads_everything_of_the_same_model(tmp_path):
+    src = source_state()
+    model = Small()
+    report = transfer(model, save(tmp_path, src), "full", HEAD)
+    assert report.counts() == {"loaded": 11} and report.fraction_restored() == 1.0
+    assert all(torch.equal(v, src[n]) for n, v in model.state_dict().items())
+
+
+# --- flagged: require below its threshold ------------------------------------------------------
+
+@pytest.mark.parametrize("opts, group, got, first, listed", [
+    ({"exclude": ["bn.*"]}, "all", "78.9%", "bn.weight (excluded: by pattern 'bn.*')", "7 of 11"),  # 142/180
+    ({"exclude": ["bn.*"]}, "backbone", "89.3%", "bn.weight (excluded", "5 of 9"),  # 142/159
+    ({"exclude": ["body.bias"]}, "body.*", "80.0%", "body.bias (excluded", "1 of 2"),  # 24/30
+    ({}, "all", "88.3%", "head.weight (out-of-scope", "2 of 11"),  # 159/180: the head is not restored
+], ids=["exclude-all", "exclude-backbone", "pattern-group", "head-out-of-scope"])
+def test_require_below_threshold_names_the_tensors(tmp_path, opts, group, got, first, listed):
+    path = save(tmp_path, source_state())
+    with pytest.raises(TransferKitError) as err:
+        transfer(Small(), path, "all-but-head", HEAD, require={group: 1.0}, **opts)
+    msg = str(err.value)
+    assert f"only {got} of {group} was restored" in msg and "(required 100%)" in msg
+    assert f"first not restored: {first}" in msg and f"{listed} tensors not restored" in msg
+    assert "\n" not in msg
+
+
+def test_require_lists_the_first_five_not_restored(tmp_path):
+    path = save(tmp_path, source_state())
+    with pytest.raises(TransferKitError, match=r"7 of 11 tensors not restored: bn.weight, bn.bias, bn.running_mean, "
+                                               r"bn.running_var, bn.num_batches_tracked \(\+2 more\); check the"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"all": 1.0})
+    with pytest.raises(TransferKitError, match=r"2 of 11 tensors not restored: head.weight, head.bias; check the"):
+        transfer(Small(), path, "all-but-head", HEAD, require={"all": 1.0})
+    with pytest.raises(TransferKitError, match=r"\(required 90%\); .* 5 of 9 tensors not restored: bn.weight, bn.bias, "
+                                               r"bn.running_mean, bn.running_var, bn.num_batches_tracked; check the "
+                                               r"source, scope and patterns with --dry-run$"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"backbone": 0.9})
+    with pytest.raises(TransferKitError, match=r"6 of 9 tensors not restored: stem.bias, bn.weight, bn.bias, "
+                                               r"bn.running_mean, bn.running_var \(\+1 more\); check"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*", "stem.bias"], require={"backbone": 0.9})
+    with pytest.raises(TransferKitError, match=r"\(required 99.5%\)"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.*"], require={"backbone": 0.995})
+
+
+def test_require_head_is_the_declared_head(tmp_path):
+    path = save(tmp_path, source_state())
+    with pytest.raises(TransferKitError, match=r"only 0.0% of head was restored .*2 of 2 tensors not restored"):
+        transfer(Small(), path, "all-but-head", HEAD, require={"head": 0.5})
+    report = transfer(Small(), path, "full", HEAD, require={"head": 1.0, "backbone": 1.0})
+    assert report.fraction_restored() == 1.0
+
+
+def test_require_counts_a_shape_skip_as_not_restored(tmp_path):
+    state = source_state()
+    state["stem.bias"] = torch.zeros(5)
+    path = save(tmp_path, state)
+    with pytest.raises(TransferKitError, match=r"first not restored: stem.bias \(skipped-shape: source \(5,\)"):
+        transfer(Small(), path, "all-but-head", HEAD, require={"backbone": 1.0})
+    with pytest.raises(TransferKitError, match="stem.bias"):
+        transfer(Small(), path, "all-but-head", HEAD, require={"stem.*": 0.99})
+
+
+def test_require_at_exactly_the_fraction_passes_and_just_above_fails(tmp_path):
+    path = save(tmp_path, source_state())
+    report = transfer(Small(), path, "all-but-head", HEAD, exclude=["body.*"], require={"all": 129 / 180})
+    assert report.fraction_restored() == 129 / 180
+    with pytest.raises(TransferKitError, match=r"only 71.7% of all .*\(required 72.2%\)"):
+        transfer(Small(), path, "all-but-head", HEAD, exclude=["body.*"], require={"all": 130 / 180})
+
+
+def test_require_group_that_matches_nothing_is_an_error(tmp_path):
+    path = save(tmp_path, source_state())
+    with pytest.raises(TransferKitError, match="require: group 'neck.*' matches no tensor of the model"):
+        transfer(Small(), path, "all-but-head", HEAD, require={"neck.*": 0.5})
+    with pytest.raises(TransferKitError, match="require: group 'head' matches no tensor"):
+        transfer(Small(), path, "all-but-head", (), require={"head": 0.5})
+
+
+# --- loaded: nested wrapper prefixes, with a tensor the target lacks ---------------------------
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.",
+                                    "model.module._orig_mod.", "module.module."])
+def test_nested_wrapper_prefixes_load_by_prefix(tmp_path, prefix):
+    src = source_state()
+    items = list(src.items())
+    items.insert(4, ("aux.weight", torch.ones(4)))  # a tensor the target lacks, among the others
+    path = save(tmp_path, {prefix + k: v for k, v in items})
+    model = Small()
+    report = transfer(model, path, "full", HEAD)
+    assert {e.target: (e.status, e.source, e.how) for e in report.entries} == {
+        n: ("loaded", prefix + n, "prefix") for n in NAMES}
+    assert report.unused_source == [prefix + "aux.weight"]
+    assert all(torch.equal(v, src[n]) for n, v in model.state_dict().items())
+
+
+def test_strip_wrappers_removes_every_level_and_only_leading_ones():
+    assert strip_wrappers("module._orig_mod.module.body.weight") == "body.weight"
+    assert strip_wrappers("body.module.weight") == "body.module.weight"
+    assert strip_wrappers("modules.x") == "modules.x"
+
+
+def test_target_wrapped_source_plain(tmp_path):
+    src = source_state()
+    model = nn.DataParallel(Small())
+    report = transfer(model, save(tmp_path, src), "full", ("module.head.*",))
+    assert {e.how for e in report.entries} == {"prefix"} and report.fraction_restored() == 1.0
+    assert torch.equal(model.module.body.bias, src["body.bias"])
+
+
+# --- fraction_restored: loaded elements over all elements ---------------------------------------
+
+def test_fraction_restored_is_loaded_elements_over_total(tmp_path):
+    state = source_state()
+    del state["stem.bias"]                      # missing
+    state["body.weight"] = torch.zeros(7, 4)    # skipped-shape
+    model = Small()
+    report = transfer(model, save(tmp_path, state), "all-but-head", HEAD, exclude=["bn.running_*"])
+    statuses = {e.target: e.status for e in report.entries}
+    assert statuses == {
+        "stem.weight": "loaded", "stem.bias": "missing", "bn.weight": "loaded", "bn.bias": "loaded",
+        "bn.running_mean": "excluded", "bn.running_var": "excluded", "bn.num_batches_tracked": "loaded",
+        "body.weight": "skipped-shape", "body.bias": "loaded", "head.weight": "out-of-scope",
+        "head.bias": "out-of-scope"}
+    numel = {n: v.numel() for n, v in model.state_dict().items()}
+    loaded = [n for n, s in statuses.items() if s == "loaded"]
+    assert report.fraction_restored() == sum(numel[n] for n in loaded) / sum(numel.values()) == 123 / 180
+    assert report.fraction_restored(["body.weight", "body.bias"]) == 6 / 30
+    assert report.fraction_restored(["head.weight"]) == 0.0
+    assert report.fraction_restored([]) == 0.0
+    per = report.per_module()
+    assert per["stem"] == {"tensors": 2, "loaded": 1, "fraction_restored": 108 / 112}
+    assert per["bn"] == {"tensors": 5, "loaded": 3, "fraction_restored": 9 / 17}
+    assert per["head"] == {"tensors": 2, "loaded": 0, "fraction_restored": 0.0}
+    assert report.counts() == {"loaded": 5, "missing": 1, "excluded": 2, "skipped-shape": 1, "out-of-scope": 2}
+    assert report.to_dict()["fraction_restored"] == 123 / 180
+    assert report.unused_source == ["bn.running_mean", "bn.running_var", "body.weight", "head.weight", "head.bias"]
+    assert "68.3% of target values restored" in report.summary_lines()[0]
+
+
+# --- refused: options that cannot mean anything -------------------------------------------------
+
+@pytest.mark.parametrize("opts, message", [
+    ({"scope": "most"}, "unknown scope 'most'; use one of backbone, all-but-head, full"),
+    ({"on_shape_mismatch": "warn"}, "on_shape_mismatch must be skip or error, not 'warn'"),
+    ({"rename": [("(", "x")]}, "bad rename rule '\\('"),
+])
+def test_meaningless_options_are_refused(tmp_path, opts, message):
+    path = save(tmp_path, source_state())
+    scope = opts.pop("scope", "all-but-head")
+    with pytest.raises(TransferKitError, match=message):
+        transfer(Small(), path, scope, HEAD, **opts)
+
+
+def test_summary_lines_name_every_tensor_not_loaded(tmp_path):
+    state = source_state()
+    del state["stem.bias"]
+    state["body.weight"] = torch.zeros(7, 4)
+    path = save(tmp_path, state)
+    report = transfer(Small(), path, "all-but-head", HEAD, exclude=["bn.running_*"])
+    report.note_init(["head.weight"], "xavier")
+    report.head_rows = [{"row": 0, "class": "ant", "from": ["ant (310)", "-bee (309)"]},
+                        {"row": 1, "class": "tree", "from": None, "init": "zeros"}]
+    assert report.summary_lines(limit=4) == [
+        f"transfer from {path} (pytorch, scope all-but-head): excluded 2, loaded 5, missing 1, out-of-scope 2, "
+        "skipped-shape 1; 68.3% of target values restored; 5 source tensors unused",
+        "  missing       stem.bias (4,) no matching source tensor; keeps its initialisation",
+        "  excluded      bn.running_mean (4,) by pattern 'bn.running_*'",
+        "  excluded      bn.running_var (4,) by pattern 'bn.running_*'",
+        "  skipped-shape body.weight (6, 4) source (7, 4) vs target (6, 4)",
+        "  ... 2 more not loaded (see transfer_report.json)",
+        "  head row 0 'ant' <- ant (310) + -bee (309)",
+        "  head row 1 'tree' <- no source class; initialised zeros",
+    ]
+    assert report.summary_lines()[5:7] == [
+        "  out-of-scope  head.weight (3, 6) not restored with scope all-but-head; initialised xavier",
+        "  out-of-scope  head.bias (3,) not restored with scope all-but-head"]
+    assert report.to_dict()["head_rows"] == report.head_rows
+    assert not any("more not loaded" in line for line in report.summary_lines(limit=6))  # exactly 6 not loaded
+    nothing = transfer(Small(), path, "all-but-head", HEAD, exclude=["*"])
+    assert nothing.summary_lines()[-1] == "  ... 3 more not loaded (see transfer_report.json)"  # 8 shown of 11
+
+
+def test_the_table_has_a_row_per_module(tmp_path):
+    state = source_state()
+    state["body.weight"] = torch.zeros(7, 4)
+    report = transfer(Small(), save(tmp_path, state), "all-but-head", HEAD)
+    table = report.table()
+    assert table.title == f"transfer from {save(tmp_path, state)} (scope all-but-head)"
+    assert [c.header for c in table.columns] == ["module", "tensors", "loaded", "restored"]
+    assert [c.justify for c in table.columns] == ["left", "right", "right", "right"]
+    assert [list(c.cells) for c in table.columns] == [
+        ["stem", "bn", "body", "head"], ["2", "5", "2", "2"], ["2", "5", "1", "0"],
+        ["100.0%", "100.0%", "20.0%", "0.0%"]]
+    assert table.caption == "loaded 8, out-of-scope 2, skipped-shape 1; 3 source tensors unused"
+
+
+@pytest.mark.parametrize("name, module", [
+    ("backbone.body.blocks.0.conv.weight", "backbone.body"), ("backbone.fpn.inner.0.weight", "backbone.fpn"),
+    ("backbone.weight", "backbone"), ("backbone.body.weight", "backbone.body"),
+    ("blocks.0.0.conv_dw.weight", "blocks"), ("classifier.bias", "classifier")])
+def test_a_detectors_backbone_is_split_into_its_parts_in_the_table(name, module):
+    from transferkit.weights.transfer import module_of
+
+    assert module_of(name) == module
+
+
+def test_report_dict_and_empty_groups(tmp_path):
+    from transferkit.weights.transfer import TensorEntry, TransferReport
+
+    path = save(tmp_path, source_state())
+    data = transfer(Small(), path, "backbone", HEAD).to_dict()
+    assert (data["source"], data["format"], data["scope"]) == (str(path), "pytorch", "backbone")
+    assert data["unused_source"] == ["head.weight", "head.bias"] and data["head_rows"] == []
+    assert data["counts"] == {"loaded": 9, "out-of-scope": 2}
+    empty = TransferReport("x.pth", "pytorch", "full", [TensorEntry("scale.weight", "missing", [0], 0)])
+    assert empty.fraction_restored() == 0.0 and empty.per_module()["scale"]["fraction_restored"] == 0.0
+
+
+def test_adapted_input_conv_keeps_the_source_dtype():
+    from transferkit.weights.transfer import adapt_input_channels
+
+    rgb = torch.ones(4, 3, 3, 3, dtype=torch.float16)
+    grey = adapt_input_channels(rgb, 1)
+    assert grey.dtype == torch.float16 and grey.shape == (4, 1, 3, 3) and torch.all(grey == 3.0)
+
+
+def test_one_tensor_lining_up_is_not_a_structure():
+    """A single leftover target tensor that fits the source's first is too little to pair by order;
+    two are enough."""
+    with pytest.raises(TransferKitError, match=r"part at position 1: source b.w \(3,\) vs target \(end\); "
+                                               r"check that the source is for this architecture$"):
+        match_names({"a.w": (2,), "b.w": (3,)}, {"x.w": (2,)})
+    m = match_names({"a.w": (2,), "b.w": (3,), "c.w": (4,)}, {"x.w": (2,), "y.w": (3,)})
+    assert {t: (x.source, x.how) for t, x in m.items()} == {"x.w": ("a.w", "structure"), "y.w": ("b.w", "structure")}
+
+
+@pytest.mark.parametrize("source, target, expected", [
+    ((8, 3, 3, 3), (8, 1, 3, 3), True), ((8, 3, 5, 5), (8, 4, 5, 5), True),
+    ((8, 4, 3, 3), (8, 1, 3, 3), False),   # the source is not RGB
+    ((8, 3, 3, 3), (8, 3, 3, 3), False),   # nothing to adapt
+    ((8, 3, 3, 3), (4, 1, 3, 3), False), ((8, 3, 3, 3), (8, 1, 5, 5), False), ((8, 3), (8, 1), False)])
+def test_which_convs_are_input_adaptable(source, target, expected):
+    from transferkit.weights.matching import input_adaptable
+
+    assert input_adaptable(source, target) is expected
+
+
+def test_backbone_scope_restores_only_the_backbone_patterns(tmp_path):
+    path = save(tmp_path, source_state())
+    report = transfer(Small(), path, "backbone", HEAD, backbone_patterns=("stem.*", "bn.*"))
+    assert {e.target: e.status for e in report.entries} == {
+        **{n: "loaded" for n in NAMES[:7]}, **{n: "out-of-scope" for n in NAMES[7:]}}
+    assert report.by_status("out-of-scope")[0].reason == "not restored with scope backbone"
+    # The backbone patterns only narrow scope backbone; without them it is everything but the head.
+    assert transfer(Small(), path, "all-but-head", HEAD, backbone_patterns=("stem.*",)).counts() == {
+        "loaded": 9, "out-of-scope": 2}
+    assert transfer(Small(), path, "backbone", HEAD).counts() == {"loaded": 9, "out-of-scope": 2}
+
+
+def test_backbone_scope_with_a_prefix_matches_the_classifier_under_it(tmp_path):
+    """A detector-like model holds the classifier under `body.`: scope backbone with that prefix
+    matches the source's own names below it (TF OD API's classification checkpoints)."""
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Small()
+            self.neck = nn.Linear(6, 2)
+
+    src = source_state()
+    path = save(tmp_path, src)
+    model = Detector()
+    report = transfer(model, path, "backbone", ("body.head.*",), ("body.*",), backbone_prefix="body.")
+    assert {e.target: (e.status, e.how) for e in report.entries if e.status == "loaded"} == {
+        f"body.{n}": ("loaded", "exact") for n in NAMES[:9]}
+    assert {e.target for e in report.by_status("out-of-scope")} == {
+        "body.head.weight", "body.head.bias", "neck.weight", "neck.bias"}
+    assert torch.equal(model.body.body.weight, src["body.weight"])
+    renamed_source = save(tmp_path, {f"features.{k}": v for k, v in src.items()}, "features.pth")
+    report = transfer(Detector(), renamed_source, "backbone", ("body.head.*",), ("body.*",), backbone_prefix="body.",
+                      rename=[(r"^features\.", "")])
+    assert {e.how for e in report.by_status("loaded")} == {"renamed"} and len(report.by_status("loaded")) == 9
