@@ -48,7 +48,8 @@ def test_the_walk_reaches_list_items_and_optional_sections():
         "": "Config", "model": "ModelConfig", "model.init.0": "InitRule", "pretrained": "PretrainedConfig",
         "pretrained.head_init": "HeadInitConfig", "data": "DataConfig", "optim": "OptimConfig",
         "optim.param_groups.0": "ParamRule", "schedule": "ScheduleConfig", "probe": "ProbeConfig",
-        "unfreeze": "UnfreezeConfig", "checkpoint": "CheckpointConfig", "detection": "DetectionConfig"}
+        "unfreeze": "UnfreezeConfig", "checkpoint": "CheckpointConfig", "detection": "DetectionConfig",
+        "optim.ema": "EmaConfig", "logging": "LoggingConfig"}
 
 
 def nest(path: tuple, leaf: dict) -> dict:

@@ -82,8 +82,9 @@ def test_voc_split_lists_choose_the_files(voc, tmp_path):
         convert_voc(voc, "test")
     with pytest.raises(TransferKitError, match=r"000003\.xml is listed in the split but does not exist"):
         convert_voc(voc, "bad")
-    with pytest.raises(TransferKitError, match=r"is not a VOC folder \(no Annotations/\); give e.g. VOCdevkit/VOC2007"):
-        convert_voc(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TransferKitError, match=r"empty holds no VOC XML files; give a VOC year folder or a folder"):
+        convert_voc(tmp_path / "empty")
 
 
 # --- labelme ---------------------------------------------------------------------------------
@@ -272,6 +273,7 @@ def test_coco_to_yolo_copies_where_it_cannot_link(tmp_path, monkeypatch):
     placed = tmp_path / "out" / "images" / "train" / "a.png"
     assert placed.read_bytes() == (tmp_path / "img" / "a.png").read_bytes()
     assert placed.stat().st_ino != (tmp_path / "img" / "a.png").stat().st_ino
-    placed.write_bytes(b"kept")  # a second export leaves an image already in place
-    export_yolo(tmp_path / "in.json", tmp_path / "img", tmp_path / "out")
+    placed.write_bytes(b"kept")  # changed since the export wrote it: the user's now, not replaced
+    with pytest.raises(TransferKitError, match=r"would replace and did not write .*a\.png"):
+        export_yolo(tmp_path / "in.json", tmp_path / "img", tmp_path / "out")
     assert placed.read_bytes() == b"kept"

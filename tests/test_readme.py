@@ -20,7 +20,8 @@ from transferkit.cli import main
 README = (REPO / "README.md").read_text()
 # Sections whose blocks run here; the others run elsewhere or need what the suite does not have.
 RUN_HERE = ("Fine-tune on your own images", "Use the model outside transferkit",
-            "Fine-tuned, from scratch, or frozen: compare on your data", "Python")
+            "Fine-tuned, from scratch, or frozen: compare on your data",
+            "Mixed precision, EMA, accumulation, compile", "Python")
 ELSEWHERE = {
     "Quick start": "make targets: the whole suite and the demo (tests/test_demo.py)",
     "Start from a COCO detector": "tests/test_readme_zoo.py",
@@ -28,6 +29,7 @@ ELSEWHERE = {
     "Data tools": "needs a VOC devkit; each command has its tests (test_convert, test_lists, test_check, test_shards)",
     "Stopping, resuming, continuing": "tests/test_resume.py",
     "Pretrained weights from anywhere": "needs a model.pth; tests/test_weights.py",
+    "Several processes: torchrun": "torchrun with 2 processes in tests/test_distributed.py",
 }
 
 

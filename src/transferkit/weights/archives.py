@@ -14,6 +14,7 @@ skipped. Unpacking goes into a temporary folder that is removed on any failure.
 
 from __future__ import annotations
 
+import glob
 import lzma
 import os
 import shutil
@@ -152,6 +153,16 @@ def unpack_into(archive: Path, tmp: Path, kind: str) -> None:
         raise TransferKitError(f"{archive}: damaged or unreadable archive ({what}); re-download it") from None
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
 def unpack(archive: Path, dest: Path) -> Path:
     """Unpack `archive` into the folder `dest` unless it is there already; nothing stays on failure."""
     kind = archive_kind(archive)
@@ -160,6 +171,10 @@ def unpack(archive: Path, dest: Path) -> Path:
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f"{glob.escape(dest.name)}.*.tmp"):  # left by an unpack that was killed
+        pid = stale.name[len(dest.name) + 1 : -len(".tmp")]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
