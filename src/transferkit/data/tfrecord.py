@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError
 
 from transferkit.checksums import masked_crc32c
@@ -92,8 +92,6 @@ MAX_LABEL_MAP_BYTES = 16 << 20  # a label map names classes: a few KB; more is n
 
 def read_label_map(path: str | Path) -> dict[int, str]:
     """A label_map.pbtxt as {id: name} (the `name` records carry as class/text, else `display_name`)."""
-    from google.protobuf import text_format
-
     path = Path(path)
     try:
         if path.stat().st_size > MAX_LABEL_MAP_BYTES:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import torchvision
+from torchvision import models
 
 from transferkit.config import zoo_builder
 from transferkit.errors import TransferKitError
@@ -43,8 +44,6 @@ class ZooWeights:
 
 
 def torchvision_weights(name: str) -> ZooWeights:
-    from torchvision import models
-
     enum_name, _, member = name.partition(".")
     if not enum_name or not member:
         raise TransferKitError(f"torchvision:{name}: give a Weights enum member "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from transferkit.data.convert.coco import CocoDataset, stable_image_ids
 from transferkit.data.images import IMAGE_SUFFIXES
@@ -76,8 +77,6 @@ def _image_name(ex: DetectionExample, taken: set[str]) -> str:
 
 def _masks(ex: DetectionExample, height: int, width: int, where: str) -> list[dict | None]:
     """One COCO RLE per object from the record's masks (none when the record has no masks)."""
-    from pycocotools import mask as mask_utils
-
     n = len(ex.boxes)
     if not ex.masks:
         return [None] * n

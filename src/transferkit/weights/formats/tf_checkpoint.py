@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from transferkit.checksums import masked_crc32c
 from transferkit.errors import TransferKitError
@@ -53,8 +55,6 @@ def _messages() -> dict[str, type]:
     declared with the descriptor API under their TensorFlow field numbers."""
     if _MESSAGES:
         return _MESSAGES
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
     F = descriptor_pb2.FieldDescriptorProto
     fdp = descriptor_pb2.FileDescriptorProto(name="transferkit_tf_bundle.proto", package="transferkit_tf",
                                              syntax="proto3")
@@ -235,8 +235,6 @@ def read(path: Path) -> WeightFile:
 
 
 def _read(index: Path) -> WeightFile:
-    from google.protobuf.message import DecodeError
-
     msgs = _messages()
     data = index.read_bytes()
     prefix = index.with_suffix("")
@@ -358,8 +356,6 @@ def _tensor(key: str, entry, shards: _Shards) -> np.ndarray:
 
 def _object_graph(entry, shards: _Shards, msgs) -> tuple[dict[str, str], list[str]]:
     """Checkpoint key -> the variable's own name, and the keys in depth-first model order."""
-    from google.protobuf.message import DecodeError
-
     if entry.dtype != DT_STRING:
         return {}, []
     raw = bytes(shards.read(OBJECT_GRAPH_KEY, entry.shard_id, entry.offset, entry.size))
