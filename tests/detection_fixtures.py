@@ -13,6 +13,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 from PIL import Image
+from protowire import field, varint
 
 CLASSES = ("cat", "dog")
 
@@ -102,36 +103,22 @@ def csv_from_voc(year: Path, path: Path, headers: dict[str, str] | None = None) 
 
 # --- tf.train.Example wire format (tensorflow/core/example/{example,feature}.proto) ---
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 values are ten-byte varints
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:  # wire type 2: length-delimited
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def bytes_feature(values: list[bytes]) -> bytes:  # Feature.bytes_list = 1; BytesList.value = 1
-    return _field(1, b"".join(_field(1, v) for v in values))
+    return field(1, b"".join(field(1, v) for v in values))
 
 
 def float_feature(values: list[float]) -> bytes:  # Feature.float_list = 2; FloatList.value = 1 [packed]
-    return _field(2, _field(1, struct.pack(f"<{len(values)}f", *values)))
+    return field(2, field(1, struct.pack(f"<{len(values)}f", *values)))
 
 
 def int64_feature(values: list[int]) -> bytes:  # Feature.int64_list = 3; Int64List.value = 1 [packed]
-    return _field(3, _field(1, b"".join(_varint(v) for v in values)))
+    return field(3, field(1, b"".join(varint(v) for v in values)))
 
 
 def example(features: dict[str, bytes]) -> bytes:
     """Example.features = 1 -> Features.feature = 1: map<string, Feature> as entries {key = 1, value = 2}."""
-    entries = b"".join(_field(1, _field(1, k.encode()) + _field(2, v)) for k, v in features.items())
-    return _field(1, entries)
+    entries = b"".join(field(1, field(1, k.encode()) + field(2, v)) for k, v in features.items())
+    return field(1, entries)
 
 
 def masked_crc32c(data: bytes) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_shared
 from PIL import Image, ImageDraw, ImageFont
+from protowire import field
 from torch import nn
 
 from transferkit.cli import main
@@ -18,24 +19,6 @@ from transferkit.weights.formats import read_weights
 LENET = SHARED_DATA / "weights" / "caffe_lenet_mnist"
 MNET = SHARED_DATA / "weights" / "mxnet_retinaface_mnet25"
 RFB = SHARED_DATA / "weights" / "ultralight_face_rfb320_multiformat"
-
-
-# ---- a protobuf wire-format writer (varints and length-delimited fields only) ----
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, value) -> bytes:
-    if isinstance(value, int):
-        return varint(number << 3) + varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return varint(number << 3 | 2) + varint(len(data)) + data
 
 
 def blob(arr: np.ndarray, legacy: bool = False) -> bytes:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA, needs_shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protowire import varint
 from torch import nn
 
 from transferkit.checksums import masked_crc32c
@@ -107,17 +108,8 @@ def test_tf_rfb320_mapped_by_its_table_equals_the_pytorch_checkpoint():
     assert len(compared) == len(tf.tensors) == 209
 
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out += bytes([byte | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
 def _table_block(entries: list[tuple[bytes, bytes]]) -> bytes:
-    body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in entries)
+    body = b"".join(varint(0) + varint(len(k)) + varint(len(v)) + k + v for k, v in entries)
     body += struct.pack("<II", 0, 1)  # one restart point, at 0
     return body + b"\0" + struct.pack("<I", masked_crc32c(body + b"\0"))
 
@@ -138,9 +130,9 @@ def write_bundle(prefix: Path, variables: dict[str, tuple[int, np.ndarray]], siz
         data += raw
     prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(data)
     block = _table_block(entries)
-    index = _table_block([(entries[-1][0], _varint(0) + _varint(len(block) - 5))])
+    index = _table_block([(entries[-1][0], varint(0) + varint(len(block) - 5))])
     meta = _table_block([])
-    footer = (_varint(len(block) + len(index)) + _varint(len(meta) - 5) + _varint(len(block)) + _varint(len(index) - 5))
+    footer = (varint(len(block) + len(index)) + varint(len(meta) - 5) + varint(len(block)) + varint(len(index) - 5))
     footer = footer.ljust(40, b"\0") + struct.pack("<Q", tf_checkpoint.TABLE_MAGIC)
     prefix.with_name(prefix.name + ".index").write_bytes(block + index + meta + footer)
 
