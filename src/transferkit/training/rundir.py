@@ -5,6 +5,7 @@ into it before the first step; reading a finished run's config and checkpoints."
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -50,27 +51,15 @@ def open_run(cfg: Config, out: str | Path | None, config_path: str | Path | None
     return claim_new_run(Path(out or cfg.out or default_run_dir(config_path))), None
 
 
-class FollowedRun:
-    """A run directory that another process (torchrun's rank 0) holds: this one only reads it."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-
-    def __enter__(self) -> Path:
-        return self.run_dir
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 def follow_run(cfg: Config, out: str | Path | None, config_path: str | Path | None, resume: str | Path | None,
-               allow_config_change: Sequence[str], say: Say) -> tuple[FollowedRun, ResumePoint | None]:
+               allow_config_change: Sequence[str], say: Say
+               ) -> tuple[AbstractContextManager[Path], ResumePoint | None]:
     """open_run for torchrun's other ranks: the same directory and state, neither claimed nor checked
-    (rank 0 claims the run and checks the config)."""
+    (rank 0 holds the run and checks the config), so `with` gives the directory and holds nothing."""
     if resume is not None:
         state_dir = find_state(Path(resume), say)
-        return FollowedRun(Path(resume)), ResumePoint(state_dir, load_state(state_dir))
-    return FollowedRun(Path(out or cfg.out or default_run_dir(config_path))), None
+        return nullcontext(Path(resume)), ResumePoint(state_dir, load_state(state_dir))
+    return nullcontext(Path(out or cfg.out or default_run_dir(config_path))), None
 
 
 def write_run_start(run_dir: Path, cfg: Config, classes: list[str], report: TransferReport | None) -> None:
