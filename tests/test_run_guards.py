@@ -363,3 +363,20 @@ def test_a_training_state_with_nonfinite_weights_is_never_saved(synth_root, tmp_
         "saved; lower optim.lr, or check the data")
     assert not list((run / "checkpoints" / "states").glob("*"))
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_a_run_config_that_is_an_alias_bomb_is_refused_quickly(tmp_path):
+    """The config a resume compares against is read with the same bounds as any config."""
+    from transferkit.errors import TransferKitError
+    from transferkit.training.resumecheck import trained_with
+
+    run, state = tmp_path / "run", tmp_path / "run" / "checkpoints" / "states" / "step-00000005"
+    state.mkdir(parents=True)
+    (state / "COMPLETE").write_text("{}")  # a state from before configs were kept with states
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]  # 9**9 values expanded
+    (run / "config.yaml").write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(TransferKitError, match=r"config\.yaml: refused, the YAML .*\(the run's config is damaged\)$"):
+        trained_with(run, state)
+    assert time.perf_counter() - started < 5

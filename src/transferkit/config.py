@@ -356,7 +356,8 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file of keys, read within the bounds of yamlsafe.py; every failure is one line naming it."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -397,7 +398,7 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise TransferKitError(f"{path}: _base_ inheritance loops: {chain}")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]

@@ -8,9 +8,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from transferkit.config import Config
+from transferkit.config import Config, read_yaml_mapping
 from transferkit.errors import TransferKitError
 from transferkit.training.resume import KEPT_CONFIG, SAFE_TO_CHANGE, config_changes
 from transferkit.weights.sources import sha256_of
@@ -20,13 +18,11 @@ RETIRED = ("optim.max_nonfinite_steps",)
 
 
 def read_yaml(path: Path) -> dict:
+    """A run's config, read as any config is (bounded YAML, one-line errors)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise TransferKitError(f"cannot read {path}: {type(exc).__name__}; the run's config is damaged") from None
-    if not isinstance(data, dict):
-        raise TransferKitError(f"cannot read {path}: not a mapping of keys; the run's config is damaged")
-    return data
+        return read_yaml_mapping(path)
+    except TransferKitError as exc:
+        raise TransferKitError(f"{exc} (the run's config is damaged)") from None
 
 
 def trained_with(run_dir: Path, state_dir: Path) -> dict:
