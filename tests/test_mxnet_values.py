@@ -1,6 +1,7 @@
-"""MXNet RetinaFace mnet.25 without MXNet: no reference outputs from MXNet itself yet, so the
-converted tensors are checked against values decoded by hand from the file's bytes, and each
-BatchNorm against the symbol's own attributes (fix_gamma, eps)."""
+"""MXNet RetinaFace mnet.25 without MXNet: the converted tensors against values decoded by hand
+from the file's bytes, and each BatchNorm against the symbol's own attributes (fix_gamma, eps).
+What the restored network computes is compared with MXNet's own outputs in
+test_runtime_parity_faces.py."""
 
 from __future__ import annotations
 
