@@ -2,7 +2,9 @@
 into its own PyTorch checkpoint as a template (`weights transfer --like`): every file gives the
 .pth's network. A convolution + BatchNorm pair is compared as the function it computes (the
 convolution with the BatchNorm folded in, computed here), so a file that folded its BatchNorms
-(Caffe, TFLite) passes when it restores the same function."""
+(Caffe, TFLite) passes when it restores the same function. The Caffe and TFLite files run the
+detection heads between backbone stages and name their layers their own way: they are restored
+without a map, by the graphs their readers record; a user's map still restores them the same."""
 
 from __future__ import annotations
 
@@ -48,20 +50,6 @@ def as_functions(state: dict[str, torch.Tensor], order: list[str]) -> dict[str, 
     return out
 
 
-def caffe_map(tmp_path: Path) -> Path:
-    """The Caffe file was converted from the ONNX one: its layers are named after the ONNX nodes'
-    outputs, and the ONNX graph says which initializer (a .pth name) each node uses."""
-    onnx = pytest.importorskip("onnx")
-    graph = onnx.load(str(RFB / "models" / "onnx" / "version-RFB-320.onnx")).graph
-    names = {}
-    for node in graph.node:
-        if node.op_type == "Conv":
-            conv = node.input[1][: -len(".weight")]
-            names[f"{node.output[0]}.weight"], names[f"{node.output[0]}.bias"] = f"{conv}.weight", f"{conv}.bias"
-    (tmp_path / "caffe_map.json").write_text(json.dumps(names))
-    return tmp_path / "caffe_map.json"
-
-
 def tflite_map(tmp_path: Path) -> Path:
     """TFLite tensors are named after the TF layers that made them (several, when TF fused them):
     a filter after its convolution layer, which the TF table maps to a .pth name; its bias goes to
@@ -90,38 +78,64 @@ def tflite_map(tmp_path: Path) -> Path:
     return tmp_path / "tflite_map.json"
 
 
+CAFFE = "caffe/model/RFB-320/RFB-320.caffemodel"
+TFLITE = "tflite/pretrained/version-RFB-320_without_postprocessing.tflite"
 CASES = {  # source, its name map, tolerance (relative to each tensor's largest value), folded pairs
     "onnx": ("models/onnx/version-RFB-320.onnx", None, 1e-4, 0),
     "onnx-without-postprocessing": ("models/onnx/version-RFB-320_without_postprocessing.onnx", None, 1e-4, 0),
-    "caffe": ("caffe/model/RFB-320/RFB-320.caffemodel", caffe_map, 1e-4, 35),
+    "caffe": (CAFFE, None, 1e-4, 35),
     "tensorflow": ("tf/export_models/RFB", lambda _tmp: TABLE, 1e-4, 0),
     # TFLite folded in float32 itself: up to 3.4e-4 apart from a fold of the .pth where a variance is tiny
-    "tflite": ("tflite/pretrained/version-RFB-320_without_postprocessing.tflite", tflite_map, 5e-4, 35),
+    "tflite": (TFLITE, None, 5e-4, 35),
+    "tflite-user-map": (TFLITE, tflite_map, 5e-4, 35),
 }
+# what the .pth has no tensor for: the TFLite file's `out * self.scale` constant of the RFB block
+UNUSED = {"tflite": 1, "tflite-user-map": 1}
 
 
-@needs_shared
-@pytest.mark.parametrize("case", list(CASES))
-def test_rfb320_every_format_gives_the_pth_network(case, tmp_path):
-    source, make_map, tolerance, folded_pairs = CASES[case]
+def transferred(case: str, tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """`weights transfer --like` the .pth `--from` the case's file: what it wrote, and its report."""
+    source, make_map, _tolerance, _pairs = CASES[case]
     if case.startswith("onnx"):
         pytest.importorskip("onnx")
-    out, report = tmp_path / "out.safetensors", tmp_path / "report.json"
+    if case.startswith("tflite"):
+        pytest.importorskip("tflite")
+    out, report = tmp_path / f"{case}.safetensors", tmp_path / f"{case}.json"
     args = ["weights", "transfer", "--like", str(PTH), "--from", str(RFB / source), "--scope", "full",
             "--out", str(out), "--report", str(report)]
     if make_map is not None:
         args += ["--map", str(make_map(tmp_path))]
     assert main(args) == 0
+    return load_file(out), json.loads(report.read_text())
+
+
+@needs_shared
+@pytest.mark.parametrize("case", list(CASES))
+def test_rfb320_every_format_gives_the_pth_network(case, tmp_path):
+    _source, _make_map, tolerance, folded_pairs = CASES[case]
+    written, report = transferred(case, tmp_path)
     pth = read_weights(PTH).tensors
     order = list(pth)
-    written = load_file(out)
     assert set(written) == set(pth)
     want, got = as_functions(pth, order), as_functions(written, order)
     assert set(got) == set(want)
     for name, ref in want.items():
         err = float((got[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
         assert err <= tolerance, (name, err)
-    counts = json.loads(report.read_text())["counts"]
+    counts = report["counts"]
     assert counts.get("folded", 0) == 6 * folded_pairs  # conv weight, 4 BatchNorm tensors, the counter
     assert counts.get("loaded", 0) + counts.get("folded", 0) + counts.get("missing", 0) == len(pth)
     assert counts.get("missing", 0) in (0, 35)  # TF keeps no BatchNorm counters
+    assert len(report["unused_source"]) == UNUSED.get(case, 0)
+
+
+@needs_shared
+def test_rfb320_tflite_by_structure_is_what_a_user_map_gives(tmp_path):
+    """The graph pairs every TFLite tensor where the map built from the TF layer names puts it: the
+    written files are equal, and so are the source tensors each target tensor came from."""
+    by_graph, graph_report = transferred("tflite", tmp_path)
+    by_map, map_report = transferred("tflite-user-map", tmp_path)
+    assert all(torch.equal(by_graph[k], by_map[k]) for k in by_map)
+    sources = [{e["target"]: (e["source"], e["status"]) for e in r["tensors"]} for r in (graph_report, map_report)]
+    assert sources[0] == sources[1]
+    assert sum(how == "structure" for how in (e["how"] for e in graph_report["tensors"])) == 34

@@ -13,6 +13,11 @@ A source is taken for folded when the target has convolution + BatchNorm pairs a
 no BatchNorm statistics at all but convolutions with a bias; its convolution biases then land on
 the target convolution's bias, which is added to the names matched against when the convolution
 has none.
+
+A source whose reader recorded its graph (Caffe, TFLite) names its tensors after its own layers:
+there a convolution's bias is the 1-D tensor its layer holds beside the filter, and a BatchNorm the
+export left unfolded is a per-channel multiply and add that read the convolution's output and
+nothing else reads (`kept_scale_offset`), restored as that BatchNorm's weight and bias.
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from transferkit.weights.formats.origins import LayerGraph
+
 Shape = tuple[int, ...]
 BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
 COUNTER = "num_batches_tracked"
 DEFAULT_EPS = 1e-5  # PyTorch's BatchNorm default, assumed where no module says otherwise
+# what a layer does with each tensor it holds, by the layer types readers record (TFLite, Caffe)
+AFFINE_ROLES = {"MUL": ("scale",), "ADD": ("offset",), "Scale": ("scale", "offset"), "Bias": ("offset",)}
 
 
 @dataclass(frozen=True)
@@ -73,14 +82,49 @@ def conv_bn_pairs(shapes: Mapping[str, Shape], eps: Mapping[str, float] | None =
     return pairs
 
 
-def source_is_folded(source: Mapping[str, Shape], pairs: Collection[ConvBN]) -> bool:
+def source_is_folded(source: Mapping[str, Shape], pairs: Collection[ConvBN], graph: LayerGraph | None = None) -> bool:
     """The target has convolution + BatchNorm pairs, the source no BatchNorm statistics at all and
-    convolutions with a bias: where its BatchNorms went. A source that keeps some BatchNorms (a
+    convolutions with a bias (`X.bias` beside `X.weight`, or with a graph, a 1-D tensor of the
+    filter's width in its layer): where its BatchNorms went. A source that keeps some BatchNorms (a
     backbone for a bigger model, a classifier for a detector) is matched as it is."""
     if not pairs or any(n.endswith(".running_mean") for n in source):
         return False
-    return any(len(shape) == 4 and n.endswith(".weight") and tuple(source.get(f"{n[:-7]}.bias", ())) == shape[:1]
+
+    def beside(name: str) -> list[str]:
+        near = [f"{name[:-7]}.bias"] if name.endswith(".weight") else []
+        layer = graph.layer_of.get(name) if graph is not None else None
+        return near + (graph.tensors(layer) if layer is not None else [])
+
+    return any(len(shape) == 4 and any(tuple(source.get(b, ())) == shape[:1] for b in beside(n))
                for n, shape in source.items())
+
+
+def kept_scale_offset(pairs: Collection[ConvBN], matched: Mapping[str, str], source: Mapping[str, Shape],
+                      graph: LayerGraph) -> dict[str, str]:
+    """BatchNorms the source kept as a per-channel multiply and then add after the convolution
+    matched to theirs (TFLite's MUL and ADD after a dilated convolution it could not fold into, a
+    Caffe Scale layer):
+    target BatchNorm weight and bias -> the source's scale and offset. Found in the graph: the
+    layers after the convolution's, each read only by the next, holding only tensors of its width."""
+    taken = set(matched.values())
+    out: dict[str, str] = {}
+    for p in pairs:
+        conv = matched.get(f"{p.conv}.weight")
+        layer = graph.layer_of.get(conv) if conv is not None else None
+        if layer is None or any(p.bn_name(leaf) in matched for leaf in BN_LEAVES):
+            continue
+        width = (source[conv][0],)
+        found: list[tuple[str, str]] = []  # (role, source tensor), in the order the source applies them
+        while len(readers := graph.readers(layer)) == 1:
+            layer = readers[0]
+            roles, tensors = AFFINE_ROLES.get(graph.kinds.get(layer, ""), ()), graph.tensors(layer)
+            if not tensors or len(tensors) > len(roles) or any(tuple(source[t]) != width or t in taken
+                                                               for t in tensors):
+                break
+            found += zip(roles, tensors, strict=False)
+        if [role for role, _ in found] in (["scale"], ["offset"], ["scale", "offset"]):
+            out.update({p.bn_name("weight" if role == "scale" else "bias"): t for role, t in found})
+    return out
 
 
 def folded_view(target: Mapping[str, Shape], pairs: Collection[ConvBN], keep: Collection[str] = ()) -> dict[str, Shape]:

@@ -27,9 +27,17 @@ from transferkit.config import PretrainedConfig
 from transferkit.errors import TransferKitError
 from transferkit.patterns import first_match
 from transferkit.weights import folding
-from transferkit.weights.folding import BN_LEAVES, conv_bn_pairs, fold, folded_view, source_is_folded
+from transferkit.weights.folding import (
+    BN_LEAVES,
+    conv_bn_pairs,
+    fold,
+    folded_view,
+    kept_scale_offset,
+    source_is_folded,
+)
 from transferkit.weights.formats import WeightFile, read_weights
-from transferkit.weights.matching import apply_renames, input_adaptable, match_names, strip_wrappers
+from transferkit.weights.formats.origins import layer_graph
+from transferkit.weights.matching import Match, apply_renames, input_adaptable, match_names, strip_wrappers
 from transferkit.weights.sources import resolve_source
 
 SCOPES = ("backbone", "all-but-head", "full")
@@ -213,14 +221,19 @@ def plan_transfer(
     # a template has no modules to ask: it says which eps its checkpoint's BatchNorms were built with
     pairs = conv_bn_pairs(tgt_shapes, folding.batchnorm_eps(model), getattr(model, "bn_eps", folding.DEFAULT_EPS))
     renamed = apply_renames(list(src_shapes), opt.rename)  # a name map tells which tensor is a bias
-    folded = source_is_folded({renamed.get(k, k): v for k, v in src_shapes.items()}, pairs)
+    graph = layer_graph(weights.metadata)  # a foreign file's layers, where its reader recorded how they connect
+    folded = source_is_folded({renamed.get(k, k): v for k, v in src_shapes.items()}, pairs, graph)
     if folded:  # a folded source is matched against the names it has: conv biases, no BatchNorm
         tgt_shapes = folded_view(tgt_shapes, pairs, keep=_named_in_source(list(src_shapes), tgt_shapes, opt.rename))
     if scope == "backbone" and backbone_prefix:
         inner = {k[len(backbone_prefix):]: v for k, v in tgt_shapes.items() if k.startswith(backbone_prefix)}
-        matches = {backbone_prefix + k: m for k, m in match_names(src_shapes, inner, rename=opt.rename).items()}
+        matches = {backbone_prefix + k: m
+                   for k, m in match_names(src_shapes, inner, rename=opt.rename, graph=graph).items()}
     else:
-        matches = match_names(src_shapes, tgt_shapes, may_differ=heads, rename=opt.rename)
+        matches = match_names(src_shapes, tgt_shapes, may_differ=heads, rename=opt.rename, graph=graph)
+    if folded and graph is not None:  # a BatchNorm the source kept as a multiply and an add
+        kept = kept_scale_offset(pairs, {t: m.source for t, m in matches.items()}, src_shapes, graph)
+        matches.update({t: Match(s, "structure") for t, s in kept.items()})
 
     report = TransferReport(str(weights.path), weights.format, scope)
     to_load: dict[str, torch.Tensor] = {}

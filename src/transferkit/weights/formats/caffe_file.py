@@ -9,6 +9,8 @@ A ``.prototxt`` beside the file (same stem, else ``deploy.prototxt``, else the o
 folder) gives the layer order, types and BatchNorm eps when present. Tensors come out under PyTorch
 names: ``<layer>.weight`` / ``<layer>.bias``; a BatchNorm's mean and variance are divided by its
 scale-factor blob, and the Scale layer that follows it becomes that BatchNorm's weight and bias.
+The layers' bottoms and tops are kept in the metadata as ``inputs`` (origins.py): which layers each
+layer holding tensors reads from.
 """
 
 from __future__ import annotations
@@ -245,7 +247,25 @@ def read(path: Path) -> WeightFile:
             arr = _weight(arr, stored_lay) if j == 0 else (arr.reshape(-1) if j == 1 else arr)
             converted = "InnerProduct weight transposed" if j == 0 and stored_lay.transpose else ""
             put(f"{lay.name}.{suffix}", arr, f"{lay.name}/blob{j}", converted)
+    _record_inputs(order, origins)
     return WeightFile(tensors, "caffe", path, origins.metadata(net_name=text(net.name), **extra))
+
+
+def _record_inputs(order: list[_Layer], origins: Origins) -> None:
+    """Which layers holding tensors each such layer reads from, following bottoms and tops in layer
+    order (so an in-place layer, top == bottom, passes its input on). Left out when a layer holding
+    tensors names no bottom: the file then does not say how its layers connect."""
+    held = {record["layer"] for record in origins.tensors.values()}
+    if any(lay.name in held and not lay.bottom for lay in order):
+        return
+    carried: dict[str, list[str]] = {}  # blob -> the layers holding tensors whose outputs it carries
+    for lay in order:
+        upstream = list(dict.fromkeys(u for b in lay.bottom for u in carried.get(b, [])))
+        if lay.name in held:
+            origins.inputs(lay.name, upstream)
+            upstream = [lay.name]
+        for top in lay.top:
+            carried[top] = upstream
 
 
 def _batchnorm(lay: _Layer, stored: _Layer, arrays: list[np.ndarray], scale: _Layer | None, put,

@@ -11,7 +11,9 @@ DEPTHWISE_CONV_2D filter is 1HWO and becomes O1HW, a TRANSPOSE_CONV filter (OHWI
 laid out for that operator. int8/uint8/int16/int32 tensors with a scale and zero point are
 dequantized to float32 (per channel along their quantized dimension); an int8/uint8 weight
 without them is refused. Integer constants with no scale (shapes, paddings, axes) are not weights
-and are left out (counted in the metadata). Names are the tensor names as stored.
+and are left out (counted in the metadata). Names are the tensor names as stored; each tensor's
+layer is the operator that uses it (``op<index>``), and the metadata's ``inputs`` say which of
+those operators each one reads from (origins.py).
 """
 
 from __future__ import annotations
@@ -92,12 +94,14 @@ def _read(buf: bytes, path: Path, tflite) -> WeightFile:
     # Who uses each tensor, in execution order; DEQUANTIZE passes its input on to its output's user.
     uses: dict[int, list[tuple[int, str, int]]] = {}
     dequantized_to: dict[int, int] = {}
+    wiring: list[tuple[list[int], list[int]]] = []  # each operator's input and output tensors
     for i in range(_length(graph.OperatorsLength(), size, path, "operator")):
         op = graph.Operators(i)
         if not 0 <= op.OpcodeIndex() < len(codes):
             raise TransferKitError(f"{path}: damaged TFLite file: operator {i} has opcode index {op.OpcodeIndex()}")
         kind = codes[op.OpcodeIndex()]
         inputs = [int(t) for t in op.InputsAsNumpy()] if op.InputsLength() else []
+        wiring.append((inputs, [int(t) for t in op.OutputsAsNumpy()] if op.OutputsLength() else []))
         if kind == "DEQUANTIZE" and inputs and op.OutputsLength():
             dequantized_to[inputs[0]] = int(op.Outputs(0))
         for pos, t in enumerate(inputs):
@@ -177,8 +181,23 @@ def _read(buf: bytes, path: Path, tflite) -> WeightFile:
                        input=str(pos))
     if not tensors:
         raise TransferKitError(f"{path}: the TFLite model holds no weight tensors")
+    _record_inputs(wiring, origins)
     extra = {"left_out": "; ".join(f"{n} {what}" for what, n in left_out.items())} if left_out else {}
     return WeightFile(tensors, "tflite", path, origins.metadata(version=str(model.Version()), **extra))
+
+
+def _record_inputs(wiring: list[tuple[list[int], list[int]]], origins: Origins) -> None:
+    """Which operators holding tensors each such operator reads from, following tensors from operator
+    to operator in execution order (operators without tensors of their own pass their inputs on)."""
+    held = {record["layer"] for record in origins.tensors.values()}
+    carried: dict[int, list[str]] = {}  # tensor index -> the operators holding tensors whose outputs it carries
+    for i, (inputs, outputs) in enumerate(wiring):
+        upstream = list(dict.fromkeys(u for t in inputs for u in carried.get(t, [])))
+        if f"op{i}" in held:
+            origins.inputs(f"op{i}", upstream)
+            upstream = [f"op{i}"]
+        for t in outputs:
+            carried[t] = upstream
 
 
 def _buffer_bytes(buffer, buf: bytes, path: Path, t: int) -> bytes | None:
