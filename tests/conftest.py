@@ -47,3 +47,17 @@ def tiny_overrides(root: Path, **extra) -> list[str]:
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def det_overrides(root: Path, **extra) -> list[str]:
+    """A tiny detector (FCOS on timm's test network, 96 px) on make_synthetic_detection's COCO set at `root`."""
+    values = {
+        "task": "detection", "model.name": "test_efficientnet", "pretrained.source": "null",
+        "data.root": str(root), "data.format": "coco",
+        "data.train_ann": str(root / "annotations" / "train.json"), "data.train_images": str(root / "images" / "train"),
+        "data.val_ann": str(root / "annotations" / "val.json"), "data.val_images": str(root / "images" / "val"),
+        "data.batch_size": 8, "optim.name": "adamw", "optim.lr": 0.001, "optim.head_lr_mult": 1,
+        "detection.arch": "fcos", "detection.min_size": "[96]", "detection.max_size": 96,
+        "detection.fpn_channels": 64, "schedule.epochs": 6, **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_shared
+from conftest import SHARED_DATA, det_overrides, needs_shared
 
 from transferkit.cli import main
 from transferkit.config import DetectionConfig, PretrainedConfig, load_config
@@ -26,19 +26,6 @@ SMALL = DetectionConfig(min_size=[64], max_size=64, fpn_channels=32)
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return make_synthetic_detection(tmp_path_factory.mktemp("shapes"), 48, 16, 96, seed=0)
-
-
-def det_overrides(root, **extra):
-    values = {
-        "task": "detection", "model.name": "test_efficientnet", "pretrained.source": "null",
-        "data.root": str(root), "data.format": "coco",
-        "data.train_ann": str(root / "annotations" / "train.json"), "data.train_images": str(root / "images" / "train"),
-        "data.val_ann": str(root / "annotations" / "val.json"), "data.val_images": str(root / "images" / "val"),
-        "data.batch_size": 8, "optim.name": "adamw", "optim.lr": 0.001, "optim.head_lr_mult": 1,
-        "detection.arch": "fcos", "detection.min_size": "[96]", "detection.max_size": 96,
-        "detection.fpn_channels": 64, "schedule.epochs": 6, **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
 
 
 def test_tiny_detector_learns_synthetic_shapes(shapes, tmp_path, capsys):

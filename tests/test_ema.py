@@ -87,7 +87,7 @@ def test_ema_metric_without_an_ema_is_refused():
 
 def test_a_detector_trains_with_ema_bf16_and_accumulation(tmp_path):
     """The same machinery behind detection's seam: COCO mAP of the EMA beside the live weights."""
-    from test_detection import det_overrides
+    from conftest import det_overrides
 
     from transferkit.data.synthetic import make_synthetic_detection
 

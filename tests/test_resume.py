@@ -62,26 +62,15 @@ def reference_ema(synth_root, tmp_path_factory):
     return run
 
 
-# Runs the CLI with a global optimiser-step hook that makes the process signal itself right after
-# step STOP_AT: the signal lands at a known point inside the loop, on every machine.
+# tests/helpers/stop_at_step.py runs the CLI with an optimiser-step hook that makes the process signal
+# itself right after step STOP_AT: the signal lands at a known point inside the loop, on every machine.
 STOP_AT = 8  # 5 steps an epoch: batch 3 of epoch 2
-SELF_SIGNAL = """
-import os, sys
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from transferkit.cli import main
-sig, at, steps = int(sys.argv[1]), int(sys.argv[2]), [0]
-def hook(optimizer, args, kwargs):
-    steps[0] += 1
-    if steps[0] == at:
-        os.kill(os.getpid(), sig)
-register_optimizer_step_post_hook(hook)
-raise SystemExit(main(sys.argv[3:]))
-"""
+STOP_AT_STEP = REPO / "tests" / "helpers" / "stop_at_step.py"
 
 
 def kill_mid_run(root, run, sig, **extra):
     """A run that signals itself after optimiser step STOP_AT, inside epoch 2."""
-    cmd = [sys.executable, "-c", SELF_SIGNAL, str(int(sig)), str(STOP_AT), "train", *options(root, **extra),
+    cmd = [sys.executable, str(STOP_AT_STEP), str(int(sig)), str(STOP_AT), "--", "train", *options(root, **extra),
            "--out", str(run)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stderr

@@ -88,6 +88,8 @@ class ModelConfig(_Section):
     channels_last: bool = True
     # torch.compile the model (falls back to eager, with one line saying why, where unsupported).
     compile: bool = False
+    # Under torchrun: BatchNorm statistics over every process's batch (SyncBatchNorm; CUDA only).
+    sync_bn: bool = False
 
 
 class HeadInitConfig(_Section):
@@ -251,6 +253,10 @@ class OptimConfig(_Section):
     ema: EmaConfig | None = None
     # Batches whose gradients are summed into one optimiser step; the schedule counts optimiser steps.
     accumulate: int = Field(1, ge=1)
+    # linear: lr x effective batch (processes x batch_size x accumulate) / lr_reference_batch.
+    lr_scaling: Literal["none", "linear"] = "none"
+    # The batch optim.lr was chosen for; null: data.batch_size (linear then scales by processes x accumulate).
+    lr_reference_batch: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
 
 
 class ScheduleConfig(_Section):

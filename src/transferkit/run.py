@@ -55,7 +55,7 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     """Run the whole pass the config describes and write the run directory. With `resume` (a run
     directory), continue that run from its newest intact training state."""
     started = time.perf_counter()
-    processes = from_environment(select_device(cfg.device), cfg.strategy)  # torchrun's ranks, or one process
+    processes = from_environment(select_device(cfg.device), cfg.strategy, cfg.model.sync_bn)  # torchrun's ranks
     quiet = quiet or not processes.main  # rank 0 alone prints
     say: Say = (lambda *a, **k: None) if quiet else console.print
     # Rank 0 holds the run directory (marked and locked) until the run ends, however it ends; the
@@ -87,6 +87,9 @@ def train_in(cfg: Config, run_dir: Path, resumed: ResumePoint | None, processes:
     place_model(built.model, device, built.channels_last)
     if cfg.optim.freeze_bn:
         freeze_batchnorm(built.model)
+    if cfg.model.sync_bn and processes.world == 1:
+        say("model.sync_bn: one process, nothing to synchronise; BatchNorm left as it is", highlight=False)
+    built.model = processes.sync_batchnorm(built.model, cfg.model.sync_bn)
     wrapped = processes.wrap(built.model, device)
     if cfg.model.compile:
         wrapped = compile_model(wrapped, device, say)
@@ -98,7 +101,6 @@ def train_in(cfg: Config, run_dir: Path, resumed: ResumePoint | None, processes:
             run_probe(cfg, built.model, built.data, device, recorder, progress)
         if cfg.strategy != "linear_probe":
             train_loader, val_loader = task.loaders(built.data, processes.shard)
-            say(processes.describe_batch(cfg.data.batch_size, cfg.optim.accumulate), highlight=False)
             loop = Loop(cfg, built.model, built.family.head_patterns, train_loader, val_loader, task.loss(device),
                         lambda model, loader: task.evaluate(model, built.data, loader, device),
                         recorder, progress, device, None if wrapped is built.model else wrapped, processes)

@@ -314,9 +314,10 @@ class DetectionDataset(Dataset):
 
 class GroupedBatchSampler(Sampler):
     """Batches of images from one aspect-ratio group (less padding), in an order drawn from `generator`.
-    With `shard` (rank, world), every rank draws the same order and takes every world-th batch from
-    its rank on; the first batches are taken again where the count does not divide, so that every
-    rank makes the same number of steps."""
+    With `shard` (rank, world), every rank draws the same order of world x batch_size batches, the
+    images of one step over every rank, as one process of that batch size would, and takes its
+    share of each: a step sees the images it would in one process. A last, shorter batch of a group
+    is shared as evenly as it goes, its first images taken again where some rank would get none."""
 
     def __init__(self, groups: list[int], batch_size: int, shuffle: bool, generator: torch.Generator,
                  shard: tuple[int, int] | None = None):
@@ -327,17 +328,21 @@ class GroupedBatchSampler(Sampler):
         if self.shard is None:
             return batches
         rank, world = self.shard
-        per_rank = -(-len(batches) // world)
-        padded = (batches * world)[: per_rank * world]
-        return padded[rank::world]
+        mine = []
+        for batch in batches:
+            per_rank = -(-len(batch) // world)
+            padded = (batch * world)[: per_rank * world]
+            mine.append(padded[rank * per_rank:(rank + 1) * per_rank])
+        return mine
 
     def _batches(self, draw: bool) -> list[list[int]]:
         n = len(self.groups)
+        size = self.batch_size * (self.shard[1] if self.shard else 1)  # one step's images over every rank
         order = torch.randperm(n, generator=self.generator).tolist() if draw else list(range(n))
         batches = []
         for g in sorted(set(self.groups)):
             members = [i for i in order if self.groups[i] == g]
-            batches += [members[i:i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            batches += [members[i:i + size] for i in range(0, len(members), size)]
         if draw:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
         return batches

@@ -1,6 +1,8 @@
 """Training in several processes started by torchrun: the process group from torchrun's environment
-(gloo on CPU, NCCL on CUDA), the model in DistributedDataParallel, and the few decisions every rank
-must take together (stop on a signal, skip a non-finite step) so that none waits for the others.
+(gloo on CPU, NCCL on CUDA), the model in DistributedDataParallel (BatchNorm synchronised on request),
+gradients summed over the ranks once per accumulation window, and the few decisions every rank
+must take together (stop on a signal, save a state, skip a non-finite step) so that none waits for
+the others.
 
 Outside torchrun (no WORLD_SIZE in the environment) a run is one process and nothing here is used.
 Only rank 0 evaluates (the whole validation set, once) and writes the run directory.
@@ -8,8 +10,11 @@ Only rank 0 evaluates (the whole validation set, once) and writes the run direct
 
 from __future__ import annotations
 
+import io
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,13 +52,43 @@ class Processes:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def agree_stop(self, signum: int | None) -> int | None:
-        """A stop signal any rank got, so that every rank stops after the same step."""
+    def sync_batchnorm(self, model: nn.Module, sync: bool) -> nn.Module:
+        """model.sync_bn: BatchNorm layers as SyncBatchNorm, whose batch statistics are taken over every
+        rank's batch; the same parameters and buffers under the same names, so frozen layers stay
+        frozen and checkpoints keep their names. One process has nothing to synchronise."""
+        if not sync or self.world == 1:
+            return model
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def no_sync(self, wrapped: nn.Module | None, ends_window: bool) -> AbstractContextManager:
+        """For a batch that does not end its optim.accumulate window: DistributedDataParallel's
+        no_sync, so that its gradients are summed on this rank and the window's sum is all-reduced
+        once, in the backward pass of its last batch (forward and backward must both be inside)."""
+        ddp = getattr(wrapped, "_orig_mod", wrapped)  # torch.compile keeps the module it compiled there
+        if ends_window or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+            return nullcontext()
+        return ddp.no_sync()
+
+    def agree_stop(self, signum: int | None, due: bool = False) -> tuple[int | None, bool]:
+        """A stop signal any rank got, and whether any rank finds a state due (checkpoint.every_minutes
+        reads each rank's clock), so that every rank stops and saves after the same step."""
         if not self.active:
-            return signum
-        flag = torch.tensor([signum or 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag) or None
+            return signum, due
+        flags = torch.tensor([signum or 0, int(due)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return int(flags[0]) or None, bool(flags[1])
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (what a training state may hold), in rank order, on every rank; [value]
+        in one process. Sent as torch.save bytes: all_gather_object pickles, and a pickled uint32
+        tensor (NumPy's random state) does not load back (torch 2.14 raises)."""
+        if not self.active:
+            return [value]
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, buffer.getvalue())
+        return [torch.load(io.BytesIO(v), weights_only=True) for v in values]
 
     def agree_finite(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss, or NaN where any rank's loss was not finite: every rank then skips the step
@@ -79,22 +114,28 @@ class Processes:
             raise TransferKitError(f"{state_dir} was saved by a run of {saved_world} process(es), this one has "
                                    f"{self.world}; resume it with {how}")
 
-    def describe_batch(self, batch_size: int, accumulate: int) -> str:
-        """The line that says how many images make one optimiser step."""
-        parts = [f"{self.world} processes x data.batch_size {batch_size}"] if self.active else \
-            [f"data.batch_size {batch_size}"]
+    def effective_batch(self, batch_size: int, accumulate: int) -> int:
+        """Images in one optimiser step: every rank's batches of one accumulation window."""
+        return self.world * batch_size * accumulate
+
+    def describe_batch(self, batch_size: int, accumulate: int, lr_line: str = "") -> str:
+        """The line that says how many images make one optimiser step, and the learning rate they get
+        (`lr_line`, from optim.lr_scaling)."""
+        processes = f"{self.world} process{'es' if self.world > 1 else ''}"
+        parts = [f"{processes} x data.batch_size {batch_size}"] if self.active else [f"data.batch_size {batch_size}"]
         parts += [f"optim.accumulate {accumulate}"] if accumulate > 1 else []
-        rule = "; the learning rate is optim.lr as configured (not scaled with the processes)" if self.active else ""
-        return f"effective batch: {' x '.join(parts)} = {self.world * batch_size * accumulate} images a step{rule}"
+        images, lr = self.effective_batch(batch_size, accumulate), f"; {lr_line}" if lr_line else ""
+        return f"effective batch: {' x '.join(parts)} = {images} images a step{lr}"
 
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def from_environment(device: torch.device, strategy: str = "finetune") -> Processes:
+def from_environment(device: torch.device, strategy: str = "finetune", sync_bn: bool = False) -> Processes:
     """The process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT), or one plain process."""
+    MASTER_ADDR, MASTER_PORT), or one plain process. Refused before any process group is made: a
+    strategy other than finetune, and model.sync_bn off CUDA with several processes."""
     if "WORLD_SIZE" not in os.environ:
         return Processes()
     if strategy != "finetune":
@@ -108,6 +149,10 @@ def from_environment(device: torch.device, strategy: str = "finetune") -> Proces
     except (KeyError, ValueError):
         raise TransferKitError("WORLD_SIZE is set but RANK is missing or not a number; start several processes "
                                "with torchrun: torchrun --nproc-per-node N -m transferkit train ...") from None
+    if sync_bn and world > 1 and device.type != "cuda":
+        # PyTorch's SyncBatchNorm refuses CPU tensors in training: a ValueError at the first step
+        raise TransferKitError(f"model.sync_bn needs CUDA (SyncBatchNorm does not run on {device.type}); set "
+                               f"model.sync_bn=false to train several processes on {device.type}")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)

@@ -28,9 +28,24 @@ from transferkit.training.checkpoint import save_weights
 from transferkit.training.distributed import Processes
 from transferkit.training.ema import WeightAverage
 from transferkit.training.finite import NonFiniteError, check_loss, require_finite
-from transferkit.training.optim import build_optimizer, build_scheduler, plan_params, plan_table, set_train_mode
+from transferkit.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    plan_params,
+    plan_table,
+    scale_lr,
+    set_train_mode,
+)
 from transferkit.training.precision import MixedPrecision
-from transferkit.training.resume import STATES, ResumePoint, carry_optimizer_state, save_state, set_rng_state
+from transferkit.training.resume import (
+    STATES,
+    ResumePoint,
+    carry_optimizer_state,
+    rank_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 from transferkit.training.runlog import MetricsLog, read_metrics
 from transferkit.training.strategies import stage_count, unfreeze_stages
 
@@ -191,12 +206,16 @@ def optimiser_steps(batches: int, accumulate: int) -> int:
 
 
 def build_optimisation(loop: Loop) -> Optimisation:
-    """Parameter groups (printed as a table), optimiser and per-step schedule for the loop's model."""
-    cfg = loop.cfg
-    plan = plan_params(loop.model, loop.head_patterns, cfg.optim)
-    optimizer = build_optimizer(loop.model, loop.head_patterns, cfg.optim, plan)
+    """Parameter groups (printed as a table), optimiser and per-step schedule for the loop's model,
+    from the learning rate optim.lr_scaling gives the effective batch (printed with it)."""
+    cfg, k = loop.cfg, loop.cfg.optim.accumulate
+    batch = cfg.data.batch_size
+    scaling = scale_lr(cfg.optim, loop.processes.effective_batch(batch, k), batch)
+    loop.say(loop.processes.describe_batch(batch, k, scaling.line), highlight=False)
+    optim = scaling.apply(cfg.optim)
+    plan = plan_params(loop.model, loop.head_patterns, optim)
+    optimizer = build_optimizer(loop.model, loop.head_patterns, optim, plan)
     loop.say(plan_table(plan))
-    k = cfg.optim.accumulate
     scheduler = build_scheduler(optimizer, cfg.schedule, optimiser_steps(len(loop.train_loader), k))
     ema = WeightAverage(loop.model, cfg.optim.ema) if cfg.optim.ema is not None else None
     loop.recorder.ema_model = ema.module if ema is not None else None
@@ -226,7 +245,8 @@ class StateSaver:
         step = (self.epoch - 1) * optimiser_steps(steps, k) + optimiser_steps(pos.batches_done, k)
         due = bool(every) and step % every == 0
         due |= bool(minutes) and time.monotonic() - self.last_saved >= minutes * 60
-        signum = self.loop.processes.agree_stop(self.stop.signum)  # every rank stops after the same step
+        # every rank stops, and saves, after the same step (saving gathers every rank's position)
+        signum, due = self.loop.processes.agree_stop(self.stop.signum, due)
         if signum is not None or (due and pos.batches_done < steps):
             self.save(self.epoch - 1, pos, self.loader_state)
         if signum is not None:
@@ -237,6 +257,10 @@ class StateSaver:
         self.save(self.epoch, EpochPosition(), self.loop.train_loader.generator.get_state())
 
     def save(self, epochs_done: int, pos: EpochPosition, loader_state: torch.Tensor) -> None:
+        """Every rank calls it: each one's random state and share of the epoch's loss go into the
+        state that rank 0 alone writes."""
+        ranks = self.loop.processes.gather({"rng": rng_state(), "loss_sum": pos.loss_sum, "seen": pos.seen})
+        self.last_saved = time.monotonic()
         if not self.loop.processes.main:  # rank 0 writes the run's one state
             return
         recorder, steps = self.loop.recorder, len(self.loop.train_loader)
@@ -245,10 +269,9 @@ class StateSaver:
         counters = {"epoch": epochs_done, "batches_done": pos.batches_done, "loss_sum": pos.loss_sum,
                     "seen": pos.seen, "global_step": step,
                     "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch,
-                    "processes": self.loop.processes.world, **self.opt.extra_state()}
+                    "processes": self.loop.processes.world, "ranks": ranks, **self.opt.extra_state()}
         save_state(recorder.run_dir, self.loop.model, self.opt.optimizer, self.opt.scheduler, counters,
                    self.loop.cfg.checkpoint.keep_last)
-        self.last_saved = time.monotonic()
 
 
 def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPosition | None = None,
@@ -271,17 +294,19 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
             if index == skip - 1 and rng_at_position is not None:
                 set_rng_state(rng_at_position)
             continue
-        with opt.precision.autocast():
-            loss, n = loop.loss_fn(loop.model if loop.wrapped is None else loop.wrapped, batch)
-        pos.batches_done = index + 1
-        stop_on_nonfinite(loop, loop.processes.agree_finite(loss.detach()), batch, pos)
-        # the mean over the window's batches: K batches give the gradient of one K-times batch
-        opt.precision.backward(loss / window_size(index, len(loop.train_loader), opt.accumulate))
+        ends_window = (index + 1) % opt.accumulate == 0 or index + 1 == len(loop.train_loader)
+        with loop.processes.no_sync(loop.wrapped, ends_window):  # ranks sum gradients once a window
+            with opt.precision.autocast():
+                loss, n = loop.loss_fn(loop.model if loop.wrapped is None else loop.wrapped, batch)
+            pos.batches_done = index + 1
+            stop_on_nonfinite(loop, loop.processes.agree_finite(loss.detach()), batch, pos)
+            # the mean over the window's batches: K batches give the gradient of one K-times batch
+            opt.precision.backward(loss / window_size(index, len(loop.train_loader), opt.accumulate))
         opt.pending = True
         loss_sum += loss.detach().double() * n
         pos.seen += n
         loop.progress.advance_and_draw(task, n)
-        if (index + 1) % opt.accumulate and index + 1 < len(loop.train_loader):
+        if not ends_window:
             continue  # the window goes on
         optimiser_step(loop.model, opt)
         if after_step is not None:
@@ -348,8 +373,9 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
         opt.scheduler.load_state_dict(state["scheduler"])  # the step count; the rule is this run's
         loop.train_loader.generator.set_state(state["loader_generator"])
         opt.load_extra_state(state)
-        first_epoch, rng = state["epoch"] + 1, state["rng"]
-        position = EpochPosition(state["batches_done"], state["loss_sum"], state["seen"])
+        mine = rank_state(state, loop.processes.rank)  # this rank's random state and share of the epoch
+        first_epoch, rng = state["epoch"] + 1, mine["rng"]
+        position = EpochPosition(state["batches_done"], mine["loss_sum"], mine["seen"])
     elif cfg.pretrained.with_optimizer:
         carry_optimizer_state(cfg.pretrained.source, opt.optimizer, loop.say)
 

@@ -10,7 +10,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from transferkit.config import OptimConfig, ScheduleConfig
+from transferkit.config import MAX_LR, OptimConfig, ScheduleConfig
 from transferkit.errors import TransferKitError
 from transferkit.models.family import layer_ids
 from transferkit.patterns import first_match, matches
@@ -144,6 +144,33 @@ def plan_table(plans: list[ParamPlan]) -> Table:
         table.add_row(rule, str(len(items)), f"{sum(math.prod(p.shape) for p in items):,}",
                       "-" if frozen else lr, "-" if frozen else wd, "yes" if frozen else "no")
     return table
+
+
+@dataclass(frozen=True)
+class LrScaling:
+    """optim.lr_scaling applied to one run: the base learning rate it gives and how."""
+
+    lr: float  # the base learning rate the parameter groups start from
+    line: str  # the rule and the result, printed with the effective batch
+
+    def apply(self, cfg: OptimConfig) -> OptimConfig:
+        """`cfg` with the scaled base learning rate (every multiplier applies on top of it)."""
+        return cfg if self.lr == cfg.lr else cfg.model_copy(update={"lr": self.lr})
+
+
+def scale_lr(cfg: OptimConfig, effective_batch: int, batch_size: int) -> LrScaling:
+    """linear: optim.lr x effective batch / optim.lr_reference_batch (default data.batch_size, so
+    the factor is processes x accumulate); none: optim.lr as configured."""
+    if cfg.lr_scaling == "none":
+        return LrScaling(cfg.lr, f"learning rate: optim.lr {cfg.lr:g} as configured (optim.lr_scaling none)")
+    reference = cfg.lr_reference_batch or batch_size
+    lr = cfg.lr * effective_batch / reference
+    if lr > MAX_LR:  # the config's own bound on optim.lr, for the same reason
+        raise TransferKitError(f"optim.lr_scaling linear makes the learning rate {cfg.lr:g} x {effective_batch} / "
+                               f"{reference} = {lr:g}, above {MAX_LR:g}; lower optim.lr or raise "
+                               "optim.lr_reference_batch")
+    return LrScaling(lr, f"learning rate: optim.lr {cfg.lr:g} x {effective_batch} / {reference} = {lr:g} "
+                         f"(optim.lr_scaling linear, reference batch {reference})")
 
 
 def build_optimizer(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfig,

@@ -1,11 +1,12 @@
 """Training state for exact resumes: written atomically, verified by checksum, newest good one found.
 
 A state is a directory checkpoints/states/step-NNNNNNNN/ holding model.safetensors, state.pt
-(optimiser, scheduler, counters, random-number states, the data order's generator state at the
-start of the epoch), config.yaml (the resolved config it was trained with, which a resume is
-checked against) and COMPLETE, a marker with each file's sha256 that is written last. The
-directory is built under a temporary name and renamed into place, so a reader never sees half of
-one; one whose files do not match their marker is skipped, and the previous one is used.
+(optimiser, scheduler, counters, random-number states (under torchrun, each rank's, with its share
+of the epoch's loss), the data order's generator state at the start of the epoch), config.yaml
+(the resolved config it was trained with, which a resume is checked against) and COMPLETE, a
+marker with each file's sha256 that is written last. The directory is built under a temporary name
+and renamed into place, so a reader never sees half of one; one whose files do not match their
+marker is skipped, and the previous one is used.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+
+
+def rank_state(state: dict, rank: int) -> dict:
+    """One rank's own part of a training state: its random state (its augmentations and dropout go
+    on as they would have) and its share of the epoch's loss so far. A state saved before the
+    ranks' parts were kept gives rank 0's to every rank."""
+    ranks = state.get("ranks") or [{"rng": state["rng"], "loss_sum": state["loss_sum"], "seen": state["seen"]}]
+    return ranks[rank] if rank < len(ranks) else ranks[0]
 
 
 def save_state(run_dir: Path, model, optimizer, scheduler, counters: dict, keep_last: int) -> Path:
