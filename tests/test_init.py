@@ -52,6 +52,21 @@ def test_each_initialiser_has_its_statistics():
     assert std == pytest.approx(math.sqrt(1 / fan_in), rel=0.02)
 
 
+def test_arguments_left_out_take_the_documented_defaults():
+    fan_out = 128 * 9
+    # uniform: a=0, b=1
+    net, w, mean, std = stats({"type": "uniform", "layer": ["Conv2d"]})
+    assert w.min() >= 0 and w.max() <= 1 and std == pytest.approx(1 / math.sqrt(12), rel=0.02)
+    # kaiming: negative slope a=0, which only leaky_relu reads (gain sqrt(2 / (1 + a^2)))
+    _, w, mean, std = stats({"type": "kaiming", "layer": ["Conv2d"], "nonlinearity": "leaky_relu"})
+    assert std == pytest.approx(math.sqrt(2 / fan_out), rel=0.02)
+    # what the report says was done names every argument, defaults included
+    done = apply_init_rules(net, [InitRule(type="uniform", layer=["Conv2d"]),
+                                  InitRule(type="trunc_normal", override="fc", std=0.5, bias=0.1)])
+    assert done["conv.weight"] == "uniform(a=0.0, b=1.0), bias=0.0"
+    assert done["fc.weight"] == "trunc_normal(mean=0.0, std=0.5, a=-2.0, b=2.0), bias=0.1"
+
+
 def test_layer_and_override_selection_and_bias():
     torch.manual_seed(0)
     net = Net()
@@ -84,9 +99,11 @@ def test_pretrained_initialiser_from_a_prefix(tmp_path):
     net = Net()
     from transferkit.weights.formats import read_weights
 
-    apply_init_rules(net, [InitRule(type="pretrained", override="fc", checkpoint=str(tmp_path / "t.pth"),
-                                    prefix="teacher.fc.")], read_source=lambda p: read_weights(p).tensors)
+    done = apply_init_rules(net, [InitRule(type="pretrained", override="fc", checkpoint=str(tmp_path / "t.pth"),
+                                           prefix="teacher.fc.")], read_source=lambda p: read_weights(p).tensors)
     assert torch.all(net.fc.weight == 3.0) and torch.all(net.fc.bias == 1.0)
+    # copied tensors have no bias value to report
+    assert done["fc.bias"] == f"pretrained(checkpoint={tmp_path / 't.pth'}, prefix=teacher.fc.)"
 
 
 def test_init_rules_from_config():
