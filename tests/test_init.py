@@ -52,6 +52,25 @@ def test_each_initialiser_has_its_statistics():
     assert std == pytest.approx(math.sqrt(1 / fan_in), rel=0.02)
 
 
+def test_distribution_and_arguments_reach_the_initialiser():
+    fan_in, fan_out = 64 * 9, 128 * 9
+    # uniform and normal draws of one variance told apart by range: a uniform draw of std s stays
+    # within sqrt(3) s; a normal one of 73,728 values passes it about 6,000 times
+    for kind, std in (("xavier", math.sqrt(2 / (fan_in + fan_out))), ("kaiming", math.sqrt(2 / fan_out))):
+        _, w, mean, got = stats({"type": kind, "layer": ["Conv2d"], "distribution": "uniform"})
+        assert got == pytest.approx(std, rel=0.02) and w.abs().max() <= math.sqrt(3) * std * 1.0001
+        _, w, mean, got = stats({"type": kind, "layer": ["Conv2d"], "distribution": "normal"})
+        assert got == pytest.approx(std, rel=0.02) and (w.abs() > math.sqrt(3) * std).sum() > 3000
+    # kaiming's gain: sqrt(2 / (1 + a^2)) for leaky_relu, 1 for linear
+    _, w, mean, std = stats({"type": "kaiming", "layer": ["Conv2d"], "nonlinearity": "leaky_relu", "a": 1.0})
+    assert std == pytest.approx(math.sqrt(1 / fan_out), rel=0.02)
+    _, w, mean, std = stats({"type": "kaiming", "layer": ["Conv2d"], "nonlinearity": "linear"})
+    assert std == pytest.approx(math.sqrt(1 / fan_out), rel=0.02)
+    # trunc_normal's cut points
+    _, w, mean, std = stats({"type": "trunc_normal", "layer": ["Conv2d"], "a": -0.5, "b": 1.0})
+    assert -0.5 <= w.min() < -0.49 and 0.99 < w.max() <= 1.0
+
+
 def test_arguments_left_out_take_the_documented_defaults():
     fan_out = 128 * 9
     # uniform: a=0, b=1
