@@ -253,23 +253,30 @@ def test_yolo_splits_class_maps_and_what_is_skipped(tmp_path):
         (tmp_path / "labels" / split).mkdir(parents=True)
         Image.new("RGB", size).save(tmp_path / "images" / split / ("a.png" if split == "train" else "b.PNG"))
     (tmp_path / "images" / "val" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (10, 10)).save(tmp_path / "images" / "train" / "0.png")  # no label file: a background image
     (tmp_path / "labels" / "val" / "orphan.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     label = tmp_path / "labels" / "train" / "a.txt"
-    label.write_text("\n"
-                     "0 0.5 0.5 0.2\n"                # line 2: four values
-                     "0 nan 0.5 0.1 0.1\n"            # line 3
-                     "-1 0.5 0.5 0.1 0.1\n"           # line 4
-                     "1 0.5 0.5 0.2 0.4 0.9\n")       # line 5: a column past the box is left alone
+    label.write_bytes(b"\n"
+                      b"0 0.5 0.5 0.2\n"                # line 2: four values
+                      b"0 nan 0.5 0.1 0.1 " + b"7" * 60 + b"\n"  # line 3
+                      b"-1 0.5 0.5 0.1 0.1\n"           # line 4
+                      b"1 0.5 0.5 0.2 0.4 0.9\n"        # line 5: a column past the box is left alone
+                      b"caf\xe9\n"                      # line 6: not UTF-8
+                      b"0 " + b"9" * 100 + b"\n"         # line 7: echoed up to 60 characters
+                      b"0 0.5 0.5 0 0.1\n")             # line 8: no width
     coco = convert_yolo(tmp_path)
     assert coco.categories == ["cat", "dog"] and coco.image_root == tmp_path / "images"
     # two splits: file names relative to images/, so they stay unique
     assert [(i["file_name"], i["width"], i["height"]) for i in coco.to_dict()["images"]] == [
-        ("train/a.png", 200, 100), ("val/b.PNG", 50, 40)]
-    assert boxes(coco) == [(1, "dog", [80.0, 30.0, 40.0, 40.0])]
+        ("train/0.png", 10, 10), ("train/a.png", 200, 100), ("val/b.PNG", 50, 40)]
+    assert boxes(coco) == [(2, "dog", [80.0, 30.0, 40.0, 40.0])]
     assert [(s["file"], s["what"], s["reason"], s["level"]) for s in coco.skipped] == [
         (f"{label}:2", "line", "not `class cx cy w h`: '0 0.5 0.5 0.2'", "error"),
-        (f"{label}:3", "line", "cx cy w h must be finite numbers: '0 nan 0.5 0.1 0.1'", "error"),
+        (f"{label}:3", "line", "cx cy w h must be finite numbers: '0 nan 0.5 0.1 0.1 " + "7" * 42 + "'", "error"),
         (f"{label}:4", "line", "class -1 is not in 0..1", "error"),
+        (f"{label}:6", "line", "not `class cx cy w h`: 'caf\ufffd'", "error"),
+        (f"{label}:7", "line", "not `class cx cy w h`: '0 " + "9" * 58 + "'", "error"),
+        (f"{label}:8", "cat box", "no area inside the 200x100 image (100.0, 45.0, 0.0, 10.0)", "error"),
         (str(tmp_path / "labels" / "val" / "orphan.txt"), "label file", "no image with this name", "warning"),
     ]
     # one split: COCO's own bare file names, under that split's folder
@@ -288,6 +295,7 @@ def test_yolo_splits_class_maps_and_what_is_skipped(tmp_path):
     ("data.yaml", "names: []\n", "{root}/data.yaml: no `names` list or mapping of classes"),
     ("data.yaml", b"names: [caf\xe9]\n", "{root}/data.yaml: not UTF-8 text; save the data yaml as UTF-8"),
     ("data.yaml", "names: [a, &x [*x]]\n", "{root}/data.yaml: refused, the YAML "),
+    ("data.yaml", "names: [cat,\n", "{root}/data.yaml:2: "),
 ])
 def test_yolo_class_names_are_read_or_refused_in_one_line(tmp_path, name, text, message):
     (tmp_path / "images" / "train").mkdir(parents=True)
@@ -371,22 +379,32 @@ def test_cityscapes_splits_class_lists_and_odd_objects(tmp_path):
         {"label": "car", "polygon": [[10.123, 5], [30, 5], [30, 25.456]]},
         {"label": "persongroup", "polygon": [[0, 0], [9, 0], [9, 9]]},   # person is not in the class list
         "a string",
+        {"polygon": [[0, 0], [9, 0], [9, 9]]},
+        {"label": "car park", "polygon": [[0, 0], [9, 0], [9, 9]]},      # not a car crowd
         {"label": "car", "polygon": [[1, 1], [2, "x"], [3, 3]]},
+        {"label": "car", "polygon": [[5, 5], [5, 10], [5, 20]]},         # no width
+        {"label": "car", "polygon": [[-5, -5], [10, -5], [10, 10]]},     # clipped at 0
     ]}))
     (gt / "val" / "bonn" / "bonn_000001_000019_gtFine_polygons.json").write_text(
-        json.dumps({"imgWidth": 100, "imgHeight": 50, "objects": []}))
+        json.dumps({"imgWidth": 1, "imgHeight": 1, "objects": []}))
     coco = convert_cityscapes(tmp_path, classes=["car"])  # every split
     assert coco.categories == ["car"] and coco.image_root == tmp_path
     assert sorted(i["file_name"] for i in coco.images) == [
         "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png",
         "leftImg8bit/val/bonn/bonn_000001_000019_leftImg8bit.png"]
-    (car,) = coco.annotations
+    car, clipped = coco.annotations
     assert car["segmentation"] == [[10.12, 5.0, 30.0, 5.0, 30.0, 25.46]] and car["iscrowd"] == 0
+    assert clipped["bbox"] == [0.0, 0.0, 10.0, 10.0]
     assert [(s["file"], s["what"], s["reason"], s["level"]) for s in coco.skipped] == [
         (f"{train} object 2", "object", "'persongroup' is not an instance class", "note"),
         (f"{train} object 3", "object", "'' is not an instance class", "note"),
-        (f"{train} object 4", "object", "`polygon` is not a list of 3 or more [x, y]", "error"),
+        (f"{train} object 4", "object", "'' is not an instance class", "note"),
+        (f"{train} object 5", "object", "'car park' is not an instance class", "note"),
+        (f"{train} object 6", "object", "`polygon` is not a list of 3 or more [x, y]", "error"),
+        (f"{train} object 7", "car box", "no area inside the 100x50 image (5.0, 5.0, 0.0, 15.0)", "error"),
     ]
+    # one split
+    assert [i["width"] for i in convert_cityscapes(tmp_path, "val").images] == [1]
 
 
 def test_cityscapes_roots_and_files_that_are_not_cityscapes_are_one_line(tmp_path):
@@ -397,9 +415,12 @@ def test_cityscapes_roots_and_files_that_are_not_cityscapes_are_one_line(tmp_pat
     with pytest.raises(TransferKitError) as err:
         convert_cityscapes(tmp_path, "val")
     assert str(err.value) == f"no *_gtFine_polygons.json under {tmp_path / 'gtFine' / 'val'}"
+    with pytest.raises(TransferKitError) as err:
+        convert_cityscapes(tmp_path)
+    assert str(err.value) == f"no *_gtFine_polygons.json under {tmp_path / 'gtFine'}"
     path = tmp_path / "gtFine" / "val" / "bonn" / "bonn_000001_000019_gtFine_polygons.json"
     for data, reason in [({"imgWidth": 0, "imgHeight": 50, "objects": []}, "bad size or objects"),
-                         ({"imgWidth": 10, "imgHeight": -1, "objects": []}, "bad size or objects"),
+                         ({"imgWidth": 10, "imgHeight": 0, "objects": []}, "bad size or objects"),
                          ({"imgWidth": 10, "imgHeight": 10, "objects": {}}, "bad size or objects"),
                          ({"imgWidth": 10, "imgHeight": 10}, "'objects'")]:
         path.write_text(json.dumps(data))
