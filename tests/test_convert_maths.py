@@ -445,6 +445,20 @@ def test_the_written_coco_json(tmp_path, voc):
     assert coco.summary() == "2 images, 4 boxes, 3 categories; skipped: 1 x difficult, 1 x object"
 
 
+def test_boxes_keep_3_decimals_and_the_summary_counts_each_kind_of_skip():
+    from transferkit.data.convert.coco import CocoDataset
+
+    coco = CocoDataset(["cat"])
+    coco.add_image(1, "a.png", 100, 100)
+    assert coco.summary() == "1 images, 0 boxes, 1 categories; skipped: nothing"
+    assert coco.add_box(1, "cat", 1.23456, 2.34567, 3.45678, 4.56789, 100, 100, "a.xml")
+    # 3.457 x 4.568 = 15.791576
+    assert (coco.annotations[0]["bbox"], coco.annotations[0]["area"]) == ([1.235, 2.346, 3.457, 4.568], 15.792)
+    assert not coco.add_box(1, "cat", 10, 20, 5, 0, 100, 100, "a.xml")     # no height
+    assert not coco.add_box(1, "cat", 10, 150, 5, 10, 100, 100, "a.xml")   # below the image
+    assert coco.summary() == "1 images, 1 boxes, 1 categories; skipped: 2 x cat box"
+
+
 def test_images_are_listed_by_id_whatever_order_they_came_in():
     from transferkit.data.convert.coco import CocoDataset, stable_image_ids
 
