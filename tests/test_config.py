@@ -1,8 +1,10 @@
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from transferkit.config import load_config, parse_override
+from transferkit.config import Config, load_config, parse_override
 from transferkit.errors import TransferKitError
 
 
@@ -107,3 +109,87 @@ def test_every_config_key_is_documented():
     missing = [k for k in keys(Config) if f"`{k}`" not in doc]
     assert not missing, f"keys missing from docs/CONFIG.md: {missing}"
     assert len(list(keys(Config))) > 30
+
+
+def test_base_errors_name_the_file_and_the_loop(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: [a.yaml]\n")
+    with pytest.raises(TransferKitError) as err:
+        load_config(tmp_path / "a.yaml")
+    a, b = (tmp_path / "a.yaml").resolve(), (tmp_path / "b.yaml").resolve()
+    assert str(err.value) == f"{a}: _base_ inheritance loops: {a} -> {b} -> {a}"
+    for bases in ("5", "[base.yaml, 3]", "{x: 1}"):
+        path = write(tmp_path / "child.yaml", f"_base_: {bases}\n")
+        with pytest.raises(TransferKitError) as err:
+            load_config(path)
+        assert str(err.value) == f"{path.resolve()}: _base_ must be a path or a list of paths"
+
+
+def test_unreadable_or_non_mapping_files_are_one_line_naming_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("data:\n  root: caf\u00e9\n".encode("latin-1"))  # the accented e is byte 17
+    with pytest.raises(TransferKitError) as err:
+        load_config(latin1)
+    assert str(err.value) == f"{latin1}: not UTF-8 text (byte 0xe9 at offset 17); save the config as UTF-8"
+    with pytest.raises(TransferKitError) as err:
+        load_config(tmp_path)  # a folder
+    assert str(err.value).startswith(f"cannot read config file {tmp_path}: ")
+    with pytest.raises(TransferKitError) as err:
+        load_config(write(tmp_path / "list.yaml", "- data\n- root\n"))
+    assert str(err.value) == f"{tmp_path / 'list.yaml'}: a config must be a mapping of keys, got list"
+    # an empty file is an empty mapping
+    assert load_config(write(tmp_path / "empty.yaml", ""), ["data.root=x"]).data.root == Path("x")
+
+
+def test_override_errors_quote_the_override():
+    with pytest.raises(TransferKitError, match=r"^override 'novalue' must look like key.sub=value$"):
+        parse_override("novalue")
+    for text in ("a..b=1", ".a=1", "a.=1", "=1"):
+        with pytest.raises(TransferKitError, match="must look like key.sub=value"):
+            parse_override(text)
+    with pytest.raises(TransferKitError, match=r"^override 'seed=\[1,': the value is not valid YAML$"):
+        parse_override("seed=[1,")
+    with pytest.raises(TransferKitError, match=r"^override 'seed.sub=1': 'seed' is a value, not a section"):
+        load_config(None, ["data.root=x", "seed=1", "seed.sub=1"])
+    # the value is everything after the first `=`
+    assert parse_override("pretrained.exclude=[a=b]") == (["pretrained", "exclude"], ["a=b"])
+
+
+def test_schema_errors_show_the_value_and_count_the_rest():
+    with pytest.raises(TransferKitError) as err:
+        load_config(None, ["data.root=x", "optim.lr=-1"])
+    assert str(err.value) == ("config error in the command line (with -o overrides): key 'optim.lr': "
+                              "Input should be greater than 0 (got -1)")
+    with pytest.raises(TransferKitError) as err:
+        load_config(None, ["data.root=x", "optim.lr=-1", "seed=-1"])
+    assert str(err.value).endswith(" (and 1 more)")
+    with pytest.raises(TransferKitError) as err:
+        load_config(None, ["data.root=x", "optim.lr=-1", "seed=-1", "data.batch_size=0"])
+    assert str(err.value).endswith(" (and 2 more)")
+
+
+def test_a_detector_from_the_zoo_names_its_builder_and_the_config():
+    cfg = load_config(None, ["data.root=x", "task=detection",
+                             "pretrained.source=torchvision:RetinaNet_ResNet50_FPN_Weights.COCO_V1"])
+    assert cfg.detection.torchvision_model == "retinanet_resnet50_fpn"
+    with pytest.raises(TransferKitError) as err:
+        load_config(None, ["data.root=x", "task=detection", "detection.torchvision_model=fcos_resnet50_fpn",
+                           "pretrained.source=torchvision:retinanet_resnet50_fpn.DEFAULT"])
+    assert str(err.value).startswith("config error in the command line (with -o overrides): pretrained.source "
+                                     "torchvision:retinanet_resnet50_fpn.DEFAULT holds retinanet_resnet50_fpn")
+    # the detection section is read by detection only
+    cfg = load_config(None, ["data.root=x", "detection.torchvision_model=fcos_resnet50_fpn",
+                             "pretrained.source=torchvision:RetinaNet_ResNet50_FPN_Weights.COCO_V1"])
+    assert cfg.detection.torchvision_model == "fcos_resnet50_fpn"
+    # a detector without pretrained weights is left to model.name
+    assert load_config(None, ["data.root=x", "task=detection", "pretrained.source=null"]
+                       ).detection.torchvision_model is None
+
+
+def test_the_written_config_reads_back_the_same(tmp_path):
+    cfg = load_config(None, ["data.root=some/where", "out=runs/x", "task=detection", "optim.ema={}",
+                             "model.init=[{type: normal, override: head}]"])
+    text = cfg.to_yaml()
+    assert list(yaml.safe_load(text)) == list(Config.model_fields)  # in the schema's order, as documented
+    assert load_config(write(tmp_path / "config.yaml", text)) == cfg
+    assert json.loads(json.dumps(cfg.to_dict()))["data"]["root"] == "some/where"

@@ -128,6 +128,105 @@ def test_labelme_grouped_instances_rectangles_and_circles(tmp_path):
     assert "shape type 'point' has no area" in coco.skipped[0]["reason"]
 
 
+def test_labelme_circles_are_32_point_polygons_of_the_rim_distance(tmp_path):
+    shapes = [{"label": "ball", "shape_type": "circle", "points": [[20, 50], [20, 55]]}]  # radius 5, along y
+    (tmp_path / "a.json").write_text(json.dumps({**LABELME, "shapes": shapes}))
+    (ball,) = convert_labelme(tmp_path).annotations
+    assert ball["bbox"] == [15.0, 45.0, 10.0, 10.0]
+    seg = ball["segmentation"][0]
+    assert len(seg) == 64 and seg[:4] == [25.0, 50.0, 24.9, 50.98]  # 32 points from angle 0, to 2 decimals:
+    # the second at 20 + 5 cos(pi / 16) = 24.9039, 50 + 5 sin(pi / 16) = 50.9755
+    assert ball["area"] == 78.04  # a regular 32-gon of radius 5: 32 / 2 x 25 x sin(2 pi / 32) = 78.0361
+
+
+def test_labelme_skips_each_shape_it_cannot_use_with_the_reason(tmp_path):
+    triangle = [[1, 1], [20, 2], [15, 25]]
+    shapes = [
+        "oops",
+        {"label": "__ignore__", "points": triangle},
+        {"label": "wire", "shape_type": "line", "points": [[0, 0], [5, 5]]},
+        {"label": "cow", "points": triangle},
+        {"label": "cat", "points": [[0, "x"], [1, 1], [2, 0]]},
+        {"label": "cat", "shape_type": "rectangle", "points": triangle},
+        {"label": "cat", "shape_type": "circle", "points": [[5, 5]]},
+        {"label": "cat", "points": [[1, 1], [2, 2]]},
+        {"label": "cat", "group_id": True, "points": triangle},
+        {"label": "cat", "group_id": 1.5, "points": triangle},
+        {"label": "dog", "points": [[300, 10], [320, 10], [310, 30]]},  # outside the 200 x 100 image
+        {"label": "cat", "shape_type": None, "points": triangle},  # no type: a polygon
+        {"label": "cat", "group_id": None, "points": triangle},  # ungrouped shapes are instances each
+        {"label": "dog", "group_id": None, "points": triangle},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({**LABELME, "imagePath": "a.png", "shapes": shapes}))
+    (tmp_path / ".transferkit-outputs.json").write_text("{}")  # an output manifest is not an annotation file
+    coco = convert_labelme(tmp_path, ["cat", "dog"])
+    assert coco.categories == ["cat", "dog"] and coco.image_root == tmp_path
+    assert [name for _, name, _ in boxes(coco)] == ["cat", "cat", "dog"]
+    where = f"{tmp_path / 'a.json'} shape"
+    assert [(s["file"], s["what"], s["reason"], s["level"]) for s in coco.skipped] == [
+        (f"{where} 1", "shape", "not an object", "error"),
+        (f"{where} 2", "shape", "label __ignore__", "note"),
+        (f"{where} 3", "shape", "shape type 'line' has no area", "warning"),
+        (f"{where} 4", "shape", "class 'cow' is not in the class list", "note"),
+        (f"{where} 5", "shape", f"{where} 5: `points` must be a list of [x, y]", "error"),
+        (f"{where} 6", "shape", f"{where} 6: a rectangle needs 2 points, has 3", "error"),
+        (f"{where} 7", "shape", f"{where} 7: a circle needs 2 points, has 1", "error"),
+        (f"{where} 8", "shape", f"{where} 8: a polygon needs 3 or more points, has 2", "error"),
+        (f"{where} 9", "shape", "group_id True is not a number", "error"),
+        (f"{where} 10", "shape", "group_id 1.5 is not a number", "error"),
+        (str(tmp_path / "a.json"), "dog box", "no area inside the 200x100 image (300.0, 10.0, 20.0, 20.0)", "error"),
+    ]
+    # without a class list: the labels of shapes with an area, but __ignore__
+    assert convert_labelme(tmp_path).categories == ["cat", "cow", "dog"]
+
+
+def test_labelme_image_sizes_from_the_file_the_embedded_image_or_the_image(tmp_path):
+    import base64
+    import io
+
+    def convert(name: str, **fields):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}.json").write_text(json.dumps({"shapes": [], **fields}))
+        return folder, convert_labelme(folder)
+
+    png = io.BytesIO()
+    Image.new("RGB", (40, 20)).save(png, "PNG")
+    embedded = base64.b64encode(png.getvalue()).decode()
+    sizes = {}
+    for name, fields in {
+        "tiny": {"imageWidth": 1, "imageHeight": 1},
+        "zero_width": {"imageWidth": 0, "imageHeight": 30, "imageData": embedded},
+        "zero_height": {"imageWidth": 30, "imageHeight": 0, "imageData": embedded},
+        "text_height": {"imageWidth": 30, "imageHeight": "30", "imageData": embedded},
+    }.items():
+        _, coco = convert(name, **fields)
+        (image,) = coco.images
+        sizes[name] = (image["file_name"], image["width"], image["height"])
+    folder = tmp_path / "beside"
+    folder.mkdir()
+    Image.new("RGB", (50, 60)).save(folder / "p.png")
+    (folder / "p.json").write_text(json.dumps({"shapes": [], "imagePath": "p.png", "imageData": None}))
+    (image,) = convert_labelme(folder).images
+    sizes["beside"] = (image["file_name"], image["width"], image["height"])
+    assert sizes == {"tiny": ("tiny.jpg", 1, 1), "zero_width": ("zero_width.jpg", 40, 20),
+                     "zero_height": ("zero_height.jpg", 40, 20), "text_height": ("text_height.jpg", 40, 20),
+                     "beside": ("p.png", 50, 60)}  # without imagePath the image is the file's stem + .jpg
+
+    for name, fields, message in [
+        ("nothing", {"imagePath": ""}, "no imageWidth/imageHeight, imageData or imagePath to size the image by"),
+        ("bad_data", {"imageData": "bm90IGFuIGltYWdl"}, "imageData is not a readable image ("),
+        ("no_image", {"imagePath": "nope.png"}, "imagePath 'nope.png': cannot read the size of image "),
+    ]:
+        with pytest.raises(TransferKitError) as err:
+            convert(name, **fields)
+        assert str(err.value).startswith(f"{tmp_path / name / name}.json: {message}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TransferKitError) as err:
+        convert_labelme(tmp_path / "empty")
+    assert str(err.value) == f"{tmp_path / 'empty'} holds no labelme .json files"
+
+
 # --- YOLO ------------------------------------------------------------------------------------
 
 def test_yolo_centres_are_denormalised_and_clipped(tmp_path):
@@ -145,6 +244,79 @@ def test_yolo_centres_are_denormalised_and_clipped(tmp_path):
         ("a.png", 200, 100), ("b.png", 50, 40)]
     assert boxes(coco) == [(1, "cat", [80.0, 30.0, 40.0, 40.0]), (1, "dog", [0.0, 0.0, 30.0, 20.0])]
     assert [s["reason"] for s in coco.skipped] == ["class 2 is not in 0..1"]
+
+
+def test_yolo_splits_class_maps_and_what_is_skipped(tmp_path):
+    (tmp_path / "data.yaml").write_text("names: {1: dog, 0: cat}\n")  # a mapping, in any order
+    for split, size in (("train", (200, 100)), ("val", (50, 40))):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        Image.new("RGB", size).save(tmp_path / "images" / split / ("a.png" if split == "train" else "b.PNG"))
+    (tmp_path / "images" / "val" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (10, 10)).save(tmp_path / "images" / "train" / "0.png")  # no label file: a background image
+    (tmp_path / "labels" / "val" / "orphan.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    label = tmp_path / "labels" / "train" / "a.txt"
+    label.write_bytes(b"\n"
+                      b"0 0.5 0.5 0.2\n"                # line 2: four values
+                      b"0 nan 0.5 0.1 0.1 " + b"7" * 60 + b"\n"  # line 3
+                      b"-1 0.5 0.5 0.1 0.1\n"           # line 4
+                      b"1 0.5 0.5 0.2 0.4 0.9\n"        # line 5: a column past the box is left alone
+                      b"caf\xe9\n"                      # line 6: not UTF-8
+                      b"0 " + b"9" * 100 + b"\n"         # line 7: echoed up to 60 characters
+                      b"0 0.5 0.5 0 0.1\n")             # line 8: no width
+    coco = convert_yolo(tmp_path)
+    assert coco.categories == ["cat", "dog"] and coco.image_root == tmp_path / "images"
+    # two splits: file names relative to images/, so they stay unique
+    assert [(i["file_name"], i["width"], i["height"]) for i in coco.to_dict()["images"]] == [
+        ("train/0.png", 10, 10), ("train/a.png", 200, 100), ("val/b.PNG", 50, 40)]
+    assert boxes(coco) == [(2, "dog", [80.0, 30.0, 40.0, 40.0])]
+    assert [(s["file"], s["what"], s["reason"], s["level"]) for s in coco.skipped] == [
+        (f"{label}:2", "line", "not `class cx cy w h`: '0 0.5 0.5 0.2'", "error"),
+        (f"{label}:3", "line", "cx cy w h must be finite numbers: '0 nan 0.5 0.1 0.1 " + "7" * 42 + "'", "error"),
+        (f"{label}:4", "line", "class -1 is not in 0..1", "error"),
+        (f"{label}:6", "line", "not `class cx cy w h`: 'caf\ufffd'", "error"),
+        (f"{label}:7", "line", "not `class cx cy w h`: '0 " + "9" * 58 + "'", "error"),
+        (f"{label}:8", "cat box", "no area inside the 200x100 image (100.0, 45.0, 0.0, 10.0)", "error"),
+        (str(tmp_path / "labels" / "val" / "orphan.txt"), "label file", "no image with this name", "warning"),
+    ]
+    # one split: COCO's own bare file names, under that split's folder
+    val = convert_yolo(tmp_path, "val", ["x", "y"])
+    assert val.categories == ["x", "y"] and val.image_root == tmp_path / "images" / "val"
+    assert [i["file_name"] for i in val.images] == ["b.PNG"]
+    with pytest.raises(TransferKitError) as err:
+        convert_yolo(tmp_path, "test")
+    assert str(err.value) == f"split 'test' not found: {tmp_path / 'images' / 'test'}"
+
+
+@pytest.mark.parametrize("name, text, message", [
+    (None, None, "{root} has no data yaml naming the classes; give --classes FILE"),
+    ("data.yaml", "names: {a: cat}\n", "{root}/data.yaml: `names` keys must be class indices"),
+    ("data.yml", "nc: 2\n", "{root}/data.yml: no `names` list or mapping of classes"),
+    ("data.yaml", "names: []\n", "{root}/data.yaml: no `names` list or mapping of classes"),
+    ("data.yaml", b"names: [caf\xe9]\n", "{root}/data.yaml: not UTF-8 text; save the data yaml as UTF-8"),
+    ("data.yaml", "names: [a, &x [*x]]\n", "{root}/data.yaml: refused, the YAML "),
+    ("data.yaml", "names: [cat,\n", "{root}/data.yaml:2: "),
+])
+def test_yolo_class_names_are_read_or_refused_in_one_line(tmp_path, name, text, message):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    if name:
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(TransferKitError) as err:
+        convert_yolo(tmp_path)
+    assert str(err.value).startswith(message.format(root=tmp_path))
+    # the yaml is not needed when the classes are given
+    assert convert_yolo(tmp_path, classes=["cat"]).categories == ["cat"]
+
+
+def test_yolo_roots_without_images_or_splits_are_one_line(tmp_path):
+    with pytest.raises(TransferKitError) as err:
+        convert_yolo(tmp_path)
+    assert str(err.value) == f"{tmp_path} is not a YOLO dataset root (no images/ folder)"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "readme.txt").write_text("a file, not a split folder")
+    with pytest.raises(TransferKitError) as err:
+        convert_yolo(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'images'} has no split folders (such as train2017/)"
 
 
 def test_coco_to_yolo_normalises_centres(tmp_path):
@@ -198,6 +370,65 @@ def test_cityscapes_instances_groups_clipping_and_skips(tmp_path):
         ("note", "'road' is not an instance class"), ("error", "`polygon` is not a list of 3 or more [x, y]")]
 
 
+def test_cityscapes_splits_class_lists_and_odd_objects(tmp_path):
+    gt = tmp_path / "gtFine"
+    for split, city in (("train", "aachen"), ("val", "bonn")):
+        (gt / split / city).mkdir(parents=True)
+    train = gt / "train" / "aachen" / "aachen_000000_000019_gtFine_polygons.json"
+    train.write_text(json.dumps({"imgWidth": 100, "imgHeight": 50, "objects": [
+        {"label": "car", "polygon": [[10.123, 5], [30, 5], [30, 25.456]]},
+        {"label": "persongroup", "polygon": [[0, 0], [9, 0], [9, 9]]},   # person is not in the class list
+        "a string",
+        {"polygon": [[0, 0], [9, 0], [9, 9]]},
+        {"label": "car park", "polygon": [[0, 0], [9, 0], [9, 9]]},      # not a car crowd
+        {"label": "car", "polygon": [[1, 1], [2, "x"], [3, 3]]},
+        {"label": "car", "polygon": [[5, 5], [5, 10], [5, 20]]},         # no width
+        {"label": "car", "polygon": [[-5, -5], [10, -5], [10, 10]]},     # clipped at 0
+    ]}))
+    (gt / "val" / "bonn" / "bonn_000001_000019_gtFine_polygons.json").write_text(
+        json.dumps({"imgWidth": 1, "imgHeight": 1, "objects": []}))
+    coco = convert_cityscapes(tmp_path, classes=["car"])  # every split
+    assert coco.categories == ["car"] and coco.image_root == tmp_path
+    assert sorted(i["file_name"] for i in coco.images) == [
+        "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png",
+        "leftImg8bit/val/bonn/bonn_000001_000019_leftImg8bit.png"]
+    car, clipped = coco.annotations
+    assert car["segmentation"] == [[10.12, 5.0, 30.0, 5.0, 30.0, 25.46]] and car["iscrowd"] == 0
+    assert clipped["bbox"] == [0.0, 0.0, 10.0, 10.0]
+    assert [(s["file"], s["what"], s["reason"], s["level"]) for s in coco.skipped] == [
+        (f"{train} object 2", "object", "'persongroup' is not an instance class", "note"),
+        (f"{train} object 3", "object", "'' is not an instance class", "note"),
+        (f"{train} object 4", "object", "'' is not an instance class", "note"),
+        (f"{train} object 5", "object", "'car park' is not an instance class", "note"),
+        (f"{train} object 6", "object", "`polygon` is not a list of 3 or more [x, y]", "error"),
+        (f"{train} object 7", "car box", "no area inside the 100x50 image (5.0, 5.0, 0.0, 15.0)", "error"),
+    ]
+    # one split
+    assert [i["width"] for i in convert_cityscapes(tmp_path, "val").images] == [1]
+
+
+def test_cityscapes_roots_and_files_that_are_not_cityscapes_are_one_line(tmp_path):
+    with pytest.raises(TransferKitError) as err:
+        convert_cityscapes(tmp_path)
+    assert str(err.value) == f"{tmp_path} is not a Cityscapes root (no gtFine/)"
+    (tmp_path / "gtFine" / "val" / "bonn").mkdir(parents=True)
+    with pytest.raises(TransferKitError) as err:
+        convert_cityscapes(tmp_path, "val")
+    assert str(err.value) == f"no *_gtFine_polygons.json under {tmp_path / 'gtFine' / 'val'}"
+    with pytest.raises(TransferKitError) as err:
+        convert_cityscapes(tmp_path)
+    assert str(err.value) == f"no *_gtFine_polygons.json under {tmp_path / 'gtFine'}"
+    path = tmp_path / "gtFine" / "val" / "bonn" / "bonn_000001_000019_gtFine_polygons.json"
+    for data, reason in [({"imgWidth": 0, "imgHeight": 50, "objects": []}, "bad size or objects"),
+                         ({"imgWidth": 10, "imgHeight": 0, "objects": []}, "bad size or objects"),
+                         ({"imgWidth": 10, "imgHeight": 10, "objects": {}}, "bad size or objects"),
+                         ({"imgWidth": 10, "imgHeight": 10}, "'objects'")]:
+        path.write_text(json.dumps(data))
+        with pytest.raises(TransferKitError) as err:
+            convert_cityscapes(tmp_path, "val")
+        assert str(err.value) == f"{path}: not a Cityscapes polygons file ({reason})"
+
+
 # --- the COCO file the converters write --------------------------------------------------------
 
 def test_the_written_coco_json(tmp_path, voc):
@@ -212,6 +443,20 @@ def test_the_written_coco_json(tmp_path, voc):
                                          "area": 200.0, "iscrowd": 0, "segmentation": []}
     assert [a["id"] for a in written["annotations"]] == [1, 2, 3, 4]
     assert coco.summary() == "2 images, 4 boxes, 3 categories; skipped: 1 x difficult, 1 x object"
+
+
+def test_boxes_keep_3_decimals_and_the_summary_counts_each_kind_of_skip():
+    from transferkit.data.convert.coco import CocoDataset
+
+    coco = CocoDataset(["cat"])
+    coco.add_image(1, "a.png", 100, 100)
+    assert coco.summary() == "1 images, 0 boxes, 1 categories; skipped: nothing"
+    assert coco.add_box(1, "cat", 1.23456, 2.34567, 3.45678, 4.56789, 100, 100, "a.xml")
+    # 3.457 x 4.568 = 15.791576
+    assert (coco.annotations[0]["bbox"], coco.annotations[0]["area"]) == ([1.235, 2.346, 3.457, 4.568], 15.792)
+    assert not coco.add_box(1, "cat", 10, 20, 5, 0, 100, 100, "a.xml")     # no height
+    assert not coco.add_box(1, "cat", 10, 150, 5, 10, 100, 100, "a.xml")   # below the image
+    assert coco.summary() == "1 images, 1 boxes, 1 categories; skipped: 2 x cat box"
 
 
 def test_images_are_listed_by_id_whatever_order_they_came_in():

@@ -52,6 +52,40 @@ def test_each_initialiser_has_its_statistics():
     assert std == pytest.approx(math.sqrt(1 / fan_in), rel=0.02)
 
 
+def test_distribution_and_arguments_reach_the_initialiser():
+    fan_in, fan_out = 64 * 9, 128 * 9
+    # uniform and normal draws of one variance told apart by range: a uniform draw of std s stays
+    # within sqrt(3) s; a normal one of 73,728 values passes it about 6,000 times
+    for kind, std in (("xavier", math.sqrt(2 / (fan_in + fan_out))), ("kaiming", math.sqrt(2 / fan_out))):
+        _, w, mean, got = stats({"type": kind, "layer": ["Conv2d"], "distribution": "uniform"})
+        assert got == pytest.approx(std, rel=0.02) and w.abs().max() <= math.sqrt(3) * std * 1.0001
+        _, w, mean, got = stats({"type": kind, "layer": ["Conv2d"], "distribution": "normal"})
+        assert got == pytest.approx(std, rel=0.02) and (w.abs() > math.sqrt(3) * std).sum() > 3000
+    # kaiming's gain: sqrt(2 / (1 + a^2)) for leaky_relu, 1 for linear
+    _, w, mean, std = stats({"type": "kaiming", "layer": ["Conv2d"], "nonlinearity": "leaky_relu", "a": 1.0})
+    assert std == pytest.approx(math.sqrt(1 / fan_out), rel=0.02)
+    _, w, mean, std = stats({"type": "kaiming", "layer": ["Conv2d"], "nonlinearity": "linear"})
+    assert std == pytest.approx(math.sqrt(1 / fan_out), rel=0.02)
+    # trunc_normal's cut points
+    _, w, mean, std = stats({"type": "trunc_normal", "layer": ["Conv2d"], "a": -0.5, "b": 1.0})
+    assert -0.5 <= w.min() < -0.49 and 0.99 < w.max() <= 1.0
+
+
+def test_arguments_left_out_take_the_documented_defaults():
+    fan_out = 128 * 9
+    # uniform: a=0, b=1
+    net, w, mean, std = stats({"type": "uniform", "layer": ["Conv2d"]})
+    assert w.min() >= 0 and w.max() <= 1 and std == pytest.approx(1 / math.sqrt(12), rel=0.02)
+    # kaiming: negative slope a=0, which only leaky_relu reads (gain sqrt(2 / (1 + a^2)))
+    _, w, mean, std = stats({"type": "kaiming", "layer": ["Conv2d"], "nonlinearity": "leaky_relu"})
+    assert std == pytest.approx(math.sqrt(2 / fan_out), rel=0.02)
+    # what the report says was done names every argument, defaults included
+    done = apply_init_rules(net, [InitRule(type="uniform", layer=["Conv2d"]),
+                                  InitRule(type="trunc_normal", override="fc", std=0.5, bias=0.1)])
+    assert done["conv.weight"] == "uniform(a=0.0, b=1.0), bias=0.0"
+    assert done["fc.weight"] == "trunc_normal(mean=0.0, std=0.5, a=-2.0, b=2.0), bias=0.1"
+
+
 def test_layer_and_override_selection_and_bias():
     torch.manual_seed(0)
     net = Net()
@@ -84,9 +118,11 @@ def test_pretrained_initialiser_from_a_prefix(tmp_path):
     net = Net()
     from transferkit.weights.formats import read_weights
 
-    apply_init_rules(net, [InitRule(type="pretrained", override="fc", checkpoint=str(tmp_path / "t.pth"),
-                                    prefix="teacher.fc.")], read_source=lambda p: read_weights(p).tensors)
+    done = apply_init_rules(net, [InitRule(type="pretrained", override="fc", checkpoint=str(tmp_path / "t.pth"),
+                                           prefix="teacher.fc.")], read_source=lambda p: read_weights(p).tensors)
     assert torch.all(net.fc.weight == 3.0) and torch.all(net.fc.bias == 1.0)
+    # copied tensors have no bias value to report
+    assert done["fc.bias"] == f"pretrained(checkpoint={tmp_path / 't.pth'}, prefix=teacher.fc.)"
 
 
 def test_init_rules_from_config():

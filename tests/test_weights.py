@@ -316,3 +316,165 @@ def test_the_refusal_names_the_global_in_either_of_torchs_wordings(text, expecte
     from transferkit.weights.formats.torch_file import _global_name
 
     assert _global_name(pickle.UnpicklingError(text)) == expected
+
+
+# --- the PyTorch and safetensors readers, on files written here ------------------------------------
+
+class _Net(torch.nn.Module):
+    """A whole pickled module (what `torch.save(model)` writes): a class weights_only refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+
+
+def test_pytorch_files_are_told_by_content_whatever_their_name(tmp_path):
+    state = {"b.weight": torch.arange(4.0), "a.weight": torch.ones(2, 2)}
+    torch.save(state, tmp_path / "zip.weights")
+    torch.save(state, tmp_path / "legacy.weights", _use_new_zipfile_serialization=False)
+    for path in (tmp_path / "zip.weights", tmp_path / "legacy.weights"):
+        wf = read_weights(path)
+        assert (wf.format, wf.path, wf.metadata, list(wf.tensors)) == ("pytorch", path, {}, ["b.weight", "a.weight"])
+        assert all(torch.equal(wf.tensors[k], v) for k, v in state.items())
+    # other zips are not taken for checkpoints
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "notes.weights", "w") as zf:
+        zf.writestr("notes/readme.txt", "hello")
+    with pytest.raises(TransferKitError, match="notes.weights: not a weights file in a supported format"):
+        read_weights(tmp_path / "notes.weights")
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
+    import torch.serialization
+
+    with monkeypatch.context() as m:  # torch records each storage's device by this tag
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"w": torch.ones(2)}, tmp_path / "gpu.pth")
+    assert b"cuda:0" in (tmp_path / "gpu.pth").read_bytes()
+    assert read_weights(tmp_path / "gpu.pth").tensors["w"].device == torch.device("cpu")
+
+
+def test_checkpoints_without_a_dictionary_of_tensors_are_one_line(tmp_path):
+    torch.save([torch.ones(1)], tmp_path / "list.pth")
+    with pytest.raises(TransferKitError) as err:
+        read_weights(tmp_path / "list.pth")
+    assert str(err.value) == f"{tmp_path / 'list.pth'}: holds a list, not a dictionary of tensors"
+    torch.save({f"k{i}": i for i in range(10)}, tmp_path / "numbers.pth")
+    with pytest.raises(TransferKitError) as err:
+        read_weights(tmp_path / "numbers.pth")
+    assert str(err.value) == (f"{tmp_path / 'numbers.pth'}: no tensors found (top-level keys: "
+                              "['k0', 'k1', 'k2', 'k3', 'k4', 'k5', 'k6', 'k7'])")  # the first 8
+
+
+def test_a_legacy_file_of_a_whole_module_is_refused_not_read_through_stand_ins(tmp_path):
+    """Stand-ins read zip checkpoints only (tests/test_formats_paddle_pickle.py); a legacy file is refused."""
+    torch.save(_Net(), tmp_path / "net.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(TransferKitError, match=r"net.pth: refused, unpickling it would run code outside plain "
+                                               rf"tensors \(needs {__name__}._Net\)"):
+        read_weights(tmp_path / "net.pth")
+
+
+def test_a_pickle_of_another_protocol_reads_without_torchs_warning(tmp_path, recwarn):
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pth", _use_new_zipfile_serialization=False)
+    data = bytearray((tmp_path / "w.pth").read_bytes())
+    second = data.index(b"\x80\x02", 2)  # the legacy format's second pickle: its protocol opcode
+    data[second + 1] = 5  # torch.load warns "Detected pickle protocol 5 in the checkpoint"
+    (tmp_path / "w.pth").write_bytes(bytes(data))
+    assert read_weights(tmp_path / "w.pth").tensors["w"].tolist() == [1.0, 1.0]
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("invalid load key, 'x'.", "invalid load key, 'x'."),
+    ("Unpickler failed\nwhile reading\ninvalid load key, 'x'.\n", "invalid load key, 'x'."),  # the last line
+    ("", ""),
+])
+def test_unpickling_errors_torch_words_otherwise_are_one_line(tmp_path, monkeypatch, text, shown):
+    """torch (2.4 and later) wraps every unpickling failure in its weights_only message; others' wording."""
+    def fails(*args, **kwargs):
+        raise pickle.UnpicklingError(text)
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "w.pth")
+    monkeypatch.setattr(torch, "load", fails)
+    with pytest.raises(TransferKitError) as err:
+        read_weights(tmp_path / "w.pth")
+    assert str(err.value) == f"{tmp_path / 'w.pth'}: not a readable PyTorch checkpoint ({shown})"
+
+
+def test_damage_is_reported_with_torchs_reason_on_one_line(tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive:\n  failed finding central directory")
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "w.pth")
+    monkeypatch.setattr(torch, "load", fails)
+    with pytest.raises(TransferKitError) as err:
+        read_weights(tmp_path / "w.pth")
+    assert str(err.value) == (f"{tmp_path / 'w.pth'}: truncated or damaged PyTorch checkpoint (PytorchStreamReader "
+                              "failed reading zip archive: failed finding central directory); "
+                              "re-download or re-save it")
+
+
+def test_a_refused_global_in_the_older_wording_is_refused(tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise pickle.UnpicklingError("Unsupported global: GLOBAL posix.system was not an allowed global")
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "w.pth", _use_new_zipfile_serialization=False)
+    monkeypatch.setattr(torch, "load", fails)
+    with pytest.raises(TransferKitError, match=r"w.pth: refused, unpickling it would run code outside plain "
+                                               r"tensors \(needs posix.system\)"):
+        read_weights(tmp_path / "w.pth")
+
+
+def _safetensors(path, header: object, data: bytes = b"", length: int | None = None) -> None:
+    import json
+    import struct
+
+    text = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+
+
+def test_safetensors_are_read_in_file_order_with_their_metadata(tmp_path):
+    import struct
+
+    # `b` is stored before `a`: the reader keeps the file's order, not the header's or the alphabet's
+    path = tmp_path / "w.weights"  # told by content
+    _safetensors(path, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                        "__metadata__": {"format": "pt", "classes": "x"},
+                        "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, struct.pack("<2f", 1.0, 2.0))
+    wf = read_weights(path)
+    assert (wf.format, wf.path, wf.metadata) == ("safetensors", path, {"format": "pt", "classes": "x"})
+    assert list(wf.tensors) == ["b", "a"] and wf.tensors["b"].tolist() == [1.0] and wf.tensors["a"].tolist() == [2.0]
+    # a file that is all header (an empty tensor) is whole
+    from safetensors.torch import save_file
+
+    save_file({"empty": torch.zeros(0)}, str(tmp_path / "empty.safetensors"))
+    assert read_weights(tmp_path / "empty.safetensors").tensors["empty"].shape == (0,)
+
+
+@pytest.mark.parametrize("length", [2**64 - 1, 2**40, 10_000, 66])
+def test_safetensors_header_length_beyond_the_file_is_one_line(tmp_path, length):
+    path = tmp_path / "w.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'  # 61 bytes, then 4 of data
+    _safetensors(path, header, b"\0" * 4, length)  # 66: one byte more than follows the length
+    with pytest.raises(TransferKitError) as err:
+        read_weights(path)
+    assert str(err.value) == (f"{path}: damaged safetensors file (its header length {length:,} is larger than the "
+                              "65 bytes that follow it); re-download or re-save it")
+
+
+@pytest.mark.parametrize("header, data, reason", [
+    (b'{"w": }', b"", "damaged safetensors header (Expecting value: line 1 column 7 (char 6))"),
+    (b"[1, 2]", b"", "damaged safetensors header (not a JSON object)"),
+    ({"w": {"dtype": "F32", "shape": [1]}}, b"", "damaged safetensors file ('data_offsets')"),
+])
+def test_damaged_safetensors_are_one_line(tmp_path, header, data, reason):
+    path = tmp_path / "w.safetensors"
+    _safetensors(path, header, data)
+    with pytest.raises(TransferKitError) as err:
+        read_weights(path)
+    assert str(err.value) == f"{path}: {reason}; re-download or re-save it"
+    path.write_bytes(b"\x05\0\0\0\0")
+    with pytest.raises(TransferKitError) as err:
+        read_weights(path)
+    assert str(err.value) == f"{path}: 5 bytes, too short for a safetensors file; re-download or re-save it"
