@@ -141,13 +141,18 @@ EXPORT_LAYER = {"stem.0": "stem", "left.0": "left_a", "left.3": "left_b", "right
                "box.0.0": "box0a", "box.0.1": "box0b", "box.1": "box1"}
 
 
-def test_caffe_in_execution_order_restores_the_same_function(tmp_path):
-    net = trained_toy()
-    path = write_caffe(net, tmp_path / "toy.caffemodel")
+def restore_into_a_fresh_toy(net: Toy, path):
+    """The written file restored into a new Toy by structure: the same function as `net`; returns the
+    report and its entries by target name."""
     fresh = Toy()
     report = transfer(fresh, path, scope="full")
     assert torch.allclose(outputs(fresh), outputs(net), rtol=1e-5, atol=1e-5)
-    entries = {e.target: e for e in report.entries}
+    return report, {e.target: e for e in report.entries}
+
+
+def test_caffe_in_execution_order_restores_the_same_function(tmp_path):
+    net = trained_toy()
+    report, entries = restore_into_a_fresh_toy(net, write_caffe(net, tmp_path / "toy.caffemodel"))
     assert {conv: entries[f"{conv}.weight"].source for conv in EXPORT_LAYER} == {
         conv: f"{layer}.weight" for conv, layer in EXPORT_LAYER.items()}
     # 7 pairs folded (conv weight, BatchNorm weight, bias, mean, var, counter), 6 plain convs loaded
@@ -241,11 +246,7 @@ def write_tflite(net: Toy, path):
 
 def test_tflite_in_execution_order_with_a_batchnorm_kept_as_mul_and_add(tmp_path):
     net = trained_toy()
-    path = write_tflite(net, tmp_path / "toy.tflite")
-    fresh = Toy()
-    report = transfer(fresh, path, scope="full")
-    assert torch.allclose(outputs(fresh), outputs(net), rtol=1e-5, atol=1e-5)
-    entries = {e.target: e for e in report.entries}
+    report, entries = restore_into_a_fresh_toy(net, write_tflite(net, tmp_path / "toy.tflite"))
     assert {conv: entries[f"{conv}.weight"].source for conv in EXPORT_LAYER} == {
         conv: f"{layer}/filter" for conv, layer in EXPORT_LAYER.items()}
     assert (entries["right.4.weight"].source, entries["right.4.bias"].source) == ("right_bn/mul", "right_bn/add")
