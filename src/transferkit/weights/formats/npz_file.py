@@ -101,7 +101,7 @@ def _fill(fh: IO[bytes], header: _Header, where: str, sized: bool) -> torch.Tens
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     try:
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))  # 0-d stays 0-d
     except TypeError:
         raise TransferKitError(f"{where}: dtype {header.dtype} has no PyTorch equivalent; convert the array") from None
 
