@@ -90,7 +90,8 @@ def test_paddle_arrays_of_every_pickle_protocol_and_linear_detection(tmp_path, p
     params = {"fc.weight": rng.normal(size=(3, 5)).astype(np.float32), "fc.bias": np.zeros(5, np.float32),
               "emb.weight": rng.normal(size=(10, 4)).astype(np.float64),
               "bn._mean": np.arange(4, dtype=np.float32), "bn._variance": np.ones(4, np.float32),
-              "conv.weight": rng.normal(size=(2, 3, 3, 3)).astype(np.float16), "step": 7}
+              "conv.weight": rng.normal(size=(2, 3, 3, 3)).astype(np.float16), "step": 7,
+              "bn.counter": np.array(5, np.int64)}
     path = tmp_path / "m.pdparams"
     path.write_bytes(pickle.dumps(params, protocol=protocol))
     wf = read_weights(path)
@@ -101,6 +102,7 @@ def test_paddle_arrays_of_every_pickle_protocol_and_linear_detection(tmp_path, p
     assert torch.equal(t["conv.weight"], torch.from_numpy(params["conv.weight"]))
     assert torch.equal(t["bn.running_var"], torch.ones(4)) and "bn._mean" not in t
     assert json.loads(wf.metadata["left_out"]) == ["step"]
+    assert t["bn.counter"].shape == () and t["bn.counter"].item() == 5  # a 0-d array stays 0-d
 
 
 class _System:

@@ -594,3 +594,17 @@ def test_sniff_knows_npy_files_and_zips_of_npy_members(tmp_path):
     assert sniff(tmp_path / "empty.npz", head("empty.npz")) is False
     assert sniff(tmp_path / "junk", head("junk")) is False
     assert sniff(tmp_path / "a.npy", b"\x93NUMP") is False
+
+
+def test_tensor_from_numpy_keeps_every_shape_and_copies_into_contiguous_memory():
+    """The helper every array reader ends in: 0-d stays 0-d (np.ascontiguousarray alone gives (1,)),
+    Fortran-order and strided arrays come back C-contiguous with their values."""
+    from transferkit.weights.formats import tensor_from_numpy
+
+    scalar = tensor_from_numpy(np.array(3.5, np.float32))
+    assert scalar.shape == () and scalar.item() == 3.5
+    fortran = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
+    t = tensor_from_numpy(fortran)
+    assert t.shape == (2, 3) and t.is_contiguous() and t.tolist() == [[0, 1, 2], [3, 4, 5]]
+    strided = np.arange(10, dtype=np.float64)[::3]
+    assert tensor_from_numpy(strided).tolist() == [0.0, 3.0, 6.0, 9.0]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from transferkit.errors import TransferKitError
@@ -33,6 +34,13 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     dtype: str  # as torch names it, without `torch.`: float32, int64, ...
+
+
+def tensor_from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor of the array's own shape, contiguous. `np.ascontiguousarray` alone turns a 0-d array
+    (a step counter, BatchNorm's num_batches_tracked) into shape (1,), which no longer fits the
+    model's 0-d tensor."""
+    return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))
 
 
 Reader = Callable[[Path], WeightFile]

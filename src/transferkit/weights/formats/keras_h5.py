@@ -165,7 +165,8 @@ def _dataset(group, key: str, path: Path, size: int) -> np.ndarray:
         raise TransferKitError(
             f"{path}: {ds.name} declares {nbytes} bytes, more than the file can hold ({size}); the file is damaged"
         )
-    return np.ascontiguousarray(ds[()])
+    value = ds[()]
+    return np.ascontiguousarray(value).reshape(np.shape(value))  # a 0-d dataset stays 0-d
 
 
 def _torch_name(layer: str, leaf: str, pt_leaf: str, layer_type: str, inner: str) -> str:

@@ -24,7 +24,7 @@ import torch
 from numpy.lib import format as npy_format
 
 from transferkit.errors import TransferKitError, one_line
-from transferkit.weights.formats import TensorInfo, WeightFile, zip_names
+from transferkit.weights.formats import TensorInfo, WeightFile, tensor_from_numpy, zip_names
 
 NPY_MAGIC = b"\x93NUMPY"
 MAX_HEADER = 10_000  # bytes of an .npy header dictionary (NumPy's own default bound)
@@ -101,7 +101,7 @@ def _fill(fh: IO[bytes], header: _Header, where: str, sized: bool) -> torch.Tens
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     try:
-        return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))  # 0-d stays 0-d
+        return tensor_from_numpy(array)
     except TypeError:
         raise TransferKitError(f"{where}: dtype {header.dtype} has no PyTorch equivalent; convert the array") from None
 

@@ -21,10 +21,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from transferkit.errors import TransferKitError
-from transferkit.weights.formats import WeightFile
+from transferkit.weights.formats import WeightFile, tensor_from_numpy
 from transferkit.weights.formats.restricted_pickle import Damaged, Refused, restricted_load
 from transferkit.weights.formats.tf_layout import as_metadata
 
@@ -67,7 +66,7 @@ def read(path: Path) -> WeightFile:
             left_out.append(str(key))
             continue
         name, array, how = _convert(key, value, structured.get(key))
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+        tensors[name] = tensor_from_numpy(array)
         converted[name] = how
     if not tensors:
         raise TransferKitError(f"{path}: no arrays found (keys: {list(obj)[:8]})")

@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 from transferkit.checksums import masked_crc32c
 from transferkit.errors import TransferKitError
-from transferkit.weights.formats import WeightFile
+from transferkit.weights.formats import WeightFile, tensor_from_numpy
 from transferkit.weights.formats.tf_layout import TF_BATCHNORM_EPS, as_metadata, convert, leaf_rank
 
 TABLE_MAGIC = 0xDB4775248B80FB57
@@ -283,7 +283,7 @@ def _read(index: Path) -> WeightFile:
         name = ".".join(parts + [pt_leaf])
         if name in tensors:
             name = ".".join(parts + [leaf])
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = tensor_from_numpy(array)
         tensors[name] = tensor.view(torch.bfloat16) if entry.dtype == DT_BFLOAT16 else tensor
         sources[name], converted[name], types[name] = key, conversion, kind
     if not tensors:

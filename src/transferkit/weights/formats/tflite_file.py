@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from transferkit.errors import TransferKitError
-from transferkit.weights.formats import WeightFile
+from transferkit.weights.formats import WeightFile, tensor_from_numpy
 from transferkit.weights.formats.origins import Origins, check_fits
 
 # TFLite TensorType -> NumPy dtype (BFLOAT16 handled apart, INT4/STRING/RESOURCE/VARIANT not weights).
@@ -176,7 +176,7 @@ def _read(buf: bytes, path: Path, tflite) -> WeightFile:
         if kind:
             layer = f"op{op_index}"
         unique = name if name not in tensors else f"{name}#{t}"
-        tensors[unique] = torch.from_numpy(np.ascontiguousarray(arr))
+        tensors[unique] = tensor_from_numpy(arr)
         origins.tensor(unique, name, layer, kind or "unused", dtype, ", ".join(notes), tensor_index=str(t),
                        input=str(pos))
     if not tensors:
