@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz mutation
+.PHONY: demo test lint fuzz mutation figures
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The documented runs re-run and compared with the figures docs/BENCHMARKS.md gives for them (tests/test_doc_figures.py;
+# about half an hour on 2 cores). Run it after a change that can move a figure, and re-run the doc where it fails.
+figures: $(STAMP)
+	$(BIN)/python -m pytest -q -m figures tests/test_doc_figures.py
 
 # The readers and converters fuzzed with FUZZ_EXAMPLES random examples each (the suite runs a fixed set).
 FUZZ_EXAMPLES ?= 2000

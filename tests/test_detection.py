@@ -409,3 +409,35 @@ def test_detection_from_packed_shards_equals_detection_from_coco(shapes, tmp_pat
         runs[name] = [{k: v for k, v in m.items() if k != "seconds"} for m in train(cfg, out=tmp_path / name,
                                                                                     quiet=True).metrics]
     assert runs["coco"] == runs["shards"] and runs["shards"][-1]["val_map"] > 0
+
+
+def test_skip_empty_leaves_out_only_training_images_without_a_box(shapes, tmp_path, capsys):
+    """detection.skip_empty: training keeps the images with at least one non-crowd box of the kept
+    classes (an image with crowd regions only counts as empty: training ignores crowd regions), and
+    evaluation keeps every image."""
+    from transferkit.tasks.detection import load_detection_data
+
+    ann = json.loads((shapes / "annotations" / "train.json").read_text())
+    by_image: dict[int, list[dict]] = {im["id"]: [] for im in ann["images"]}
+    for a in ann["annotations"]:
+        by_image[a["image_id"]].append(a)
+    crowd_only = next(i for i, anns in by_image.items() if len(anns) == 1)
+    by_image[crowd_only][0]["iscrowd"] = 1
+    (tmp_path / "train.json").write_text(json.dumps(ann))
+    with_boxes = sorted(i for i, anns in by_image.items() if any(not a.get("iscrowd") for a in anns))
+    assert 0 < len(with_boxes) < len(by_image) - 1  # empty images and the crowd-only one to leave out
+
+    over = {"data.train_ann": str(tmp_path / "train.json")}
+    kept = load_detection_data(load_config(None, det_overrides(shapes, **over, **{"detection.skip_empty": "true"})))
+    every = load_detection_data(load_config(None, det_overrides(shapes, **over)))
+    assert sorted(r.image_id for r in kept.train.records) == with_boxes
+    assert len(kept.train_set) == len(with_boxes) and kept.train.without_boxes == len(by_image) - len(with_boxes)
+    assert len(every.train_set) == len(by_image) and every.train.without_boxes == 0
+    assert [r.image_id for r in kept.val.records] == [r.image_id for r in every.val.records]
+
+    for a in ann["annotations"]:
+        a["iscrowd"] = 1
+    (tmp_path / "train.json").write_text(json.dumps(ann))
+    assert main(["train", *sum((["-o", o] for o in det_overrides(shapes, **over, **{
+        "detection.skip_empty": "true"})), []), "--out", str(tmp_path / "run")]) == 2
+    assert "detection.skip_empty: no training image holds a box" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, SHARED_DATA, needs_shared, tiny_overrides
 
 from transferkit.cli import main
 
@@ -25,7 +25,7 @@ RUN_HERE = ("Fine-tune on your own images", "Use the model outside transferkit",
 ELSEWHERE = {
     "Quick start": "make targets: the whole suite and the demo (tests/test_demo.py)",
     "Start from a COCO detector": "tests/test_readme_zoo.py",
-    "Detection": "needs coco128 (tests/test_detection.py trains the same detector on synthetic shapes)",
+    "Detection": "test_readme_detection_runs_on_coco128 below (needs ../shared/data/coco128)",
     "Data tools": "needs a VOC devkit; each command has its tests (test_convert, test_lists, test_check, test_shards)",
     "Stopping, resuming, continuing": "tests/test_resume.py",
     "Pretrained weights from anywhere": "needs a model.pth; tests/test_weights.py",
@@ -105,3 +105,26 @@ def test_help_shows_the_api_and_import_stays_light():
     version = subprocess.run([sys.executable, "-m", "transferkit", "--version"], capture_output=True, text=True,
                              env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
     assert version.stdout.strip() == "transferkit 0.1.0", version
+
+
+@needs_shared
+def test_readme_detection_runs_on_coco128(tmp_path, monkeypatch, capsys):
+    """The Detection section as written, on coco128 (the recipe at one epoch, 64 px, from timm's test
+    network); the demo line is run by tests/test_demo.py."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "coco128").symlink_to(SHARED_DATA / "coco128")
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    shutil.copy(next((SHARED_DATA / "coco128" / "images" / "train2017").glob("*.jpg")), tmp_path / "photo.jpg")
+    block = blocks("sh")["Detection"][0]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    commands = [c for c in commands if c and c[1] != "demo"]
+    assert [c[1] for c in commands] == ["train", "predict"]
+    small = ["model.name=test_efficientnet", "pretrained.source=null", "schedule.epochs=1",
+             "detection.min_size=[64]", "detection.max_size=96", "detection.fpn_channels=32"]
+    for words in commands:
+        args = words[1:] + (sum((["-o", o] for o in small), []) if words[1] == "train" else [])
+        assert main(args) == 0, args
+    summary = _json("runs/person/summary.json")
+    assert summary["final"]["epoch"] == 1 and 0 <= summary["final"]["val_map"] <= 1
+    assert (tmp_path / "drawn" / "photo.png").is_file()
+    capsys.readouterr()

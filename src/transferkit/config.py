@@ -198,6 +198,9 @@ class DetectionConfig(_Section):
                                                                                  min_length=1)
     max_size: int = Field(512, ge=32, le=MAX_DETECTION_SIZE)
     hflip: float = Field(0.5, ge=0, le=1)
+    # Training images without a box (of the kept classes) left out, as Detectron2 and torchvision's
+    # reference do; evaluation keeps every image.
+    skip_empty: bool = False
     # Brightness/contrast/saturation jitter strength (0: none).
     color_jitter: float = Field(0.2, ge=0, le=1)
     # Detections kept per image and their minimum score (evaluation and predict).

@@ -139,8 +139,11 @@ def announce(built: Built, resumed: ResumePoint | None, run_dir: Path, say: Say)
         say("no pretrained source: training from scratch")
     data = built.data
     skipped = sum(len(s.bad) for s in (data.train, data.val) if s is not None)
+    empty = getattr(data.train, "without_boxes", 0)  # detection.skip_empty
     say(f"data: {len(data.train_set)} train / {len(data.val_set)} val images, {len(built.classes)} classes"
-        + (f", {skipped} undecodable skipped" if skipped else ""), highlight=False)
+        + (f", {skipped} undecodable skipped" if skipped else "")
+        + (f", {empty} training images without boxes left out (detection.skip_empty)" if empty else ""),
+        highlight=False)
 
 
 def finish(cfg: Config, recorder: EpochRecorder, seconds: float, quiet: bool) -> TrainResult:

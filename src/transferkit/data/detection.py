@@ -50,6 +50,15 @@ class DetectionSplit:
     classes: list[str]
     records: list[DetectionRecord]
     bad: list[tuple[Path, str]] = field(default_factory=list)
+    without_boxes: int = 0  # training images left out for holding no box (detection.skip_empty)
+
+    def drop_images_without_boxes(self) -> None:
+        """Leave out the images with no box to train on (none, or crowd regions only, which training
+        ignores), as Detectron2 (FILTER_EMPTY_ANNOTATIONS) and torchvision's reference do: they add
+        steps but no object. For training splits only: evaluation must see every image."""
+        kept = [r for r in self.records if bool((~r.crowd).any())]
+        self.without_boxes += len(self.records) - len(kept)
+        self.records = kept
 
     def coco_ground_truth(self) -> dict:
         """The split as a COCO dict (category ids 1..C in class order), for evaluation."""

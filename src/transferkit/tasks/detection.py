@@ -97,6 +97,11 @@ def load_detection_data(cfg: Config, need_train: bool = True) -> DetectionData:
     classes, train, val = load_detection_splits(cfg.data, need_train)
     offset = label_offset(cfg)
     masks = cfg.detection.kind == "maskrcnn"
+    if train is not None and cfg.detection.skip_empty:
+        train.drop_images_without_boxes()
+        if not train.records:
+            raise TransferKitError(f"detection.skip_empty: no training image holds a box of {classes}; "
+                                   "check data.classes and the annotations")
     train_set = DetectionDataset(train, cfg.detection, True, cfg.data.cache, offset, cfg.data.on_bad_image,
                                  masks) if train is not None else None
     val_set = DetectionDataset(val, cfg.detection, False, cfg.data.cache, offset, cfg.data.on_bad_image)
@@ -239,8 +244,9 @@ class DetectionTask:
     def build(self, need_train: bool = True, restore: bool = True) -> Built:
         data = load_detection_data(self.cfg, need_train)
         model, family, report = build_detector(self.cfg, data.classes, restore)
-        # channels_last stays off: torchvision's detection transform batches the images itself
-        return Built(model, family, report, data, channels_last=False)
+        # channels_last weights: torchvision's transform batches the images in NCHW, and a convolution
+        # with channels_last weights answers in channels_last, so the whole network runs in it.
+        return Built(model, family, report, data, channels_last=self.cfg.model.channels_last)
 
     def loaders(self, data: DetectionData, shard: tuple[int, int] | None = None
                 ) -> tuple[DataLoader | None, DataLoader]:
