@@ -441,3 +441,30 @@ def test_skip_empty_leaves_out_only_training_images_without_a_box(shapes, tmp_pa
     assert main(["train", *sum((["-o", o] for o in det_overrides(shapes, **over, **{
         "detection.skip_empty": "true"})), []), "--out", str(tmp_path / "run")]) == 2
     assert "detection.skip_empty: no training image holds a box" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_a_large_jpeg_decoded_at_a_fraction_keeps_its_boxes(tmp_path, times):
+    """A photo at least twice the detector's size is decoded by the JPEG draft (1/2 to 1/8 scale),
+    and is still the image its annotation describes: not skipped as a size mismatch, boxes scaled
+    with it. 400x300 (800x600) at min_size 64: drafted at 1/4 (1/8) to 100x75, resized to 85x64."""
+    from PIL import Image
+
+    from transferkit.tasks.detection import load_detection_data
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (400 * times, 300 * times), (120, 60, 30)).save(tmp_path / "images" / "big.jpg", quality=90)
+    ann = {"images": [{"id": 1, "file_name": "big.jpg", "width": 400 * times, "height": 300 * times}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [60 * times, 30 * times, 150 * times,
+                                                                               240 * times], "area": 1, "iscrowd": 0}],
+           "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    over = {"data.train_ann": str(tmp_path / "ann.json"), "data.train_images": str(tmp_path / "images"),
+            "data.val_ann": str(tmp_path / "ann.json"), "data.val_images": str(tmp_path / "images"),
+            "data.root": str(tmp_path), "detection.min_size": "[64]", "detection.max_size": 1000,
+            "data.on_bad_image": "error", "detection.hflip": 0, "detection.color_jitter": 0}
+    data = load_detection_data(load_config(None, det_overrides(tmp_path, **over)))
+    image, target = data.val_set[0]
+    assert tuple(image.shape) == (3, 64, 85)  # 400 x 64/300 = 85.3
+    assert torch.allclose(target["boxes"], torch.tensor([[60, 30, 210, 270]]) * (85 / 400), atol=1e-4)
+    assert target["scale"] == 85 / (400 * times)

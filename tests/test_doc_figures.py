@@ -79,14 +79,15 @@ def test_detection_demo(tmp_path):
 
 SMALL_DATA = ("transferkit train -c configs/detection/small_data.yaml -o data.root=../shared/data/coco128 "
               "-o data.train_ann=../shared/data/coco128/annotations/instances_train2017.json "
-              "-o data.train_images=../shared/data/coco128/images/train2017 -o 'data.classes=[person]' --out runs/person")
+              "-o data.train_images=../shared/data/coco128/images/train2017 -o 'data.classes=[person]' "
+              "--out runs/person")
 
 
 @pytest.mark.parametrize("backbone, extra", [("ImageNet-pretrained", ""), ("random", " -o pretrained.source=null")])
 def test_small_data_detection_recipe(tmp_path, backbone, extra):
     needs(SHARED / "coco128")
-    command = SMALL_DATA.replace(" --out runs/person", extra + (" --out runs/person" if not extra else
-                                                                " --out runs/person-scratch"))
+    command = SMALL_DATA.replace(" --out runs/person", extra + (" --out runs/person-scratch" if extra else
+                                                                " --out runs/person"))
     doc = table_after("BENCHMARKS.md", SMALL_DATA)
     summary = run_documented(command, tmp_path / "run")
     final = summary["final"]

@@ -109,7 +109,7 @@ def test_help_shows_the_api_and_import_stays_light():
 
 @needs_shared
 def test_readme_detection_runs_on_coco128(tmp_path, monkeypatch, capsys):
-    """The Detection section as written, on coco128 (the recipe at one epoch, 64 px, from timm's test
+    """The Detection section as written, on coco128 (the recipe at one epoch, 128 px, from timm's test
     network); the demo line is run by tests/test_demo.py."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "coco128").symlink_to(SHARED_DATA / "coco128")
@@ -120,7 +120,7 @@ def test_readme_detection_runs_on_coco128(tmp_path, monkeypatch, capsys):
     commands = [c for c in commands if c and c[1] != "demo"]
     assert [c[1] for c in commands] == ["train", "predict"]
     small = ["model.name=test_efficientnet", "pretrained.source=null", "schedule.epochs=1",
-             "detection.min_size=[64]", "detection.max_size=96", "detection.fpn_channels=32"]
+             "detection.min_size=[128]", "detection.max_size=160", "detection.fpn_channels=32"]
     for words in commands:
         args = words[1:] + (sum((["-o", o] for o in small), []) if words[1] == "train" else [])
         assert main(args) == 0, args

@@ -243,6 +243,12 @@ def keep_scale(width: int, height: int, cfg: DetectionConfig) -> float:
     return min(1.0, max(cfg.min_size) / min(width, height), cfg.max_size / max(width, height))
 
 
+def _decoded_from(size: tuple[int, int], width: int, height: int) -> bool:
+    """Whether an image decoded at `size` is one of width x height: whole, or a JPEG's draft decode
+    at 1/2, 1/4 or 1/8 (each side rounded up), which large photos get when the detector needs less."""
+    return any(size == (math.ceil(width / k), math.ceil(height / k)) for k in (1, 2, 4, 8))
+
+
 class DetectionDataset(Dataset):
     """(image tensor in [0, 1], target {boxes, labels, image_id, scale}) per record. Boxes are in
     the pixels of the image handed out; `scale` maps them back to the original image."""
@@ -283,7 +289,7 @@ class DetectionDataset(Dataset):
             im = read_record_image(r.path, draft)
         else:
             im = read_sample(r.path, draft) if isinstance(r.path, ShardSample) else load_rgb(r.path, draft=draft)
-        if im.size != (r.width, r.height):
+        if not _decoded_from(im.size, r.width, r.height):
             raise BadImage(f"the image is {im.size[0]}x{im.size[1]}, the annotations say {r.width}x{r.height}")
         if s < 1.0:
             im = im.resize((max(1, round(r.width * s)), max(1, round(r.height * s))), Image.BILINEAR)
