@@ -36,11 +36,16 @@ class TensorInfo:
     dtype: str  # as torch names it, without `torch.`: float32, int64, ...
 
 
-def tensor_from_numpy(array: np.ndarray) -> torch.Tensor:
-    """A tensor of the array's own shape, contiguous. `np.ascontiguousarray` alone turns a 0-d array
+def contiguous_array(array: np.ndarray) -> np.ndarray:
+    """The array C-contiguous, in its own shape. `np.ascontiguousarray` alone turns a 0-d array
     (a step counter, BatchNorm's num_batches_tracked) into shape (1,), which no longer fits the
     model's 0-d tensor."""
-    return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))
+    return np.ascontiguousarray(array).reshape(np.shape(array))
+
+
+def tensor_from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor of the array's own shape, contiguous (contiguous_array)."""
+    return torch.from_numpy(contiguous_array(array))
 
 
 Reader = Callable[[Path], WeightFile]

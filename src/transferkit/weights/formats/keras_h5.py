@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from transferkit.errors import TransferKitError
-from transferkit.weights.formats import WeightFile
+from transferkit.weights.formats import WeightFile, contiguous_array
 from transferkit.weights.formats.tf_layout import TF_BATCHNORM_EPS, as_metadata, convert
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -165,8 +165,7 @@ def _dataset(group, key: str, path: Path, size: int) -> np.ndarray:
         raise TransferKitError(
             f"{path}: {ds.name} declares {nbytes} bytes, more than the file can hold ({size}); the file is damaged"
         )
-    value = ds[()]
-    return np.ascontiguousarray(value).reshape(np.shape(value))  # a 0-d dataset stays 0-d
+    return contiguous_array(ds[()])
 
 
 def _torch_name(layer: str, leaf: str, pt_leaf: str, layer_type: str, inner: str) -> str:
