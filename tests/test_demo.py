@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from helpers.doc_tables import table_after
+from helpers.doc_tables import demo_rows
 
 from transferkit.demo import run_demo
 from transferkit.errors import TransferKitError
@@ -38,9 +38,7 @@ def test_demo_transfer_beats_scratch_by_a_margin(tmp_path):
     report = run_demo(tmp_path / "demo", quiet=True)
     arms = report["arms"]
     assert arms["finetune"]["val_acc"] >= arms["scratch"]["val_acc"] + 0.10, arms
-    doc = table_after("BENCHMARKS.md", "transferkit demo --out runs/demo")
-    printed = {arm: [f"{arms[arm]['val_acc']:.3f}", f"{arms[arm]['best_val_acc']:.3f}"] for arm in arms}
-    documented = {arm: cells[:2] for row, cells in doc.items() for arm in arms if row.startswith(arm + " ")}
+    documented, printed = demo_rows("BENCHMARKS.md", "transferkit demo --out runs/demo", arms, "val_acc")
     assert documented == printed, "docs/BENCHMARKS.md's demo table no longer matches a re-run: re-run it"
 
 

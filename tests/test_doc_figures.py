@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.doc_tables import table_after
+from helpers.doc_tables import demo_rows, table_after
 
 from transferkit.demo import run_demo
 
@@ -70,10 +70,9 @@ def test_hymenoptera_recipe_with_ema(tmp_path):
 
 
 def test_detection_demo(tmp_path):
-    doc = table_after("BENCHMARKS.md", "transferkit demo --task detection --out runs/demo-det")
     arms = run_demo(tmp_path / "demo-det", quiet=True, task="detection")["arms"]
-    printed = {arm: [f"{arms[arm]['val_map']:.3f}", f"{arms[arm]['best_val_map']:.3f}"] for arm in arms}
-    documented = {arm: cells[:2] for row, cells in doc.items() for arm in arms if row.startswith(arm + " ")}
+    documented, printed = demo_rows("BENCHMARKS.md", "transferkit demo --task detection --out runs/demo-det", arms,
+                                    "val_map")
     assert documented == printed
 
 

@@ -34,3 +34,13 @@ def table_after(page: str, command: str) -> dict[str, list[str]]:
             break
     assert rows, f"docs/{page}: no table follows {command!r}"
     return rows
+
+
+def demo_rows(page: str, command: str, arms: dict[str, dict], metric: str) -> tuple[dict, dict]:
+    """(documented, printed): each arm's final and best `metric` as the table after `command` gives
+    them (rows named `<arm> (...)`) and as `arms` (a compare/demo report's arms) has them, both to 3
+    decimals, for an equality assert."""
+    doc = table_after(page, command)
+    printed = {arm: [f"{arms[arm][metric]:.3f}", f"{arms[arm]['best_' + metric]:.3f}"] for arm in arms}
+    documented = {arm: cells[:2] for row, cells in doc.items() for arm in arms if row.startswith(arm + " ")}
+    return documented, printed

@@ -24,7 +24,7 @@ from transferkit.config import DataConfig, DetectionConfig
 from transferkit.data.coco import guess_image_folder, read_coco
 from transferkit.data.convert.tfrecord import expand_files, read_tfrecord_dataset
 from transferkit.data.convert.voc import convert_voc, voc_split_exists
-from transferkit.data.images import BadImage, load_rgb
+from transferkit.data.images import BadImage, decoded_from, load_rgb
 from transferkit.data.lists import seeded_val_ids
 from transferkit.data.shards import ShardSample, read_index, read_sample
 from transferkit.data.tfrecord import RecordSample, read_label_map, read_record_image
@@ -243,12 +243,6 @@ def keep_scale(width: int, height: int, cfg: DetectionConfig) -> float:
     return min(1.0, max(cfg.min_size) / min(width, height), cfg.max_size / max(width, height))
 
 
-def _decoded_from(size: tuple[int, int], width: int, height: int) -> bool:
-    """Whether an image decoded at `size` is one of width x height: whole, or a JPEG's draft decode
-    at 1/2, 1/4 or 1/8 (each side rounded up), which large photos get when the detector needs less."""
-    return any(size == (math.ceil(width / k), math.ceil(height / k)) for k in (1, 2, 4, 8))
-
-
 class DetectionDataset(Dataset):
     """(image tensor in [0, 1], target {boxes, labels, image_id, scale}) per record. Boxes are in
     the pixels of the image handed out; `scale` maps them back to the original image."""
@@ -289,7 +283,7 @@ class DetectionDataset(Dataset):
             im = read_record_image(r.path, draft)
         else:
             im = read_sample(r.path, draft) if isinstance(r.path, ShardSample) else load_rgb(r.path, draft=draft)
-        if not _decoded_from(im.size, r.width, r.height):
+        if not decoded_from(im.size, r.width, r.height):  # large photos come drafted
             raise BadImage(f"the image is {im.size[0]}x{im.size[1]}, the annotations say {r.width}x{r.height}")
         if s < 1.0:
             im = im.resize((max(1, round(r.width * s)), max(1, round(r.height * s))), Image.BILINEAR)

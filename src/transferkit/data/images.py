@@ -77,6 +77,12 @@ def load_rgb(source: str | Path | IO[bytes], draft: int | None = None) -> Image.
         raise BadImage(str(exc) or type(exc).__name__) from None
 
 
+def decoded_from(size: tuple[int, int], width: int, height: int) -> bool:
+    """Whether an image load_rgb gave at `size` is one of width x height: whole, or drafted at 1/2,
+    1/4 or 1/8 (the JPEG draft rounds each side up)."""
+    return any(size == (math.ceil(width / k), math.ceil(height / k)) for k in (1, 2, 4, 8))
+
+
 def shrink_shorter_side(im: Image.Image, size: int, resample: int) -> Image.Image:
     """Resize so the shorter side is `size`, only ever making the image smaller."""
     w, h = im.size
