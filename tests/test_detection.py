@@ -468,3 +468,16 @@ def test_a_large_jpeg_decoded_at_a_fraction_keeps_its_boxes(tmp_path, times):
     assert tuple(image.shape) == (3, 64, 85)  # 400 x 64/300 = 85.3
     assert torch.allclose(target["boxes"], torch.tensor([[60, 30, 210, 270]]) * (85 / 400), atol=1e-4)
     assert target["scale"] == 85 / (400 * times)
+
+
+def test_a_one_pixel_coarsest_level_is_a_one_line_error(shapes, tmp_path, capsys):
+    """FCOS on a 32-channel FPN normalises its head in 32 groups of one channel; an image resized to
+    64 px makes its stride-128 level one pixel, so in a batch of one image (as the last batch of an
+    epoch can be) a group holds one value, which torch refuses with a traceback. The run stops with
+    one line that says what to change."""
+    over = det_overrides(shapes, **{"detection.fpn_channels": 32, "schedule.epochs": 1, "data.batch_size": 1,
+                                    "detection.min_size": "[64]", "detection.max_size": 64})
+    assert main(["train", *sum((["-o", o] for o in over), []), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: detection: a normalisation layer got one value per channel"), err
+    assert "detection.min_size" in err[-1] and "detection.fpn_channels" in err[-1] and "Traceback" not in err

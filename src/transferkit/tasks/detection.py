@@ -124,7 +124,18 @@ def detection_loss(device: torch.device) -> LossFn:
         images, targets = batch
         images = [im.to(device) for im in images]
         targets = [{k: t[k].to(device) for k in ("boxes", "labels", "masks") if k in t} for t in targets]
-        losses = model(images, targets)
+        try:
+            losses = model(images, targets)
+        except ValueError as exc:
+            # GroupNorm (FCOS's head) or BatchNorm left one value per channel: a small image's coarsest
+            # level (stride 128) is one pixel; torch's message names neither the layer nor the cure.
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            sizes = ", ".join(f"{im.shape[-1]}x{im.shape[-2]}" for im in images)
+            raise TransferKitError(
+                f"detection: a normalisation layer got one value per channel on the coarsest feature level "
+                f"(images {sizes} before resizing); raise detection.min_size above 128, or "
+                "detection.fpn_channels to 64 or more") from exc
         return sum(losses.values()), len(images)
     return loss_fn
 
