@@ -20,6 +20,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
     files: dict[str, bytes] = {}
     requests: list[tuple[str, str | None]] = []
+    ignore_range = False  # a server that answers every request with the whole file (200)
 
     def do_GET(self):  # noqa: N802
         self.requests.append((self.path, self.headers.get("Range")))
@@ -28,8 +29,11 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
-        if self.headers.get("Range"):
+        if self.headers.get("Range") and not self.ignore_range:
             start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+            if start >= len(body):  # as real servers answer a range past the end
+                self.send_error(416)
+                return
             self.send_response(206)
         else:
             self.send_response(200)
@@ -44,7 +48,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
-    RangeHandler.files, RangeHandler.requests = {}, []
+    RangeHandler.files, RangeHandler.requests, RangeHandler.ignore_range = {}, [], False
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -91,6 +95,121 @@ def test_download_resumes_a_partial_file(server, tmp_path):
     again = download(f"{base}/w.pth", dest_dir=dest_dir)
     assert again.read_bytes() == data
     assert handler.requests[-1] == ("/w.pth", "bytes=1000-")
+
+
+def test_downloads_land_in_the_cache_one_file_per_url(server, tmp_path):
+    """Without dest_dir a download lands in $TRANSFERKIT_CACHE/downloads, named by the URL's last part
+    (`weights` when it has none) after a tag of the URL, so two URLs ending in the same name never
+    share a file."""
+    base, handler = server
+    handler.files.update({"/a/w.pth": b"first", "/b/w.pth": b"second", "/": b"bare"})
+    a, b = download(f"{base}/a/w.pth"), download(f"{base}/b/w.pth")
+    bare = download(f"{base}/")
+    assert a.parent == b.parent == bare.parent == tmp_path / "cache" / "downloads"
+    assert (a.read_bytes(), b.read_bytes(), bare.read_bytes()) == (b"first", b"second", b"bare")
+    assert a.name.endswith("-w.pth") and b.name.endswith("-w.pth") and a != b
+    assert bare.name.endswith("-weights")
+    assert download(f"{base}/a/w.pth") == a and len(handler.requests) == 3
+
+
+def test_a_server_that_ignores_the_range_restarts_the_file(server, tmp_path):
+    base, handler = server
+    data = checkpoint_bytes()
+    handler.files["/w.pth"] = data
+    handler.ignore_range = True
+    first = download(f"{base}/w.pth", dest_dir=tmp_path / "dl")
+    part = first.with_name(first.name + ".part")
+    first.rename(part)
+    part.write_bytes(data[:1000])
+    again = download(f"{base}/w.pth", dest_dir=tmp_path / "dl")
+    assert handler.requests[-1] == ("/w.pth", "bytes=1000-")  # asked for the rest, got the whole file
+    assert again.read_bytes() == data  # written over, not appended to the partial
+
+
+def test_a_complete_partial_file_is_finished_on_http_416(server, tmp_path):
+    """A download stopped after its last byte but before the rename: the server answers the range
+    past the end with 416, and the partial file, checked by its sha256, is the download."""
+    base, handler = server
+    data = checkpoint_bytes()
+    handler.files["/w.pth"] = data
+    first = download(f"{base}/w.pth", dest_dir=tmp_path / "dl")
+    first.rename(first.with_name(first.name + ".part"))
+    again = download(f"{base}/w.pth", sha256=hashlib.sha256(data).hexdigest(), dest_dir=tmp_path / "dl")
+    assert again == first and again.read_bytes() == data
+    assert handler.requests[-1] == ("/w.pth", f"bytes={len(data)}-")
+
+
+def test_an_http_error_while_resuming_is_not_taken_for_a_finished_file(server, tmp_path):
+    base, handler = server
+    handler.files["/w.pth"] = checkpoint_bytes()
+    first = download(f"{base}/w.pth", dest_dir=tmp_path / "dl")
+    part = first.with_name(first.name + ".part")
+    first.rename(part)
+    part.write_bytes(b"partial")
+    del handler.files["/w.pth"]  # gone from the server: 404 on the resume
+    with pytest.raises(TransferKitError, match="failed: HTTP 404"):
+        download(f"{base}/w.pth", dest_dir=tmp_path / "dl")
+    assert not first.exists() and part.read_bytes() == b"partial"
+
+
+def test_a_server_that_stops_answering_times_out_in_one_line(tmp_path, monkeypatch):
+    """A connection that opens and then says nothing ends with a one-line error after
+    sources.DOWNLOAD_TIMEOUT_S, instead of waiting for ever."""
+    import socket
+
+    from transferkit.weights import sources
+
+    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT_S", 0.5)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts (the kernel does) and never answers
+    result: list = []
+
+    def fetch():
+        try:
+            download(f"http://127.0.0.1:{listener.getsockname()[1]}/w.pth", dest_dir=tmp_path)
+        except TransferKitError as exc:
+            result.append(str(exc))
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(10)
+    listener.close()
+    assert not thread.is_alive(), "the download waited for ever"
+    assert result and "timed out" in result[0] and "rerun to resume" in result[0], result
+
+
+def test_hf_hub_sources_try_safetensors_then_bin(tmp_path, monkeypatch):
+    """hf-hub:NAME goes through huggingface_hub (its own cache under ours): model.safetensors first,
+    pytorch_model.bin when that fails, one line when both fail or the library is missing."""
+    import sys
+
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo, filename, cache_dir):
+        calls.append((repo, filename, cache_dir))
+        if filename in available:
+            return str(tmp_path / filename)
+        raise OSError("not on the hub")
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    hub = str(tmp_path / "cache" / "hub")
+    available = {"model.safetensors", "pytorch_model.bin"}
+    assert resolve_source("hf-hub:org/net") == tmp_path / "model.safetensors"
+    assert calls == [("org/net", "model.safetensors", hub)]
+    calls.clear()
+    available = {"pytorch_model.bin"}
+    assert resolve_source("hf-hub:org/net") == tmp_path / "pytorch_model.bin"
+    assert calls == [("org/net", "model.safetensors", hub), ("org/net", "pytorch_model.bin", hub)]
+    available = set()
+    with pytest.raises(TransferKitError, match=r"^could not fetch 'org/net' from the Hugging Face hub"):
+        resolve_source("hf-hub:org/net")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(TransferKitError, match=r"^hf-hub sources need huggingface_hub: pip install"):
+        resolve_source("hf-hub:org/net")
 
 
 def test_download_errors_are_one_line(server):

@@ -28,6 +28,8 @@ from transferkit.weights import archives, zoo
 from transferkit.weights.formats.tf_checkpoint import checkpoint_index
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".npz")
+# Seconds a download waits for the server to answer or send the next bytes before it gives up.
+DOWNLOAD_TIMEOUT_S = 60
 
 
 def cache_dir() -> Path:
@@ -87,7 +89,7 @@ def download(url: str, sha256: str | None = None, dest_dir: Path | None = None,
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as resp:
             if have and resp.status != 206:  # the server ignored Range: start over
                 have = 0
             with open(part, "ab" if have else "wb") as fh:
@@ -126,7 +128,7 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and archives.archive_kind(path) is not None
 
 
-def hub_weights(name: str) -> Path:  # pragma: no cover - needs network
+def hub_weights(name: str) -> Path:
     try:  # deferred on purpose: an optional dependency, needed only for hf-hub: sources
         from huggingface_hub import hf_hub_download
     except ImportError:
