@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, needs_shared
@@ -328,3 +329,61 @@ def test_a_label_map_names_the_classes(year, tmp_path):
     (tmp_path / "bad.pbtxt").write_text("item { id: 'x' }")
     with pytest.raises(TransferKitError, match="bad.pbtxt: not a TF OD API label map"):
         read_label_map(tmp_path / "bad.pbtxt")
+
+
+def test_which_splits_exist_in_each_voc_layout(tmp_path):
+    """data.train_split names an ImageSets/Main list in a year folder, a sub-folder of a labelImg
+    folder, or a list file anywhere; a split that is none of these is drawn by val_fraction."""
+    from transferkit.data.convert.voc import voc_split_exists
+
+    year = tmp_path / "VOC2007"
+    (year / "Annotations").mkdir(parents=True)
+    (year / "ImageSets" / "Main").mkdir(parents=True)
+    (year / "ImageSets" / "Main" / "train.txt").write_text("a\n")
+    (year / "val").mkdir()  # a folder is no split in a year folder: its splits are lists
+    listed = tmp_path / "mine.txt"
+    listed.write_text("a\n")
+    assert voc_split_exists(year, "train")
+    assert not voc_split_exists(year, "val") and not voc_split_exists(year, "test")
+    assert voc_split_exists(year, str(listed))
+
+    flat = tmp_path / "labelimg"
+    (flat / "train").mkdir(parents=True)
+    (flat / "ImageSets" / "Main").mkdir(parents=True)
+    (flat / "ImageSets" / "Main" / "val.txt").write_text("a\n")  # lists count in year folders only
+    assert voc_split_exists(flat, "train") and voc_split_exists(flat, str(listed))
+    assert not voc_split_exists(flat, "val")
+
+
+def test_images_are_looked_for_under_images_then_up_to_the_root_and_no_further(year, tmp_path):
+    """--images DIR: an XML's image is DIR/<filename> or DIR/<the XML's folder under the root>/<filename>;
+    without it, a sibling images/ of the XML's folder or of a folder above it, up to the root's own
+    sibling and not beyond."""
+    import shutil
+
+    from transferkit.data.convert.voc import convert_voc
+
+    a, b, c = sorted((year / "Annotations").glob("*.xml"))[:3]
+    root = tmp_path / "work" / "ann"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(a, root / a.name)
+    shutil.copy(b, root / "sub" / b.name)
+    pics = tmp_path / "pics"
+    (pics / "sub").mkdir(parents=True)
+    shutil.copy(year / "JPEGImages" / f"{a.stem}.jpg", pics)
+    shutil.copy(year / "JPEGImages" / f"{b.stem}.jpg", pics / "sub")
+    found = convert_voc(root, images=pics)
+    assert sorted(im["file_name"] for im in found.images) == sorted([f"{a.stem}.jpg", f"sub/{b.stem}.jpg"])
+    assert found.image_root == pics and not found.skipped
+
+    # Without --images: work/images/ (the root's sibling) is looked in; images/ above work/ is not.
+    shutil.rmtree(pics)
+    shutil.copy(c, root / c.name)
+    (tmp_path / "work" / "images" / "sub").mkdir(parents=True)
+    shutil.copy(year / "JPEGImages" / f"{a.stem}.jpg", tmp_path / "work" / "images")
+    shutil.copy(year / "JPEGImages" / f"{b.stem}.jpg", tmp_path / "work" / "images" / "sub")
+    (tmp_path / "images" / "ann").mkdir(parents=True)
+    shutil.copy(year / "JPEGImages" / f"{c.stem}.jpg", tmp_path / "images" / "ann")
+    found = convert_voc(root)
+    assert sorted(Path(im["file_name"]).name for im in found.images) == sorted([f"{a.stem}.jpg", f"{b.stem}.jpg"])
+    assert [s["file"] for s in found.skipped] == [str(root / c.name)]
