@@ -263,3 +263,43 @@ def test_package_source_errors():
         resolve_source("package:no_such_pkg")
     with pytest.raises(TransferKitError, match="package 'json' must hold exactly one weights file"):
         resolve_source("package:json")
+
+
+def test_the_cache_is_under_home_unless_transferkit_cache_is_set(tmp_path, monkeypatch):
+    from transferkit.weights.sources import cache_dir
+
+    monkeypatch.delenv("TRANSFERKIT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "transferkit"
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
+
+
+def test_an_archive_of_many_weights_files_names_the_first_six(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as zf:
+        for i in range(8):
+            zf.writestr(f"w{i}.pth", b"x")
+    with pytest.raises(TransferKitError) as caught:
+        resolve_source(many)
+    assert "(found: w0.pth, w1.pth, w2.pth, w3.pth, w4.pth, w5.pth); name one as SOURCE#path/inside" in str(
+        caught.value)
+
+
+def test_a_torchvision_source_is_checked_against_the_sha256_given_too(server, monkeypatch):
+    """pretrained.sha256 with a torchvision: name: the file must pass the zoo's hash prefix and the
+    user's full sha256."""
+    import types
+
+    from transferkit.weights import zoo
+
+    base, handler = server
+    data = checkpoint_bytes()
+    handler.files["/zoo.pth"] = data
+    digest = hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(zoo, "torchvision_weights", lambda name: types.SimpleNamespace(
+        download_url=f"{base}/zoo.pth", sha256_prefix=digest[:8]))
+    with pytest.raises(TransferKitError, match=f"expected {'0' * 64}; the file was removed"):
+        resolve_source("torchvision:Any_Weights.COCO_V1", sha256="0" * 64)
+    assert resolve_source("torchvision:Any_Weights.COCO_V1", sha256=digest).read_bytes() == data
