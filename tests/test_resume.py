@@ -225,6 +225,24 @@ def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path,
     assert strip(read_metrics(run)) == strip(read_metrics(reference))
 
 
+def test_resume_with_loader_workers_is_exact(synth_root, tmp_path):
+    """With data.num_workers 2 the augmentations run in the workers, on their own random state: a
+    run resumed from inside epoch 2 ends as one that was never stopped (each epoch's workers are
+    seeded from the loader's generator, which the state restores)."""
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 4, "checkpoint.every_steps": 3,
+                                                          "checkpoint.keep_last": 100, "data.num_workers": 2}))
+    train(cfg, out=tmp_path / "whole", quiet=True)
+    run = tmp_path / "run"
+    train(cfg, out=run, quiet=True)
+    states = sorted((run / "checkpoints" / "states").glob("step-*"))
+    mid = next(p for p in states if json.loads((p / "COMPLETE").read_text())["batches_done"] == 4)  # epoch 2
+    for later in states[states.index(mid) + 1:]:
+        shutil.rmtree(later)
+    train(cfg, resume=run, quiet=True)
+    assert same_weights(run / "checkpoints/last.safetensors", tmp_path / "whole/checkpoints/last.safetensors")
+    assert strip(read_metrics(run)) == strip(read_metrics(tmp_path / "whole"))
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_root, tmp_path, monkeypatch):
     from transferkit.training import resume
 

@@ -115,7 +115,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         num_workers=num_workers,
         worker_init_fn=_seed_worker if num_workers else None,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
+        # Workers start afresh each epoch, seeded (their augmentations) from the loader's generator as
+        # the epoch begins, the state a resume restores; persistent workers would carry their random
+        # state over from earlier epochs, which a resume cannot rebuild.
+        persistent_workers=False,
         drop_last=False,
     )
 

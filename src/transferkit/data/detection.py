@@ -372,4 +372,4 @@ def make_detection_loader(dataset: DetectionDataset, batch_size: int, shuffle: b
     generator = torch.Generator().manual_seed(seed)
     sampler = GroupedBatchSampler(dataset.groups, batch_size, shuffle, generator, shard)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      generator=generator, persistent_workers=num_workers > 0)
+                      generator=generator, persistent_workers=False)  # as data/classification.make_loader
