@@ -81,6 +81,17 @@ def test_a_filename_without_extension_names_the_file_itself_or_one_with_an_image
     assert names(found) == ["3f2a9c", "photo.png"] and not found.skipped
 
 
+@pytest.mark.parametrize(("filename", "image"), [("2021.05.03", "2021.05.03.jpg"), ("cam1.v2", "cam1.v2.png"),
+                                               ("photo.JPG", "photo.JPG")])
+def test_a_filename_without_an_image_extension_may_hold_dots(tmp_path, filename, image):
+    """Only an image extension counts as one: `2021.05.03` finds 2021.05.03.jpg."""
+    labels = tmp_path / "labels"
+    write_xml(labels / "a.xml", filename)
+    write_image(labels / image, fmt="PNG")
+    found = convert_voc(labels)
+    assert names(found) == [image] and not found.skipped
+
+
 @pytest.mark.parametrize("filename", ["../photo.jpg", "sub/../../photo.jpg", "ABSOLUTE", "."])
 def test_a_filename_outside_its_folders_is_refused_in_one_line(tmp_path, filename):
     """A <filename> with `..`, an absolute path or `.` stops the conversion with the XML and the name,
