@@ -249,6 +249,16 @@ def test_a_split_folder_takes_its_images_and_backgrounds_from_the_same_split_und
     assert names(val) == ["b.jpg", "d.jpg"] and val.image_root == pics / "val"
 
 
+def test_with_images_file_names_are_relative_to_images(tmp_path):
+    """Also when every image sits in one sub-folder of it (labels/2021/a.xml -> pics/2021/a.jpg)."""
+    labels, pics = tmp_path / "labels", tmp_path / "pics"
+    for stem in ("a", "b"):
+        write_xml(labels / "2021" / f"{stem}.xml", f"{stem}.jpg")
+        write_image(pics / "2021" / f"{stem}.jpg")
+    found = convert_voc(labels, images=pics)
+    assert names(found) == ["2021/a.jpg", "2021/b.jpg"] and found.image_root == pics and not found.skipped
+
+
 def test_without_images_file_names_are_relative_to_the_images_common_folder(tmp_path):
     """A folder of XMLs holding JPEGImages/ (but no Annotations/) is no year folder: its images'
     common folder is their root."""
