@@ -86,7 +86,7 @@ def _find_image(xml: Path, node, root: Path, images: Path | None) -> tuple[Path 
     if name and (Path(name).is_absolute() or ".." in Path(name).parts or name in (".",)):
         raise TransferKitError(f"{xml}: <filename> {name!r} must be a file name (no folders above it)")
     names = [name] if name else [xml.stem + s for s in sorted(IMAGE_SUFFIXES)]
-    if name and not Path(name).suffix:  # some tools leave the extension out
+    if name and Path(name).suffix.lower() not in IMAGE_SUFFIXES:  # some tools leave the extension out
         names += [name + s for s in sorted(IMAGE_SUFFIXES)]
     looked = []
     for n in names:
