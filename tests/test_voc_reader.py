@@ -81,6 +81,18 @@ def test_a_filename_without_extension_names_the_file_itself_or_one_with_an_image
     assert names(found) == ["3f2a9c", "photo.png"] and not found.skipped
 
 
+def test_extensions_in_capitals_are_found_too(tmp_path):
+    """Cameras name their files IMG_0001.JPG: an XML without <filename>, or naming the image without
+    its extension, finds the capitalised file."""
+    labels = tmp_path / "labels"
+    write_xml(labels / "a.xml", None)
+    write_image(labels / "a.JPG", fmt="PNG")
+    write_xml(labels / "b.xml", "IMG_0002")
+    write_image(labels / "IMG_0002.JPEG", fmt="PNG")
+    found = convert_voc(labels)
+    assert names(found) == ["IMG_0002.JPEG", "a.JPG"] and not found.skipped
+
+
 @pytest.mark.parametrize(("filename", "image"), [("2021.05.03", "2021.05.03.jpg"), ("cam1.v2", "cam1.v2.png"),
                                                ("photo.JPG", "photo.JPG")])
 def test_a_filename_without_an_image_extension_may_hold_dots(tmp_path, filename, image):

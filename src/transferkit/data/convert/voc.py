@@ -85,9 +85,11 @@ def _find_image(xml: Path, node, root: Path, images: Path | None) -> tuple[Path 
     name = (node.findtext("filename") or "").strip()
     if name and (Path(name).is_absolute() or ".." in Path(name).parts or name in (".",)):
         raise TransferKitError(f"{xml}: <filename> {name!r} must be a file name (no folders above it)")
-    names = [name] if name else [xml.stem + s for s in sorted(IMAGE_SUFFIXES)]
-    if name and Path(name).suffix.lower() not in IMAGE_SUFFIXES:  # some tools leave the extension out
-        names += [name + s for s in sorted(IMAGE_SUFFIXES)]
+    # some tools leave the extension out; cameras write it in capitals (IMG_0001.JPG)
+    suffixes = sorted(IMAGE_SUFFIXES) + sorted(s.upper() for s in IMAGE_SUFFIXES)
+    names = [name] if name else [xml.stem + s for s in suffixes]
+    if name and Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+        names += [name + s for s in suffixes]
     looked = []
     for n in names:
         for cand in _candidates(xml, root, n, images):
