@@ -198,6 +198,12 @@ def test_broken_labelme_json(tmp_path):
                                                  "imageWidth": 10, "imageHeight": 10, "imagePath": "a.jpg"}))
     data = convert_labelme(tmp_path)
     assert data.skipped[0]["reason"].endswith("a polygon needs 3 or more points, has 1")
+    # JSON that is not a labelme file: a list, or a mapping without a `shapes` list
+    for other in ([{"shapes": []}], {"shapes": "none"}, {"version": "5.2"}):
+        (tmp_path / "a.json").write_text(json.dumps(other))
+        with pytest.raises(TransferKitError) as caught:
+            convert_labelme(tmp_path)
+        assert str(caught.value) == f"{tmp_path / 'a.json'}: not a labelme file (no `shapes` list)", other
 
 
 @needs_shared
