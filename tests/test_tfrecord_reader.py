@@ -1,0 +1,217 @@
+"""TF OD API TFRecords converted to COCO: the file name each record's image is written as, the record
+files and globs a conversion reads, masks matched to boxes, class names from class/text and
+class/label, difficult objects, and the messages that refuse bad input. The records are written in
+the tf.train.Example wire format by the fixtures' own encoder (no TensorFlow)."""
+
+from __future__ import annotations
+
+import io
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from detection_fixtures import bytes_feature, example, float_feature, frame, int64_feature
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from transferkit.cli import main
+from transferkit.data.convert.tfrecord import convert_tfrecord, expand_files
+from transferkit.errors import TransferKitError
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """Each test converts a few tiny records: well under a second. One that runs on for 10 s is stuck."""
+    def stuck(signum, frame):
+        raise TimeoutError("the conversion did not finish in 10 s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def record(*, filename: str | None = None, source_id: str | None = None, fmt: str | None = None,
+           size: tuple[int, int] | None = (20, 10), encoded: bytes | None = None,
+           boxes: list[tuple[float, float, float, float]] = (), texts: list[str] | None = None,
+           labels: list[int] | None = None, difficult: list[int] | None = None, masks: list[bytes] | None = None
+           ) -> bytes:
+    """One framed tf.train.Example with the TF OD API keys given (size is width, height)."""
+    feats = {"image/encoded": bytes_feature([encoded if encoded is not None else _png(np.zeros((10, 20), np.uint8))])}
+    for key, value in (("filename", filename), ("source_id", source_id), ("format", fmt)):
+        if value is not None:
+            feats[f"image/{key}"] = bytes_feature([value.encode()])
+    if size is not None:
+        feats["image/width"], feats["image/height"] = int64_feature([size[0]]), int64_feature([size[1]])
+    for i, key in enumerate(("xmin", "ymin", "xmax", "ymax")):
+        feats[f"image/object/bbox/{key}"] = float_feature([b[i] for b in boxes])
+    if texts is not None:
+        feats["image/object/class/text"] = bytes_feature([t.encode() for t in texts])
+    if labels is not None:
+        feats["image/object/class/label"] = int64_feature(labels)
+    if difficult is not None:
+        feats["image/object/difficult"] = int64_feature(difficult)
+    if masks is not None:
+        feats["image/object/mask"] = bytes_feature(masks)
+    return frame(example(feats))
+
+
+def write(path: Path, *records: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(records))
+    return path
+
+
+BOX = (0.25, 0.2, 0.75, 0.8)  # 5, 2, 10 x 6 px in a 20 x 10 image
+
+
+# --- the file each image is written as ---
+
+def test_images_are_named_by_filename_then_source_id_then_record_number(tmp_path):
+    """image/filename's last part (Windows or POSIX separators, never a way out of the folder), else
+    image/source_id's, else record-N; the suffix of image/format (.jpg when there is none) is added
+    to a name without an image suffix; a name taken already gets -2, -3."""
+    pictures = [_png(np.full((10, 20, 3), 10 * i, np.uint8)) for i in range(9)]
+    names = [
+        dict(filename="C:\\data\\cats\\img_7.jpg", source_id="7", fmt="jpeg"),
+        dict(filename="..", source_id="scans\\0042", fmt="png"),
+        dict(source_id="..", fmt=None),
+        dict(fmt="png"),
+        dict(filename="img_7.jpg", fmt="jpeg"),
+        dict(filename="../../outside.jpg"),
+        dict(filename="notes.txt", fmt="PNG"),
+        dict(filename="photo"),
+        dict(filename="img_7.jpg", fmt="jpeg"),
+    ]
+    src = write(tmp_path / "a.tfrecord", *(record(**n, encoded=p, boxes=[BOX], texts=["cat"])
+                                           for n, p in zip(names, pictures, strict=True)))
+    out = tmp_path / "deep" / "images"
+    dataset = convert_tfrecord([src], out)
+    expected = ["img_7.jpg", "0042.png", "record-2.jpg", "record-3.png", "img_7-2.jpg", "outside.jpg",
+                "notes.txt.png", "photo.jpg", "img_7-3.jpg"]
+    by_id = {i["id"]: i["file_name"] for i in dataset.images}
+    assert [by_id[a["image_id"]] for a in dataset.annotations] == expected  # one box per record, in order
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    for name, picture in zip(expected, pictures, strict=True):
+        assert (out / name).read_bytes() == picture
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tfrecord", "deep"]
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["images"]
+
+
+# --- the record files read ---
+
+def test_files_and_globs_are_read_in_the_order_given(tmp_path, monkeypatch):
+    """A glob expands to its matches in sorted order, in the place it was given; a path relative to
+    no root is taken from the working folder, an absolute one whatever the root."""
+    for name in ("b.tfrecord", "a-2.tfrecord", "a-1.tfrecord", "c.tfrecord"):
+        write(tmp_path / "records" / name, record(filename=f"{name}.png"))
+    records = tmp_path / "records"
+    assert expand_files(["b.tfrecord", "a-*.tfrecord", "c.tfrecord"], records) == [
+        records / "b.tfrecord", records / "a-1.tfrecord", records / "a-2.tfrecord", records / "c.tfrecord"]
+    assert expand_files([str(records / "c.tfrecord")], tmp_path / "elsewhere") == [records / "c.tfrecord"]
+    monkeypatch.chdir(records)
+    assert expand_files(["c.tfrecord", Path("a-?.tfrecord")]) == [
+        Path("c.tfrecord"), Path("a-1.tfrecord"), Path("a-2.tfrecord")]
+    dataset = convert_tfrecord(["a-*.tfrecord", "b.tfrecord"], tmp_path / "im")
+    assert sorted(i["file_name"] for i in dataset.images) == ["a-1.tfrecord.png", "a-2.tfrecord.png",
+                                                              "b.tfrecord.png"]
+
+
+def test_missing_files_and_empty_globs_are_refused_by_name(tmp_path, capsys):
+    write(tmp_path / "a.tfrecord", record(filename="a.png"))
+    with pytest.raises(TransferKitError, match=r"^TFRecord file not found: .*/Xtrain\.tfrecord$"):
+        expand_files(["a.tfrecord", "Xtrain.tfrecord"], tmp_path)
+    with pytest.raises(TransferKitError, match=r"^no TFRecord file matches .*/val-\*\.tfrecord$"):
+        expand_files(["a.tfrecord", "val-*.tfrecord"], tmp_path)
+    with pytest.raises(TransferKitError, match=r"^no TFRecord files given$"):
+        expand_files([], tmp_path)
+    assert main(["data", "convert", "--from", "tfrecord", str(tmp_path / "a.tfrecord"), str(tmp_path / "b.record"),
+                 "--images", str(tmp_path / "im"), "--out", str(tmp_path / "a.json")]) == 2
+    assert capsys.readouterr().err == f"error: TFRecord file not found: {tmp_path / 'b.record'}\n"
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_converting_needs_a_folder_for_the_images(tmp_path, capsys):
+    src = write(tmp_path / "a.tfrecord", record(filename="a.png"))
+    assert main(["data", "convert", "--from", "tfrecord", str(src), "--out", str(tmp_path / "a.json")]) == 2
+    assert capsys.readouterr().err == ("error: --from tfrecord needs --images DIR: the records' images are "
+                                       "written there\n")
+
+
+# --- masks ---
+
+def test_png_masks_become_each_objects_rle_whatever_the_png_mode(tmp_path):
+    """A mask's nonzero pixels are the object: grey, RGB or palette PNGs alike."""
+    masks = []
+    for k in range(3):
+        m = np.zeros((10, 20), np.uint8)
+        m[1 + k:4 + k, 2 + 3 * k:6 + 3 * k] = 1
+        masks.append(m)
+    colour = np.zeros((10, 20, 3), np.uint8)
+    colour[masks[1] == 1] = (200, 0, 0)
+    palette = Image.fromarray(masks[2], "L").convert("P")
+    palette.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    buf = io.BytesIO()
+    palette.save(buf, "PNG")
+    pngs = [_png(masks[0] * 255), _png(colour), buf.getvalue()]
+    assert [Image.open(io.BytesIO(p)).mode for p in pngs] == ["L", "RGB", "P"]
+    src = write(tmp_path / "m.tfrecord", record(filename="m.png", boxes=[BOX] * 3, texts=["cat"] * 3, masks=pngs))
+    dataset = convert_tfrecord([src], tmp_path / "im")
+    assert len(dataset.annotations) == 3
+    for ann, expected in zip(dataset.annotations, masks, strict=True):
+        seg = ann["segmentation"]
+        assert seg["size"] == [10, 20]
+        assert (mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}) == expected).all()
+
+
+def test_masks_that_do_not_fit_the_boxes_or_the_image_are_refused(tmp_path):
+    one = _png(np.ones((10, 20), np.uint8))
+    src = write(tmp_path / "few.tfrecord", record(filename="a.png", boxes=[BOX, BOX], texts=["cat", "dog"],
+                                                  masks=[one]))
+    with pytest.raises(TransferKitError, match=r"few\.tfrecord: record 0: 1 masks for 2 boxes$"):
+        convert_tfrecord([src], tmp_path / "im1")
+    small = _png(np.ones((4, 5), np.uint8))  # 5 wide, 4 high
+    src = write(tmp_path / "size.tfrecord", record(filename="a.png"),
+                record(filename="b.png", boxes=[BOX], texts=["cat"], masks=[small]))
+    with pytest.raises(TransferKitError, match=r"size\.tfrecord: record 1: a mask is 5x4, the image 20x10$"):
+        convert_tfrecord([src], tmp_path / "im2")
+
+
+# --- classes ---
+
+def test_records_with_labels_but_no_text_name_their_classes_by_number(tmp_path):
+    src = write(tmp_path / "l.tfrecord", record(filename="a.png", boxes=[BOX, BOX], labels=[3, 1]),
+                record(filename="b.png", boxes=[BOX], labels=[3]))
+    doc = convert_tfrecord([src], tmp_path / "im").to_dict()
+    assert [c["name"] for c in doc["categories"]] == ["1", "3"]
+    assert [a["category_id"] for a in doc["annotations"]] == [2, 1, 2]
+
+
+def test_a_label_named_two_ways_is_refused_with_both_names(tmp_path):
+    src = write(tmp_path / "c.tfrecord", record(filename="a.png", boxes=[BOX], texts=["cat"], labels=[1]),
+                record(filename="b.png", boxes=[BOX], texts=["dog"], labels=[1]))
+    with pytest.raises(TransferKitError, match=r"c\.tfrecord: class/label 1 is named both 'cat' and 'dog' "
+                                               r"\(record 1\); give --classes$"):
+        convert_tfrecord([src], tmp_path / "im")
+
+
+def test_difficult_objects_are_left_out_unless_kept(tmp_path):
+    src = write(tmp_path / "d.tfrecord", record(filename="a.png", boxes=[BOX, (0, 0, 0.5, 0.5)],
+                                                texts=["cat", "dog"], difficult=[0, 1]))
+    dataset = convert_tfrecord([src], tmp_path / "im")
+    assert [(a["category_id"], a["bbox"]) for a in dataset.annotations] == [(1, [5.0, 2.0, 10.0, 6.0])]
+    assert dataset.skipped == [{"file": f"{src} record 0 object 2", "what": "difficult",
+                                "reason": "dog marked difficult", "level": "note"}]
+    kept = convert_tfrecord([src], tmp_path / "kept", keep_difficult=True)
+    assert [(a["category_id"], a["bbox"]) for a in kept.annotations] == [(1, [5.0, 2.0, 10.0, 6.0]),
+                                                                         (2, [0.0, 0.0, 10.0, 5.0])]
+    assert kept.skipped == []
