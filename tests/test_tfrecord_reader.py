@@ -126,6 +126,19 @@ def test_files_and_globs_are_read_in_the_order_given(tmp_path, monkeypatch):
                                                               "b.tfrecord.png"]
 
 
+def test_a_file_named_twice_is_read_once_where_it_first_appears(tmp_path, monkeypatch):
+    """By its name and by a pattern, or by two patterns, or by two spellings of one path: read twice,
+    its images would be in the data twice, perhaps on both sides of a validation split."""
+    for name in ("a-1.tfrecord", "a-2.tfrecord", "b.tfrecord"):
+        write(tmp_path / "records" / name, record(filename=f"{name}.png"))
+    records = tmp_path / "records"
+    assert expand_files(["a-2.tfrecord", "*.tfrecord", "a-?.tfrecord", "./b.tfrecord"], records) == [
+        records / "a-2.tfrecord", records / "a-1.tfrecord", records / "b.tfrecord"]
+    dataset = convert_tfrecord([str(records / "b.tfrecord"), str(records / "*.tfrecord")], tmp_path / "im")
+    assert sorted(i["file_name"] for i in dataset.images) == ["a-1.tfrecord.png", "a-2.tfrecord.png",
+                                                              "b.tfrecord.png"]
+
+
 def test_missing_files_and_empty_globs_are_refused_by_name(tmp_path, capsys):
     write(tmp_path / "a.tfrecord", record(filename="a.png"))
     with pytest.raises(TransferKitError, match=r"^TFRecord file not found: .*/Xtrain\.tfrecord$"):

@@ -29,7 +29,9 @@ FORMAT_SUFFIX = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png", "bmp": ".bmp", "g
 
 
 def expand_files(files: Iterable[str | Path], root: Path | None = None) -> list[Path]:
-    """TFRecord paths, with glob patterns (train-*.tfrecord) expanded in sorted order."""
+    """TFRecord paths, with glob patterns (train-*.tfrecord) expanded in sorted order. A file named
+    twice (by two patterns, or by a pattern and its own name) is read once, where it first appears:
+    read twice, its images would be in the data twice, perhaps on both sides of a validation split."""
     out: list[Path] = []
     for item in files:
         path = Path(item) if root is None or Path(item).is_absolute() else root / item
@@ -44,7 +46,12 @@ def expand_files(files: Iterable[str | Path], root: Path | None = None) -> list[
             out.append(path)
     if not out:
         raise TransferKitError("no TFRecord files given")
-    return out
+    kept, seen = [], set()
+    for path in out:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            kept.append(path)
+    return kept
 
 
 def _label_names(examples: list[DetectionExample], where: str) -> dict[int, str]:
@@ -62,9 +69,9 @@ def _label_names(examples: list[DetectionExample], where: str) -> dict[int, str]
 def _image_name(ex: DetectionExample, taken: set[str]) -> str:
     suffix = FORMAT_SUFFIX.get(ex.fmt, "")
     name = Path(ex.filename.replace("\\", "/")).name if ex.filename else ""
-    if name in ("", ".", ".."):
+    if name in ("", ".."):  # Path(...).name is never "."
         stem = Path(ex.source_id.replace("\\", "/")).name if ex.source_id else ""
-        name = stem if stem not in ("", ".", "..") else f"record-{ex.index}"
+        name = stem if stem not in ("", "..") else f"record-{ex.index}"
     if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
         name += suffix or ".jpg"
     unique, k = name, 1
