@@ -54,13 +54,17 @@ def convert_csv(path: str | Path, images: str | Path | None, classes: list[str] 
     names = {c: c for c in COLUMNS} | (columns or {})
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
+            reader = csv.reader(fh)
+            header = next(reader, [])
             missing = [names[c] for c in ("filename", "class", *BOX) if names[c] not in header]
             if missing:
                 raise TransferKitError(f"{path}: no column {missing[0]!r} in the header ({', '.join(header)}); "
                                        "name the columns with --columns FIELD=HEADER")
-            rows = [(n, row) for n, row in enumerate(reader, 2)]
+            rows, start = [], reader.line_num + 1
+            for cells in reader:  # a row is named by the line it starts on: blank lines and quoted line breaks count
+                if cells:  # a short row's missing cells read as empty, extra cells are ignored
+                    rows.append((start, dict(zip(header, cells, strict=False))))
+                start = reader.line_num + 1
     except FileNotFoundError:
         raise TransferKitError(f"CSV file not found: {path}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
