@@ -240,6 +240,21 @@ def test_difficult_objects_are_left_out_unless_kept(tmp_path):
     assert kept.skipped == []
 
 
+def test_crowd_regions_stay_crowd_regions(tmp_path):
+    """image/object/is_crowd (written by the TF OD API's create_coco_tf_record.py) becomes COCO's
+    iscrowd, which evaluation ignores and training leaves out; a count that does not fit the boxes
+    is refused."""
+    src = write(tmp_path / "c.tfrecord", record(filename="a.png", boxes=[BOX, (0, 0, 0.5, 0.5)], texts=["cat", "cat"],
+                                                extra={"image/object/is_crowd": int64_feature([0, 1])}))
+    dataset = convert_tfrecord([src], tmp_path / "im")
+    assert [(a["bbox"], a["iscrowd"]) for a in dataset.annotations] == [([5.0, 2.0, 10.0, 6.0], 0),
+                                                                         ([0.0, 0.0, 10.0, 5.0], 1)]
+    bad = write(tmp_path / "b.tfrecord", record(filename="a.png", boxes=[BOX], texts=["cat"],
+                                                extra={"image/object/is_crowd": int64_feature([0, 1])}))
+    with pytest.raises(TransferKitError, match=r"b\.tfrecord: record 0: image/object/is_crowd has 2 values for 1 box"):
+        convert_tfrecord([bad], tmp_path / "im2")
+
+
 # --- the folder the images are written into ---
 
 def test_the_images_are_written_into_a_new_or_empty_folder_only(tmp_path):

@@ -212,6 +212,7 @@ class DetectionExample:
     difficult: list[int]
     masks: list = field(default_factory=list)  # PNG bytes per object, or one flat float list for all
     encoded: bytes = b""
+    crowd: list[int] = field(default_factory=list)  # image/object/is_crowd, as create_coco_tf_record.py writes
 
 
 def _text(values: list, key: str, where: str) -> str:
@@ -245,7 +246,9 @@ def detection_example(feats: dict[str, list], index: int, where: str) -> Detecti
              if isinstance(v, bytes)]
     labels = _ints(feats, "image/object/class/label", where)
     difficult = _ints(feats, "image/object/difficult", where)
-    for key, values in (("class/text", texts), ("class/label", labels), ("difficult", difficult)):
+    crowd = _ints(feats, "image/object/is_crowd", where)
+    for key, values in (("class/text", texts), ("class/label", labels), ("difficult", difficult),
+                        ("is_crowd", crowd)):
         if values and len(values) != n:
             raise TransferKitError(f"{where}: image/object/{key} has {len(values)} values for {n} boxes")
     if not texts and not labels and n:
@@ -258,7 +261,7 @@ def detection_example(feats: dict[str, list], index: int, where: str) -> Detecti
         fmt=_text(feats.get("image/format", []), "image/format", where).lower(),
         width=width[0] if width else 0, height=height[0] if height else 0,
         boxes=list(zip(*coords, strict=True)), texts=texts, labels=labels, difficult=difficult,
-        masks=list(feats.get("image/object/mask", [])), encoded=encoded[0] if encoded else b"")
+        masks=list(feats.get("image/object/mask", [])), encoded=encoded[0] if encoded else b"", crowd=crowd)
 
 
 def read_examples(files: list[Path]):
