@@ -303,3 +303,18 @@ def test_a_torchvision_source_is_checked_against_the_sha256_given_too(server, mo
     with pytest.raises(TransferKitError, match=f"expected {'0' * 64}; the file was removed"):
         resolve_source("torchvision:Any_Weights.COCO_V1", sha256="0" * 64)
     assert resolve_source("torchvision:Any_Weights.COCO_V1", sha256=digest).read_bytes() == data
+
+
+def test_a_refused_connection_names_the_reason_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/w.pth"
+    with pytest.raises(TransferKitError) as caught:
+        download(url, dest_dir=tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"download of {url} failed ([Errno ") and "Connection refused" in message
+    assert message.endswith("); rerun to resume, or download it yourself and give the path")
+    assert "urlopen error" not in message  # the reason itself, not urllib's wrapper around it
