@@ -343,3 +343,30 @@ def test_split_lists_are_read_as_utf8_whatever_the_locale(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['a.jpg']"
+
+
+def test_a_broken_object_is_skipped_naming_it_and_the_next_objects_are_kept(tmp_path):
+    """An object without <bndbox>, with a corner that is not a number, or with no area inside the
+    image is an error entry naming the XML and the object's number; the XML's other objects stay."""
+    labels = tmp_path / "labels"
+    xml = write_xml(labels / "a.xml", "a.png", objects=[
+        "<object><name>cat</name></object>", obj("cat", box=(2, "abc", 11, 13)), obj("cat", box=(50, 3, 60, 13)),
+        obj("cat")])
+    write_image(labels / "a.png")
+    found = convert_voc(labels)
+    assert [a["bbox"] for a in found.annotations] == [[1.0, 2.0, 10.0, 11.0]]
+    assert found.skipped == [
+        {"file": f"{xml} object 1", "what": "object", "reason": f"{xml} object 1: no <bndbox>", "level": "error"},
+        {"file": f"{xml} object 2", "what": "object",
+         "reason": f"{xml} object 2: <ymin> is 'abc', not a finite number", "level": "error"},
+        {"file": f"{xml} object 3", "what": "cat box",
+         "reason": "no area inside the 40x30 image (49.0, 2.0, 11.0, 11.0)", "level": "error"}]
+
+
+def test_a_filename_with_an_image_extension_is_taken_as_it_is(tmp_path):
+    """<filename>photo.jpg</filename> names photo.jpg: a photo.jpg.png beside it is another file."""
+    labels = tmp_path / "labels"
+    xml = write_xml(labels / "a.xml", "photo.jpg")
+    write_image(labels / "photo.jpg.png")
+    found = convert_voc(labels)
+    assert names(found) == [] and [s["file"] for s in found.skipped] == [str(xml)]
