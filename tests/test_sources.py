@@ -318,3 +318,23 @@ def test_a_refused_connection_names_the_reason_once(tmp_path):
     assert message.startswith(f"download of {url} failed ([Errno ") and "Connection refused" in message
     assert message.endswith("); rerun to resume, or download it yourself and give the path")
     assert "urlopen error" not in message  # the reason itself, not urllib's wrapper around it
+
+
+def test_what_a_source_names_a_url_a_run_folder_or_a_folder_of_files(tmp_path, monkeypatch):
+    """https:// and http:// go to the download; a transferkit run folder gives its last weights; any
+    other folder is refused naming it."""
+    from transferkit.weights import sources
+
+    fetched = []
+    monkeypatch.setattr(sources, "download", lambda url, sha256=None: fetched.append(url) or tmp_path / "w.pth")
+    (tmp_path / "w.pth").write_bytes(checkpoint_bytes())
+    for url in ("https://example.org/w.pth", "http://example.org/w.pth"):
+        assert resolve_source(url) == tmp_path / "w.pth"
+    assert fetched == ["https://example.org/w.pth", "http://example.org/w.pth"]
+    run = tmp_path / "runs" / "mine"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.safetensors").write_bytes(b"x")
+    assert resolve_source(run) == run / "checkpoints" / "last.safetensors"
+    with pytest.raises(TransferKitError) as caught:
+        resolve_source(tmp_path / "runs")
+    assert str(caught.value) == f"weights source {tmp_path / 'runs'} is a directory; give the weights file inside it"
