@@ -338,3 +338,12 @@ def test_what_a_source_names_a_url_a_run_folder_or_a_folder_of_files(tmp_path, m
     with pytest.raises(TransferKitError) as caught:
         resolve_source(tmp_path / "runs")
     assert str(caught.value) == f"weights source {tmp_path / 'runs'} is a directory; give the weights file inside it"
+
+
+def test_a_local_file_is_checked_against_the_sha256_given(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(checkpoint_bytes())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert resolve_source(path, sha256=digest.upper()) == path
+    with pytest.raises(TransferKitError, match=f"does not match the expected sha256 {'0' * 64}$"):
+        resolve_source(path, sha256="0" * 64)
