@@ -172,7 +172,7 @@ def read_tfrecord_dataset(files: list[Path], classes: list[str] | None = None, k
                 out.skip(obj, "difficult", f"{cls} marked difficult", "note")
                 continue
             w, h = ex.width, ex.height
-            # a crowd region: evaluation ignores detections on it and training leaves it out, as COCO's
+            # is_crowd becomes COCO's iscrowd: evaluation ignores detections on the region, training leaves it out
             out.add_box(image_id, cls, x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h, w, h, obj,
                         iscrowd=1 if ex.crowd and ex.crowd[k] else 0, segmentation=ex.masks[k])
     return out, located
