@@ -4,6 +4,7 @@ images without boxes, header names, and the rows and files refused or skipped, e
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -125,9 +126,9 @@ def test_half_filled_rows_are_skipped_naming_the_row(tmp_path):
     assert (no_class["file"], no_class["what"], no_class["reason"]) == (
         f"{path}:2", "object", "class '' is not in the class list")
     assert bad == [
-        {"file": f"{path}:3", "what": "object", "reason": f"{path}:3: xmin is '', not a finite number",
+        {"file": f"{path}:3", "what": "object", "reason": "xmin is '', not a finite number",
          "level": "error"},
-        {"file": f"{path}:4", "what": "object", "reason": f"{path}:4: ymax is '', not a finite number",
+        {"file": f"{path}:4", "what": "object", "reason": "ymax is '', not a finite number",
          "level": "error"},
     ]
     assert boxes(data) == [("a.jpg", "car", [3.0, 4.0, 10.0, 10.0], 100.0)]
@@ -143,7 +144,7 @@ def test_coordinates_that_are_not_finite_numbers_are_errors_naming_row_and_colum
                      "a.jpg,40,30,car, 3 ,4 ,13, 14")
     data = convert_csv(path, tmp_path)
     assert data.skipped == [
-        {"file": f"{path}:{n}", "what": "object", "reason": f"{path}:{n}: {column} is {text!r}, not a finite number",
+        {"file": f"{path}:{n}", "what": "object", "reason": f"{column} is {text!r}, not a finite number",
          "level": "error"}
         for n, column, text in [(2, "xmin", "abc"), (3, "ymin", "nan"), (4, "xmax", "inf"), (5, "ymax", "-Infinity")]
     ]
@@ -314,10 +315,29 @@ def test_rows_are_named_by_the_line_they_start_on(tmp_path):
                      "a.jpg,40,30,bus,1,2,11,12")
     data = convert_csv(path, tmp_path, ["car", "big\ncar"])
     assert [(s["file"], s["reason"]) for s in data.skipped] == [
-        (f"{path}:3", f"{path}:3: xmin is 'x', not a finite number"),
-        (f"{path}:6", f"{path}:6: xmin is 'abc', not a finite number"),
+        (f"{path}:3", "xmin is 'x', not a finite number"),
+        (f"{path}:6", "xmin is 'abc', not a finite number"),
         (f"{path}:7", "class 'bus' is not in the class list"),
     ]
+
+
+def test_a_row_of_blank_cells_is_a_blank_line(tmp_path):
+    """A line of spaces or of empty cells (a spreadsheet's trailing rows) is passed over like a blank line,
+    not taken for a row with no filename, which stops the conversion."""
+    path = write_csv(tmp_path, HEADER,
+                     "a.jpg,40,30,car,1,2,11,12",
+                     "   ",
+                     ",,,,,,,",
+                     " , ,\t, ,,,,",
+                     "b.jpg,40,30,car,3,4,13,14",
+                     "b.jpg,40,30,car,abc,4,13,14")
+    data = convert_csv(path, tmp_path)
+    assert boxes(data) == [("a.jpg", "car", [1.0, 2.0, 10.0, 10.0], 100.0),
+                           ("b.jpg", "car", [3.0, 4.0, 10.0, 10.0], 100.0)]
+    assert [(s["file"], s["reason"]) for s in data.skipped] == [(f"{path}:7", "xmin is 'abc', not a finite number")]
+    path = write_csv(tmp_path, HEADER, "a.jpg,40,30,car,1,2,11,12", " ,40,30,car,1,2,11,12")
+    with pytest.raises(TransferKitError, match=rf"^{re.escape(str(path))}:3: filename '' must be a path inside --images$"):
+        convert_csv(path, tmp_path)
 
 
 def test_cli_converts_with_renamed_columns_and_a_classes_file(tmp_path):

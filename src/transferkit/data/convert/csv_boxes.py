@@ -34,7 +34,7 @@ def parse_columns(text: str | None) -> dict[str, str]:
     return out
 
 
-def _number(row: dict, header: str, where: str) -> float:
+def _number(row: dict, header: str) -> float:
     text = (row.get(header) or "").strip()
     try:
         value = float(text)
@@ -42,7 +42,7 @@ def _number(row: dict, header: str, where: str) -> float:
             raise ValueError
         return value
     except ValueError:
-        raise ValueError(f"{where}: {header} is {text!r}, not a finite number") from None
+        raise ValueError(f"{header} is {text!r}, not a finite number") from None
 
 
 def convert_csv(path: str | Path, images: str | Path | None, classes: list[str] | None = None,
@@ -62,7 +62,9 @@ def convert_csv(path: str | Path, images: str | Path | None, classes: list[str] 
                                        "name the columns with --columns FIELD=HEADER")
             rows, start = [], reader.line_num + 1
             for cells in reader:  # a row is named by the line it starts on: blank lines and quoted line breaks count
-                if cells:  # a short row's missing cells read as empty, extra cells are ignored
+                # A row of blank cells is a blank line; a short row's missing cells read as empty, extra
+                # cells are ignored.
+                if any(c.strip() for c in cells):
                     rows.append((start, dict(zip(header, cells, strict=False))))
                 start = reader.line_num + 1
     except FileNotFoundError:
@@ -82,8 +84,8 @@ def convert_csv(path: str | Path, images: str | Path | None, classes: list[str] 
         image_id = ids[name]
         first_n, first = file_rows[0]
         try:
-            width = int(_number(first, names["width"], f"{path}:{first_n}"))
-            height = int(_number(first, names["height"], f"{path}:{first_n}"))
+            width = int(_number(first, names["width"]))
+            height = int(_number(first, names["height"]))
         except ValueError:
             width = height = 0
         if width <= 0 or height <= 0:
@@ -102,7 +104,7 @@ def convert_csv(path: str | Path, images: str | Path | None, classes: list[str] 
                 out.skip(where, "object", f"class {cls!r} is not in the class list", "note")
                 continue
             try:
-                x0, y0, x1, y1 = (_number(row, names[k], where) for k in BOX)
+                x0, y0, x1, y1 = (_number(row, names[k]) for k in BOX)
             except ValueError as exc:
                 out.skip(where, "object", str(exc))
                 continue
