@@ -356,9 +356,9 @@ def test_a_broken_object_is_skipped_naming_it_and_the_next_objects_are_kept(tmp_
     found = convert_voc(labels)
     assert [a["bbox"] for a in found.annotations] == [[1.0, 2.0, 10.0, 11.0]]
     assert found.skipped == [
-        {"file": f"{xml} object 1", "what": "object", "reason": f"{xml} object 1: no <bndbox>", "level": "error"},
+        {"file": f"{xml} object 1", "what": "object", "reason": "no <bndbox>", "level": "error"},
         {"file": f"{xml} object 2", "what": "object",
-         "reason": f"{xml} object 2: <ymin> is 'abc', not a finite number", "level": "error"},
+         "reason": "<ymin> is 'abc', not a finite number", "level": "error"},
         {"file": f"{xml} object 3", "what": "cat box",
          "reason": "no area inside the 40x30 image (49.0, 2.0, 11.0, 11.0)", "level": "error"}]
 

@@ -23,28 +23,28 @@ from transferkit.errors import TransferKitError
 POLYGON_TYPES = ("polygon", "rectangle", "circle")
 
 
-def _polygon(shape: dict, where: str) -> list[tuple[float, float]]:
+def _polygon(shape: dict) -> list[tuple[float, float]]:
     try:
         pts = [(float(x), float(y)) for x, y in shape["points"]]
         if not all(math.isfinite(v) for pt in pts for v in pt):
             raise ValueError
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{where}: `points` must be a list of [x, y]") from None
+        raise ValueError("`points` must be a list of [x, y]") from None
     kind = shape.get("shape_type") or "polygon"
     if kind == "rectangle":
         if len(pts) != 2:
-            raise ValueError(f"{where}: a rectangle needs 2 points, has {len(pts)}")
+            raise ValueError(f"a rectangle needs 2 points, has {len(pts)}")
         (x0, y0), (x1, y1) = pts
         x0, x1, y0, y1 = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
         return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
     if kind == "circle":
         if len(pts) != 2:
-            raise ValueError(f"{where}: a circle needs 2 points, has {len(pts)}")
+            raise ValueError(f"a circle needs 2 points, has {len(pts)}")
         (cx, cy), (px, py) = pts
         r = math.hypot(px - cx, py - cy)
         return [(cx + r * math.cos(2 * math.pi * k / 32), cy + r * math.sin(2 * math.pi * k / 32)) for k in range(32)]
     if len(pts) < 3:
-        raise ValueError(f"{where}: a polygon needs 3 or more points, has {len(pts)}")
+        raise ValueError(f"a polygon needs 3 or more points, has {len(pts)}")
     return pts
 
 
@@ -112,7 +112,7 @@ def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> Coc
                 out.skip(where, "shape", f"class {label!r} is not in the class list", "note")
                 continue
             try:
-                poly = _polygon(shape, where)
+                poly = _polygon(shape)
             except ValueError as exc:
                 out.skip(where, "shape", str(exc))
                 continue

@@ -32,7 +32,7 @@ from transferkit.errors import TransferKitError
 IMAGE_FOLDERS = ("images", "JPEGImages")
 
 
-def _num(node, tag: str, where: str) -> float:
+def _num(node, tag: str) -> float:
     text = node.findtext(tag)
     try:
         value = float(text)
@@ -40,7 +40,7 @@ def _num(node, tag: str, where: str) -> float:
             raise ValueError
         return value
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: <{tag}> is {text!r}, not a finite number") from None
+        raise ValueError(f"<{tag}> is {text!r}, not a finite number") from None
 
 
 def is_year_folder(root: Path) -> bool:
@@ -212,8 +212,8 @@ def _add_entry(out: CocoDataset, e: _Entry, image_id: int, file_name: str, keep_
     xml, node = e.xml, e.node
     size = node.find("size") if node is not None else None
     try:
-        width = int(_num(size, "width", str(xml))) if size is not None else 0
-        height = int(_num(size, "height", str(xml))) if size is not None else 0
+        width = int(_num(size, "width")) if size is not None else 0
+        height = int(_num(size, "height")) if size is not None else 0
     except ValueError:
         width = height = 0
     if width <= 0 or height <= 0:
@@ -233,8 +233,8 @@ def _add_entry(out: CocoDataset, e: _Entry, image_id: int, file_name: str, keep_
         box = obj.find("bndbox")
         try:
             if box is None:
-                raise ValueError(f"{where}: no <bndbox>")
-            xmin, ymin, xmax, ymax = (_num(box, t, where) for t in ("xmin", "ymin", "xmax", "ymax"))
+                raise ValueError("no <bndbox>")
+            xmin, ymin, xmax, ymax = (_num(box, t) for t in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError as exc:
             out.skip(where, "object", str(exc))
             continue
