@@ -156,6 +156,8 @@ def test_labelme_skips_each_shape_it_cannot_use_with_the_reason(tmp_path):
         {"label": "cat", "shape_type": None, "points": triangle},  # no type: a polygon
         {"label": "cat", "group_id": None, "points": triangle},  # ungrouped shapes are instances each
         {"label": "dog", "group_id": None, "points": triangle},
+        {"points": triangle},  # no label: a broken shape, and no class "None"
+        {"label": "", "points": triangle},
     ]
     (tmp_path / "a.json").write_text(json.dumps({**LABELME, "imagePath": "a.png", "shapes": shapes}))
     (tmp_path / ".transferkit-outputs.json").write_text("{}")  # an output manifest is not an annotation file
@@ -174,6 +176,8 @@ def test_labelme_skips_each_shape_it_cannot_use_with_the_reason(tmp_path):
         (f"{where} 8", "shape", "a polygon needs 3 or more points, has 2", "error"),
         (f"{where} 9", "shape", "group_id True is not a number", "error"),
         (f"{where} 10", "shape", "group_id 1.5 is not a number", "error"),
+        (f"{where} 15", "shape", "no class: `label` is empty or missing", "error"),
+        (f"{where} 16", "shape", "no class: `label` is empty or missing", "error"),
         (str(tmp_path / "a.json"), "dog box", "no area inside the 200x100 image (300.0, 10.0, 20.0, 20.0)", "error"),
     ]
     # without a class list: the labels of shapes with an area, but __ignore__
@@ -397,8 +401,8 @@ def test_cityscapes_splits_class_lists_and_odd_objects(tmp_path):
     assert clipped["bbox"] == [0.0, 0.0, 10.0, 10.0]
     assert [(s["file"], s["what"], s["reason"], s["level"]) for s in coco.skipped] == [
         (f"{train} object 2", "object", "'persongroup' is not an instance class", "note"),
-        (f"{train} object 3", "object", "'' is not an instance class", "note"),
-        (f"{train} object 4", "object", "'' is not an instance class", "note"),
+        (f"{train} object 3", "object", "not an object", "error"),
+        (f"{train} object 4", "object", "no class: `label` is empty or missing", "error"),
         (f"{train} object 5", "object", "'car park' is not an instance class", "note"),
         (f"{train} object 6", "object", "`polygon` is not a list of 3 or more [x, y]", "error"),
         (f"{train} object 7", "car box", "no area inside the 100x50 image (5.0, 5.0, 0.0, 15.0)", "error"),

@@ -123,8 +123,8 @@ def test_half_filled_rows_are_skipped_naming_the_row(tmp_path):
                      "a.jpg,40,30,car,3,4,13,14")
     data = convert_csv(path, tmp_path)
     no_class, *bad = data.skipped
-    assert (no_class["file"], no_class["what"], no_class["reason"]) == (
-        f"{path}:2", "object", "class '' is not in the class list")
+    assert no_class == {"file": f"{path}:2", "what": "object", "reason": "no class: the class cell is empty",
+                        "level": "error"}
     assert bad == [
         {"file": f"{path}:3", "what": "object", "reason": "xmin is '', not a finite number",
          "level": "error"},
@@ -132,6 +132,9 @@ def test_half_filled_rows_are_skipped_naming_the_row(tmp_path):
          "level": "error"},
     ]
     assert boxes(data) == [("a.jpg", "car", [3.0, 4.0, 10.0, 10.0], 100.0)]
+    renamed = write_csv(tmp_path, HEADER.replace("class", "label"), "a.jpg,40,30, ,1,2,11,12", name="renamed.csv")
+    assert [s["reason"] for s in convert_csv(renamed, tmp_path, columns={"class": "label"}).skipped] == [
+        "no class: the label cell is empty"]
 
 
 def test_coordinates_that_are_not_finite_numbers_are_errors_naming_row_and_column(tmp_path):
@@ -336,7 +339,8 @@ def test_a_row_of_blank_cells_is_a_blank_line(tmp_path):
                            ("b.jpg", "car", [3.0, 4.0, 10.0, 10.0], 100.0)]
     assert [(s["file"], s["reason"]) for s in data.skipped] == [(f"{path}:7", "xmin is 'abc', not a finite number")]
     path = write_csv(tmp_path, HEADER, "a.jpg,40,30,car,1,2,11,12", " ,40,30,car,1,2,11,12")
-    with pytest.raises(TransferKitError, match=rf"^{re.escape(str(path))}:3: filename '' must be a path inside --images$"):
+    message = rf"^{re.escape(str(path))}:3: filename '' must be a path inside --images$"
+    with pytest.raises(TransferKitError, match=message):
         convert_csv(path, tmp_path)
 
 

@@ -163,7 +163,7 @@ def test_two_xmls_naming_one_image_are_refused(tmp_path):
 def test_objects_left_out_by_design_are_notes_naming_the_object(tmp_path):
     """Difficult objects, and classes outside --classes, are skipped as notes that name the XML and
     the object's number (from 1); the objects after them are kept. An object with no <name> is
-    never a class."""
+    never a class: it is an error (a broken annotation, not a class left out)."""
     labels = tmp_path / "labels"
     xml = write_xml(labels / "a.xml", "a.jpg", objects=[
         obj("cat", (2, 3, 11, 13)), obj("dog", (5, 5, 20, 20)), obj("dog", (1, 1, 9, 9), difficult=1),
@@ -175,8 +175,8 @@ def test_objects_left_out_by_design_are_notes_naming_the_object(tmp_path):
     assert [(a["category_id"], a["bbox"]) for a in found.annotations] == [(1, [1, 2, 10, 11]), (2, [4, 4, 16, 16])]
     assert found.skipped[0] == {"file": f"{xml} object 3", "what": "difficult", "reason": "dog marked difficult",
                                 "level": "note"}
-    assert [(s["file"], s["what"], s["reason"]) for s in found.skipped[1:]] == [
-        (f"{xml} object 4", "object", "class '' is not in the class list")]
+    assert [(s["file"], s["what"], s["reason"], s["level"]) for s in found.skipped[1:]] == [
+        (f"{xml} object 4", "object", "no class: <name> is empty or missing", "error")]
 
     only_dog = convert_voc(labels, classes=["dog"], keep_difficult=True)
     assert only_dog.categories == ["dog"]

@@ -44,9 +44,15 @@ def convert_cityscapes(root: str | Path, split: str | None = None, classes: list
         out.add_image(image_id, image_names[path], width, height)
         for n, obj in enumerate(objects, 1):
             where = f"{path} object {n}"
-            label = str(obj.get("label", "")) if isinstance(obj, dict) else ""
+            if not isinstance(obj, dict):
+                out.skip(where, "object", "not an object")
+                continue
+            label = "" if obj.get("label") is None else str(obj["label"])
             crowd = label.endswith("group") and label[: -len("group")] in out.categories
             name = label[: -len("group")] if crowd else label
+            if not name:  # a broken annotation, not a class left out on purpose
+                out.skip(where, "object", "no class: `label` is empty or missing")
+                continue
             if name not in out.categories:
                 out.skip(where, "object", f"{label!r} is not an instance class", "note")
                 continue

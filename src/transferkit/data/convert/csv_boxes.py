@@ -100,6 +100,9 @@ def convert_csv(path: str | Path, images: str | Path | None, classes: list[str] 
             cls = (row.get(names["class"]) or "").strip()
             if not cls and not any((row.get(names[k]) or "").strip() for k in BOX):
                 continue  # an image without boxes
+            if not cls:  # a box without a class is a broken row, not a class left out on purpose
+                out.skip(where, "object", f"no class: the {names['class']} cell is empty")
+                continue
             if cls not in out.categories:
                 out.skip(where, "object", f"class {cls!r} is not in the class list", "note")
                 continue

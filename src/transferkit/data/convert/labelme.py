@@ -23,6 +23,11 @@ from transferkit.errors import TransferKitError
 POLYGON_TYPES = ("polygon", "rectangle", "circle")
 
 
+def _label(shape: dict) -> str:
+    label = shape.get("label")
+    return "" if label is None else str(label)
+
+
 def _polygon(shape: dict) -> list[tuple[float, float]]:
     try:
         pts = [(float(x), float(y)) for x, y in shape["points"]]
@@ -86,8 +91,8 @@ def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> Coc
             raise TransferKitError(f"{path}: not a labelme file (no `shapes` list)")
         loaded.append((path, data))
     names = list(classes) if classes else sorted({
-        str(s.get("label")) for _, d in loaded for s in d["shapes"] if isinstance(s, dict)
-        and s.get("label") != "__ignore__" and (s.get("shape_type") or "polygon") in POLYGON_TYPES})
+        _label(s) for _, d in loaded for s in d["shapes"] if isinstance(s, dict)
+        and _label(s) not in ("", "__ignore__") and (s.get("shape_type") or "polygon") in POLYGON_TYPES})
     out = CocoDataset(names, image_root=folder)
     file_names = {p: str(d.get("imagePath") or p.with_suffix(".jpg").name) for p, d in loaded}
     ids = stable_image_ids([p.name for p, _ in loaded])
@@ -101,12 +106,15 @@ def convert_labelme(folder: str | Path, classes: list[str] | None = None) -> Coc
             if not isinstance(shape, dict):
                 out.skip(where, "shape", "not an object")
                 continue
-            label, kind = str(shape.get("label")), shape.get("shape_type") or "polygon"
+            label, kind = _label(shape), shape.get("shape_type") or "polygon"
             if label == "__ignore__":
                 out.skip(where, "shape", "label __ignore__", "note")
                 continue
             if kind not in POLYGON_TYPES:
                 out.skip(where, "shape", f"shape type {kind!r} has no area", "warning")
+                continue
+            if not label:  # a broken annotation, not a class left out on purpose
+                out.skip(where, "shape", "no class: `label` is empty or missing")
                 continue
             if label not in out.categories:
                 out.skip(where, "shape", f"class {label!r} is not in the class list", "note")

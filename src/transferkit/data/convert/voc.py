@@ -224,6 +224,9 @@ def _add_entry(out: CocoDataset, e: _Entry, image_id: int, file_name: str, keep_
     for n, obj in enumerate(node.findall("object"), 1):  # direct children: <part> boxes are not objects
         name = (obj.findtext("name") or "").strip()
         where = f"{xml} object {n}"
+        if not name:  # a broken annotation, not a class left out on purpose
+            out.skip(where, "object", "no class: <name> is empty or missing")
+            continue
         if name not in out.categories:
             out.skip(where, "object", f"class {name!r} is not in the class list", "note")
             continue
