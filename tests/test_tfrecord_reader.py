@@ -89,8 +89,9 @@ BOX = (0.25, 0.2, 0.75, 0.8)  # 5, 2, 10 x 6 px in a 20 x 10 image
 def test_images_are_named_by_filename_then_source_id_then_record_number(tmp_path):
     """image/filename's last part (Windows or POSIX separators, never a way out of the folder), else
     image/source_id's, else record-N; the suffix of image/format (.jpg when there is none) is added
-    to a name without an image suffix; a name taken already gets -2, -3."""
-    pictures = [_png(np.full((10, 20, 3), 10 * i, np.uint8)) for i in range(9)]
+    to a name without an image suffix; a name taken already, in any case (one file on macOS and
+    Windows), gets -2, -3."""
+    pictures = [_png(np.full((10, 20, 3), 10 * i, np.uint8)) for i in range(10)]
     names = [
         dict(filename="C:\\data\\cats\\img_7.jpg", source_id="7", fmt="jpeg"),
         dict(filename="..", source_id="scans\\0042", fmt="png"),
@@ -101,13 +102,14 @@ def test_images_are_named_by_filename_then_source_id_then_record_number(tmp_path
         dict(filename="notes.txt", fmt="PNG"),
         dict(filename="photo"),
         dict(filename="img_7.jpg", fmt="jpeg"),
+        dict(filename="IMG_7.JPG", fmt="jpeg"),
     ]
     src = write(tmp_path / "a.tfrecord", *(record(**n, encoded=p, boxes=[BOX], texts=["cat"])
                                            for n, p in zip(names, pictures, strict=True)))
     out = tmp_path / "deep" / "images"
     dataset = convert_tfrecord([src], out)
     expected = ["img_7.jpg", "0042.png", "record-2.jpg", "record-3.png", "img_7-2.jpg", "outside.jpg",
-                "notes.txt.png", "photo.jpg", "img_7-3.jpg"]
+                "notes.txt.png", "photo.jpg", "img_7-3.jpg", "IMG_7-4.JPG"]
     by_id = {i["id"]: i["file_name"] for i in dataset.images}
     assert [by_id[a["image_id"]] for a in dataset.annotations] == expected  # one box per record, in order
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)
@@ -222,8 +224,8 @@ def test_records_with_labels_but_no_text_name_their_classes_by_number(tmp_path):
 def test_a_label_named_two_ways_is_refused_with_both_names(tmp_path):
     src = write(tmp_path / "c.tfrecord", record(filename="a.png", boxes=[BOX], texts=["cat"], labels=[1]),
                 record(filename="b.png", boxes=[BOX], texts=["dog"], labels=[1]))
-    with pytest.raises(TransferKitError, match=r"c\.tfrecord: class/label 1 is named both 'cat' and 'dog' "
-                                               r"\(record 1\); give --classes$"):
+    message = f"{src}: record 1 names class/label 1 'dog', {src} record 0 named it 'cat'; give --classes"
+    with pytest.raises(TransferKitError, match=f"^{re.escape(message)}$"):
         convert_tfrecord([src], tmp_path / "im")
 
 
@@ -411,12 +413,12 @@ def test_classes_name_the_labels_of_records_without_text_from_one(tmp_path):
                                 "reason": "class '7' is not in the class list", "level": "note"}]
 
 
-def test_a_label_named_two_ways_across_files_names_the_first_three_files(tmp_path):
+def test_a_label_named_two_ways_across_files_names_both_records(tmp_path):
+    """The error names the file and record that named the label otherwise, and where it was named first."""
     files = [write(tmp_path / f"{k}.tfrecord", record(filename=f"{k}.png", boxes=[BOX], labels=[1],
-                                                      texts=["dog" if k == 2 else "cat"])) for k in range(1, 5)]
-    where = ", ".join(str(f) for f in files[:3])
-    with pytest.raises(TransferKitError, match=rf"^{re.escape(where)}: class/label 1 is named both 'cat' and 'dog' "
-                                               r"\(record 0\); give --classes$"):
+                                                      texts=["dog" if k == 4 else "cat"])) for k in range(1, 6)]
+    message = f"{files[3]}: record 0 names class/label 1 'dog', {files[0]} record 0 named it 'cat'; give --classes"
+    with pytest.raises(TransferKitError, match=f"^{re.escape(message)}$"):
         convert_tfrecord(files, tmp_path / "im")
 
 

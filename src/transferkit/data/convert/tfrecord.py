@@ -54,15 +54,17 @@ def expand_files(files: Iterable[str | Path], root: Path | None = None) -> list[
     return kept
 
 
-def _label_names(examples: list[DetectionExample], where: str) -> dict[int, str]:
+def _label_names(examples: list[tuple[Path, DetectionExample]]) -> dict[int, str]:
     """class/label -> its class/text (or the number, where a record gives no text)."""
     by_label: dict[int, str] = {}
-    for ex in examples:
+    first: dict[int, str] = {}  # where each label was first named, for the error
+    for path, ex in examples:
         for k, label in enumerate(ex.labels):
             text = ex.texts[k] if ex.texts else str(label)
+            first.setdefault(label, f"{path} record {ex.index}")
             if by_label.setdefault(label, text) != text:
-                raise TransferKitError(f"{where}: class/label {label} is named both {by_label[label]!r} and {text!r} "
-                                       f"(record {ex.index}); give --classes")
+                raise TransferKitError(f"{path}: record {ex.index} names class/label {label} {text!r}, "
+                                       f"{first[label]} named it {by_label[label]!r}; give --classes")
     return by_label
 
 
@@ -74,11 +76,12 @@ def _image_name(ex: DetectionExample, taken: set[str]) -> str:
         name = stem if stem not in ("", "..") else f"record-{ex.index}"
     if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
         name += suffix or ".jpg"
+    # Compared without case: on macOS and Windows file systems A.png and a.png are one file.
     unique, k = name, 1
-    while unique in taken:
+    while unique.casefold() in taken:
         k += 1
         unique = f"{Path(name).stem}-{k}{Path(name).suffix}"
-    taken.add(unique)
+    taken.add(unique.casefold())
     return unique
 
 
@@ -142,12 +145,11 @@ def read_tfrecord_dataset(files: list[Path], classes: list[str] | None = None, k
         ex.encoded = b""  # only the boxes are kept in memory
         examples.append((path, ex, name))
         samples.append(RecordSample(path, offset, length, ex.index, name))
-    where = ", ".join(str(f) for f in files[:3])
     if label_map:
         by_label = dict(label_map)
         names = list(classes) if classes else [label_map[k] for k in sorted(label_map)]
     else:
-        by_label = _label_names([ex for _, ex, _ in examples], where)
+        by_label = _label_names([(path, ex) for path, ex, _ in examples])
         if classes and not any(ex.texts for _, ex, _ in examples):  # labels only: ids count from 1
             by_label = {lb: classes[lb - 1] if 1 <= lb <= len(classes) else str(lb) for lb in by_label}
         names = list(classes) if classes else ([by_label[k] for k in sorted(by_label)] if by_label else
