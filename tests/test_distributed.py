@@ -27,6 +27,7 @@ from transferkit.training.runlog import read_metrics
 SAME = {"optim.freeze_bn": "true", "model.drop_rate": 0.0, "data.crop_scale": "[1.0,1.0]", "data.hflip": 0.0,
         "schedule.epochs": 2, "optim.name": "sgd", "optim.lr": 0.1}
 STOP_AT_STEP = REPO / "tests" / "helpers" / "stop_at_step.py"
+CLOCK_JUMP_AT_STEP = REPO / "tests" / "helpers" / "clock_jump_at_step.py"
 # The learning rate scaled with the effective batch: 0.1 x 16 / 8 in both the 2 x 8 and the 1 x 16 run.
 SCALED = {"optim.lr_scaling": "linear", "optim.lr_reference_batch": 8}
 
@@ -155,6 +156,23 @@ def test_sigterm_stops_every_rank_and_the_run_resumes(synth_root, tmp_path):
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
     assert without_seconds(read_metrics(run)) == without_seconds(read_metrics(tmp_path / "whole"))
     assert same_weights(run / "checkpoints/last.safetensors", tmp_path / "whole/checkpoints/last.safetensors")
+
+
+def test_a_state_due_by_one_ranks_clock_is_saved_by_every_rank(synth_root, tmp_path):
+    """checkpoint.every_minutes reads each rank's own clock. Rank 1's runs an hour ahead from optimiser step 3
+    (tests/helpers/clock_jump_at_step.py), rank 0's does not: the ranks agree, save the state after step 3
+    together (saving gathers every rank's position) and train on; a rank saving alone would leave the
+    other waiting."""
+    opts = [a for o in tiny_overrides(synth_root, **{**SAME, "data.batch_size": 8, "schedule.epochs": 1,
+                                                     "checkpoint.every_minutes": 30}) for a in ("-o", o)]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(CLOCK_JUMP_AT_STEP), "1", "3", "--", "train", *opts, "--out", str(run)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert states_of(run) == ["step-00000003", "step-00000005"]
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
 
 
 @pytest.fixture

@@ -87,14 +87,16 @@ def test_what_yolo_cannot_hold_is_set_aside_with_its_reason(tmp_path, export):
 
 
 def test_images_yolo_cannot_pair_by_stem_are_set_aside_and_the_next_one_still_placed(tmp_path):
+    """Stems are compared without case too: X.png and x.png are one label file on macOS and Windows."""
     images = [image(1, "x.png", 20, 10), image(2, "sub/x.jpg", 20, 10), image(3, "gone.png", 20, 10),
-              image(4, "y.png", 20, 10)]
+              image(4, "y.png", 20, 10), image(5, "X.png", 20, 10)]
     json_path = write_coco(tmp_path, images, [box(1, 2, 1, [0, 0, 4, 4]), box(2, 4, 1, [0, 0, 4, 4])],
-                           files=("x.png", "sub/x.jpg", "y.png"))
+                           files=("x.png", "sub/x.jpg", "y.png", "X.png"))
     result = export_yolo(json_path, tmp_path / "img", tmp_path / "out")
     assert result.skipped == [
         {"file": str(tmp_path / "img" / "sub" / "x.jpg"), "what": "image", "reason": "another image is named x"},
-        {"file": str(tmp_path / "img" / "gone.png"), "what": "image", "reason": "file not found"}]
+        {"file": str(tmp_path / "img" / "gone.png"), "what": "image", "reason": "file not found"},
+        {"file": str(tmp_path / "img" / "X.png"), "what": "image", "reason": "another image is named X"}]
     assert sorted(p.name for p in (tmp_path / "out" / "images" / "train").iterdir()) == ["x.png", "y.png"]
     assert [p.name for p in (tmp_path / "out" / "labels" / "train").iterdir()] == ["y.txt"]
     assert (tmp_path / "out" / "labels" / "train" / "y.txt").read_text() == "1 0.100000 0.200000 0.200000 0.400000\n"

@@ -67,13 +67,15 @@ def export_yolo(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
         if not src.is_file():
             result.skipped.append({"file": str(src), "what": "image", "reason": "file not found"})
             continue
-        if stem in stems:  # YOLO pairs images and labels by stem, within a flat folder
+        # YOLO pairs images and labels by stem, within a flat folder; stems are compared without case, as
+        # macOS and Windows file systems compare names.
+        if stem.casefold() in stems:
             result.skipped.append({"file": str(src), "what": "image", "reason": f"another image is named {stem}"})
             continue
         if not img["width"] or not img["height"]:
             result.skipped.append({"file": str(src), "what": "image", "reason": "width/height missing in the JSON"})
             continue
-        stems.add(stem)
+        stems.add(stem.casefold())
         placed.append((src, out / "images" / split / Path(img["file_name"]).name))
         lines = []
         for ann in by_image[img["id"]]:
