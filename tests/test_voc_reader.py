@@ -130,6 +130,12 @@ def test_an_xml_whose_image_is_nowhere_is_skipped_with_the_folders_looked_in(tmp
     looked = f"{labels}, {labels / 'images'}, {labels / 'JPEGImages'}, {tmp_path / 'images'}"
     reason = f"its image is not found (looked in {looked}); give --images (data.train_images) for the image folder"
     assert found.skipped == [{"file": str(labels / "a.xml"), "what": "image", "reason": reason, "level": "error"}]
+    # With --images for XMLs at the root: images/photo.jpg is looked at once, and its folder named once.
+    (tmp_path / "pictures").mkdir()
+    found = convert_voc(labels, images=tmp_path / "pictures")
+    looked = f"{tmp_path / 'pictures'}, {labels}, {labels / 'images'}, {labels / 'JPEGImages'}"
+    assert found.skipped[0]["reason"] == (f"its image is not found (looked in {looked}); give --images "
+                                          "(data.train_images) for the image folder")
 
 
 def test_when_no_xml_finds_its_image_the_dataset_is_empty_and_every_xml_is_skipped(tmp_path):

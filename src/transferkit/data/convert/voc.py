@@ -167,7 +167,7 @@ def convert_voc(root: str | Path, split: str | None = None, classes: list[str] |
                 name = (node.findtext("filename") or f"{xml.stem}.jpg").strip()
                 image = root / "JPEGImages" / name
             else:
-                shown = ", ".join(str(p.parent) for p in looked[:4])
+                shown = ", ".join(list(dict.fromkeys(str(p.parent) for p in looked))[:4])  # 4 folders, each once
                 out_skips.append((str(xml), "image", f"its image is not found (looked in {shown}); "
                                   "give --images (data.train_images) for the image folder"))
                 continue
