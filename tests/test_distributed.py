@@ -5,6 +5,7 @@ the effective batch."""
 
 import os
 import signal
+from functools import partial
 import subprocess
 import sys
 
@@ -216,9 +217,14 @@ def test_a_state_is_resumed_by_as_many_processes_as_saved_it(tmp_path):
         Processes(rank=0, world=4, active=True).check_resume(1, tmp_path)
 
 
-def test_accumulation_sums_gradients_over_the_ranks_once_a_window(synth_root, tmp_path, monkeypatch, one_rank):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_accumulation_sums_gradients_over_the_ranks_once_a_window(synth_root, tmp_path, monkeypatch, one_rank,
+                                                                   compiled):
     """With optim.accumulate, the batches that do not end a window run under DistributedDataParallel's
-    no_sync: a communication hook hears one all-reduce an optimiser step, not one a batch."""
+    no_sync: a communication hook hears one all-reduce an optimiser step, not one a batch. With
+    model.compile too (torch.compile holds the DistributedDataParallel module as _orig_mod)."""
+    if compiled:  # the eager backend: torch.compile's graph capture without generating C++
+        monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))
     heard = []
     real = Processes.wrap
 
@@ -235,7 +241,8 @@ def test_accumulation_sums_gradients_over_the_ranks_once_a_window(synth_root, tm
         return ddp
 
     monkeypatch.setattr(Processes, "wrap", wrap_and_listen)
-    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2, "optim.accumulate": 2}))
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2, "optim.accumulate": 2,
+                                                          "model.compile": str(compiled).lower()}))
     train(cfg, out=tmp_path / "run", quiet=True)
     # 72 images, batch 16: 5 batches an epoch in windows of 2, 2 and 1, so 3 steps an epoch
     assert heard.count(0) == 6  # the first bucket (every gradient of this 100k-parameter network)
