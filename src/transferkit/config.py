@@ -225,7 +225,7 @@ class ParamRule(_Section):
 class EmaConfig(_Section):
     # The EMA's decay per optimiser step (timm ModelEmaV3).
     decay: float = Field(0.999, gt=0, lt=1)
-    # timm's decay warm-up: 1 - (1 + step)^(-2/3), capped at decay, so the first steps count.
+    # timm's decay warm-up: 1 - n^(-2/3) at update n (from 1), capped at decay, so the first steps count.
     warmup: bool = True
 
 
