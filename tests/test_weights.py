@@ -478,3 +478,59 @@ def test_damaged_safetensors_are_one_line(tmp_path, header, data, reason):
     with pytest.raises(TransferKitError) as err:
         read_weights(path)
     assert str(err.value) == f"{path}: 5 bytes, too short for a safetensors file; re-download or re-save it"
+
+
+# --- weights convert: the source's tensors under their own names, with the reader's record ---
+
+def test_convert_keeps_names_and_writes_the_readers_record_as_strings(tmp_path, monkeypatch):
+    """Every tensor under its own name (tied tensors copied apart), the reader's metadata as safetensors
+    strings (non-strings as JSON), then the format and the source as given."""
+    import json
+
+    from safetensors import safe_open
+
+    from transferkit.weights import convert as convert_module
+    from transferkit.weights.formats import WeightFile
+
+    shared = torch.arange(6.0)
+    tensors = {"a.weight": shared.view(2, 3), "b.weight": shared[:3], "c": torch.tensor([7], dtype=torch.int64)}
+    read = WeightFile(tensors, "npz", tmp_path / "w.npz", {"converted": "transposed: 2", "counts": {"x": 1}, "n": 3})
+    monkeypatch.setattr(convert_module, "read_weights", lambda path: read)
+    src = tmp_path / "w.npz"
+    src.write_bytes(b"any")
+    out = tmp_path / "w.safetensors"
+    assert convert_module.convert(src, out) is read
+    with safe_open(str(out), "pt") as f:
+        assert list(f.keys()) == ["a.weight", "b.weight", "c"]
+        assert torch.equal(f.get_tensor("a.weight"), torch.arange(6.0).view(2, 3))
+        assert torch.equal(f.get_tensor("b.weight"), torch.tensor([0.0, 1.0, 2.0]))
+        assert f.get_tensor("c").dtype == torch.int64
+        assert f.metadata() == {"converted": "transposed: 2", "counts": json.dumps({"x": 1}), "n": "3",
+                                "format": "npz", "source": str(src)}
+
+
+def test_convert_checks_the_sha256_given(tmp_path):
+    from safetensors.torch import save_file
+
+    from transferkit.weights.convert import convert
+
+    src = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(2)}, str(src))
+    with pytest.raises(TransferKitError, match=rf"^{src} does not match the expected sha256 {'0' * 64}$"):
+        convert(src, tmp_path / "out.safetensors", sha256="0" * 64)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(("metadata", "line"), [
+    ({}, "none"),
+    ({"converted": "transposed: 4; folded BatchNorm: 1"}, "transposed: 4; folded BatchNorm: 1"),
+    ({"converted": '{"a": "transposed", "b": "unchanged", "c": "transposed", "d": "HWIO->OIHW"}'},
+     "transposed: 2; HWIO->OIHW: 1"),
+    ({"converted": '{"a": "unchanged"}'}, "none"),
+    ({"converted": '["transposed"]'}, '["transposed"]'),
+    ({"converted": "3"}, "3"),
+])
+def test_conversion_summary_counts_each_conversion(metadata, line):
+    from transferkit.weights.convert import conversion_summary
+
+    assert conversion_summary(metadata) == line
