@@ -10,6 +10,7 @@ from typing import get_args
 
 import pytest
 import torch
+import torchvision
 from test_sources import RangeHandler, server  # noqa: F401 - the loopback server fixture
 
 from transferkit.config import DetectionConfig, load_config
@@ -116,3 +117,38 @@ def test_a_coco_detector_by_name_starts_pedestrian_from_person(server, monkeypat
     assert torch.equal(state["backbone.features.0.0.0.weight"], source["backbone.features.0.0.0.weight"])
     requests = len(handler.requests)
     assert resolve_source(name) == resolve_source(name) and len(handler.requests) == requests  # cached
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("FCOS_ResNet50_FPN_Weights", "give a Weights enum member (FasterRCNN_ResNet50_FPN_Weights.COCO_V1) or a "
+                                  "builder's default (fasterrcnn_resnet50_fpn.DEFAULT)"),
+    (".COCO_V1", "give a Weights enum member (FasterRCNN_ResNet50_FPN_Weights.COCO_V1) or a builder's default "
+                 "(fasterrcnn_resnet50_fpn.DEFAULT)"),
+    ("NoSuch_Weights.COCO_V1", f"torchvision {torchvision.__version__} has no model 'nosuch' "
+                               "(see torchvision.models.list_models())"),
+    ("RESNET50_Weights.DEFAULT", "RESNET50_Weights is not a torchvision Weights enum; the one for resnet50 is "
+                                 "ResNet50_Weights"),
+    ("fcos_resnet50_fpn.COCO_V9", "FCOS_ResNet50_FPN_Weights has no 'COCO_V9' (it has: COCO_V1, DEFAULT)"),
+    # the member is all after the first dot
+    ("ResNet50_Weights.IMAGENET1K_V1.x", "ResNet50_Weights has no 'IMAGENET1K_V1.x' "
+                                         "(it has: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT)"),
+])
+def test_each_wrong_name_is_its_own_one_line_error(name, message):
+    with pytest.raises(TransferKitError) as err:
+        zoo.torchvision_weights(name)
+    assert str(err.value) == f"torchvision:{name}: {message}"
+
+
+def test_a_default_resolves_to_the_member_it_stands_for():
+    """`resnet50.DEFAULT` is ResNet50_Weights.IMAGENET1K_V2 in torchvision 0.29 (its name, URL and hash prefix
+    written here as torchvision publishes them)."""
+    found = zoo.torchvision_weights("resnet50.DEFAULT")
+    assert (found.name, found.builder, found.url, found.sha256_prefix) == (
+        "ResNet50_Weights.IMAGENET1K_V2", "resnet50", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+        "11ad3fa6")
+    assert len(found.categories) == 1000 and found.categories[:2] == ["tench", "goldfish"]
+
+
+def test_a_file_name_without_a_hash_has_no_prefix_to_check(monkeypatch):
+    monkeypatch.setattr(zoo, "_HASH_IN_NAME", re.compile(r"-(never)\."))
+    assert zoo.torchvision_weights("resnet50.DEFAULT").sha256_prefix is None
