@@ -152,3 +152,14 @@ def test_a_default_resolves_to_the_member_it_stands_for():
 def test_a_file_name_without_a_hash_has_no_prefix_to_check(monkeypatch):
     monkeypatch.setattr(zoo, "_HASH_IN_NAME", re.compile(r"-(never)\."))
     assert zoo.torchvision_weights("resnet50.DEFAULT").sha256_prefix is None
+
+
+def test_a_missing_member_lists_at_most_eight_of_the_enums(monkeypatch):
+    """No torchvision 0.29 enum has more than eight members; one made here has ten."""
+    import enum
+
+    many = enum.Enum("Wide_Weights", {f"V{k}": k for k in range(10)})
+    monkeypatch.setattr(zoo.models, "get_model_weights", lambda builder: many)
+    with pytest.raises(TransferKitError) as err:
+        zoo.torchvision_weights("Wide_Weights.V10")
+    assert str(err.value) == "torchvision:Wide_Weights.V10: Wide_Weights has no 'V10' (it has: V0, V1, V2, V3, V4, V5, V6, V7)"
