@@ -162,4 +162,5 @@ def test_a_missing_member_lists_at_most_eight_of_the_enums(monkeypatch):
     monkeypatch.setattr(zoo.models, "get_model_weights", lambda builder: many)
     with pytest.raises(TransferKitError) as err:
         zoo.torchvision_weights("Wide_Weights.V10")
-    assert str(err.value) == "torchvision:Wide_Weights.V10: Wide_Weights has no 'V10' (it has: V0, V1, V2, V3, V4, V5, V6, V7)"
+    assert str(err.value) == ("torchvision:Wide_Weights.V10: Wide_Weights has no 'V10' "
+                              "(it has: V0, V1, V2, V3, V4, V5, V6, V7)")
