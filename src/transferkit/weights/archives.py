@@ -114,9 +114,9 @@ def _zip_members(zf: zipfile.ZipFile, budget: _Budget) -> Iterator[zipfile.ZipIn
 def _tar_members(tf: tarfile.TarFile, budget: _Budget) -> list[tarfile.TarInfo]:
     members = []
     # Iterating reads one header at a time: a member that breaks a bound is refused before the
-    # (possibly decompressing) seek past its data.
+    # (possibly decompressing) seek past its data. tarfile reads past an unknown type's data as a file's.
     for member in tf:
-        budget.declare(member.name, member.size if member.isfile() else 0)
+        budget.declare(member.name, member.size if member.isfile() or member.type not in tarfile.SUPPORTED_TYPES else 0)
         members.append(member)
     return members
 
