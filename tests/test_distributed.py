@@ -5,9 +5,9 @@ the effective batch."""
 
 import os
 import signal
-from functools import partial
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch

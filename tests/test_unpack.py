@@ -433,7 +433,7 @@ def test_archive_kind_reads_the_first_512_bytes(tmp_path, monkeypatch):
     assert asked == [512]
 
 
-# Known defects, kept as strict xfails: each passes once the defect is fixed (then drop the mark).
+# What the standard library would read whole into memory is refused before it is read.
 
 
 def peak_traced_bytes(action):
@@ -450,13 +450,10 @@ def peak_traced_bytes(action):
     return peak
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="KNOWN DEFECT (memory bomb): zipfile decompresses each read of a bzip2 (or LZMA) member "
-                          "whole, without the declared size as a bound")
 def test_zip_member_decompressing_past_its_declared_size_is_bounded_in_memory(tmp_path):
     """A bzip2 member declaring 10 bytes whose stream holds 16 MiB of zeros (a hundred bytes of bzip2) must
-    not make unpacking hold more than a few MiB: a megabyte of bzip2 holds a terabyte of zeros. (An
-    honest 8 MiB bzip2 member peaks near 4 MiB here.)"""
+    not make unpacking hold more than a few MiB: a megabyte of bzip2 holds a terabyte of zeros. zipfile
+    decompresses each read of a bzip2 or LZMA member whole, so such members are refused unread."""
     archive = tmp_path / "w.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_BZIP2) as zf:
         zf.writestr("w.bin", bytes(16 * MIB))
@@ -465,13 +462,35 @@ def test_zip_member_decompressing_past_its_declared_size_is_bounded_in_memory(tm
         raw[size_at : size_at + 4] = (10).to_bytes(4, "little")
     archive.write_bytes(bytes(raw))
     assert peak_traced_bytes(lambda: archives.unpack(archive, tmp_path / "out")) < 8 * MIB
+    with pytest.raises(TransferKitError) as err:
+        archives.unpack(archive, tmp_path / "out")
+    assert str(err.value) == (f"{archive}: member 'w.bin' uses zip compression method 12, which cannot be read "
+                              "within bounded memory; repack it with deflate (zip's default) or unpack it yourself")
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="KNOWN DEFECT (memory bomb): tarfile reads a GNU long-name (or pax) header's data whole "
-                          "into memory before the member reaches the bounds")
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_stored_and_deflated_zip_members_are_read(tmp_path, method):
+    archive = tmp_path / "w.zip"
+    with zipfile.ZipFile(archive, "w", method) as zf:
+        zf.writestr("d/", b"")
+        zf.writestr("d/w.bin", b"weights" * 100)
+    out = archives.unpack(archive, tmp_path / "out")
+    assert (out / "d" / "w.bin").read_bytes() == b"weights" * 100
+
+
+def test_a_folder_entry_of_another_method_is_not_refused(tmp_path):
+    """Only members with data are read through their method; a folder entry's method is never used."""
+    archive = tmp_path / "w.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("d/"), b"", compress_type=zipfile.ZIP_LZMA)
+        zf.writestr("d/w.bin", b"abc")
+    assert (archives.unpack(archive, tmp_path / "out") / "d" / "w.bin").read_bytes() == b"abc"
+
+
 def test_tar_long_name_header_is_bounded_in_memory(tmp_path):
-    """A 16 MiB long name (16 KiB of gzip) must not make unpacking hold more than a few MiB."""
+    """A 16 MiB long name (16 KiB of gzip) must not make unpacking hold more than a few MiB: tarfile reads
+    a long-name or pax record whole, so one over MAX_TAR_HEADER_BYTES is refused unread."""
     import gzip
 
     long_name = tarfile.TarInfo("././@LongLink")
@@ -480,11 +499,46 @@ def test_tar_long_name_header_is_bounded_in_memory(tmp_path):
     archive = tmp_path / "w.tar.gz"
     archive.write_bytes(gzip.compress(raw, mtime=0))
     assert peak_traced_bytes(lambda: archives.unpack(archive, tmp_path / "out")) < 8 * MIB
+    with pytest.raises(TransferKitError) as err:
+        archives.unpack(archive, tmp_path / "out")
+    assert str(err.value) == (f"{archive}: a tar header record of 16,777,216 bytes (a long name or pax record; at "
+                              "most 1,048,576); the archive is damaged or crafted, refusing it")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="KNOWN DEFECT: an encrypted zip member raises zipfile's RuntimeError, not a one-line "
-                          "TransferKitError")
+def _long_header_tar(path, kind, size):
+    """A tar whose first record is a GNU long name or a pax record of `size` bytes, then a member w.bin."""
+    if kind == "gnu":
+        info = tarfile.TarInfo("././@LongLink")
+        info.type, info.size = tarfile.GNUTYPE_LONGNAME, size
+        record = b"a" * (size - 1) + b"\0"
+        raw = info.tobuf(tarfile.GNU_FORMAT)
+    else:  # "<length> comment=<text>\n", `size` bytes in all; a comment sets nothing on the member
+        head = f"{size} comment=".encode()
+        record = head + b"c" * (size - len(head) - 1) + b"\n"
+        info = tarfile.TarInfo("././@PaxHeader")
+        info.type, info.size = tarfile.XHDTYPE, size
+        raw = info.tobuf(tarfile.USTAR_FORMAT)
+    assert len(record) == size
+    path.write_bytes(raw + record + bytes(-size % 512) + tar_header("w.bin", 3) + b"abc" + bytes(509 + 1024))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gnu", "pax"])
+def test_tar_header_records_over_the_bound_are_refused(tmp_path, kind):
+    archive = _long_header_tar(tmp_path / "w.tar", kind, archives.MAX_TAR_HEADER_BYTES + 1)
+    with pytest.raises(TransferKitError) as err:
+        archives.unpack(archive, tmp_path / "out")
+    assert str(err.value) == (f"{archive}: a tar header record of 1,048,577 bytes (a long name or pax record; at "
+                              "most 1,048,576); the archive is damaged or crafted, refusing it")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pax_record_at_the_bound_is_read(tmp_path):
+    archive = _long_header_tar(tmp_path / "w.tar", "pax", archives.MAX_TAR_HEADER_BYTES)
+    out = archives.unpack(archive, tmp_path / "out")
+    assert [(p.name, p.read_bytes()) for p in out.iterdir()] == [("w.bin", b"abc")]
+
+
 def test_encrypted_zip_member_is_one_line(tmp_path):
     """An encrypted member (flag bit 0, no password to give) is refused in one line naming the archive."""
     archive = write_zip(tmp_path / "w.zip", {"w.bin": b"abc"})

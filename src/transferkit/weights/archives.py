@@ -10,6 +10,12 @@ MAX_RATIO times its own size (real weights compress about 1.1:1), holds more tha
 members, or would not fit in the free disk space is refused. While copying, no member may yield
 more bytes than it declared. Members that escape the destination, links and devices are refused or
 skipped. Unpacking goes into a temporary folder that is removed on any failure.
+
+What the standard library would read whole into memory is refused before it is read: zip members
+compressed with bzip2 or LZMA (zipfile decompresses each read of them without a bound, so a small
+member can expand to any size in memory; weights zips use deflate or no compression), encrypted
+zip members (there is no password to give), and tar long-name and pax headers over
+MAX_TAR_HEADER_BYTES (tarfile reads their data whole before the member they describe is seen).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ MAX_RATIO = 100  # unpacked bytes per archive byte
 RATIO_FREE_BYTES = 1 << 20  # an archive unpacking to less than this is never refused for its ratio
 MAX_MEMBERS = 10_000
 HEAD_BYTES = 512  # enough for the tar header's `ustar` magic at offset 257
+MAX_TAR_HEADER_BYTES = 1 << 20  # a long name or pax record; real ones are under a few KiB
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}  # read with bounded memory
 
 COMPRESSED_TAR_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -106,9 +114,35 @@ def _copy(src: IO[bytes], target: Path, declared: int, archive: Path, name: str)
 
 def _zip_members(zf: zipfile.ZipFile, budget: _Budget) -> Iterator[zipfile.ZipInfo]:
     infos = zf.infolist()
-    for info in infos:  # every size is checked before the first byte is written
+    for info in infos:  # every size and method is checked before the first byte is written
+        if info.flag_bits & 0x1:
+            raise TransferKitError(f"{budget.archive}: member {info.filename!r} is encrypted; unpack the archive "
+                                   "yourself and give the weights file")
+        if info.compress_type not in ZIP_METHODS and not info.filename.endswith("/"):
+            raise TransferKitError(f"{budget.archive}: member {info.filename!r} uses zip compression method "
+                                   f"{info.compress_type}, which cannot be read within bounded memory; repack it "
+                                   "with deflate (zip's default) or unpack it yourself")
         budget.declare(info.filename, 0 if info.filename.endswith("/") else info.file_size)
     yield from infos
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long-name or pax header's data whole into memory before the member it
+    describes is seen: its size is checked first."""
+
+    def _proc_gnulong(self, tarfile):
+        _check_tar_header(self, tarfile)
+        return super()._proc_gnulong(tarfile)
+
+    def _proc_pax(self, tarfile):
+        _check_tar_header(self, tarfile)
+        return super()._proc_pax(tarfile)
+
+
+def _check_tar_header(info: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+    if info.size > MAX_TAR_HEADER_BYTES:
+        raise TransferKitError(f"{tf.name}: a tar header record of {info.size:,} bytes (a long name or pax record; "
+                               f"at most {MAX_TAR_HEADER_BYTES:,}); the archive is damaged or crafted, refusing it")
 
 
 def _tar_members(tf: tarfile.TarFile, budget: _Budget) -> list[tarfile.TarInfo]:
@@ -116,7 +150,8 @@ def _tar_members(tf: tarfile.TarFile, budget: _Budget) -> list[tarfile.TarInfo]:
     # Iterating reads one header at a time: a member that breaks a bound is refused before the
     # (possibly decompressing) seek past its data. tarfile reads past an unknown type's data as a file's.
     for member in tf:
-        budget.declare(member.name, member.size if member.isfile() or member.type not in tarfile.SUPPORTED_TYPES else 0)
+        counted = member.isfile() or member.type not in tarfile.SUPPORTED_TYPES
+        budget.declare(member.name, member.size if counted else 0)
         members.append(member)
     return members
 
@@ -136,7 +171,7 @@ def unpack_into(archive: Path, tmp: Path, kind: str) -> None:
                     with zf.open(info) as src:
                         _copy(src, target, info.file_size, archive, info.filename)
         else:
-            with tarfile.open(archive) as tf:
+            with tarfile.open(archive, tarinfo=_BoundedTarInfo) as tf:
                 for member in _tar_members(tf, budget):
                     target = safe_member(tmp, member.name)
                     if member.isdir():
