@@ -1397,7 +1397,8 @@ def test_defect_slice_assignment_doubles_a_list_without_bound(stand_ins):
 def test_defect_additems_on_a_tensor_runs_tensor_add(monkeypatch):
     """DEFECT, the unpickler runs a method of a real type: ADDITEMS calls `.add(item)` on whatever is on the stack;
     on a rebuilt tensor that is torch.Tensor.add, which broadcasts: an (n, 1) and a (1, n) tensor make an n*n one
-    (n = 100,000: 40 GB from two 400 kB records, compressible in the zip). ADDITEMS fills sets and stand-ins only."""
+    (n = 100,000: 40 GB, from two 4-byte storage records read with stride 0). ADDITEMS fills sets and stand-ins
+    only."""
     calls = []
     real_add = torch.Tensor.add
 
