@@ -290,6 +290,10 @@ def _ops(value) -> bytes:
     return pickletools.optimize(pickle.dumps(value, protocol=3))[2:-1]
 
 
+def _many(*values) -> bytes:
+    return b"".join(_ops(v) for v in values)
+
+
 def _global(module: str, name: str) -> bytes:
     return pickle.GLOBAL + f"{module}\n{name}\n".encode()
 
@@ -517,15 +521,10 @@ def test_arrays_of_every_numeric_kind_come_back(dtype, protocol):
     assert np.array_equal(out, arr)
 
 
-_EMPTY_BYTES = pytest.mark.xfail(strict=True, raises=Refused, reason=(
-    "DEFECT: protocols 0-2 pickle the empty bytes of an empty array as __builtin__.bytes(), which is refused"))
-
-
-@pytest.mark.parametrize("name, protocol", [
-    pytest.param(name, protocol, marks=[_EMPTY_BYTES] if name == "empty" and protocol < 3 else [])
-    for name in SHAPED_ARRAYS for protocol in (0, 2, 5)])
+@pytest.mark.parametrize("name, protocol", [(name, protocol) for name in SHAPED_ARRAYS for protocol in (0, 2, 5)])
 def test_arrays_of_every_shape_and_order_come_back(name, protocol):
-    """C and Fortran order, 0-d, empty and big-endian arrays come back with their values, shape and dtype."""
+    """C and Fortran order, 0-d, empty and big-endian arrays come back with their values, shape and dtype
+    (protocols 0-2 write an empty array's data as `__builtin__.bytes()`)."""
     arr = SHAPED_ARRAYS[name]
     out = _load(pickle.dumps(arr, protocol=protocol))
     assert type(out) is np.ndarray and out.dtype.str == arr.dtype.str and out.shape == arr.shape
@@ -1107,21 +1106,23 @@ def test_pickled_module_found_under_each_checkpoint_key(tmp_path, checkpoint, wh
     assert wf.metadata.get("checkpoint_keys") == (None if where == "" else _json(list(obj)))
 
 
-def test_walk_follows_each_module_once_and_stops_past_100000():
-    """A module tree that holds itself is walked once; a walk that has seen more than 100,000 modules stops
-    (the count includes the module being walked)."""
+def test_walk_lists_shared_modules_under_each_name_and_stops_a_tree_past_max_modules(monkeypatch):
+    """A module inside itself is not followed; one held under two names is listed under both (as
+    state_dict() lists it); a tree of more than MAX_MODULES module visits is damaged, not listed in part."""
     weight, bias = torch.ones(1), torch.zeros(1)
     child = _stand_in({"_parameters": {"bias": bias}, "_buffers": None, "_modules": {}})
     root = StandIn()
     root.__setstate__({"_parameters": {"w": weight, "none": None}, "_buffers": {"b": bias}, "_modules": {
-        "me": root, "child": child, "plain": 3}, "_non_persistent_buffers_set": set()})
+        "me": root, "child": child, "twin": child, "plain": 3}, "_non_persistent_buffers_set": set()})
     out = {}
-    pickled_module._walk(root, "", out, set())
-    assert list(out) == ["w", "b", "child.bias"] and out["w"] is weight
-    for already_seen, names in ((99_999, ["w", "b", "child.bias"]), (100_000, ["w", "b"]), (100_001, [])):
-        out = {}
-        pickled_module._walk(root, "", out, set(range(already_seen)))  # ints: never a module's id
-        assert list(out) == names
+    pickled_module._walk(root, "", out)
+    assert list(out) == ["w", "b", "child.bias", "twin.bias"] and out["w"] is weight
+    monkeypatch.setattr(pickled_module, "MAX_MODULES", 3)  # root, child, twin: 3 visits
+    pickled_module._walk(root, "", {})
+    monkeypatch.setattr(pickled_module, "MAX_MODULES", 2)
+    with pytest.raises(Damaged, match=_exactly("more than 2 modules in the tree (one module shared under many "
+                                               "names?)")):
+        pickled_module._walk(root, "", {})
 
 
 def _rezip(src: Path, dst: Path, members: dict | None = None, deflate: tuple[str, ...] = ()) -> None:
@@ -1373,32 +1374,51 @@ def test_paddle_errors_are_one_line_naming_the_file(tmp_path, case):
         paddle_file.read(path)
 
 
-# --- defects found while writing the tests above (strict xfail: each turns red when fixed, to be unmarked) ----
+# --- defects found while writing the tests above, fixed: each test was red before the fix ----------------------
 
-@pytest.mark.xfail(strict=True, reason="DEFECT: SETITEM with a slice key doubles a list: 2**n items from 5n bytes")
 @pytest.mark.parametrize("stand_ins", [False, True])
-def test_defect_slice_assignment_doubles_a_list_without_bound(stand_ins):
-    """DEFECT, memory without bound: SETITEM calls `target[key] = value` on whatever is on the stack; with a list,
-    the key slice(0, 0) (a safe builtin) and the list itself as value, each 5-byte step doubles the list: 40 steps,
-    about 250 bytes of .pdparams or data.pkl, ask for 2**40 items. A pickle's list holds no more items than the
-    pickle has bytes."""
+def test_slice_assignment_cannot_double_a_list(stand_ins):
+    """SETITEM called `target[key] = value` on whatever was on the stack; with a list, the key slice(0, 0) (a
+    safe builtin) and the list itself as value, each 5-byte step doubled the list: 40 steps, about 250 bytes of
+    .pdparams or data.pkl, asked for 2**40 items. SETITEM fills dicts and stand-ins only."""
     steps = 16
     data = _pickle(pickle.EMPTY_LIST + pickle.BINPUT + b"\x00" + _ops(None) + pickle.APPEND
                    + _call(_global("builtins", "slice"), _ops(0), _ops(0)) + pickle.BINPUT + b"\x01" + pickle.POP
                    + (pickle.BINGET + b"\x01" + pickle.BINGET + b"\x00" + pickle.SETITEM) * steps)
-    try:
-        out = _load(data, stand_ins=stand_ins)
-    except (Damaged, Refused):
-        return
-    assert len(out) <= len(data)
+    with pytest.raises(Damaged, match=_exactly("SETITEM on a list, which this reader never fills")):
+        _load(data, stand_ins=stand_ins)
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT: ADDITEMS on a rebuilt tensor runs torch.Tensor.add")
-def test_defect_additems_on_a_tensor_runs_tensor_add(monkeypatch):
-    """DEFECT, the unpickler runs a method of a real type: ADDITEMS calls `.add(item)` on whatever is on the stack;
-    on a rebuilt tensor that is torch.Tensor.add, which broadcasts: an (n, 1) and a (1, n) tensor make an n*n one
-    (n = 100,000: 40 GB, from two 4-byte storage records read with stride 0). ADDITEMS fills sets and stand-ins
-    only."""
+@pytest.mark.parametrize(("body", "message"), [
+    (pickle.EMPTY_DICT + pickle.EMPTY_LIST + _ops(1) + pickle.SETITEM, "a dict key of type list"),
+    (pickle.EMPTY_DICT + pickle.MARK + _many(1, 2) + pickle.EMPTY_LIST + _ops(3) + pickle.SETITEMS,
+     "a dict key of type list"),
+    (pickle.EMPTY_DICT + _ops(1) + pickle.APPEND, "APPEND on a dict, which this reader never fills"),
+    (pickle.EMPTY_DICT + pickle.MARK + _ops(1) + pickle.APPENDS, "APPEND on a dict, which this reader never fills"),
+    (pickle.EMPTY_LIST + pickle.MARK + _many(1, 2) + pickle.SETITEMS,
+     "SETITEM on a list, which this reader never fills"),
+    (pickle.EMPTY_LIST + pickle.MARK + _ops(1) + pickle.ADDITEMS, "ADDITEMS on a list, which this reader never fills"),
+])
+def test_filling_opcodes_refuse_containers_they_never_fill(body, message):
+    with pytest.raises(Damaged, match=_exactly(message)):
+        _load(_pickle(body))
+
+
+def test_filling_opcodes_fill_dicts_lists_sets_and_stand_ins():
+    out = _load(_pickle(pickle.EMPTY_LIST + pickle.EMPTY_DICT + _many("a", 1) + pickle.SETITEM
+                        + pickle.MARK + _many("b", 2, "c", 3) + pickle.SETITEMS + pickle.APPEND
+                        + pickle.MARK + _many(4, 5) + pickle.APPENDS + pickle.EMPTY_SET + pickle.MARK + _many(6, 7)
+                        + pickle.ADDITEMS + pickle.APPEND))
+    assert out == [{"a": 1, "b": 2, "c": 3}, 4, 5, {6, 7}]
+    shell = _load(_pickle(_call(_global("m", "Box")) + _many("k", 1) + pickle.SETITEM + _ops(2) + pickle.APPEND
+                          + pickle.MARK + _many(3, 4) + pickle.APPENDS), stand_ins=True)
+    assert (shell._tk_items, shell._tk_list) == ({"k": 1}, [2, 3, 4])
+
+
+def test_additems_on_a_tensor_does_not_run_tensor_add(monkeypatch):
+    """ADDITEMS called `.add(item)` on whatever was on the stack; on a rebuilt tensor that is torch.Tensor.add,
+    which broadcasts: an (n, 1) and a (1, n) tensor make an n*n one (n = 100,000: 40 GB, from two 4-byte
+    storage records read with stride 0). ADDITEMS fills sets only."""
     calls = []
     real_add = torch.Tensor.add
 
@@ -1411,45 +1431,52 @@ def test_defect_additems_on_a_tensor_runs_tensor_add(monkeypatch):
     n = 64
     data = _pickle(_tensor(_pid("a", n), 0, (n, 1), (1, 1)) + pickle.MARK + _tensor(_pid("b", n), 0, (1, n), (n, 1))
                    + pickle.ADDITEMS)
-    try:
+    with pytest.raises(Damaged, match=_exactly("ADDITEMS on a Tensor, which this reader never fills")):
         _load(data, torch_records=_Records(a=bytes(4 * n), b=bytes(4 * n)))
-    except (Damaged, Refused):
-        pass
     assert calls == []
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT: a tensor is cloned to its full size whatever its storage holds")
-def test_defect_tensor_is_materialised_beyond_its_storage():
-    """DEFECT, memory without bound: _rebuild_tensor returns torch.as_strided(storage, size, stride).clone(), so
-    stride 0 (or overlapping strides) gives a tensor of any size from a 1-element record: size (2**16, 2**16)
-    float32 is 16 GiB from 4 bytes (torch.load keeps it a view of its storage). Nothing rebuilt may hold more
-    bytes than its storage record."""
-    try:
-        out = _load(_pickle(_tensor(_pid("s", 1), 0, (1000, 1000), (0, 0))), torch_records=_Records(s=FOUR[:4]))
-    except Damaged:
-        return
-    held = out.untyped_storage().nbytes()  # an int, so that a failure does not print the 4 MB storage
-    assert held <= 4
+def test_a_tensor_holds_no_more_elements_than_its_storage():
+    """_rebuild_tensor returned torch.as_strided(storage, size, stride).clone(), so stride 0 (or overlapping
+    strides) gave a tensor of any size from a 1-element record: size (2**16, 2**16) float32 is 16 GiB from 4
+    bytes (torch.load keeps it a view, which a later copy would make as big)."""
+    with pytest.raises(Damaged, match=_exactly("a tensor of shape (1000, 1000) holds 1000000 elements, more than "
+                                               "its 1-element storage (a stride of 0 or overlapping strides)")):
+        _load(_pickle(_tensor(_pid("s", 1), 0, (1000, 1000), (0, 0))), torch_records=_Records(s=FOUR[:4]))
+    # as many elements as the storage, strides overlapping or not, still read
+    out = _load(_pickle(_tensor(_pid("s", 4), 0, (2, 2), (1, 1))), torch_records=_Records(s=FOUR))
+    assert out.tolist() == [[10.0, 11.0], [11.0, 12.0]]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="DEFECT: array dimensions are multiplied unbounded")
-def test_defect_array_dimensions_beyond_numpys_are_multiplied():
-    """DEFECT, time without bound: _array_from_bytes multiplies the shape's integers before anything bounds them,
-    and a pickle's integers are as long as its bytes (LONG4): 400 dimensions of 4 kB integers (a 1.6 MB
-    .pdparams) took 5 s here, quadratic in the file's size. numpy's dimensions are below 2**63: a larger one is a
-    bad shape, before any product."""
-    with pytest.raises(Damaged, match=_exactly(f"a numpy array with a bad shape (0, {2**64})")):
-        _load(_pickle(_frombuffer(b"", F4, (0, 2**64), "C")))
+@pytest.mark.parametrize("dims", [(0, 2**64), (0, 2**63), (2**63, 0)])
+def test_array_dimensions_beyond_numpys_are_refused_before_any_product(dims):
+    """_array_from_bytes multiplied the shape's integers before anything bounded them, and a pickle's integers
+    are as long as its bytes (LONG4): 400 dimensions of 4 kB integers (a 1.6 MB .pdparams) took 5 s,
+    quadratic in the file's size. numpy's dimensions are below 2**63."""
+    with pytest.raises(Damaged, match=_exactly(f"a numpy array with a bad shape {dims}")):
+        _load(_pickle(_frombuffer(b"", F4, dims, "C")))
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT: a submodule held under two names is listed under the first only")
-def test_defect_shared_submodule_is_listed_under_each_name(tmp_path):
-    """DEFECT: nn.Module.state_dict() lists a submodule held under two names (weight tying) under both; the walk's
-    `seen` set (there against cycles) lists it once, so the names are not those a real state_dict has and a
-    strict load_state_dict of the tensors read fails."""
+def test_tensor_sizes_beyond_torchs_are_refused():
+    with pytest.raises(Damaged, match=_exactly(f"a tensor with a bad shape (0, {2**63}), stride (1, 1) or offset 0")):
+        _load(_pickle(_tensor(_pid("s", 4), 0, (0, 2**63), (1, 1))), torch_records=_Records(s=FOUR))
+
+
+def test_shared_submodule_is_listed_under_each_name(tmp_path):
+    """nn.Module.state_dict() lists a submodule held under two names (weight tying) under both; the walk's
+    `seen` set (there against cycles) listed it once, so the names were not those a real state_dict has and a
+    strict load_state_dict of the tensors read failed."""
     net = nn.Module()
     net.a = nn.Linear(2, 2)
     net.b = net.a
     path = tmp_path / "tied.pt"
     torch.save(net, path)
     assert list(pickled_module.read(path).tensors) == list(net.state_dict())
+
+
+def test_bytes_is_admitted_only_empty():
+    """`bytes()` is how protocols 0-2 write an empty array's data; with an argument it could allocate any size."""
+    assert _load(_pickle(_call(_global("__builtin__", "bytes")))) == b""
+    with pytest.raises(Damaged, match=_exactly("builtins.bytes with arguments (only the empty bytes of an empty array "
+                                               "are expected)")):
+        _load(_pickle(_call(_global("builtins", "bytes"), _ops(10**9))))

@@ -34,6 +34,7 @@ from transferkit.weights.formats.tf_layout import as_metadata
 
 MODEL_KEYS = ("model", "ema", "module", "net", "network")
 MAX_PICKLE = 512 << 20  # the pickle itself (tensors live in separate records)
+MAX_MODULES = 100_000  # modules listed in one file
 
 
 def read(path: Path) -> WeightFile:
@@ -58,7 +59,10 @@ def read(path: Path) -> WeightFile:
     module, where = _find_module(obj)
     if module is not None:
         tensors: dict[str, torch.Tensor] = {}
-        _walk(module, "", tensors, set())
+        try:
+            _walk(module, "", tensors)
+        except Damaged as exc:
+            raise TransferKitError(f"{path}: damaged PyTorch checkpoint ({exc}); re-download or re-save it") from None
     else:
         tensors, where = _plain_state_dict(obj)
     if not tensors:
@@ -123,10 +127,18 @@ def _find_module(obj) -> tuple[StandIn | None, str]:
     return None, ""
 
 
-def _walk(module: StandIn, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
-    if id(module) in seen or len(seen) > 100_000:
+def _walk(module: StandIn, prefix: str, out: dict[str, torch.Tensor], ancestors: frozenset[int] = frozenset(),
+          visits: list[int] | None = None) -> None:
+    """The tensors under the names nn.Module.state_dict() gives them: a submodule held under two
+    names (weight tying) is listed under each; a module inside itself is not followed. A crafted
+    file can share one module 2**n ways in n levels, so the walk stops the read past MAX_MODULES."""
+    visits = [0] if visits is None else visits
+    if id(module) in ancestors:
         return
-    seen.add(id(module))
+    visits[0] += 1
+    if visits[0] > MAX_MODULES:
+        raise Damaged(f"more than {MAX_MODULES:,} modules in the tree (one module shared under many names?)")
+    ancestors = ancestors | {id(module)}
     state = module.module_state() or {}
     skip = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
@@ -139,7 +151,7 @@ def _walk(module: StandIn, prefix: str, out: dict[str, torch.Tensor], seen: set[
     if isinstance(children, Mapping):
         for name, child in children.items():
             if isinstance(child, StandIn):
-                _walk(child, f"{prefix}{name}.", out, seen)
+                _walk(child, f"{prefix}{name}.", out, ancestors, visits)
 
 
 def _plain_state_dict(obj) -> tuple[dict[str, torch.Tensor], str]:

@@ -8,7 +8,14 @@ used here with `find_class`, `persistent_load` and the BUILD opcode replaced, so
 - numpy arrays, dtypes and scalars, and torch tensors and storages, are rebuilt by this module's
   own functions from the bytes in the file (sizes checked against those bytes), never by calling
   numpy's or torch's unpickling hooks;
-- OrderedDict, set, frozenset, slice and complex are the real types (plain data);
+- OrderedDict, set, frozenset, slice and complex are the real types (plain data), and the empty
+  bytes (`bytes()`, how protocols 0-2 write an empty array's data);
+- SETITEM(S), APPEND(S) and ADDITEMS fill only dicts, lists, sets and stand-ins: on anything else
+  they would call a real type's method (`Tensor.add` broadcasts two small tensors into a huge one;
+  a list assigned into its own slice doubles with each 5 bytes of file);
+- sizes are bounded by the file's bytes: a dimension is below 2**63 before any product is taken,
+  and a tensor holds no more elements than its storage record (a stride of 0 would otherwise
+  make a 4-byte record into any size when the view is copied);
 - with `stand_ins=True` every other class or function named by the file becomes an inert `StandIn`
   that records its arguments and state and runs nothing; otherwise it is refused.
 """
@@ -34,7 +41,14 @@ DENIED_MODULES = {
     "pipes", "commands", "popen2",
 }
 # Plain-data builtins that are safe to construct (small: no size argument that allocates).
-SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex}
+def _empty_bytes(*args):
+    if args:
+        raise Damaged("builtins.bytes with arguments (only the empty bytes of an empty array are expected)")
+    return b""
+
+
+SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytes": _empty_bytes}
+MAX_DIM = 1 << 63  # numpy's and torch's dimensions are int64
 NUMERIC_KINDS = "biuf"
 TORCH_STORAGES = {
     "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
@@ -132,7 +146,7 @@ def _array_from_bytes(data, dtype, shape, order="C") -> np.ndarray:
         data = data.encode("latin1")
     if not isinstance(data, (bytes, bytearray)):
         raise Damaged("a numpy array whose data is not bytes (object arrays are refused)")
-    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and 0 <= d < MAX_DIM for d in shape):
         raise Damaged(f"a numpy array with a bad shape {shape!r}")
     count = 1
     for d in shape:
@@ -193,13 +207,19 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored):
         raise Damaged("a tensor rebuilt from something that is not one of the file's storages")
     size, stride = tuple(size), tuple(stride)
     ints = (offset, *size, *stride)
-    if len(size) != len(stride) or len(size) > 16 or not all(isinstance(v, int) and v >= 0 for v in ints):
+    if len(size) != len(stride) or len(size) > 16 or not all(isinstance(v, int) and 0 <= v < MAX_DIM for v in ints):
         raise Damaged(f"a tensor with a bad shape {size}, stride {stride} or offset {offset}")
     if all(size):
         last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
         if last >= storage.flat.numel():
             raise Damaged(f"a tensor of shape {size} reaches element {last} of a "
                           f"{storage.flat.numel()}-element storage")
+        numel = 1
+        for s in size:
+            numel *= s
+        if numel > storage.flat.numel():
+            raise Damaged(f"a tensor of shape {size} holds {numel} elements, more than its "
+                          f"{storage.flat.numel()}-element storage (a stride of 0 or overlapping strides)")
     return torch.as_strided(storage.flat, size, stride, offset).clone()
 
 
@@ -239,12 +259,63 @@ def _load_build(self):
         raise Damaged(f"BUILD on a {type(inst).__name__}, which this reader never sets state on")
 
 
+def _fill(target, what: str) -> None:
+    """The opcodes that fill a container call its methods: only these containers are filled."""
+    kinds = {"SETITEM": (dict, StandIn), "APPEND": (list, StandIn), "ADDITEMS": (set,)}[what]
+    if not isinstance(target, kinds):
+        raise Damaged(f"{what} on a {type(target).__name__}, which this reader never fills")
+
+
+def _setitem(target, key, value) -> None:
+    try:
+        target[key] = value
+    except TypeError:  # an unhashable key
+        raise Damaged(f"a dict key of type {type(key).__name__}") from None
+
+
+def _load_setitem(self):
+    value = self.stack.pop()
+    key = self.stack.pop()
+    _fill(self.stack[-1], "SETITEM")
+    _setitem(self.stack[-1], key, value)
+
+
+def _load_setitems(self):
+    items = self.pop_mark()
+    _fill(self.stack[-1], "SETITEM")
+    for i in range(0, len(items), 2):
+        _setitem(self.stack[-1], items[i], items[i + 1])
+
+
+def _load_append(self):
+    value = self.stack.pop()
+    _fill(self.stack[-1], "APPEND")
+    self.stack[-1].append(value)
+
+
+def _load_appends(self):
+    items = self.pop_mark()
+    _fill(self.stack[-1], "APPEND")
+    self.stack[-1].extend(items)
+
+
+def _load_additems(self):
+    items = self.pop_mark()
+    _fill(self.stack[-1], "ADDITEMS")
+    self.stack[-1].update(items)
+
+
 class RestrictedUnpickler(pickle._Unpickler):
     """See the module docstring. `torch_records(key, nbytes)` returns a torch zip's storage record; without
     it, torch globals and persistent ids are not admitted."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = _load_setitems
+    dispatch[pickle.APPEND[0]] = _load_append
+    dispatch[pickle.APPENDS[0]] = _load_appends
+    dispatch[pickle.ADDITEMS[0]] = _load_additems
 
     def __init__(self, data: bytes, *, stand_ins: bool, torch_records=None):
         super().__init__(io.BytesIO(data), encoding="latin1")
