@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from transferkit.cli import main
-from transferkit.weights.folding import ConvBN, Folded, conv_bn_pairs, fold, kept_scale_offset, source_is_folded
+from transferkit.weights.folding import (
+    ConvBN,
+    Folded,
+    batchnorm_eps,
+    conv_bn_pairs,
+    fold,
+    kept_scale_offset,
+    source_is_folded,
+)
 from transferkit.weights.formats import read_weights
 from transferkit.weights.formats.origins import LayerGraph
 from transferkit.weights.transfer import transfer
@@ -372,3 +380,54 @@ def test_fold_goes_on_past_a_skipped_pair():
     assert got.pairs == [pairs[1]] and got.sources == {"b"}
     assert list(got.values) == ["2.bias", "3.weight", "3.bias", "3.running_mean", "3.running_var"]
     assert torch.equal(got.values["2.bias"], torch.tensor([1.0, 2.0]))
+
+
+def shapes_of(*modules: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in nn.Sequential(*modules).state_dict().items()}
+
+
+@pytest.mark.parametrize(("shapes", "eps", "default_eps", "expected"), [
+    (shapes_of(*ConvBNNet()), {"1": 1e-3}, 1e-5, [("0", "1", False, 1e-3), ("3", "4", True, 1e-5)]),
+    (shapes_of(*ConvBNNet()), None, 1e-2, [("0", "1", False, 1e-2), ("3", "4", True, 1e-2)]),
+    # a BatchNorm without affine tensors (nothing named .weight after the convolution), then a pair
+    (shapes_of(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)), None,
+     1e-5, [("2", "3", True, 1e-5)]),
+    (shapes_of(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8)), None, 1e-5, []),  # a weight and a bias, no statistics
+    (shapes_of(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)), None, 1e-5, []),
+    (shapes_of(nn.Linear(16, 8), nn.BatchNorm1d(8)), None, 1e-5, []),  # a 2-D weight is no convolution
+    (shapes_of(nn.Conv3d(3, 8, 1), nn.BatchNorm3d(8)), None, 1e-5, []),
+    (shapes_of(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 1, bias=False)), None, 1e-5, []),  # the convolution last
+    (shapes_of(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 1)), None, 1e-5, []),
+])
+def test_conv_bn_pairs(shapes, eps, default_eps, expected):
+    pairs = conv_bn_pairs(shapes, eps, default_eps)
+    assert all(isinstance(p, ConvBN) for p in pairs)
+    assert [(p.conv, p.bn, p.has_bias, p.eps) for p in pairs] == expected
+
+
+def test_batchnorm_eps():
+    assert batchnorm_eps(nn.Sequential(ConvBNNet(), nn.BatchNorm1d(2, eps=0.25), nn.GroupNorm(1, 2))) == {
+        "0.1": 1e-3, "0.4": 1e-5, "1": 0.25}
+
+
+CONV = {"a.weight": (8, 3, 3, 3)}
+TFLITE = {"conv1/filter": (8, 3, 3, 3), "conv1/bias_0": (8,)}  # a reader's names: no X.bias beside X.weight
+TFLITE_GRAPH = LayerGraph({"conv1/filter": "conv1", "conv1/bias_0": "conv1"}, {"conv1": "CONV_2D"}, ["conv1"],
+                          {"conv1": []})
+
+
+@pytest.mark.parametrize(("source", "pairs", "graph", "expected"), [
+    ({**CONV, "a.bias": (8,)}, [PAIR], None, True),
+    ({**CONV, "a.bias": (8,)}, [], None, False),  # nothing in the target to fold into
+    (CONV, [PAIR], None, False),  # no bias: nothing was folded into it
+    ({**CONV, "a.bias": (4,)}, [PAIR], None, False),  # a bias of another width
+    ({**CONV, "a.bias": (8,), "b.running_mean": (8,)}, [PAIR], None, False),  # keeps a BatchNorm of its own
+    ({"a.kernel": (8, 3, 3, 3), "a.bias": (8,)}, [PAIR], None, False),  # only X.weight has a bias beside it
+    ({"fc.weight": (8, 16), "fc.bias": (8,)}, [PAIR], None, False),  # not a convolution
+    (TFLITE, [PAIR], None, False),
+    (TFLITE, [PAIR], TFLITE_GRAPH, True),  # with the graph, the 1-D tensor of the filter's layer
+    ({**TFLITE, "conv1/bias_0": (4,)}, [PAIR], TFLITE_GRAPH, False),
+    ({**CONV, "a.bias": (8,)}, [PAIR], TFLITE_GRAPH, True),  # a tensor the graph does not know: by its name
+])
+def test_source_is_folded(source, pairs, graph, expected):
+    assert source_is_folded(source, pairs, graph) is expected
