@@ -16,8 +16,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from transferkit.cli import main
-from transferkit.weights.folding import conv_bn_pairs, source_is_folded
+from transferkit.weights.folding import (
+    ConvBN,
+    Folded,
+    batchnorm_eps,
+    conv_bn_pairs,
+    fold,
+    kept_scale_offset,
+    source_is_folded,
+)
 from transferkit.weights.formats import read_weights
+from transferkit.weights.formats.origins import LayerGraph
 from transferkit.weights.transfer import transfer
 
 
@@ -277,3 +286,148 @@ def test_folded_tensors_count_as_restored_for_init_rules(tmp_path):
     done = apply_init_rules(fresh, [InitRule(type="constant", layer=["Conv2d", "BatchNorm2d"], val=0.0)], report)
     assert set(done) == {"6.weight", "6.bias"}
     assert torch.count_nonzero(fresh.state_dict()["0.weight"]) > 0
+
+
+# kept_scale_offset: a hand-made source graph. The convolution layer "c" holds c.w (8 out, 3 in) and c.b; each
+# further layer is (name, type, {tensor: shape}, the layers it reads), read in the order given.
+CONV_LAYER = ("c", "CONV_2D", {"c.w": (8, 3, 3, 3), "c.b": (8,)}, [])
+
+
+def source_graph(*layers) -> tuple[LayerGraph, dict[str, tuple[int, ...]]]:
+    layers = (CONV_LAYER, *layers)
+    graph = LayerGraph({t: name for name, _, held, _ in layers for t in held},
+                       {name: kind for name, kind, _, _ in layers}, [name for name, *_ in layers],
+                       {name: reads for name, _, _, reads in layers})
+    return graph, {t: shape for _, _, held, _ in layers for t, shape in held.items()}
+
+
+PAIR = ConvBN("0", "1", False, 1e-5)
+CONV_MATCHED = {"0.weight": "c.w", "0.bias": "c.b"}
+MUL = ("m", "MUL", {"m.s": (8,)}, ["c"])
+ADD_AFTER_MUL = ("a", "ADD", {"a.o": (8,)}, ["m"])
+
+
+@pytest.mark.parametrize(("layers", "matched", "expected"), [
+    ([MUL], CONV_MATCHED, {"1.weight": "m.s"}),  # scale only (the width is the filter's output width, 8, not 3)
+    ([("a", "ADD", {"a.o": (8,)}, ["c"])], CONV_MATCHED, {"1.bias": "a.o"}),  # offset only
+    ([MUL, ADD_AFTER_MUL], CONV_MATCHED, {"1.weight": "m.s", "1.bias": "a.o"}),  # scale, then offset
+    ([("a", "ADD", {"a.o": (8,)}, ["c"]), ("m", "MUL", {"m.s": (8,)}, ["a"])], CONV_MATCHED, {}),  # offset first
+    ([("s", "Scale", {"s.s": (8,), "s.o": (8,)}, ["c"])], CONV_MATCHED, {"1.weight": "s.s", "1.bias": "s.o"}),
+    ([("s", "Scale", {"s.s": (8,)}, ["c"])], CONV_MATCHED, {"1.weight": "s.s"}),  # a Caffe Scale without bias_term
+    ([("s", "Bias", {"s.o": (8,)}, ["c"])], CONV_MATCHED, {"1.bias": "s.o"}),
+    # the layer after the convolution read by two: stops at once; the MUL read by two: stops after it
+    ([MUL, ("x", "CONV_2D", {"x.w": (8, 8, 1, 1)}, ["c"])], CONV_MATCHED, {}),
+    ([MUL, ADD_AFTER_MUL, ("x", "CONV_2D", {"x.w": (8, 8, 1, 1)}, ["m"])], CONV_MATCHED, {"1.weight": "m.s"}),
+    ([("m", "MUL", {"m.s": (4,)}, ["c"])], CONV_MATCHED, {}),  # a tensor of another width
+    ([("m", "MUL", {"m.s": (8, 1)}, ["c"])], CONV_MATCHED, {}),
+    ([MUL, ADD_AFTER_MUL], {**CONV_MATCHED, "9.weight": "a.o"}, {"1.weight": "m.s"}),  # a.o already taken
+    ([("m", "MUL", {"m.s": (8,), "m.t": (8,)}, ["c"])], CONV_MATCHED, {}),  # more tensors than the type has roles
+    ([("p", "PRELU", {"p.a": (8,)}, ["c"]), ("a", "ADD", {"a.o": (8,)}, ["p"])], CONV_MATCHED, {}),  # no roles
+    ([MUL], {**CONV_MATCHED, "1.running_mean": "q"}, {}),  # the pair's BatchNorm already matched
+    ([MUL], {**CONV_MATCHED, "1.bias": "q"}, {}),
+    ([MUL], {"0.weight": "zz.w"}, {}),  # the matched convolution is not in the graph
+    ([MUL], {}, {}),  # the convolution is not matched
+])
+def test_kept_scale_offset(layers, matched, expected):
+    graph, shapes = source_graph(*layers)
+    assert kept_scale_offset([PAIR], matched, {**shapes, "zz.w": (8, 3, 3, 3)}, graph) == expected
+
+
+def test_kept_scale_offset_goes_on_past_a_skipped_pair():
+    graph, shapes = source_graph(MUL, ("d", "DEPTHWISE_CONV_2D", {"d.w": (8, 1, 3, 3)}, ["m"]),
+                                 ("n", "MUL", {"n.s": (8,)}, ["d"]))
+    matched = {"0.weight": "c.w", "1.running_var": "q", "2.weight": "d.w"}  # the first pair's BatchNorm matched
+    assert kept_scale_offset([PAIR, ConvBN("2", "3", False, 1e-5)], matched, shapes, graph) == {"3.weight": "n.s"}
+
+
+# fold: pair "0" + "1" (no convolution bias, eps 1e-3) on source tensors of width 2
+FOLD_SOURCE = {"w": torch.ones(2, 1, 1, 1), "b": torch.tensor([1.0, 2.0]), "s": torch.tensor([2.0, 3.0]),
+               "o": torch.tensor([0.5, -1.0]), "wide": torch.tensor([1.0, 1.0, 1.0])}
+ALL_MATCHED = {"0.weight": "w", "0.bias": "b", "1.weight": "s", "1.bias": "o"}
+STATS = {"1.running_mean": torch.zeros(2), "1.running_var": torch.full((2,), 1.0 - 1e-3)}
+
+
+@pytest.mark.parametrize(("has_bias", "matched", "restored", "values", "sources"), [
+    # the BatchNorm carries the convolution's bias: o + s * b
+    (False, ALL_MATCHED, ["0.weight"], {"1.weight": [2.0, 3.0], "1.bias": [2.5, 5.0]}, {"b", "s", "o"}),
+    (True, ALL_MATCHED, ["0.weight"], {"0.bias": [1.0, 2.0], "1.weight": [2.0, 3.0], "1.bias": [0.5, -1.0]},
+     {"b", "s", "o"}),
+    # nothing beside the weight: an identity BatchNorm, and a zero bias
+    (False, {"0.weight": "w"}, ["0.weight"], {"1.weight": [1.0, 1.0], "1.bias": [0.0, 0.0]}, set()),
+    (True, {"0.weight": "w"}, ["0.weight"], {"0.bias": [0.0, 0.0], "1.weight": [1.0, 1.0], "1.bias": [0.0, 0.0]},
+     set()),
+    (False, {"0.weight": "w", "1.weight": "s"}, ["0.weight"], {"1.weight": [2.0, 3.0], "1.bias": [0.0, 0.0]}, {"s"}),
+    # a tensor of another width is not taken
+    (False, {"0.weight": "w", "0.bias": "wide", "1.weight": "wide"}, ["0.weight"],
+     {"1.weight": [1.0, 1.0], "1.bias": [0.0, 0.0]}, set()),
+    # the weight not restored, or the source holding the BatchNorm's statistics: left alone
+    (False, ALL_MATCHED, [], None, set()),
+    (False, {**ALL_MATCHED, "1.running_mean": "b"}, ["0.weight"], None, set()),
+    (False, {**ALL_MATCHED, "1.running_var": "b"}, ["0.weight"], None, set()),
+])
+def test_fold(has_bias, matched, restored, values, sources):
+    pair = ConvBN("0", "1", has_bias, 1e-3)
+    got = fold([pair], matched, FOLD_SOURCE, restored)
+    want = {} if values is None else {**{k: torch.tensor(v) for k, v in values.items()}, **STATS}
+    assert isinstance(got, Folded) and list(got.values) == list(want)
+    assert all(torch.equal(got.values[k], v) and got.values[k].dtype == torch.float32 for k, v in want.items())
+    assert got.sources == sources and got.pairs == ([] if values is None else [pair])
+
+
+def test_fold_goes_on_past_a_skipped_pair():
+    pairs = [ConvBN("0", "1", False, 1e-3), ConvBN("2", "3", True, 1e-3)]
+    got = fold(pairs, {"0.weight": "w", "2.weight": "w", "2.bias": "b"}, FOLD_SOURCE, ["2.weight"])
+    assert got.pairs == [pairs[1]] and got.sources == {"b"}
+    assert list(got.values) == ["2.bias", "3.weight", "3.bias", "3.running_mean", "3.running_var"]
+    assert torch.equal(got.values["2.bias"], torch.tensor([1.0, 2.0]))
+
+
+def shapes_of(*modules: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in nn.Sequential(*modules).state_dict().items()}
+
+
+@pytest.mark.parametrize(("shapes", "eps", "default_eps", "expected"), [
+    (shapes_of(*ConvBNNet()), {"1": 1e-3}, 1e-5, [("0", "1", False, 1e-3), ("3", "4", True, 1e-5)]),
+    (shapes_of(*ConvBNNet()), None, 1e-2, [("0", "1", False, 1e-2), ("3", "4", True, 1e-2)]),
+    # a BatchNorm without affine tensors (nothing named .weight after the convolution), then a pair
+    (shapes_of(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)), None,
+     1e-5, [("2", "3", True, 1e-5)]),
+    (shapes_of(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8)), None, 1e-5, []),  # a weight and a bias, no statistics
+    (shapes_of(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)), None, 1e-5, []),
+    (shapes_of(nn.Linear(16, 8), nn.BatchNorm1d(8)), None, 1e-5, []),  # a 2-D weight is no convolution
+    (shapes_of(nn.Conv3d(3, 8, 1), nn.BatchNorm3d(8)), None, 1e-5, []),
+    (shapes_of(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 1, bias=False)), None, 1e-5, []),  # the convolution last
+    (shapes_of(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 1)), None, 1e-5, []),
+])
+def test_conv_bn_pairs(shapes, eps, default_eps, expected):
+    pairs = conv_bn_pairs(shapes, eps, default_eps)
+    assert all(isinstance(p, ConvBN) for p in pairs)
+    assert [(p.conv, p.bn, p.has_bias, p.eps) for p in pairs] == expected
+
+
+def test_batchnorm_eps():
+    assert batchnorm_eps(nn.Sequential(ConvBNNet(), nn.BatchNorm1d(2, eps=0.25), nn.GroupNorm(1, 2))) == {
+        "0.1": 1e-3, "0.4": 1e-5, "1": 0.25}
+
+
+CONV = {"a.weight": (8, 3, 3, 3)}
+TFLITE = {"conv1/filter": (8, 3, 3, 3), "conv1/bias_0": (8,)}  # a reader's names: no X.bias beside X.weight
+TFLITE_GRAPH = LayerGraph({"conv1/filter": "conv1", "conv1/bias_0": "conv1"}, {"conv1": "CONV_2D"}, ["conv1"],
+                          {"conv1": []})
+
+
+@pytest.mark.parametrize(("source", "pairs", "graph", "expected"), [
+    ({**CONV, "a.bias": (8,)}, [PAIR], None, True),
+    ({**CONV, "a.bias": (8,)}, [], None, False),  # nothing in the target to fold into
+    (CONV, [PAIR], None, False),  # no bias: nothing was folded into it
+    ({**CONV, "a.bias": (4,)}, [PAIR], None, False),  # a bias of another width
+    ({**CONV, "a.bias": (8,), "b.running_mean": (8,)}, [PAIR], None, False),  # keeps a BatchNorm of its own
+    ({"a.kernel": (8, 3, 3, 3), "a.bias": (8,)}, [PAIR], None, False),  # only X.weight has a bias beside it
+    ({"fc.weight": (8, 16), "fc.bias": (8,)}, [PAIR], None, False),  # not a convolution
+    (TFLITE, [PAIR], None, False),
+    (TFLITE, [PAIR], TFLITE_GRAPH, True),  # with the graph, the 1-D tensor of the filter's layer
+    ({**TFLITE, "conv1/bias_0": (4,)}, [PAIR], TFLITE_GRAPH, False),
+    ({**CONV, "a.bias": (8,)}, [PAIR], TFLITE_GRAPH, True),  # a tensor the graph does not know: by its name
+])
+def test_source_is_folded(source, pairs, graph, expected):
+    assert source_is_folded(source, pairs, graph) is expected
