@@ -340,6 +340,20 @@ def test_kept_scale_offset_goes_on_past_a_skipped_pair():
     assert kept_scale_offset([PAIR, ConvBN("2", "3", False, 1e-5)], matched, shapes, graph) == {"3.weight": "n.s"}
 
 
+def test_a_multiply_after_two_convolutions_summed_is_neither_ones():
+    """c1 and c2 summed by one MUL (read by each convolution alone) then one ADD: the scale and offset apply to
+    the sum, so giving them to both BatchNorms would add the offset twice. Neither takes them."""
+    graph = LayerGraph({"c1.w": "c1", "c2.w": "c2", "m.s": "m", "a.o": "a"},
+                       {"c1": "CONV_2D", "c2": "CONV_2D", "m": "MUL", "a": "ADD"}, ["c1", "c2", "m", "a"],
+                       {"c1": [], "c2": [], "m": ["c1", "c2"], "a": ["m"]})
+    shapes = {"c1.w": (8, 3, 1, 1), "c2.w": (8, 3, 1, 1), "m.s": (8,), "a.o": (8,)}
+    pairs = [ConvBN("0", "1", False, 1e-5), ConvBN("2", "3", False, 1e-5)]
+    assert kept_scale_offset(pairs, {"0.weight": "c1.w", "2.weight": "c2.w"}, shapes, graph) == {}
+    graph.inputs["m"] = ["c1"]  # the same MUL after c1 alone is c1's BatchNorm
+    assert kept_scale_offset(pairs, {"0.weight": "c1.w", "2.weight": "c2.w"}, shapes, graph) == {
+        "1.weight": "m.s", "1.bias": "a.o"}
+
+
 # fold: pair "0" + "1" (no convolution bias, eps 1e-3) on source tensors of width 2
 FOLD_SOURCE = {"w": torch.ones(2, 1, 1, 1), "b": torch.tensor([1.0, 2.0]), "s": torch.tensor([2.0, 3.0]),
                "o": torch.tensor([0.5, -1.0]), "wide": torch.tensor([1.0, 1.0, 1.0])}

@@ -105,7 +105,9 @@ def kept_scale_offset(pairs: Collection[ConvBN], matched: Mapping[str, str], sou
     matched to theirs (TFLite's MUL and ADD after a dilated convolution it could not fold into, a
     Caffe Scale layer):
     target BatchNorm weight and bias -> the source's scale and offset. Found in the graph: the
-    layers after the convolution's, each read only by the next, holding only tensors of its width."""
+    layers after the convolution's, each reading only the one before it and read only by the next, holding
+    only tensors of its width (a MUL reading two convolutions' sum would otherwise lend its scale, and an
+    ADD its offset, to both convolutions' BatchNorms)."""
     taken = set(matched.values())
     out: dict[str, str] = {}
     for p in pairs:
@@ -115,7 +117,7 @@ def kept_scale_offset(pairs: Collection[ConvBN], matched: Mapping[str, str], sou
             continue
         width = (source[conv][0],)
         found: list[tuple[str, str]] = []  # (role, source tensor), in the order the source applies them
-        while len(readers := graph.readers(layer)) == 1:
+        while len(readers := graph.readers(layer)) == 1 and graph.inputs.get(readers[0]) == [layer]:
             layer = readers[0]
             roles, tensors = AFFINE_ROLES.get(graph.kinds.get(layer, ""), ()), graph.tensors(layer)
             if not tensors or len(tensors) > len(roles) or any(tuple(source[t]) != width or t in taken
