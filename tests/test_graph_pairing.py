@@ -439,3 +439,18 @@ def test_source_layers_and_what_each_needs_first():
     assert needs == [frozenset(), frozenset({0}), frozenset({1})]
     # the same record for a file that holds the stem alone
     assert matching._layer_units(["stem.w", "stem.b"], shapes, graph) == ([["stem.w", "stem.b"]], [frozenset()])
+
+
+@pytest.mark.parametrize("names, prefix", [
+    (["resnetv20_conv0_weight", "resnetv20_dense0_weight"], "resnetv20_"),  # two names are enough
+    (["resnetv20_conv0_weight"], ""),                                       # one is not
+    ([], ""),
+    (["net.body.a", "net.body.b", "net.body.c"], "net.body."),             # cut at the last `.`
+    (["net.conv1", "net.conv2"], "net."),                                   # not inside a name
+    (["a_b_c1.w", "a_b_c2.w"], "a_b_"),                                     # or at the last `_`
+    (["a.x", "a.y"], "a."),
+    (["_x.a", "_x.b"], ""),                                                 # a bare `_` is a naming style
+    (["conv.weight", "fc.weight"], ""),
+], ids=["two", "one", "none", "last-dot", "inside-a-name", "last-underscore", "one-letter", "underscore", "no-common"])
+def test_instance_prefix_is_the_common_part_cut_at_a_separator(names, prefix):
+    assert matching.instance_prefix(names) == prefix
