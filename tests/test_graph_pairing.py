@@ -454,3 +454,24 @@ def test_source_layers_and_what_each_needs_first():
 ], ids=["two", "one", "none", "last-dot", "inside-a-name", "last-underscore", "one-letter", "underscore", "no-common"])
 def test_instance_prefix_is_the_common_part_cut_at_a_separator(names, prefix):
     assert matching.instance_prefix(names) == prefix
+
+
+@pytest.mark.parametrize("src, tgt, rename, expected", [
+    # a tensor paired by name (renamed, or exact) is out of the rest, which then pairs by order
+    ({"features.0.weight": (8, 3, 3, 3), "classifier.weight": (10, 8), "classifier.bias": (10,)},
+     {"stem.weight": (8, 3, 3, 3), "fc.weight": (10, 8), "fc.bias": (10,)}, [(r"^features\.0\.", "stem.")],
+     {"stem.weight": ("features.0.weight", "renamed"), "fc.weight": ("classifier.weight", "structure"),
+      "fc.bias": ("classifier.bias", "structure")}),
+    ({"stem.weight": (8, 3, 3, 3), "classifier.weight": (10, 8), "classifier.bias": (10,)},
+     {"stem.weight": (8, 3, 3, 3), "fc.weight": (10, 8), "fc.bias": (10,)}, [],
+     {"stem.weight": ("stem.weight", "exact"), "fc.weight": ("classifier.weight", "structure"),
+      "fc.bias": ("classifier.bias", "structure")}),
+    # renamed names meet a wrapped target's names once its wrapper is removed, whatever the stored order
+    ({"features.fc.weight": (2, 4), "features.conv.weight": (4, 3)},
+     {"module.body.conv.weight": (4, 3), "module.head.fc.weight": (2, 4)},
+     [(r"^features\.conv", "body.conv"), (r"^features\.fc", "head.fc")],
+     {"module.body.conv.weight": ("features.conv.weight", "prefix"),
+      "module.head.fc.weight": ("features.fc.weight", "prefix")}),
+], ids=["renamed-then-order", "exact-then-order", "renamed-under-a-wrapper"])
+def test_names_first_then_order(src, tgt, rename, expected):
+    assert {t: (x.source, x.how) for t, x in match_names(src, tgt, rename=rename).items()} == expected
