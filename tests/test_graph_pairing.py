@@ -472,6 +472,17 @@ def test_instance_prefix_is_the_common_part_cut_at_a_separator(names, prefix):
      [(r"^features\.conv", "body.conv"), (r"^features\.fc", "head.fc")],
      {"module.body.conv.weight": ("features.conv.weight", "prefix"),
       "module.head.fc.weight": ("features.fc.weight", "prefix")}),
-], ids=["renamed-then-order", "exact-then-order", "renamed-under-a-wrapper"])
+    # an exact name, then a wrapped one
+    ({"stem.weight": (8, 3, 3, 3), "module.fc.weight": (2, 4)}, {"stem.weight": (8, 3, 3, 3), "fc.weight": (2, 4)}, [],
+     {"stem.weight": ("stem.weight", "exact"), "fc.weight": ("module.fc.weight", "prefix")}),
+    # two sources under different wrappers with one name: ambiguous, neither is taken
+    ({"stem.weight": (8, 3, 3, 3), "module.fc.weight": (2, 4), "model.fc.weight": (2, 4)},
+     {"stem.weight": (8, 3, 3, 3), "_orig_mod.fc.weight": (2, 4)}, [], {"stem.weight": ("stem.weight", "exact")}),
+    # names equal once instance prefixes are removed are a guess: taken only where the shapes agree too
+    ({"resnetv20_conv0_weight": (8, 3, 3, 3), "resnetv20_dense0_weight": (10, 8)},
+     {"resnetv22_conv0_weight": (8, 3, 3, 3), "resnetv22_dense0_weight": (5, 8)}, [],
+     {"resnetv22_conv0_weight": ("resnetv20_conv0_weight", "prefix")}),
+], ids=["renamed-then-order", "exact-then-order", "renamed-under-a-wrapper", "exact-then-wrapped", "ambiguous-wrappers",
+        "instance-prefix-shapes"])
 def test_names_first_then_order(src, tgt, rename, expected):
     assert {t: (x.source, x.how) for t, x in match_names(src, tgt, rename=rename).items()} == expected
