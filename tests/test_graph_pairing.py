@@ -482,7 +482,13 @@ def test_instance_prefix_is_the_common_part_cut_at_a_separator(names, prefix):
     ({"resnetv20_conv0_weight": (8, 3, 3, 3), "resnetv20_dense0_weight": (10, 8)},
      {"resnetv22_conv0_weight": (8, 3, 3, 3), "resnetv22_dense0_weight": (5, 8)}, [],
      {"resnetv22_conv0_weight": ("resnetv20_conv0_weight", "prefix")}),
+    # a tensor paired under its wrapper is out of the rest too
+    ({"module.stem.weight": (8, 3, 3, 3), "a.w": (10, 8)}, {"stem.weight": (8, 3, 3, 3), "fc.weight": (10, 8)}, [],
+     {"stem.weight": ("module.stem.weight", "prefix"), "fc.weight": ("a.w", "structure")}),
+    # nothing on one side: nothing to pair, and nothing to refuse (the report lists what is missing or unused)
+    ({}, {"fc.weight": (10, 8)}, [], {}),
+    ({"a.w": (10, 8)}, {}, [], {}),
 ], ids=["renamed-then-order", "exact-then-order", "renamed-under-a-wrapper", "exact-then-wrapped", "ambiguous-wrappers",
-        "instance-prefix-shapes"])
+        "instance-prefix-shapes", "wrapped-then-order", "empty-source", "empty-target"])
 def test_names_first_then_order(src, tgt, rename, expected):
     assert {t: (x.source, x.how) for t, x in match_names(src, tgt, rename=rename).items()} == expected
