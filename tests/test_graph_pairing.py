@@ -319,3 +319,176 @@ def test_a_damaged_graph_record_is_left_aside(tmp_path, inputs):
     with pytest.raises(TransferKitError, match="their structures do not line up \\(") as caught:
         transfer(Toy(), tmp_path / "toy.safetensors", scope="full")
     assert "\n" not in str(caught.value)
+
+
+# --- the graph pairing's rules, on shapes alone ---------------------------------------------------
+
+def pairing(src, tgt, graph, **kw) -> dict[str, str]:
+    return {t: x.source for t, x in match_names(src, tgt, graph=graph, **kw).items()}
+
+
+STEM_AB = graph_of({"stem": ["stem.w"], "a": ["a.w"], "b": ["b.w"]}, {"stem": [], "a": ["stem"], "b": ["stem"]})
+# Every source below is stored heads first, so the plain order pairing parts at position 0 and the graph decides.
+
+
+def test_two_replaced_heads_each_take_the_source_layer_of_their_own_shape():
+    """Replaced heads (`may_differ`) accept a source layer of any shape: among those the graph allows
+    at a position, the one with the target's exact shape comes first, before the order the source runs."""
+    src = {"a.w": (2, 16), "b.w": (5, 16), "stem.w": (16, 3, 3, 3)}
+    tgt = {"s.weight": (16, 3, 3, 3), "x.weight": (5, 16), "y.weight": (2, 16)}
+    assert pairing(src, tgt, STEM_AB, may_differ={"x.weight", "y.weight"}) == {
+        "s.weight": "stem.w", "x.weight": "b.w", "y.weight": "a.w"}
+    assert pairing(src, {**tgt, "x.weight": (2, 16), "y.weight": (5, 16)}, STEM_AB,
+                   may_differ={"x.weight", "y.weight"}) == {"s.weight": "stem.w", "x.weight": "a.w", "y.weight": "b.w"}
+
+
+@pytest.mark.parametrize("src, tgt, expected", [
+    # linear layers (2-D weights, with and without a bias) are units on both sides
+    ({"fc.w": (10, 16), "fc.b": (10,), "stem.w": (16, 3, 3, 3), "stem.b": (16,)},
+     {"s.weight": (16, 3, 3, 3), "s.bias": (16,), "fc.weight": (10, 16), "fc.bias": (10,)},
+     {"s.weight": "stem.w", "s.bias": "stem.b", "fc.weight": "fc.w", "fc.bias": "fc.b"}),
+    # a source with a layer more than the target (a classifier's head): the target's modules are all paired
+    ({"b.w": (5, 16), "a.w": (2, 16), "stem.w": (16, 3, 3, 3)}, {"s.weight": (16, 3, 3, 3), "x.weight": (2, 16)},
+     {"s.weight": "stem.w", "x.weight": "a.w"}),
+], ids=["linear-layers", "source-has-more"])
+def test_graph_pairings_that_line_up(src, tgt, expected):
+    graph = graph_of({"stem": ["stem.w", "stem.b"], "a": ["a.w"], "b": ["b.w"], "fc": ["fc.w", "fc.b"]},
+                     {"stem": [], "a": ["stem"], "b": ["stem"], "fc": ["stem"]})
+    assert pairing(src, tgt, graph) == expected
+
+
+def graph_error(layers: int, modules: int, at: str) -> str:
+    return (f"^source and target tensor names differ and their structures do not line up in any order the source's "
+            f"graph allows \\({layers} source layers vs {modules} target modules, convolution and linear\\); they "
+            f"part at position {at}; check that the source is for this architecture$")
+
+
+@pytest.mark.parametrize("src, tgt, expected", [
+    # nothing the source can run first fits the target's first module
+    ({"a.w": (4, 8, 1, 1), "stem.w": (8, 3, 3, 3)}, {"s.weight": (8, 3, 5, 5), "x.weight": (4, 8, 1, 1)},
+     graph_error(2, 2, r"0: source stem.w \(8, 3, 3, 3\) vs target s.weight \(8, 3, 5, 5\)")),
+    # the target has a module more than the source has layers
+    ({"a.w": (4, 8, 1, 1), "stem.w": (8, 3, 3, 3)},
+     {"s.weight": (8, 3, 3, 3), "x.weight": (4, 8, 1, 1), "z.weight": (2, 4, 1, 1)},
+     graph_error(2, 3, r"2: source \(none left to run\) vs target z.weight \(2, 4, 1, 1\)")),
+    # position 2 reached twice (a then b, b then a): what the source runs there first is named
+    ({"b.w": (4, 8, 1, 1), "a.w": (4, 8, 1, 1), "stem.w": (8, 3, 3, 3)},
+     {"s.weight": (8, 3, 3, 3), "x.weight": (4, 8, 1, 1), "z.weight": (6, 4, 1, 1)},
+     graph_error(3, 3, r"2: source b.w \(4, 8, 1, 1\) vs target z.weight \(6, 4, 1, 1\)")),
+], ids=["first-position", "none-left", "reached-twice"])
+def test_graph_pairings_that_part_name_where(src, tgt, expected):
+    with pytest.raises(TransferKitError, match=expected):
+        match_names(src, tgt, graph=STEM_AB)
+
+
+def test_the_step_limit_counts_each_layer_placed(monkeypatch):
+    """Three layers placed without a step back: three steps, the limit allows exactly that many."""
+    src = {"a.w": (2, 16), "b.w": (5, 16), "stem.w": (16, 3, 3, 3)}
+    tgt = {"s.weight": (16, 3, 3, 3), "x.weight": (5, 16), "y.weight": (2, 16)}
+    monkeypatch.setattr(matching, "GRAPH_STEPS", 3)
+    assert pairing(src, tgt, STEM_AB) == {"s.weight": "stem.w", "x.weight": "b.w", "y.weight": "a.w"}
+    monkeypatch.setattr(matching, "GRAPH_STEPS", 2)
+    with pytest.raises(TransferKitError, match=r"^source and target tensor names differ, and the source's graph "
+                                               r"allows too many orders of its 3 layers to pair them with the "
+                                               r"target's 3 modules \(2 tried\); give a name map \(--map\)$"):
+        match_names(src, tgt, graph=STEM_AB)
+
+
+def test_sets_of_layers_already_failed_from_are_not_tried_again(monkeypatch):
+    """Three interchangeable layers and a fourth module nothing fills. Counted by hand: 3 placements
+    down, then {0, 2} -> 1 and {1} -> {0, 2} -> 0 ... tried once each: 12 steps, where trying every
+    order would take 3 + 6 + 6 = 15."""
+    src = {f"l{i}.w": (4, 4, 1, 1) for i in range(3)}
+    graph = graph_of({f"l{i}": [f"l{i}.w"] for i in range(3)}, {f"l{i}": [] for i in range(3)})
+    tgt = {f"m{i}.weight": (4, 4, 1, 1) for i in range(3)} | {"z.weight": (5, 4, 1, 1)}
+    monkeypatch.setattr(matching, "GRAPH_STEPS", 12)
+    with pytest.raises(TransferKitError, match=graph_error(3, 4, r"3: source \(none left to run\) vs target "
+                                                                 r"z.weight \(5, 4, 1, 1\)")):
+        match_names(src, tgt, graph=graph)
+    monkeypatch.setattr(matching, "GRAPH_STEPS", 11)
+    with pytest.raises(TransferKitError, match=r"too many orders of its 3 layers .*\(11 tried\)"):
+        match_names(src, tgt, graph=graph)
+
+
+@pytest.mark.parametrize("shapes, units", [
+    ({"c.weight": (8, 3, 3, 3), "c.bias": (8,)}, [["c.weight", "c.bias"]]),
+    ({"fc.weight": (10, 8), "fc.bias": (10,), "c.weight": (8, 3, 3, 3)}, [["fc.weight", "fc.bias"], ["c.weight"]]),
+    ({"c.weight": (8, 3, 3, 3), "bn.weight": (8,)}, None),           # a BatchNorm: not a convolution or linear
+    ({"bn.weight": (8,), "c.weight": (8, 3, 3, 3)}, None),
+    ({"c.bias": (8,), "c.weight": (8, 3, 3, 3)}, None),                # a bias before any weight
+    ({"c.weight": (8, 3, 3, 3), "c.bias": (5,)}, None),              # a bias of another width
+    ({"c.weight": (8, 3, 3, 3), "d.bias": (8,)}, None),              # another module's bias
+    ({"c.weight": (8, 3, 3, 3), "c.bias": (8,), "d.bias": (8,)}, None),
+    ({"pos_embed.table": (4, 8)}, None),                              # 2-D, but not a weight
+], ids=["conv", "linear", "batchnorm", "batchnorm-first", "bias-first", "bias-width", "bias-other-module",
+        "bias-alone", "not-a-weight"])
+def test_target_modules_are_convolutions_and_linear_layers_only(shapes, units):
+    assert matching._module_units(list(shapes), shapes) == units
+
+
+def test_source_layers_and_what_each_needs_first():
+    """A record may name a layer whose tensors the file no longer holds (`ghost`), and inputs it never
+    runs (`data`) or runs later (`fc` read by `a`): those are passed over, the rest grouped by layer."""
+    shapes = {"stem.w": (8, 3, 3, 3), "stem.b": (8,), "bn.s": (8,), "a.w": (4, 8, 1, 1), "fc.w": (10, 4),
+              "fc.b": (10,)}
+    graph = graph_of({"stem": ["stem.w", "stem.b"], "bn": ["bn.s"], "a": ["a.w"], "ghost": ["ghost.w"],
+                      "fc": ["fc.w", "fc.b"]},
+                     {"stem": ["data"], "bn": ["stem"], "a": ["bn", "fc"], "ghost": ["a"], "fc": ["ghost"]})
+    units, needs = matching._layer_units(list(shapes), shapes, graph)
+    assert units == [["stem.w", "stem.b"], ["a.w"], ["fc.w", "fc.b"]]
+    assert needs == [frozenset(), frozenset({0}), frozenset({1})]
+    # the same record for a file that holds the stem alone
+    assert matching._layer_units(["stem.w", "stem.b"], shapes, graph) == ([["stem.w", "stem.b"]], [frozenset()])
+
+
+@pytest.mark.parametrize("names, prefix", [
+    (["resnetv20_conv0_weight", "resnetv20_dense0_weight"], "resnetv20_"),  # two names are enough
+    (["resnetv20_conv0_weight"], ""),                                       # one is not
+    ([], ""),
+    (["net.body.a", "net.body.b", "net.body.c"], "net.body."),             # cut at the last `.`
+    (["net.conv1", "net.conv2"], "net."),                                   # not inside a name
+    (["a_b_c1.w", "a_b_c2.w"], "a_b_"),                                     # or at the last `_`
+    (["a.x", "a.y"], "a."),
+    (["_x.a", "_x.b"], ""),                                                 # a bare `_` is a naming style
+    (["conv.weight", "fc.weight"], ""),
+], ids=["two", "one", "none", "last-dot", "inside-a-name", "last-underscore", "one-letter", "underscore", "no-common"])
+def test_instance_prefix_is_the_common_part_cut_at_a_separator(names, prefix):
+    assert matching.instance_prefix(names) == prefix
+
+
+@pytest.mark.parametrize("src, tgt, rename, expected", [
+    # a tensor paired by name (renamed, or exact) is out of the rest, which then pairs by order
+    ({"features.0.weight": (8, 3, 3, 3), "classifier.weight": (10, 8), "classifier.bias": (10,)},
+     {"stem.weight": (8, 3, 3, 3), "fc.weight": (10, 8), "fc.bias": (10,)}, [(r"^features\.0\.", "stem.")],
+     {"stem.weight": ("features.0.weight", "renamed"), "fc.weight": ("classifier.weight", "structure"),
+      "fc.bias": ("classifier.bias", "structure")}),
+    ({"stem.weight": (8, 3, 3, 3), "classifier.weight": (10, 8), "classifier.bias": (10,)},
+     {"stem.weight": (8, 3, 3, 3), "fc.weight": (10, 8), "fc.bias": (10,)}, [],
+     {"stem.weight": ("stem.weight", "exact"), "fc.weight": ("classifier.weight", "structure"),
+      "fc.bias": ("classifier.bias", "structure")}),
+    # renamed names meet a wrapped target's names once its wrapper is removed, whatever the stored order
+    ({"features.fc.weight": (2, 4), "features.conv.weight": (4, 3)},
+     {"module.body.conv.weight": (4, 3), "module.head.fc.weight": (2, 4)},
+     [(r"^features\.conv", "body.conv"), (r"^features\.fc", "head.fc")],
+     {"module.body.conv.weight": ("features.conv.weight", "prefix"),
+      "module.head.fc.weight": ("features.fc.weight", "prefix")}),
+    # an exact name, then a wrapped one
+    ({"stem.weight": (8, 3, 3, 3), "module.fc.weight": (2, 4)}, {"stem.weight": (8, 3, 3, 3), "fc.weight": (2, 4)}, [],
+     {"stem.weight": ("stem.weight", "exact"), "fc.weight": ("module.fc.weight", "prefix")}),
+    # two sources under different wrappers with one name: ambiguous, neither is taken
+    ({"stem.weight": (8, 3, 3, 3), "module.fc.weight": (2, 4), "model.fc.weight": (2, 4)},
+     {"stem.weight": (8, 3, 3, 3), "_orig_mod.fc.weight": (2, 4)}, [], {"stem.weight": ("stem.weight", "exact")}),
+    # names equal once instance prefixes are removed are a guess: taken only where the shapes agree too
+    ({"resnetv20_conv0_weight": (8, 3, 3, 3), "resnetv20_dense0_weight": (10, 8)},
+     {"resnetv22_conv0_weight": (8, 3, 3, 3), "resnetv22_dense0_weight": (5, 8)}, [],
+     {"resnetv22_conv0_weight": ("resnetv20_conv0_weight", "prefix")}),
+    # a tensor paired under its wrapper is out of the rest too
+    ({"module.stem.weight": (8, 3, 3, 3), "a.w": (10, 8)}, {"stem.weight": (8, 3, 3, 3), "fc.weight": (10, 8)}, [],
+     {"stem.weight": ("module.stem.weight", "prefix"), "fc.weight": ("a.w", "structure")}),
+    # nothing on one side: nothing to pair, and nothing to refuse (the report lists what is missing or unused)
+    ({}, {"fc.weight": (10, 8)}, [], {}),
+    ({"a.w": (10, 8)}, {}, [], {}),
+], ids=["renamed-then-order", "exact-then-order", "renamed-under-a-wrapper", "exact-then-wrapped", "ambiguous-wrappers",
+        "instance-prefix-shapes", "wrapped-then-order", "empty-source", "empty-target"])
+def test_names_first_then_order(src, tgt, rename, expected):
+    assert {t: (x.source, x.how) for t, x in match_names(src, tgt, rename=rename).items()} == expected

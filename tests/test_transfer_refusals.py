@@ -463,3 +463,108 @@ def test_backbone_scope_with_a_prefix_matches_the_classifier_under_it(tmp_path):
     report = transfer(Detector(), renamed_source, "backbone", ("body.head.*",), ("body.*",), backbone_prefix="body.",
                       rename=[(r"^features\.", "")])
     assert {e.how for e in report.by_status("loaded")} == {"renamed"} and len(report.by_status("loaded")) == 9
+
+
+# --- transfer.py, mutation survivors ---------------------------------------------------------------
+#
+# ConvBN's state_dict (position: name shape numel), its BatchNorm built with eps 1e-3:
+#   0 0.weight (4, 3, 3, 3) 108    1 1.weight (4,) 4    2 1.bias (4,) 4    3 1.running_mean (4,) 4
+#   4 1.running_var (4,) 4    5 1.num_batches_tracked () 1    6 3.weight (2, 4, 1, 1) 8    7 3.bias (2,) 2   total 135
+# A deployment export of it folds the BatchNorm into the first convolution: a filter and a bias each.
+
+class ConvBN(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+
+def deploy_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"conv1.weight": torch.randn(4, 3, 3, 3, generator=g), "conv1.bias": torch.randn(4, generator=g),
+            "conv2.weight": torch.randn(2, 4, 1, 1, generator=g), "conv2.bias": torch.randn(2, generator=g)}
+
+
+FOLDED_REASON = "BatchNorm 1 folded into 0 in the source; identity here, eps 0.001"
+
+
+def test_a_folded_source_marks_the_pair_folded_and_resets_the_step_counter(tmp_path):
+    from transferkit.weights.formats import read_weights
+    from transferkit.weights.transfer import TransferOptions, plan_transfer
+
+    src = deploy_state()
+    path = save(tmp_path, src)
+    model = ConvBN()
+    model[1].num_batches_tracked.fill_(100)  # a model trained before: the identity BatchNorm has seen no batches
+    report = transfer(model, path, "full")
+    assert {e.target: (e.status, e.source, e.how, e.reason) for e in report.entries} == {
+        "0.weight": ("folded", "conv1.weight", "folded", FOLDED_REASON),
+        **{f"1.{leaf}": ("folded", None, "folded", FOLDED_REASON)
+           for leaf in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")},
+        "3.weight": ("loaded", "conv2.weight", "structure", None),
+        "3.bias": ("loaded", "conv2.bias", "structure", None)}
+    assert report.fraction_restored() == 1.0 and report.unused_source == []
+    bn = model[1]
+    assert torch.equal(model[0].weight, src["conv1.weight"]) and torch.equal(bn.bias, src["conv1.bias"])
+    assert torch.equal(bn.weight, torch.ones(4)) and torch.equal(bn.running_mean, torch.zeros(4))
+    assert torch.equal(bn.running_var, torch.full((4,), 1 - 1e-3)) and bn.num_batches_tracked.item() == 0
+    _, to_load = plan_transfer(ConvBN(), read_weights(path), TransferOptions(scope="full"))
+    counter = to_load["1.num_batches_tracked"]
+    assert counter.dtype == torch.long and counter.shape == () and counter.item() == 0  # as the model holds it
+
+
+def test_a_batchnorm_out_of_scope_is_not_folded(tmp_path):
+    """Scope backbone leaves the BatchNorm out: the user's say wins, it is neither written nor marked folded."""
+    src = deploy_state()
+    model = ConvBN()
+    model[1].num_batches_tracked.fill_(100)
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    report = transfer(model, save(tmp_path, src), "backbone", backbone_patterns=("0.*", "3.*"))
+    assert {e.target: (e.status, e.how) for e in report.entries} == {
+        "0.weight": ("loaded", "structure"),
+        **{f"1.{leaf}": ("out-of-scope", None)
+           for leaf in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")},
+        "3.weight": ("loaded", "structure"), "3.bias": ("loaded", "structure")}
+    assert report.fraction_restored() == 118 / 135 and report.unused_source == ["conv1.bias"]
+    assert all(torch.equal(v, before[k]) for k, v in model[1].state_dict().items())
+
+
+def test_a_name_map_for_the_bare_model_keeps_a_batchnorm_of_a_wrapped_one(tmp_path):
+    """A folded source that kept one BatchNorm as a scale and an offset, named by a map written for the
+    bare model: restored into the same model under DataParallel (`module.`), the scale and offset still
+    land on the BatchNorm."""
+    g = torch.Generator().manual_seed(4)
+    src = {"conv/filter": torch.randn(4, 3, 3, 3, generator=g), "conv/bias": torch.zeros(4),
+           "bn/mul": torch.rand(4, generator=g) + 0.5, "bn/add": torch.randn(4, generator=g)}
+    rename = [("^conv/filter$", "0.weight"), ("^conv/bias$", "0.bias"), ("^bn/mul$", "1.weight"),
+              ("^bn/add$", "1.bias")]
+    model = nn.DataParallel(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+    report = transfer(model, save(tmp_path, src), "full", rename=rename)
+    assert {e.target: (e.status, e.source) for e in report.entries} == {
+        "module.0.weight": ("folded", "conv/filter"), "module.1.weight": ("folded", "bn/mul"),
+        "module.1.bias": ("folded", "bn/add"), "module.1.running_mean": ("folded", None),
+        "module.1.running_var": ("folded", None), "module.1.num_batches_tracked": ("folded", None)}
+    assert report.unused_source == []
+    bn = model.module[1]
+    assert torch.equal(bn.weight, src["bn/mul"]) and torch.equal(bn.bias, src["bn/add"])
+
+
+def test_an_entry_without_a_reason_shows_no_detail():
+    from transferkit.weights.transfer import TensorEntry, TransferReport
+
+    report = TransferReport("x.pth", "pytorch", "full", [TensorEntry("scale.weight", "missing", [2], 2),
+                                                         TensorEntry("scale.bias", "missing", [2], 2, init="zeros")])
+    assert report.summary_lines() == [
+        "transfer from x.pth (pytorch, scope full): missing 2; 0.0% of target values restored; 0 source tensors unused",
+        "  missing       scale.weight (2,)", "  missing       scale.bias (2,) ; initialised zeros"]
+
+
+def test_read_source_tensors_resolves_the_source_first(tmp_path):
+    """A run directory is resolved to its last checkpoint; the tensors come back under the file's own names."""
+    from safetensors.torch import save_file
+
+    from transferkit.weights.transfer import read_source_tensors
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    src = deploy_state()
+    save_file(src, tmp_path / "run" / "checkpoints" / "last.safetensors")
+    got = read_source_tensors(str(tmp_path / "run"))
+    assert list(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src)
