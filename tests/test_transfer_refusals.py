@@ -11,14 +11,20 @@ Small's state_dict, in order (position: name shape numel):
 
 from __future__ import annotations
 
+import json
+import locale
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from transferkit.errors import TransferKitError
+from transferkit.weights.formats import WeightFile
 from transferkit.weights.matching import match_names, strip_wrappers
+from transferkit.weights.name_maps import MAX_MAP_BYTES, as_rename_rules, read_name_map
+from transferkit.weights.targets import factory_target, from_factory, template_target, unrestored
 from transferkit.weights.transfer import transfer
 
 HEAD = ("head.*",)
@@ -568,3 +574,197 @@ def test_read_source_tensors_resolves_the_source_first(tmp_path):
     save_file(src, tmp_path / "run" / "checkpoints" / "last.safetensors")
     got = read_source_tensors(str(tmp_path / "run"))
     assert list(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src)
+
+
+# --- name maps (`weights transfer --map`) --------------------------------------------------------
+
+def weights_named(names, metadata=None) -> WeightFile:
+    return WeightFile({n: torch.zeros(1) for n in names}, "pytorch", Path("src.pth"), metadata or {})
+
+
+DOTTED = weights_named(["features.0.conv.weight", "features.0.conv.bias", "features.0.bn.weight",
+                        "head.fc.weight", "head.fc.bias"])
+# A TensorFlow checkpoint: its tensors are named by position, their layers by the variable names.
+KERAS = weights_named(
+    ["layer_with_weights-0.weight", "layer_with_weights-0.bias", "layer_with_weights-1.weight",
+     "layer_with_weights-1.running_var"],
+    {"variable_names": json.dumps({
+        "layer_with_weights-0.weight": "backbone/conv1/kernel", "layer_with_weights-0.bias": "backbone/conv1/bias",
+        "layer_with_weights-1.weight": "bn1/gamma", "layer_with_weights-1.running_var": "bn1/moving_variance"})})
+
+
+def write_map(tmp_path, data) -> Path:
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_a_layer_table_sends_each_layers_tensors_in_order_to_its_targets(tmp_path):
+    """A layer table's LAYER is the source name without its last dotted part: that layer's tensors, in
+    the file's order, go to the listed targets, in the table's order; layers not listed are left out,
+    and a listed layer holding nothing with no targets is no error."""
+    path = write_map(tmp_path, [{"name": "head.fc", "weight": ["classifier.weight", "classifier.bias"]},
+                                {"name": "relu", "weight": []},
+                                {"name": "features.0.conv", "weight": ["stem.weight", "stem.bias"]}])
+    assert list(read_name_map(path, DOTTED).items()) == [
+        ("head.fc.weight", "classifier.weight"), ("head.fc.bias", "classifier.bias"),
+        ("features.0.conv.weight", "stem.weight"), ("features.0.conv.bias", "stem.bias")]
+
+
+def test_a_layer_table_of_a_tensorflow_checkpoint_goes_by_its_variable_names(tmp_path):
+    """With metadata variable_names, a tensor's layer is its variable name without the part after the
+    last `/` (a nested layer keeps its scope), not its own dotted name."""
+    path = write_map(tmp_path, [{"name": "backbone/conv1", "weight": ["0.weight", "0.bias"]},
+                                {"name": "bn1", "weight": ["1.weight", "1.running_var"]}])
+    assert list(read_name_map(path, KERAS).items()) == [
+        ("layer_with_weights-0.weight", "0.weight"), ("layer_with_weights-0.bias", "0.bias"),
+        ("layer_with_weights-1.weight", "1.weight"), ("layer_with_weights-1.running_var", "1.running_var")]
+
+
+@pytest.mark.parametrize("entry, listed, held", [
+    ({"name": "head.fc", "weight": ["classifier.weight"]}, "'head.fc' lists 1", 2),
+    ({"name": "neck", "weight": ["neck.weight", "neck.bias"]}, "'neck' lists 2", 0),
+])
+def test_a_layer_table_for_another_file_is_refused_naming_the_layer(tmp_path, entry, listed, held):
+    """A layer whose target count differs from the tensors the source holds in it (none at all for a
+    layer the source lacks) stops the transfer with one line naming the map, the layer and both counts."""
+    path = write_map(tmp_path, [{"name": "features.0.conv", "weight": ["stem.weight", "stem.bias"]}, entry])
+    with pytest.raises(TransferKitError) as exc:
+        read_name_map(path, DOTTED)
+    assert str(exc.value) == (f"{path}: layer {listed} tensors but the source has {held} in that layer; "
+                              "is the map for this file?")
+
+
+def test_an_object_map_is_taken_as_it_is(tmp_path):
+    """The object form is source -> target names, whatever the source's layers."""
+    path = write_map(tmp_path, {"layer_with_weights-1.weight": "bn.weight", "anything": "else"})
+    assert read_name_map(path, KERAS) == {"layer_with_weights-1.weight": "bn.weight", "anything": "else"}
+
+
+@pytest.mark.parametrize("data", [
+    {"head.fc.weight": 1},  # an object whose value is not a name
+    [1, 2],
+    [{"name": "head.fc", "weight": "classifier.weight"}],  # the targets not a list
+    [{"name": 3, "weight": ["classifier.weight"]}],
+    "head.fc.weight",
+])
+def test_a_map_in_neither_form_is_refused_showing_both(tmp_path, data):
+    """JSON that is neither form is one line showing the two forms."""
+    path = write_map(tmp_path, data)
+    with pytest.raises(TransferKitError) as exc:
+        read_name_map(path, DOTTED)
+    assert str(exc.value) == (f"{path}: a name map is an object of source -> target names, or a list of "
+                              '{"name": LAYER, "weight": [TARGET, ...]} entries')
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"head.fc.weight classifier.weight", "Expecting value: line 1 column 1 (char 0)"),
+    (b'{"a": "b"', "Expecting ',' delimiter: line 1 column 10 (char 9)"),
+    (b"\xff{}", "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+])
+def test_a_map_that_is_not_json_text_is_one_line(tmp_path, content, reason):
+    """Not JSON, or not UTF-8: one line with the parser's reason and the forms to give."""
+    path = tmp_path / "map.json"
+    path.write_bytes(content)
+    with pytest.raises(TransferKitError) as exc:
+        read_name_map(path, DOTTED)
+    assert str(exc.value) == f"{path}: not a JSON name map ({reason}); give an object or a layer table"
+
+
+def test_a_map_that_cannot_be_read_is_one_line(tmp_path):
+    """A missing map file: one line with the system's reason."""
+    with pytest.raises(TransferKitError) as exc:
+        read_name_map(tmp_path / "missing.json", DOTTED)
+    assert str(exc.value) == f"cannot read name map {tmp_path / 'missing.json'}: No such file or directory"
+
+
+def test_a_map_up_to_16_mib_is_read_and_a_larger_file_refused(tmp_path):
+    """16 MiB exactly is still a name map; one byte more is refused before reading, in one line."""
+    assert MAX_MAP_BYTES == 16 * 1024 * 1024
+    text = '{"head.fc.weight": "classifier.weight"}'
+    path = tmp_path / "map.json"
+    path.write_text(text + " " * (MAX_MAP_BYTES - len(text)), encoding="utf-8")
+    assert path.stat().st_size == MAX_MAP_BYTES
+    assert read_name_map(path, DOTTED) == {"head.fc.weight": "classifier.weight"}
+    with open(path, "ab") as fh:
+        fh.write(b" ")
+    with pytest.raises(TransferKitError) as exc:
+        read_name_map(path, DOTTED)
+    assert str(exc.value) == f"{path}: over 16 MiB, not a name map"
+
+
+def test_a_map_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """Layer names out of ASCII read the same under a locale whose encoding is not UTF-8 (Windows'
+    cp1252, a Latin-1 or C locale): the map is UTF-8 text, as JSON is."""
+    path = tmp_path / "map.json"
+    path.write_bytes('{"bloc_é.poids": "stem.weight"}'.encode())  # as UTF-8 bytes, not JSON's \u escapes
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        try:
+            locale.setlocale(locale.LC_CTYPE, "C")
+        except locale.Error:
+            pytest.skip("no C locale to switch to")
+        assert read_name_map(path, DOTTED) == {"bloc_é.poids": "stem.weight"}
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
+
+
+def test_rename_rules_of_a_map_take_both_names_literally():
+    """Each entry becomes a whole-name rule; regex characters in the source name and backslashes in the
+    target name (which re.sub would read as group references) stand for themselves."""
+    rules = as_rename_rules({"blocks.0.w": "a\\1.b", "x+": "y"})
+    assert rules == [(r"^blocks\.0\.w$", r"a\\1.b"), (r"^x\+$", "y")]
+    assert re.sub(*rules[0], "blocks.0.w") == "a\\1.b"
+    assert re.sub(*rules[0], "blocks_0_w") == "blocks_0_w"
+
+
+# --- targets: `--like REF` and `--model package.module:function` ----------------------------------
+
+def test_a_template_target_is_the_references_tensors_labelled_like_it(tmp_path):
+    """`--like REF`: the reference's names, in its order, and values; labelled `like REF`; no head known,
+    every tensor restored by default, and a tensor not restored keeps the reference's values."""
+    ref = save(tmp_path, source_state(), "ref.pth")
+    target = template_target(str(ref), 1e-3)
+    assert (target.label, target.initial, target.default_scope, tuple(target.head_patterns)) == (
+        f"like {ref}", "the reference's values", "full", ())
+    state = target.model.state_dict()
+    assert list(state) == NAMES
+    assert all(torch.equal(state[k], v) for k, v in source_state().items())
+    assert target.model.bn_eps == 1e-3
+
+
+def test_a_factory_target_is_the_functions_model_labelled_with_its_name():
+    """`--model package.module:function` calls the function without arguments (a class is such a
+    function too) and labels the written file with the spec as given."""
+    target = factory_target("torch.nn:Identity")
+    assert type(target.model) is nn.Identity
+    assert (target.label, target.initial, target.default_scope, tuple(target.head_patterns)) == (
+        "torch.nn:Identity", "the model's initialisation", "full", ())
+
+
+@pytest.mark.parametrize("spec, message", [
+    (":build", "--model ':build': a factory is named as package.module:function"),
+    ("torch.nn:", "--model 'torch.nn:': a factory is named as package.module:function"),
+    ("torch.nn", "--model 'torch.nn': a factory is named as package.module:function"),
+    ("no_such_module_tk:build", "--model 'no_such_module_tk:build': cannot import no_such_module_tk "
+                                "(No module named 'no_such_module_tk'); is it on PYTHONPATH or installed?"),
+    ("torch.nn:Identity:x", "--model 'torch.nn:Identity:x': torch.nn has no function 'Identity:x'"),
+    ("math:pi", "--model 'math:pi': math has no function 'pi'"),
+    ("builtins:int", "--model 'builtins:int' returned a int, not a torch nn.Module"),
+])
+def test_a_factory_that_gives_no_model_is_one_line(spec, message):
+    """The module is what comes before the first `:`, the function all after it; each way of not
+    getting a model is one line naming the spec."""
+    with pytest.raises(TransferKitError) as exc:
+        from_factory(spec)
+    assert str(exc.value) == message
+
+
+def test_unrestored_names_every_tensor_the_source_did_not_give_but_step_counters(tmp_path):
+    """What a template or a user's model keeps from itself, in the model's order; BatchNorm's
+    num_batches_tracked is left out (it carries nothing)."""
+    src = {k: v for k, v in source_state().items() if k.startswith(("body.", "head."))}
+    report = transfer(Small(), save(tmp_path, src), "full")
+    assert {e.target: e.status for e in report.entries}["bn.num_batches_tracked"] == "missing"
+    assert unrestored(report) == ["stem.weight", "stem.bias", "bn.weight", "bn.bias", "bn.running_mean",
+                                  "bn.running_var"]

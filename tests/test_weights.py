@@ -534,3 +534,196 @@ def test_conversion_summary_counts_each_conversion(metadata, line):
     from transferkit.weights.convert import conversion_summary
 
     assert conversion_summary(metadata) == line
+
+
+def test_describe_weights_lists_names_shapes_and_dtypes_in_file_order(tmp_path):
+    """`weights inspect`: (format, tensors, metadata). A format with a describer (npz) is described from its
+    headers; any other is read, its dtypes named as torch names them without `torch.`, its metadata kept."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from transferkit.weights.formats import TensorInfo, describe_weights
+
+    np.savez(tmp_path / "a.npz", w=np.zeros((2, 3), np.float16), n=np.array(5))
+    assert describe_weights(str(tmp_path / "a.npz")) == (
+        "npz", [TensorInfo("w", (2, 3), "float16"), TensorInfo("n", (), "int64")], {})
+    torch.save({"x.weight": torch.zeros(4, 2), "bn.num_batches_tracked": torch.tensor(0)}, tmp_path / "a.pth")
+    assert describe_weights(str(tmp_path / "a.pth")) == (
+        "pytorch", [TensorInfo("x.weight", (4, 2), "float32"), TensorInfo("bn.num_batches_tracked", (), "int64")], {})
+    save_file({"b.w": torch.zeros(3, dtype=torch.bfloat16)}, str(tmp_path / "a.safetensors"), metadata={"k": "v"})
+    assert describe_weights(tmp_path / "a.safetensors") == (
+        "safetensors", [TensorInfo("b.w", (3,), "bfloat16")], {"k": "v"})
+
+
+@pytest.mark.parametrize("call", ["read_weights", "describe_weights"])
+def test_a_file_of_no_known_format_is_refused_listing_the_formats(tmp_path, call):
+    """Neither content nor suffix tells a format: one line naming the file and every format read."""
+    from transferkit.weights import formats
+
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(TransferKitError) as exc:
+        getattr(formats, call)(tmp_path / "notes.txt")
+    assert str(exc.value) == (
+        f"{tmp_path / 'notes.txt'}: not a weights file in a supported format (safetensors, npz, pytorch, tflite, "
+        "mxnet, keras-h5, tensorflow, paddle, onnx, caffe); convert it or give another file")
+
+
+def test_a_registered_reader_plugs_in_beside_the_built_in_ones(tmp_path, monkeypatch):
+    """register(name, sniff, read, suffixes, describe): the new format is told by its content test, given
+    the file's first HEAD_BYTES bytes (none for a folder, told by what it holds), or by its suffix in any
+    case when no content test knows the file; read_weights reads it with its reader, describe_weights with
+    its describer where it has one, else through its reader."""
+    from transferkit.weights import formats
+    from transferkit.weights.formats import TensorInfo, WeightFile, describe_weights, detect_format
+
+    monkeypatch.setattr(formats, "_READERS", list(formats._READERS))  # the registry as it was, afterwards
+    monkeypatch.setattr(formats, "_DESCRIBERS", dict(formats._DESCRIBERS))
+    heads = {}
+
+    def sniff(path, head):
+        heads[path.name] = head
+        return head.startswith(b"TOY1") or (path / "toy.json").is_file()
+
+    def read(path):
+        return WeightFile({"w": torch.ones(2)}, "toy", path, {"read": path.name})
+
+    formats.register("toy", sniff, read, (".toy",))
+    formats.register("toy2", lambda path, head: head.startswith(b"TOY2"), read,
+                     describe=lambda path: [TensorInfo("d", (3,), "float16")])
+    content = b"TOY1" + bytes(range(256)) * 4
+    (tmp_path / "by_content.bin").write_bytes(content)
+    (tmp_path / "by_suffix.TOY").write_bytes(b"toy weights")
+    (tmp_path / "described.toy").write_bytes(b"TOY2 weights")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "toy.json").write_text("{}")
+    assert [detect_format(tmp_path / n) for n in ("by_content.bin", "by_suffix.TOY", "described.toy", "folder")] == [
+        "toy", "toy", "toy2", "toy"]
+    assert (heads["by_content.bin"], heads["folder"]) == (content[:512], b"")
+    wf = read_weights(tmp_path / "by_suffix.TOY")
+    assert (wf.format, wf.metadata, list(wf.tensors)) == ("toy", {"read": "by_suffix.TOY"}, ["w"])
+    assert describe_weights(tmp_path / "by_content.bin") == (
+        "toy", [TensorInfo("w", (2,), "float32")], {"read": "by_content.bin"})
+    assert describe_weights(tmp_path / "described.toy") == ("toy2", [TensorInfo("d", (3,), "float16")], {})
+
+
+def test_an_archive_or_an_unreadable_path_given_as_a_weights_file_is_one_line(tmp_path):
+    """A tar (whatever its name) is refused pointing to the ways archives are given; a path that cannot be
+    opened is one line with the system's reason."""
+    import io
+    import tarfile
+
+    path = tmp_path / "weights.pth"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("model.pth"), io.BytesIO(b""))
+    with pytest.raises(TransferKitError) as exc:
+        read_weights(path)
+    assert str(exc.value) == (f"{path}: a tar or zip archive, not a weights file; give it as the source (archives "
+                              "are unpacked) or name the file inside with SOURCE#path/inside")
+    with pytest.raises(TransferKitError) as exc:
+        read_weights(tmp_path / "missing.pth")
+    assert str(exc.value) == f"cannot read weights file {tmp_path / 'missing.pth'}: No such file or directory"
+
+
+def test_zip_names_reads_up_to_10000_member_names_and_nothing_from_other_files(tmp_path):
+    """The member names of a zip, the first 10,000 of a larger one (a bound on what a central directory
+    may ask); [] for a file that is not a zip or a damaged one."""
+    import zipfile
+
+    from transferkit.weights.formats import HEAD_BYTES, zip_names
+
+    def names(path):
+        return zip_names(path, path.read_bytes()[:HEAD_BYTES])
+
+    with zipfile.ZipFile(tmp_path / "small.zip", "w") as zf:
+        zf.writestr("archive/data.pkl", b"")
+        zf.writestr("archive/data/0", b"")
+    assert names(tmp_path / "small.zip") == ["archive/data.pkl", "archive/data/0"]
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as zf:
+        for i in range(10_001):
+            zf.writestr(f"m{i}", b"")
+    many = names(tmp_path / "many.zip")
+    assert (len(many), many[0], many[-1]) == (10_000, "m0", "m9999")
+    (tmp_path / "cut.zip").write_bytes((tmp_path / "small.zip").read_bytes()[:40])
+    (tmp_path / "other.bin").write_bytes(b"not a zip")
+    assert names(tmp_path / "cut.zip") == names(tmp_path / "other.bin") == []
+
+
+@pytest.mark.parametrize("need, available, refused", [
+    (0, 0, None), (0, 10, None), (10, 10, None),
+    (1, 0, "declares 1 bytes but only 0 remain"),
+    (2_000_000, 1_999_999, "declares 2,000,000 bytes but only 1,999,999 remain"),
+    (-1, 10, "declares -1 bytes but only 10 remain"),
+])
+def test_check_fits_allows_up_to_what_remains_and_refuses_more_or_a_negative_size(tmp_path, need, available, refused):
+    """A declared size from 0 up to the bytes remaining fits (an empty blob included); more, or a negative
+    one, is one line giving both sizes with thousands separators."""
+    from transferkit.weights.formats.origins import check_fits
+
+    path = tmp_path / "net.caffemodel"
+    if refused is None:
+        assert check_fits(path, need, available, "blob 'conv1'") is None
+        return
+    with pytest.raises(TransferKitError) as exc:
+        check_fits(path, need, available, "blob 'conv1'")
+    assert str(exc.value) == f"{path}: damaged or truncated file: blob 'conv1' {refused}; re-download or re-export it"
+
+
+def test_a_readers_origins_record_is_json_text_under_fixed_keys_and_reads_back_as_its_graph():
+    """Origins -> metadata strings (source_format, layers in first-seen order, once each, tensors'
+    records, a count per conversion, inputs where wired, the reader's extras); layer_graph reads them
+    back: each tensor's layer, each layer's type, the wired layers in the source's order, and who reads whom."""
+    import json
+
+    from transferkit.weights.formats.origins import LayerGraph, Origins, layer_graph
+
+    origins = Origins("caffe")
+    origins.tensor("conv.weight", "conv/0", "conv", "Convolution", "float32")
+    origins.tensor("conv.bias", "conv/1", "conv", "Convolution", "float32")
+    origins.tensor("bn.running_var", "bn/1", "bn", "BatchNorm", "float32", "divided by the scale factor", blob="1")
+    origins.tensor("bn.running_mean", "bn/0", "bn", "BatchNorm", "float32", "divided by the scale factor")
+    origins.tensor("scale.weight", "scale/0", "scale", "Scale", "float32")  # a layer the reader did not wire
+    origins.tensor("fc.weight", "fc/0", "fc", "InnerProduct", "float16", "float16 to float32")
+    origins.layer("conv", "Convolution")
+    origins.inputs("conv", [])
+    origins.inputs("fc", ["bn", "conv"])
+    origins.inputs("bn", ["conv"])
+    meta = origins.metadata(batchnorm_eps="1e-05")
+    assert {k: v for k, v in meta.items() if k != "tensors"} == {
+        "source_format": "caffe",
+        "layers": '[["conv", "Convolution"], ["bn", "BatchNorm"], ["scale", "Scale"], ["fc", "InnerProduct"]]',
+        "converted": "divided by the scale factor: 2; float16 to float32: 1",
+        "inputs": '{"conv": [], "fc": ["bn", "conv"], "bn": ["conv"]}',
+        "batchnorm_eps": "1e-05",
+    }
+    assert json.loads(meta["tensors"]) == {
+        "conv.weight": {"source": "conv/0", "layer": "conv", "type": "Convolution", "dtype": "float32"},
+        "conv.bias": {"source": "conv/1", "layer": "conv", "type": "Convolution", "dtype": "float32"},
+        "bn.running_var": {"source": "bn/1", "layer": "bn", "type": "BatchNorm", "dtype": "float32",
+                           "converted": "divided by the scale factor", "blob": "1"},
+        "bn.running_mean": {"source": "bn/0", "layer": "bn", "type": "BatchNorm", "dtype": "float32",
+                            "converted": "divided by the scale factor"},
+        "scale.weight": {"source": "scale/0", "layer": "scale", "type": "Scale", "dtype": "float32"},
+        "fc.weight": {"source": "fc/0", "layer": "fc", "type": "InnerProduct", "dtype": "float16",
+                      "converted": "float16 to float32"},
+    }
+    graph = layer_graph(meta)
+    assert graph == LayerGraph(
+        {"conv.weight": "conv", "conv.bias": "conv", "bn.running_var": "bn", "bn.running_mean": "bn",
+         "scale.weight": "scale", "fc.weight": "fc"},
+        {"conv": "Convolution", "bn": "BatchNorm", "scale": "Scale", "fc": "InnerProduct"},
+        ["conv", "bn", "fc"],
+        {"conv": [], "fc": ["bn", "conv"], "bn": ["conv"]})
+    assert (graph.readers("conv"), graph.readers("bn"), graph.readers("fc")) == (["bn", "fc"], ["fc"], [])
+    assert graph.tensors("bn") == ["bn.running_var", "bn.running_mean"]
+    assert Origins("onnx").metadata() == {"source_format": "onnx", "layers": "[]", "tensors": "{}", "converted": "none"}
+    assert layer_graph(Origins("onnx").metadata()) is None  # no inputs recorded: no graph
+
+
+@pytest.mark.parametrize("value, shown", [("conv1", "conv1"), (b"conv1", "conv1"), (b"conv\xff1", "conv\ufffd1"),
+                                          (b"r\xc3\xa9seau", "réseau"), (bytearray(b"fc\xfe"), "fc\ufffd")])
+def test_a_protobuf_string_that_is_not_utf8_is_shown_with_replacements(value, shown):
+    """text(): a str as it is; bytes (a string field that is not UTF-8) decoded as UTF-8, each bad byte
+    shown as U+FFFD rather than refusing the file."""
+    from transferkit.weights.formats.origins import text
+
+    assert text(value) == shown
