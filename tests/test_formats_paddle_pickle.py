@@ -1480,3 +1480,13 @@ def test_bytes_is_admitted_only_empty():
     with pytest.raises(Damaged, match=_exactly("builtins.bytes with arguments (only the empty bytes of an empty array "
                                                "are expected)")):
         _load(_pickle(_call(_global("builtins", "bytes"), _ops(10**9))))
+
+
+def test_a_module_tree_past_max_modules_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "net.pt"
+    torch.save(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), path)
+    monkeypatch.setattr(pickled_module, "MAX_MODULES", 2)  # the Sequential and its two layers are 3
+    with pytest.raises(TransferKitError) as err:
+        pickled_module.read(path)
+    assert str(err.value) == (f"{path}: damaged PyTorch checkpoint (more than 2 modules in the tree (one module "
+                              "shared under many names?)); re-download or re-save it")
