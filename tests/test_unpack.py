@@ -332,6 +332,11 @@ def test_a_process_is_running_until_it_ends(tmp_path, monkeypatch):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert archives._running(child.pid) is True
+        try:  # a signal that ends it would have: a child signalled dies within microseconds
+            child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        assert child.returncode is None
     finally:
         child.terminate()
         child.wait()
