@@ -768,3 +768,29 @@ def test_unrestored_names_every_tensor_the_source_did_not_give_but_step_counters
     assert {e.target: e.status for e in report.entries}["bn.num_batches_tracked"] == "missing"
     assert unrestored(report) == ["stem.weight", "stem.bias", "bn.weight", "bn.bias", "bn.running_mean",
                                   "bn.running_var"]
+
+
+# --- restore_pretrained: a run's `pretrained:` section handed to transfer() ---
+
+def test_restore_pretrained_hands_every_option_of_the_section_to_transfer(monkeypatch):
+    """Each key of `pretrained:` reaches transfer() as given (none left at transfer's default), with the
+    model family's head and backbone; no source, no transfer."""
+    from types import SimpleNamespace
+
+    from transferkit.config import PretrainedConfig
+    from transferkit.weights import transfer as transfer_module
+
+    calls = []
+    monkeypatch.setattr(transfer_module, "transfer", lambda model, source, **kw: calls.append((model, source, kw)))
+    cfg = PretrainedConfig(source="w.safetensors", scope="full", sha256="ab" * 32, on_shape_mismatch="error",
+                           exclude=["x.*"], include=["y.*"], rename=[("a.", "b.")], require={"backbone": 0.5},
+                           adapt_input_conv=False)
+    family = SimpleNamespace(head_patterns=["head.*"], backbone_patterns=["stem.*"], backbone_prefix="body.")
+    model = nn.Linear(1, 1)
+    transfer_module.restore_pretrained(model, family, cfg)
+    assert calls == [(model, "w.safetensors", {
+        "scope": "full", "head_patterns": ["head.*"], "backbone_patterns": ["stem.*"], "backbone_prefix": "body.",
+        "sha256": "ab" * 32, "exclude": ["x.*"], "include": ["y.*"], "rename": [("a.", "b.")],
+        "require": {"backbone": 0.5}, "on_shape_mismatch": "error", "adapt_input_conv": False})]
+    assert transfer_module.restore_pretrained(model, family, PretrainedConfig(source=None)) is None
+    assert len(calls) == 1
