@@ -794,3 +794,16 @@ def test_restore_pretrained_hands_every_option_of_the_section_to_transfer(monkey
         "require": {"backbone": 0.5}, "on_shape_mismatch": "error", "adapt_input_conv": False})]
     assert transfer_module.restore_pretrained(model, family, PretrainedConfig(source=None)) is None
     assert len(calls) == 1
+
+
+def test_transfer_checks_the_sha256_it_is_given(tmp_path):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "w.safetensors"
+    save_file({"weight": torch.ones(1, 1), "bias": torch.ones(1)}, str(src))
+    model = nn.Linear(1, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = rf"^{re.escape(str(src))} does not match the expected sha256 {'0' * 64}$"
+    with pytest.raises(TransferKitError, match=message):
+        transfer(model, src, sha256="0" * 64)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing restored
