@@ -807,3 +807,5 @@ def test_transfer_checks_the_sha256_it_is_given(tmp_path):
     with pytest.raises(TransferKitError, match=message):
         transfer(model, src, sha256="0" * 64)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing restored
+    report = transfer(model, src)  # the default scope, all-but-head: with no head named, every tensor
+    assert report.fraction_restored() == 1.0 and model.weight.item() == 1.0 and model.bias.item() == 1.0
