@@ -136,11 +136,9 @@ def write_tar(path, members):
 A, B = bytes(range(256)) + bytes(44), b"b" * 200  # 300 and 200 bytes
 
 
-def test_free_space_bounds_the_files_only_and_to_the_byte_zip(tmp_path, monkeypatch):
-    """Only files count toward the free space, at their sizes: an archive needing exactly the free bytes
-    unpacks (a folder entry counts 0 even when it carries bytes, an empty file 0); one byte less is
-    refused before anything is written, with a one-line message naming the archive."""
-    archive = write_zip(tmp_path / "w.zip", {"d/": b"xyz", "d/a.bin": A, "e.bin": b"", "b.bin": B})
+def fits_500_free_bytes_not_499(archive, tmp_path, monkeypatch):
+    """`archive` (files d/a.bin, e.bin, b.bin: 500 bytes) unpacks with 500 bytes free; with 499 it is refused in
+    one line and nothing is written."""
     monkeypatch.setattr(archives, "_free_bytes", lambda folder: 500)
     out = archives.unpack(archive, tmp_path / "cache" / "ok")
     assert tree(out) == {"d": None, "d/a.bin": A, "e.bin": b"", "b.bin": B}
@@ -150,6 +148,14 @@ def test_free_space_bounds_the_files_only_and_to_the_byte_zip(tmp_path, monkeypa
     assert str(caught.value) == (f"{archive}: unpacking needs 0 MiB, only 0 MiB free in the cache; "
                                  "free space or set TRANSFERKIT_CACHE to a larger disk")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["ok"]
+
+
+def test_free_space_bounds_the_files_only_and_to_the_byte_zip(tmp_path, monkeypatch):
+    """Only files count toward the free space, at their sizes: an archive needing exactly the free bytes
+    unpacks (a folder entry counts 0 even when it carries bytes, an empty file 0); one byte less is
+    refused before anything is written, with a one-line message naming the archive."""
+    archive = write_zip(tmp_path / "w.zip", {"d/": b"xyz", "d/a.bin": A, "e.bin": b"", "b.bin": B})
+    fits_500_free_bytes_not_499(archive, tmp_path, monkeypatch)
 
 
 def test_free_space_bounds_the_files_only_and_to_the_byte_tar(tmp_path, monkeypatch):
@@ -158,15 +164,7 @@ def test_free_space_bounds_the_files_only_and_to_the_byte_tar(tmp_path, monkeypa
     archive = write_tar(tmp_path / "w.tar", [("d", tarfile.DIRTYPE, 1000, b""), ("d/a.bin", tarfile.REGTYPE, 300, A),
                                              ("e.bin", tarfile.REGTYPE, 0, b""), ("link", tarfile.SYMTYPE, 0, b""),
                                              ("b.bin", tarfile.REGTYPE, 200, B)])
-    monkeypatch.setattr(archives, "_free_bytes", lambda folder: 500)
-    out = archives.unpack(archive, tmp_path / "cache" / "ok")
-    assert tree(out) == {"d": None, "d/a.bin": A, "e.bin": b"", "b.bin": B}
-    monkeypatch.setattr(archives, "_free_bytes", lambda folder: 499)
-    with pytest.raises(TransferKitError) as caught:
-        archives.unpack(archive, tmp_path / "cache" / "short")
-    assert str(caught.value) == (f"{archive}: unpacking needs 0 MiB, only 0 MiB free in the cache; "
-                                 "free space or set TRANSFERKIT_CACHE to a larger disk")
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["ok"]
+    fits_500_free_bytes_not_499(archive, tmp_path, monkeypatch)
 
 
 def test_free_space_message_counts_mebibytes(tmp_path, monkeypatch):
