@@ -38,7 +38,7 @@ RATIO_FREE_BYTES = 1 << 20  # an archive unpacking to less than this is never re
 MAX_MEMBERS = 10_000
 HEAD_BYTES = 512  # enough for the tar header's `ustar` magic at offset 257
 MAX_TAR_HEADER_BYTES = 1 << 20  # a long name or pax record; real ones are under a few KiB
-ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}  # read with bounded memory
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what zipfile reads with bounded memory
 
 COMPRESSED_TAR_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")

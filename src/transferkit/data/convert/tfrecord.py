@@ -46,12 +46,10 @@ def expand_files(files: Iterable[str | Path], root: Path | None = None) -> list[
             out.append(path)
     if not out:
         raise TransferKitError("no TFRecord files given")
-    kept, seen = [], set()
+    first: dict[Path, Path] = {}  # each file by its resolved path, as first named
     for path in out:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
-            kept.append(path)
-    return kept
+        first.setdefault(path.resolve(), path)
+    return list(first.values())
 
 
 def _label_names(examples: list[tuple[Path, DetectionExample]]) -> dict[int, str]:

@@ -45,7 +45,7 @@ def read(path: Path) -> WeightFile:
         raise TransferKitError(f"{path}: refused, {exc}; re-save the state_dict only, "
                                "e.g. torch.save(model.state_dict(), path)") from None
     except Damaged as exc:
-        raise TransferKitError(f"{path}: damaged PyTorch checkpoint ({exc}); re-download or re-save it") from None
+        raise _damaged(path, exc) from None
     except TransferKitError:
         raise
     except OSError as exc:
@@ -62,7 +62,7 @@ def read(path: Path) -> WeightFile:
         try:
             _walk(module, "", tensors)
         except Damaged as exc:
-            raise TransferKitError(f"{path}: damaged PyTorch checkpoint ({exc}); re-download or re-save it") from None
+            raise _damaged(path, exc) from None
     else:
         tensors, where = _plain_state_dict(obj)
     if not tensors:
@@ -114,6 +114,10 @@ def _load(zf: zipfile.ZipFile, path: Path):
 
     obj, unpickler = restricted_load(zf.read(info), stand_ins=True, torch_records=record)
     return obj, unpickler, prefix
+
+
+def _damaged(path: Path, exc: Damaged) -> TransferKitError:
+    return TransferKitError(f"{path}: damaged PyTorch checkpoint ({exc}); re-download or re-save it")
 
 
 def _find_module(obj) -> tuple[StandIn | None, str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
+import math
 import pickle
 from typing import Any
 
@@ -40,13 +41,13 @@ DENIED_MODULES = {
     "_posixsubprocess", "select", "selectors", "mmap", "fcntl", "resource", "sqlite3", "shelve", "dbm", "codecs",
     "pipes", "commands", "popen2",
 }
-# Plain-data builtins that are safe to construct (small: no size argument that allocates).
 def _empty_bytes(*args):
     if args:
         raise Damaged("builtins.bytes with arguments (only the empty bytes of an empty array are expected)")
     return b""
 
 
+# Plain-data builtins that are safe to construct (small: no size argument that allocates).
 SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytes": _empty_bytes}
 MAX_DIM = 1 << 63  # numpy's and torch's dimensions are int64
 NUMERIC_KINDS = "biuf"
@@ -148,9 +149,7 @@ def _array_from_bytes(data, dtype, shape, order="C") -> np.ndarray:
         raise Damaged("a numpy array whose data is not bytes (object arrays are refused)")
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and 0 <= d < MAX_DIM for d in shape):
         raise Damaged(f"a numpy array with a bad shape {shape!r}")
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     if count * dtype.dtype.itemsize != len(data):
         raise Damaged(f"a numpy array of shape {shape} {dtype.dtype} holds {len(data)} bytes, "
                       f"not {count * dtype.dtype.itemsize}")
@@ -214,9 +213,7 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored):
         if last >= storage.flat.numel():
             raise Damaged(f"a tensor of shape {size} reaches element {last} of a "
                           f"{storage.flat.numel()}-element storage")
-        numel = 1
-        for s in size:
-            numel *= s
+        numel = math.prod(size)
         if numel > storage.flat.numel():
             raise Damaged(f"a tensor of shape {size} holds {numel} elements, more than its "
                           f"{storage.flat.numel()}-element storage (a stride of 0 or overlapping strides)")
