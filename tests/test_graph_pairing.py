@@ -254,6 +254,55 @@ def test_tflite_in_execution_order_with_a_batchnorm_kept_as_mul_and_add(tmp_path
     assert entries["left.4.weight"].source is None  # folded into left_b's filter: the identity here
     assert report.counts() == {"folded": 42, "loaded": 12}
     assert report.unused_source == ["cat/scale"]  # the scalar belongs to no tensor of the model
+    # excluded, the kept scale and offset are still reported with the source tensors they would take
+    report = transfer(Toy(), tmp_path / "toy.tflite", scope="full", exclude=["right.4.*"])
+    entries = {e.target: e for e in report.entries}
+    assert [(e.status, e.source, e.how) for e in (entries["right.4.weight"], entries["right.4.bias"])] == [
+        ("excluded", "right_bn/mul", "structure"), ("excluded", "right_bn/add", "structure")]
+
+
+class Wrapped(nn.Module):
+    """A detector-like model: the Toy as its backbone under `backbone.`, a head of its own after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Toy()
+        self.head = nn.Conv2d(16, 3, 1)
+
+
+def test_a_backbone_under_a_prefix_is_paired_by_the_graph(tmp_path):
+    """Scope backbone with a backbone prefix matches the source against the names under the prefix;
+    the graph still pairs them (without it they part at the first head, as above)."""
+    net = trained_toy()
+    model = Wrapped()
+    head = model.head.weight.detach().clone()
+    report = transfer(model, write_caffe(net, tmp_path / "toy.caffemodel"), "backbone", (), ("backbone.*",),
+                      backbone_prefix="backbone.")
+    assert torch.allclose(outputs(model.backbone), outputs(net), rtol=1e-5, atol=1e-5)
+    entries = {e.target: e for e in report.entries}
+    assert entries["backbone.cls.1.bias"].source == "cls1.bias" and entries["backbone.cls.1.bias"].how == "structure"
+    assert entries["head.weight"].status == "out-of-scope" and torch.equal(model.head.weight, head)
+
+
+def with_eps(net: Toy, eps: float) -> Toy:
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = eps
+    return net
+
+
+def test_a_frozen_batchnorm_folds_with_its_own_eps(tmp_path):
+    """Detectors freeze their backbone's BatchNorms (timm's `freeze_batch_norm_2d`, into
+    torchvision's FrozenBatchNorm2d, which is no `_BatchNorm`); a folded source is unfolded with the
+    frozen layer's eps (1e-3 here, as TensorFlow-ported backbones have), not PyTorch's default."""
+    from timm.layers import freeze_batch_norm_2d
+    from torchvision.ops import FrozenBatchNorm2d
+
+    net = with_eps(trained_toy(), 1e-3)
+    fresh = freeze_batch_norm_2d(with_eps(Toy(), 1e-3))
+    assert isinstance(fresh.stem[1], FrozenBatchNorm2d) and fresh.stem[1].eps == 1e-3
+    transfer(fresh, write_caffe(net, tmp_path / "toy.caffemodel"), scope="full")
+    assert torch.allclose(outputs(fresh), outputs(net), rtol=1e-5, atol=1e-5)
 
 
 def graph_of(layers: dict[str, list[str]], inputs: dict[str, list[str]]) -> LayerGraph:

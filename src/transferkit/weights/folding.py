@@ -54,8 +54,12 @@ class ConvBN:
 
 
 def batchnorm_eps(model: nn.Module) -> dict[str, float]:
-    """Each BatchNorm module's eps, by module name."""
-    return {name: float(m.eps) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    """Each BatchNorm module's eps, by module name: PyTorch's and any other with running statistics
+    and an eps (torchvision's FrozenBatchNorm2d, into which detectors freeze their backbones)."""
+    return {name: float(m.eps) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            or (isinstance(getattr(m, "running_var", None), torch.Tensor)
+                and isinstance(getattr(m, "eps", None), float))}
 
 
 def conv_bn_pairs(shapes: Mapping[str, Shape], eps: Mapping[str, float] | None = None,
