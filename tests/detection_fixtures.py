@@ -91,7 +91,7 @@ def csv_from_voc(year: Path, path: Path, headers: dict[str, str] | None = None) 
     objects left out (the CSV has no column for them)."""
     names = {k: k for k in ("filename", "width", "height", "class", "xmin", "ymin", "xmax", "ymax")}
     names.update(headers or {})
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(names.values())
         for name, info in voc_objects(year).items():

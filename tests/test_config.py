@@ -9,7 +9,7 @@ from transferkit.errors import TransferKitError
 
 
 def write(path: Path, text: str) -> Path:
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 

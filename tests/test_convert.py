@@ -1,6 +1,7 @@
 """Converters to COCO on real VOC and YOLO samples, and on broken inputs."""
 
 import json
+import os
 
 import pytest
 from conftest import SHARED_DATA, needs_shared
@@ -284,3 +285,73 @@ def test_coco_json_structure_errors_are_one_line(tmp_path, capsys):
                      str(tmp_path / "img"), "--out", str(tmp_path / "y")]) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and str(bad) in err and "\n" not in err, err
+
+
+# Every text file a user hands over is read as UTF-8 whatever the locale (Windows' cp1252, a C locale
+# in a container): run under an ASCII locale with Python's UTF-8 mode and locale coercion off, a
+# reader that left the encoding to the locale fails to decode these non-ASCII names. (File names
+# stay ASCII: under an ASCII locale Python cannot name any other file.)
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+READ_UNDER_ASCII = """
+import json, sys
+from pathlib import Path
+from transferkit.config import load_config
+from transferkit.data.convert import convert_cityscapes, convert_labelme, convert_voc, convert_yolo
+from transferkit.data.convert.csv_boxes import convert_csv
+from transferkit.data.lists import read_classes, read_list
+from transferkit.data.tfrecord import read_label_map
+
+root = Path(sys.argv[1])
+cats = lambda coco: coco.categories
+print(json.dumps({
+    "labelme": cats(convert_labelme(root / "labelme")),
+    "cityscapes": [s["reason"] for s in convert_cityscapes(root / "cityscapes", "val").skipped],
+    "yolo": cats(convert_yolo(root / "yolo")),
+    "csv": cats(convert_csv(root / "boxes.csv", root)),
+    "voc": [i["file_name"] for i in convert_voc(root / "voc", "train").images],
+    "classes": read_classes(root / "classes.txt"),
+    "list": [str(p.relative_to(root)) for p, _ in read_list(root / "train.txt", root)],
+    "label_map": read_label_map(root / "label_map.pbtxt"),
+    "config": str(load_config(root / "run.yaml").data.root),
+}))
+"""
+
+
+def test_text_files_are_read_as_utf8_whatever_the_locale(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    def write(rel: str, text: str) -> None:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text, encoding="utf-8")
+
+    write("labelme/a.json", json.dumps({"imagePath": "a.jpg", "imageHeight": 10, "imageWidth": 10, "shapes": [
+        {"label": "café", "shape_type": "rectangle", "points": [[1, 1], [5, 5]]}]}, ensure_ascii=False))
+    write("cityscapes/gtFine/val/koln/koln_000001_000019_gtFine_polygons.json", json.dumps(
+        {"imgWidth": 10, "imgHeight": 10, "objects": [{"label": "straße", "polygon": [[0, 0], [5, 0], [5, 5]]}]},
+        ensure_ascii=False))
+    write("yolo/data.yaml", "names: [café, thé]\n")
+    write("yolo/labels/train/a.txt", "1 0.5 0.5 0.2 0.2\n")  # numbers only: no encoding to get wrong
+    Image.new("RGB", (10, 10)).save((tmp_path / "yolo/images/train").mkdir(parents=True) or
+                                    tmp_path / "yolo/images/train/a.png")
+    Image.new("RGB", (10, 10)).save(tmp_path / "e.png")
+    write("boxes.csv", "filename,width,height,class,xmin,ymin,xmax,ymax\ne.png,10,10,thé,1,1,5,5\n")
+    write("voc/Annotations/b.xml", "<annotation><filename>b.jpg</filename><size><width>10</width>"
+                                  "<height>10</height></size></annotation>")
+    write("voc/ImageSets/Main/train.txt", "b  # sélection\n")
+    write("classes.txt", "café\nthé\n")
+    write("train.txt", "0\t1\te.png\n")  # a non-ASCII path cannot be resolved under this locale
+    write("label_map.pbtxt", "item { id: 1 name: 'café' }\n")
+    write("run.yaml", "data:\n  root: données\n")
+    script = tmp_path / "read.py"
+    script.write_text(READ_UNDER_ASCII, encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                         encoding="utf-8", env={**os.environ, **ASCII_LOCALE}, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == {
+        "labelme": ["café"], "cityscapes": ["'straße' is not an instance class"], "yolo": ["café", "thé"],
+        "csv": ["thé"], "voc": ["b.jpg"], "classes": ["café", "thé"], "list": ["e.png"],
+        "label_map": {"1": "café"}, "config": "données"}

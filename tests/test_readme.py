@@ -88,7 +88,7 @@ def test_readme_examples_run_as_written(synth_root, tmp_path, monkeypatch, capsy
 
 
 def _json(path):
-    return json.loads(open(path).read())
+    return json.loads(open(path, encoding="utf-8").read())
 
 
 def test_help_shows_the_api_and_import_stays_light():

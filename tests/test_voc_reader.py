@@ -34,7 +34,7 @@ def write_xml(path: Path, filename: str | None = None, size=(40, 30), objects=No
         parts.append(f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>")
     parts += [*objects, "</annotation>"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
+    path.write_text("\n".join(parts), encoding="utf-8")
     return path
 
 

@@ -286,7 +286,7 @@ def test_sources_are_memory_mapped_not_copied(tmp_path, suffix):
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
     wf = read_weights(path)
     spans = [tuple(int(x, 16) for x in line.split()[0].split("-"))
-             for line in open("/proc/self/maps") if str(path) in line]
+             for line in open("/proc/self/maps", encoding="utf-8") if str(path) in line]
     for name, tensor in wf.tensors.items():
         assert torch.equal(tensor, state[name])
         assert any(lo <= tensor.data_ptr() < hi for lo, hi in spans), f"{name} was copied, not mapped"

@@ -87,7 +87,7 @@ def source_classes(cfg: Config) -> list[str]:
             return zoo_source_classes(cfg.detection.kind, categories)
     listed = Path(str(cfg.pretrained.source)) / "classes.json"
     if listed.is_file():
-        return json.loads(listed.read_text())
+        return json.loads(listed.read_text(encoding="utf-8"))
     raise TransferKitError("pretrained.head_init for a detector needs the source's class names: give "
                            "pretrained.head_init.source_classes, a run directory or a torchvision: name as "
                            "pretrained.source")
@@ -278,7 +278,7 @@ class DetectionTask:
         return create_detector(name or self.cfg.model.name, num_classes, self.cfg.detection)
 
     def load_run(self, run_dir: str | Path, weights: str = "best") -> TrainedRun:
-        classes = json.loads((Path(run_dir) / "classes.json").read_text())
+        classes = json.loads((Path(run_dir) / "classes.json").read_text(encoding="utf-8"))
         model, family = create_detector(self.cfg.model.name, len(classes), self.cfg.detection)
         load_weights(model, checkpoint_path(run_dir, weights))
         model.eval()

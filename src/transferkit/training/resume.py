@@ -103,7 +103,7 @@ def check_state(path: Path) -> str | None:
     if not marker.is_file():
         return "no COMPLETE marker (the write did not finish)"
     try:
-        files = json.loads(marker.read_text())["files"]
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError):
         return "unreadable COMPLETE marker"
     for name, digest in files.items():

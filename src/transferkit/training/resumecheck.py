@@ -32,7 +32,7 @@ def trained_with(run_dir: Path, state_dir: Path) -> dict:
     if kept.is_file():
         return read_yaml(kept)
     run_config = run_dir / "config.yaml"
-    recorded = json.loads((state_dir / "COMPLETE").read_text()).get("config_sha256")
+    recorded = json.loads((state_dir / "COMPLETE").read_text(encoding="utf-8")).get("config_sha256")
     if recorded and sha256_of(run_config) != recorded:
         raise TransferKitError(
             f"{run_config} was changed after the training state {state_dir.name} was saved (its sha256 is not the "

@@ -29,7 +29,7 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, one per finished epoch."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # The validation quality shown in the curves and the summary: accuracy for classifiers, mAP for detectors.
