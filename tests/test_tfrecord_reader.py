@@ -404,6 +404,17 @@ def test_a_label_map_names_the_classes_by_label_whatever_the_text(tmp_path):
                                 "reason": "class 'label 3' is not in the class list", "level": "note"}]
 
 
+def test_classes_with_a_label_map_choose_and_order_the_categories(tmp_path):
+    """The map names each label; --classes says which of those names are kept, in its order."""
+    (tmp_path / "map.pbtxt").write_text("item { id: 1 name: 'cat' }\nitem { id: 2 name: 'dog' }\n"
+                                        "item { id: 4 name: 'bird' }\n", encoding="utf-8")
+    src = write(tmp_path / "l.tfrecord", record(filename="a.png", boxes=[BOX, BOX, BOX], labels=[2, 1, 4]))
+    dataset = convert_tfrecord([src], tmp_path / "im", classes=["dog", "bird"], label_map=tmp_path / "map.pbtxt")
+    assert dataset.categories == ["dog", "bird"]
+    assert [a["category_id"] for a in dataset.annotations] == [1, 2]
+    assert [s["reason"] for s in dataset.skipped] == ["class 'cat' is not in the class list"]
+
+
 def test_classes_name_the_labels_of_records_without_text_from_one(tmp_path):
     src = write(tmp_path / "l.tfrecord", record(filename="a.png", boxes=[BOX, BOX, BOX], labels=[2, 1, 7]))
     dataset = convert_tfrecord([src], tmp_path / "im", classes=["cat", "dog"])
