@@ -242,6 +242,15 @@ def test_difficult_objects_are_left_out_unless_kept(tmp_path):
     assert kept.skipped == []
 
 
+def test_a_box_without_area_is_skipped_naming_its_record_and_object(tmp_path):
+    src = write(tmp_path / "z.tfrecord", record(filename="a.png", boxes=[BOX, (0.5, 0.5, 0.5, 0.9)],
+                                                texts=["cat", "cat"]))
+    dataset = convert_tfrecord([src], tmp_path / "im")
+    assert dataset.image_root == tmp_path / "im"  # where the images were written: what the COCO file names
+    assert len(dataset.annotations) == 1
+    assert [(s["file"], s["what"]) for s in dataset.skipped] == [(f"{src} record 0 object 2", "cat box")]
+
+
 def test_crowd_regions_stay_crowd_regions(tmp_path):
     """image/object/is_crowd (written by the TF OD API's create_coco_tf_record.py) becomes COCO's
     iscrowd, which evaluation ignores and training leaves out; a count that does not fit the boxes
@@ -413,6 +422,14 @@ def test_classes_with_a_label_map_choose_and_order_the_categories(tmp_path):
     assert dataset.categories == ["dog", "bird"]
     assert [a["category_id"] for a in dataset.annotations] == [1, 2]
     assert [s["reason"] for s in dataset.skipped] == ["class 'cat' is not in the class list"]
+
+
+def test_a_label_map_leaves_records_without_labels_named_by_their_text(tmp_path):
+    (tmp_path / "map.pbtxt").write_text("item { id: 1 name: 'cat' }\n", encoding="utf-8")
+    src = write(tmp_path / "t.tfrecord", record(filename="a.png", boxes=[BOX], texts=["cat"]))
+    dataset = convert_tfrecord([src], tmp_path / "im", label_map=tmp_path / "map.pbtxt")
+    assert [(a["category_id"], a["bbox"]) for a in dataset.annotations] == [(1, [5.0, 2.0, 10.0, 6.0])]
+    assert dataset.skipped == []
 
 
 def test_classes_name_the_labels_of_records_without_text_from_one(tmp_path):
