@@ -173,12 +173,13 @@ def test_objects_left_out_by_design_are_notes_naming_the_object(tmp_path):
     labels = tmp_path / "labels"
     xml = write_xml(labels / "a.xml", "a.jpg", objects=[
         obj("cat", (2, 3, 11, 13)), obj("dog", (5, 5, 20, 20)), obj("dog", (1, 1, 9, 9), difficult=1),
-        obj(None, (3, 3, 8, 8))])
+        obj(None, (3, 3, 8, 8)), obj("cat", (1, 1, 4, 4))])
     write_image(labels / "a.jpg")
     found = convert_voc(labels)
     assert found.categories == ["cat", "dog"]
-    # VOC corners (2, 3)-(11, 13) -> x 1, y 2, w 10, h 11; (5, 5)-(20, 20) -> 4, 4, 16, 16
-    assert [(a["category_id"], a["bbox"]) for a in found.annotations] == [(1, [1, 2, 10, 11]), (2, [4, 4, 16, 16])]
+    # VOC corners (2, 3)-(11, 13) -> x 1, y 2, w 10, h 11; (5, 5)-(20, 20) -> 4, 4, 16, 16; (1, 1)-(4, 4) -> 0, 0, 4, 4
+    assert [(a["category_id"], a["bbox"]) for a in found.annotations] == [
+        (1, [1, 2, 10, 11]), (2, [4, 4, 16, 16]), (1, [0, 0, 4, 4])]  # the one after the broken object kept
     assert found.skipped[0] == {"file": f"{xml} object 3", "what": "difficult", "reason": "dog marked difficult",
                                 "level": "note"}
     assert [(s["file"], s["what"], s["reason"], s["level"]) for s in found.skipped[1:]] == [
