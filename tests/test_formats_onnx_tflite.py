@@ -365,3 +365,230 @@ def test_tflite_damaged_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tflite", None)
     with pytest.raises(TransferKitError, match=r"needs the tflite package: pip install 'transferkit\[tflite\]'"):
         read_weights(tmp_path / "shape.tflite")
+
+
+# ---- ONNX files built here, tensor by tensor ----
+
+def save_onnx(path, initializers, nodes=(), opsets=(("", 13),), producer=("", ""), sparse=()):
+    """A model of the given initializers and nodes (graph inputs and outputs are not needed to read it)."""
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    graph = helper.make_graph(list(nodes), "g", [], [], initializer=list(initializers),
+                              sparse_initializer=list(sparse))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets],
+                              producer_name=producer[0], producer_version=producer[1])
+    onnx.save_model(model, str(path))
+    return path
+
+
+def error_text(path, reader=read_weights) -> str:
+    with pytest.raises(TransferKitError) as excinfo:
+        reader(path)
+    return str(excinfo.value)
+
+
+def test_onnx_tensors_in_first_use_order_with_their_users_dtypes_and_metadata(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    helper, nph, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    inits = [
+        helper.make_tensor("steps", TP.INT64, [2], [7, -3]),  # used by no node
+        helper.make_tensor("fc.bias", TP.FLOAT, [2], [0.5, -1.5]),
+        helper.make_tensor("conv.weight", TP.FLOAT, [1, 1, 2, 2], [1.0, 2.0, 3.0, 4.0]),
+        helper.make_tensor("labels", TP.STRING, [2], [b"cat", b"dog"]),  # not a weight
+        nph.from_array(np.array([1.5, -2.0, 0.25], ml_dtypes.bfloat16), "bf"),
+        nph.from_array(np.array([[5.0, 6.0], [7.0, 8.0]], np.float32), "fc.weight"),  # raw_data
+        helper.make_tensor("conv.bias", TP.FLOAT, [1], [0.125]),
+        helper.make_tensor("half", TP.FLOAT16, [2], [0.5, 3.0]),
+        nph.from_array(np.array([1, -2, 3], ml_dtypes.int4), "nibbles"),  # two values a byte
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MatMul", ["r", "fc.weight"], ["m"]),  # no name: op type and index
+        helper.make_node("Add", ["m", "fc.bias"], ["a"]),
+        helper.make_node("Mul", ["fc.bias", "half"], ["s"], name="scale"),  # fc.bias keeps its first user
+        helper.make_node("Mul", ["s", "bf", "nibbles"], ["y"], name="tail"),
+    ]
+    path = save_onnx(tmp_path / "m.onnx", inits, nodes, opsets=(("", 13), ("com.microsoft", 1)),
+                     producer=("maker", "2.1"))
+    wf = read_weights(path)
+    assert wf.format == "onnx"
+    assert list(wf.tensors) == ["conv.weight", "conv.bias", "fc.weight", "fc.bias", "half", "bf", "nibbles",
+                                "steps"]
+    expected = {
+        "conv.weight": torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]),
+        "conv.bias": torch.tensor([0.125]),
+        "fc.weight": torch.tensor([[5.0, 6.0], [7.0, 8.0]]),
+        "fc.bias": torch.tensor([0.5, -1.5]),
+        "half": torch.tensor([0.5, 3.0], dtype=torch.float16),
+        "bf": torch.tensor([1.5, -2.0, 0.25]),
+        "nibbles": torch.tensor([1.0, -2.0, 3.0]),
+        "steps": torch.tensor([7, -3]),
+    }
+    for name, t in expected.items():
+        got = wf.tensors[name]
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+    records = json.loads(wf.metadata.pop("tensors"))
+    assert records == {
+        "conv.weight": {"source": "conv.weight", "layer": "conv1", "type": "Conv", "dtype": "FLOAT"},
+        "conv.bias": {"source": "conv.bias", "layer": "conv1", "type": "Conv", "dtype": "FLOAT"},
+        "fc.weight": {"source": "fc.weight", "layer": "MatMul_2", "type": "MatMul", "dtype": "FLOAT"},
+        "fc.bias": {"source": "fc.bias", "layer": "Add_3", "type": "Add", "dtype": "FLOAT"},
+        "half": {"source": "half", "layer": "scale", "type": "Mul", "dtype": "FLOAT16"},
+        "bf": {"source": "bf", "layer": "tail", "type": "Mul", "dtype": "BFLOAT16",
+               "converted": "BFLOAT16 to float32"},
+        "nibbles": {"source": "nibbles", "layer": "tail", "type": "Mul", "dtype": "INT4",
+                    "converted": "INT4 to float32"},
+        "steps": {"source": "steps", "layer": "", "type": "unused", "dtype": "INT64"},
+    }
+    assert wf.metadata == {
+        "source_format": "onnx",
+        "layers": json.dumps([["conv1", "Conv"], ["MatMul_2", "MatMul"], ["Add_3", "Add"], ["scale", "Mul"],
+                              ["tail", "Mul"], ["", "unused"]]),
+        "converted": "BFLOAT16 to float32: 1; INT4 to float32: 1",
+        "opset": "ai.onnx:13,com.microsoft:1",
+        "producer": "maker 2.1",
+        "skipped": "labels",
+    }
+
+    # No producer version, nothing skipped: no trailing space, no "skipped" entry.
+    path = save_onnx(tmp_path / "p.onnx", [inits[1]], [nodes[3]], producer=("maker", ""))
+    wf = read_weights(path)
+    assert (wf.metadata["producer"], wf.metadata["opset"], "skipped" in wf.metadata) == ("maker", "ai.onnx:13", False)
+
+
+def test_onnx_damaged_files_are_refused_in_one_line_naming_file_and_initializer(tmp_path, monkeypatch):
+    onnx = pytest.importorskip("onnx")
+    from transferkit.weights.formats import onnx_file
+
+    helper, TP = onnx.helper, onnx.TensorProto
+
+    def weight(name="w", dims=(2, 2), values=(1.0, 2.0, 3.0, 4.0)):
+        return helper.make_tensor(name, TP.FLOAT, list(dims), list(values))
+
+    good = save_onnx(tmp_path / "good.onnx", [weight()])
+    (tmp_path / "cut.onnx").write_bytes(good.read_bytes()[:-5])
+    assert error_text(tmp_path / "cut.onnx") == (
+        f"{tmp_path / 'cut.onnx'}: truncated or damaged ONNX file (Error parsing message with type "
+        "'onnx.ModelProto': Wire format was corrupt); re-export it")
+    missing = tmp_path / "missing.onnx"
+    assert error_text(missing, onnx_file.read) == f"{missing}: cannot read (No such file or directory)"
+
+    sparse = helper.make_sparse_tensor(helper.make_tensor("sv", TP.FLOAT, [1], [1.0]),
+                                       helper.make_tensor("si", TP.INT64, [1], [0]), [3])
+    path = save_onnx(tmp_path / "sparse.onnx", [weight()], sparse=[sparse])
+    assert error_text(path) == f"{path}: sparse initializer 'sv' is not read; export the model with dense weights"
+    path = save_onnx(tmp_path / "twice.onnx", [weight(), weight("v"), weight()])
+    assert error_text(path) == f"{path}: the initializer name 'w' appears twice"
+    path = save_onnx(tmp_path / "none.onnx", [], [helper.make_node("Relu", ["x"], ["y"])])
+    assert error_text(path) == f"{path}: the ONNX graph has no initializers (no stored weights)"
+
+    unknown = weight()
+    unknown.data_type = 999
+    path = save_onnx(tmp_path / "type.onnx", [unknown])
+    assert error_text(path) == f"{path}: initializer 'w' has unknown data type 999"
+    short = weight()
+    short.ClearField("float_data")
+    short.raw_data = np.array([1, 2, 3], np.float32).tobytes()
+    path = save_onnx(tmp_path / "raw.onnx", [short])
+    assert error_text(path) == (f"{path}: initializer 'w' holds 12 bytes for shape [2, 2]; the file is damaged, "
+                                "re-export it")
+    # 2**64 values: counted exactly, not wrapped round to 0 (which the empty data would match).
+    huge = weight(dims=(0,), values=())
+    huge.dims[:] = [2**32, 2**32, 1]
+    huge.raw_data = b""
+    path = save_onnx(tmp_path / "huge.onnx", [huge])
+    assert error_text(path) == (f"{path}: initializer 'w' holds 0 bytes for shape [4294967296, 4294967296, 1]; "
+                                "the file is damaged, re-export it")
+    few = weight(dims=(1, 3), values=(1.0, 2.0, 3.0))
+    few.dims[:] = [2, 2]
+    path = save_onnx(tmp_path / "few.onnx", [few])
+    assert error_text(path) == (f"{path}: initializer 'w' cannot be read (cannot reshape array of size 3 into "
+                                "shape (2,2)); the file is damaged, re-export it")
+
+    # What the protobuf and onnx layers raise otherwise: the first line of the message, or the type.
+    for exc, shown in [(ValueError(""), "ValueError"), (RuntimeError("first line\nsecond line"), "first line"),
+                       (onnx_file.DecodeError("bad wire"), "bad wire")]:
+        def fail(*args, exc=exc, **kw):
+            raise exc
+        monkeypatch.setattr(onnx, "load_model", fail)
+        assert error_text(good) == f"{good}: truncated or damaged ONNX file ({shown}); re-export it"
+    monkeypatch.setattr(onnx, "load_model", lambda *a, **kw: (_ for _ in ()).throw(PermissionError(13, "Denied")))
+    assert error_text(good) == f"{good}: cannot read (Denied)"
+
+
+def test_onnx_external_data_is_read_at_its_offset_and_bounded_by_its_shape(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    TP = onnx.TensorProto
+    folder = tmp_path / "model"
+    folder.mkdir()
+    # Two float32 values of another tensor, then the four of w.
+    (folder / "w.data").write_bytes(np.array([9.0, 10.0, 1.0, 2.0, 3.0, 4.0], np.float32).tobytes())
+
+    def external(name="w", dims=(2, 2), **entries):
+        tensor = TP(name=name, data_type=TP.FLOAT, dims=list(dims), data_location=TP.EXTERNAL)
+        for key, value in entries.items():
+            tensor.external_data.add(key=key, value=value)
+        return tensor
+
+    path = save_onnx(folder / "m.onnx", [external(location="w.data", offset="8", length="16"),
+                                         external("head", (2,), location="w.data")])  # no offset: from 0
+    wf = read_weights(path)
+    assert list(wf.tensors) == ["w", "head"]
+    assert torch.equal(wf.tensors["w"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert torch.equal(wf.tensors["head"], torch.tensor([9.0, 10.0]))
+
+    def refused(name, **entries):
+        return error_text(save_onnx(folder / name, [external(**entries)]))
+
+    p = folder / "none.onnx"
+    assert refused("none.onnx", offset="8") == (
+        f"{p}: initializer 'w' points to external data '', which is not a file inside the model's folder; put "
+        "the data file beside the model")
+    inside = str(folder / "w.data")  # the right file, but named by an absolute path: refused all the same
+    p = folder / "absolute.onnx"
+    assert refused("absolute.onnx", location=inside) == (
+        f"{p}: initializer 'w' points to external data {inside!r}, which is not a file inside the model's "
+        "folder; put the data file beside the model")
+    for name, entries in [("offset.onnx", {"offset": "eight"}), ("negative.onnx", {"offset": "-8"}),
+                          ("size.onnx", {"length": "sixteen"})]:
+        p = folder / name
+        assert refused(name, location="w.data", **entries) == (
+            f"{p}: initializer 'w' has a malformed external data offset or length"), name
+    p = folder / "length.onnx"
+    assert refused("length.onnx", location="w.data", offset="8", length="12") == (
+        f"{p}: initializer 'w' declares 12 bytes of external data for shape [2, 2] (16 bytes)")
+    p = folder / "past.onnx"
+    assert refused("past.onnx", location="w.data", offset="100") == (
+        f"{p}: damaged or truncated file: initializer 'w' in w.data at offset 100 declares 16 bytes but only 0 "
+        "remain; re-download or re-export it")
+    p = folder / "tail.onnx"
+    assert refused("tail.onnx", location="w.data", offset="16") == (
+        f"{p}: damaged or truncated file: initializer 'w' in w.data at offset 16 declares 16 bytes but only 8 "
+        "remain; re-download or re-export it")
+    # 2**64 values of 4 bytes: counted exactly, not wrapped round to 0 bytes.
+    p = folder / "huge.onnx"
+    assert refused("huge.onnx", dims=(2**32, 2**32, 1), location="w.data") == (
+        f"{p}: damaged or truncated file: initializer 'w' in w.data at offset 0 declares "
+        "73,786,976,294,838,206,464 bytes but only 24 remain; re-download or re-export it")
+
+
+def test_onnx_external_data_of_an_unknown_type_or_of_two_values_a_byte(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    TP = onnx.TensorProto
+    (tmp_path / "w.data").write_bytes(b"\0" * 16)
+    unknown = TP(name="w", data_type=999, dims=[2], data_location=TP.EXTERNAL)
+    unknown.external_data.add(key="location", value="w.data")
+    path = save_onnx(tmp_path / "type.onnx", [unknown])
+    assert error_text(path) == f"{path}: initializer 'w' has unknown data type 999"
+
+    # Three int4 values take two bytes, as onnx itself writes them out (with their length).
+    nibbles = onnx.numpy_helper.from_array(np.array([1, -2, 3, 7, -8], ml_dtypes.int4), "nibbles")
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[nibbles]))
+    onnx.save_model(model, str(tmp_path / "int4.onnx"), save_as_external_data=True, location="int4.data",
+                    size_threshold=0)
+    assert (tmp_path / "int4.data").read_bytes() == bytes([0xE1, 0x73, 0x08])
+    wf = read_weights(tmp_path / "int4.onnx")
+    assert torch.equal(wf.tensors["nibbles"], torch.tensor([1.0, -2.0, 3.0, 7.0, -8.0]))
