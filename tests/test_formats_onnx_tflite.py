@@ -2,6 +2,7 @@
 against their PyTorch original, and TFLite files built here with known tensors in TFLite layouts."""
 
 import json
+import struct
 import sys
 
 import numpy as np
@@ -137,7 +138,11 @@ def test_onnx_damaged_files(tmp_path):
 # ---- TFLite ----
 
 class TfliteBuilder:
-    """Writes a one-subgraph .tflite file with the generated flatbuffers builders of the tflite package."""
+    """Writes a one-subgraph .tflite file with the generated flatbuffers builders of the tflite package.
+
+    A tensor's options: ``outside=True`` stores its data after the flatbuffer (as models over 2 GB do),
+    ``buffer=N`` points it at buffer N, ``sparse=True`` gives it (empty) sparsity parameters. A quant of
+    ``(scales, None, axis)`` has no zero points. ``custom`` names the custom operators (code 32)."""
 
     def __init__(self):
         self.tflite = pytest.importorskip("tflite")
@@ -145,10 +150,15 @@ class TfliteBuilder:
 
         self.b = flatbuffers.Builder(1024)
         self.tensors, self.ops, self.codes = [], [], []
+        self.options: dict[int, dict] = {}
+        self.custom = b""
 
-    def tensor(self, name, shape, ttype, data: np.ndarray | None = None, quant=None) -> int:
+    def tensor(self, name, shape, ttype, data: np.ndarray | None = None, quant=None, **options) -> int:
         self.tensors.append((name, shape, ttype, data, quant))
+        self.options[len(self.tensors) - 1] = options
         return len(self.tensors) - 1
+
+    PLACEHOLDER = 0x5EED_0000_0000
 
     def op(self, code: int, inputs, outputs) -> None:
         if code not in self.codes:
@@ -166,23 +176,37 @@ class TfliteBuilder:
         buffers = []
         t.BufferStart(b)
         buffers.append(t.BufferEnd(b))
-        tensor_offsets = []
-        for name, shape, ttype, data, quant in self.tensors:
+        tensor_offsets, outside = [], []
+        for index, (name, shape, ttype, data, quant) in enumerate(self.tensors):
+            options = self.options.get(index, {})
             buffer_index = 0
             if data is not None:
-                vec = b.CreateNumpyVector(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-                t.BufferStart(b)
-                t.BufferAddData(b, vec)
+                raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+                if options.get("outside"):
+                    t.BufferStart(b)
+                    t.BufferAddOffset(b, self.PLACEHOLDER + len(outside))  # replaced once the size is known
+                    t.BufferAddSize(b, raw.size)
+                    outside.append(raw.tobytes())
+                else:
+                    vec = b.CreateNumpyVector(raw)
+                    t.BufferStart(b)
+                    t.BufferAddData(b, vec)
                 buffers.append(t.BufferEnd(b))
                 buffer_index = len(buffers) - 1
+            buffer_index = options.get("buffer", buffer_index)
+            sparsity = None
+            if options.get("sparse"):
+                t.SparsityParametersStart(b)
+                sparsity = t.SparsityParametersEnd(b)
             q = None
             if quant is not None:
                 scales, zeros, axis = quant
                 sv = b.CreateNumpyVector(np.asarray(scales, np.float32))
-                zv = b.CreateNumpyVector(np.asarray(zeros, np.int64))
+                zv = None if zeros is None else b.CreateNumpyVector(np.asarray(zeros, np.int64))
                 t.QuantizationParametersStart(b)
                 t.QuantizationParametersAddScale(b, sv)
-                t.QuantizationParametersAddZeroPoint(b, zv)
+                if zv is not None:
+                    t.QuantizationParametersAddZeroPoint(b, zv)
                 t.QuantizationParametersAddQuantizedDimension(b, axis)
                 q = t.QuantizationParametersEnd(b)
             name_off = b.CreateString(name)
@@ -194,6 +218,8 @@ class TfliteBuilder:
             t.TensorAddName(b, name_off)
             if q is not None:
                 t.TensorAddQuantization(b, q)
+            if sparsity is not None:
+                t.TensorAddSparsity(b, sparsity)
             tensor_offsets.append(t.TensorEnd(b))
         op_offsets = []
         for index, inputs, outputs in self.ops:
@@ -206,7 +232,10 @@ class TfliteBuilder:
             op_offsets.append(t.OperatorEnd(b))
         code_offsets = []
         for code in self.codes:
+            custom = b.CreateString(self.custom) if code == 32 else None
             t.OperatorCodeStart(b)
+            if custom is not None:
+                t.OperatorCodeAddCustomCode(b, custom)
             t.OperatorCodeAddDeprecatedBuiltinCode(b, min(code, 127))
             t.OperatorCodeAddBuiltinCode(b, code)
             code_offsets.append(t.OperatorCodeEnd(b))
@@ -225,7 +254,12 @@ class TfliteBuilder:
         t.ModelAddSubgraphs(b, graphs_vec)
         t.ModelAddBuffers(b, buffers_vec)
         b.Finish(t.ModelEnd(b), file_identifier=b"TFL3")
-        return bytes(b.Output())
+        out = bytes(b.Output())
+        at = len(out)
+        for k, raw in enumerate(outside):
+            out = out.replace(struct.pack("<Q", self.PLACEHOLDER + k), struct.pack("<Q", at))
+            at += len(raw)
+        return out + b"".join(outside)
 
 
 CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, PAD = 3, 4, 6, 9, 34
@@ -592,3 +626,98 @@ def test_onnx_external_data_of_an_unknown_type_or_of_two_values_a_byte(tmp_path)
     assert (tmp_path / "int4.data").read_bytes() == bytes([0xE1, 0x73, 0x08])
     wf = read_weights(tmp_path / "int4.onnx")
     assert torch.equal(wf.tensors["nibbles"], torch.tensor([1.0, -2.0, 3.0, 7.0, -8.0]))
+
+
+TRANSPOSE_CONV, CONV_3D, ADD, MUL, CUSTOM = 67, 132, 0, 18, 32
+INT64, STRING, INT16, FLOAT64, INT4, BFLOAT16 = 4, 5, 7, 10, 17, 18
+
+
+def test_tflite_every_layout_quantisation_and_record_in_graph_order(tmp_path):
+    conv = np.arange(24, dtype=np.float32).reshape(3, 2, 2, 2) - 12  # OIHW
+    tconv = np.arange(12, dtype=np.float32).reshape(3, 2, 1, 2) * 0.5  # PyTorch ConvTranspose (in, out, H, W)
+    c3d = np.arange(8, dtype=np.float32).reshape(2, 1, 2, 1, 2) + 100  # OIDHW
+    tb = TfliteBuilder()
+    act = lambda name: tb.tensor(name, (1, 2), FLOAT32)  # noqa: E731
+    x = act("x")
+    tb.op(CONV_2D, [x, tb.tensor("conv/w", (3, 2, 2, 2), FLOAT32, conv.transpose(0, 2, 3, 1)),
+                    tb.tensor("conv/b", (3,), FLOAT32, np.array([0.5, -0.5, 1.0], np.float32))], [a0 := act("a0")])
+    tb.op(TRANSPOSE_CONV, [tb.tensor("tconv/shape", (4,), INT32, np.array([1, 4, 4, 2], np.int32)),
+                           tb.tensor("tconv/w", (2, 1, 2, 3), FLOAT32, tconv.transpose(1, 2, 3, 0)), a0],
+          [a1 := act("a1")])
+    tb.op(CONV_3D, [act("free"), tb.tensor("c3d/w", (2, 1, 2, 1, 2), FLOAT32, c3d.transpose(2, 3, 4, 1, 0))],
+          [act("a2")])
+    q = np.array([5, -1, 3, 7, 3, -125], np.int8).reshape(2, 1, 1, 3)  # OHWI, a scale per O, one zero point
+    tb.op(DEQUANTIZE, [tb.tensor("q/w", (2, 1, 1, 3), INT8, q, quant=([0.5, 0.25], [3], 0))],
+          [d := tb.tensor("q/w_dequantized", (2, 1, 1, 3), FLOAT32)])
+    tb.op(CONV_2D, [a1, d], [a4 := act("a4")])
+    tb.op(FULLY_CONNECTED, [a4, tb.tensor("fc/w", (2, 3), INT8, np.array([[1, -1, 3], [5, -3, 0]], np.int8),
+                                          quant=([0.5], [-1], 0)),
+                            tb.tensor("fc/b", (2,), INT32, np.array([8, -4], np.int32),
+                                      quant=([0.125, 0.25], None, 0))],
+          [a5 := act("a5")])
+    tb.op(ADD, [a5, tb.tensor("", (2,), FLOAT32, np.array([1.0, 2.0], np.float32))], [a6 := act("a6")])
+    bf16 = np.array([0x3FC0, 0xBE80], np.uint16)  # bfloat16 1.5 and -0.25
+    tb.op(MUL, [a6, tb.tensor("scale", (2,), BFLOAT16, bf16)], [a7 := act("a7")])
+    tb.op(FULLY_CONNECTED, [a7, tb.tensor("fc2/w", (1, 2), INT16, np.array([[1, 2]], np.int16))], [a8 := act("a8")])
+    tb.op(MUL, [a8, tb.tensor("scale", (1,), FLOAT32, np.array([4.0], np.float32))], [a9 := act("a9")])
+    tb.op(ADD, [a9, tb.tensor("mask", (2,), UINT8, np.array([1, 0], np.uint8))], [act("a10")])
+    tb.tensor("orphan", (2,), FLOAT64, np.array([0.5, 0.25]))
+    tb.tensor("nibbles", (4,), INT4, np.array([0x21, 0x43], np.uint8))
+    tb.tensor("int16q", (3,), INT16, np.array([4, -6, 0], np.int16), quant=([0.5], [2], 0))
+    path = tmp_path / "m.tflite"
+    path.write_bytes(tb.build())
+
+    wf = read_weights(path)
+    expected = {
+        "conv/w": torch.from_numpy(conv),
+        "conv/b": torch.tensor([0.5, -0.5, 1.0]),
+        "tconv/w": torch.from_numpy(tconv),
+        "c3d/w": torch.from_numpy(c3d),
+        "q/w": torch.tensor([1.0, -2.0, 0.0, 1.0, 0.0, -32.0]).reshape(2, 3, 1, 1),
+        "fc/w": torch.tensor([[1.0, 0.0, 2.0], [3.0, -1.0, 0.5]]),
+        "fc/b": torch.tensor([1.0, -1.0]),
+        "tensor_16": torch.tensor([1.0, 2.0]),
+        "scale": torch.tensor([1.5, -0.25]),
+        "scale#22": torch.tensor([4.0]),
+        "orphan": torch.tensor([0.5, 0.25], dtype=torch.float64),
+        "int16q": torch.tensor([1.0, -4.0, -1.0]),
+    }
+    assert list(wf.tensors) == list(expected)
+    for name, t in expected.items():
+        got = wf.tensors[name]
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+        assert got.is_contiguous(), name
+
+    def record(source, layer, kind, dtype, index, pos, converted=None):
+        r = {"source": source, "layer": layer, "type": kind, "dtype": dtype}
+        r.update({"converted": converted} if converted else {})
+        return {**r, "tensor_index": str(index), "input": str(pos)}
+
+    assert json.loads(wf.metadata.pop("tensors")) == {
+        "conv/w": record("conv/w", "op0", "CONV_2D", "float32", 1, 1, "OHWI to OIHW"),
+        "conv/b": record("conv/b", "op0", "CONV_2D", "float32", 2, 2),
+        "tconv/w": record("tconv/w", "op1", "TRANSPOSE_CONV", "float32", 5, 1, "OHWI to IOHW"),
+        "c3d/w": record("c3d/w", "op2", "CONV_3D", "float32", 8, 1, "DHWIO to OIDHW"),
+        "q/w": record("q/w", "op4", "CONV_2D", "int8", 10, 1, "int8 dequantized per channel, OHWI to OIHW"),
+        "fc/w": record("fc/w", "op5", "FULLY_CONNECTED", "int8", 13, 1, "int8 dequantized"),
+        "fc/b": record("fc/b", "op5", "FULLY_CONNECTED", "int32", 14, 2, "int32 dequantized per channel"),
+        "tensor_16": record("tensor_16", "op6", "ADD", "float32", 16, 1),
+        "scale": record("scale", "op7", "MUL", "bfloat16", 18, 1, "bfloat16 to float32"),
+        "scale#22": record("scale", "op9", "MUL", "float32", 22, 1),
+        "orphan": record("orphan", "", "unused", "float64", 26, -1),
+        "int16q": record("int16q", "", "unused", "int16", 28, -1, "int16 dequantized"),
+    }
+    assert json.loads(wf.metadata.pop("inputs")) == {
+        "op0": [], "op1": ["op0"], "op2": [], "op4": ["op1"], "op5": ["op4"], "op6": ["op5"], "op7": ["op6"],
+        "op9": ["op7"]}  # op8 holds no tensor (its int16 weight has no scale): op9 reads op7 through it
+    assert wf.metadata == {
+        "source_format": "tflite",
+        "layers": json.dumps([["op0", "CONV_2D"], ["op1", "TRANSPOSE_CONV"], ["op2", "CONV_3D"], ["op4", "CONV_2D"],
+                              ["op5", "FULLY_CONNECTED"], ["op6", "ADD"], ["op7", "MUL"], ["op9", "MUL"],
+                              ["", "unused"]]),
+        "converted": "OHWI to OIHW: 1; OHWI to IOHW: 1; DHWIO to OIDHW: 1; int8 dequantized per channel, OHWI to "
+                     "OIHW: 1; int8 dequantized: 1; int32 dequantized per channel: 1; bfloat16 to float32: 1; "
+                     "int16 dequantized: 1",
+        "version": "3",
+        "left_out": "3 integer constants (shapes, paddings, axes); 1 type 17",
+    }
