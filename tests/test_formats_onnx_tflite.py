@@ -721,3 +721,90 @@ def test_tflite_every_layout_quantisation_and_record_in_graph_order(tmp_path):
         "version": "3",
         "left_out": "3 integer constants (shapes, paddings, axes); 1 type 17",
     }
+
+
+def small_tflite(tmp_path, name="m.tflite", edit=None, **options):
+    """input -> CONV_2D with a 2-value float32 filter 'f' (given options) -> y; `edit(tb)` changes it first."""
+    tb = TfliteBuilder()
+    x = tb.tensor("input", (1, 5, 5, 3), FLOAT32)
+    w = tb.tensor("f", options.pop("shape", (2,)), FLOAT32, np.array([1.5, -2.5], np.float32), **options)
+    tb.op(CONV_2D, [x, w], [tb.tensor("y", (1, 5, 5, 4), FLOAT32)])
+    if edit is not None:
+        edit(tb)
+    path = tmp_path / name
+    path.write_bytes(tb.build())
+    return path
+
+
+def test_tflite_damaged_files_are_refused_in_one_line_naming_the_file(tmp_path, monkeypatch):
+    tflite = pytest.importorskip("tflite")
+    import re
+
+    from transferkit.weights.formats import tflite_file
+
+    missing = tmp_path / "missing.tflite"
+    assert error_text(missing, tflite_file.read) == f"{missing}: cannot read (No such file or directory)"
+    for name, data in [("short.tflite", b"\0\0\0\0TFL"), ("other.tflite", b"\0\0\0\0TFL4")]:
+        (tmp_path / name).write_bytes(data)
+        assert error_text(tmp_path / name, tflite_file.read) == (
+            f"{tmp_path / name}: not a TFLite file (no TFL3 identifier)")
+    (tmp_path / "empty.tflite").write_bytes(b"\0\0\0\0TFL3")  # 8 bytes: a root table with no fields
+    p = tmp_path / "empty.tflite"
+    assert error_text(p) == f"{p}: the TFLite model has no subgraph"
+
+    good = small_tflite(tmp_path)
+    assert torch.equal(read_weights(good).tensors["f"], torch.tensor([1.5, -2.5]))
+    (tmp_path / "cut.tflite").write_bytes(good.read_bytes()[:200])
+    p = tmp_path / "cut.tflite"
+    assert re.fullmatch(re.escape(f"{p}: truncated or damaged TFLite file (error: unpack_from requires a buffer of ")
+                        + r"at least \d+ bytes .*\); re-export it", error_text(p))
+    for exc in [IndexError("i"), ValueError("v"), TypeError("t"), OverflowError("o"), struct.error("s"),
+                UnicodeDecodeError("utf-8", b"\xff", 0, 1, "u")]:
+        def fail(*args, exc=exc):
+            raise exc
+        monkeypatch.setattr(tflite_file, "_read", fail)
+        assert error_text(good) == (f"{good}: truncated or damaged TFLite file ({type(exc).__name__}: {exc}); "
+                                    "re-export it")
+    monkeypatch.undo()
+
+    p = small_tflite(tmp_path, "opcode.tflite", lambda tb: tb.ops.append((1, [0], [2])))  # one opcode only
+    assert error_text(p) == f"{p}: damaged TFLite file: operator 1 has opcode index 1"
+    p = small_tflite(tmp_path, "buffer.tflite", buffer=2)  # buffers 0 (empty) and 1 only
+    assert error_text(p) == f"{p}: damaged TFLite file: tensor 1 points to buffer 2 of 2"
+    p = small_tflite(tmp_path, "sparse.tflite", sparse=True)
+    assert error_text(p) == f"{p}: tensor 'f' is stored sparse; densify the model before reading it"
+    p = small_tflite(tmp_path, "negative.tflite", shape=(-1, -2))  # -1 * -2 values would be the right count
+    assert error_text(p) == f"{p}: damaged TFLite file: tensor 'f' of shape [-1, -2] float32 has 8 bytes of data"
+
+    def no_weights(tb):
+        tb.tensors[1] = ("f", (2,), FLOAT32, None, None)
+    p = small_tflite(tmp_path, "none.tflite", no_weights)
+    assert error_text(p) == f"{p}: the TFLite model holds no weight tensors"
+
+    for ttype, dtype in [(INT8, "int8"), (UINT8, "uint8")]:
+        def unscaled(tb, ttype=ttype):
+            tb.tensors[1] = ("raw/filter", (2,), ttype, np.array([1, 2], np.uint8), None)
+        p = small_tflite(tmp_path, f"{dtype}.tflite", unscaled)
+        assert error_text(p) == (f"{p}: tensor 'raw/filter' is {dtype} without a scale and zero point, so it "
+                                 "cannot be dequantized; export the model with float weights")
+
+    # Data stored after the flatbuffer (models over 2 GB): read from there, and its end checked.
+    p = small_tflite(tmp_path, "outside.tflite", outside=True)
+    data = p.read_bytes()
+    assert data.endswith(np.array([1.5, -2.5], np.float32).tobytes())
+    assert torch.equal(read_weights(p).tensors["f"], torch.tensor([1.5, -2.5]))
+    p.write_bytes(data[:-1])
+    assert error_text(p) == (f"{p}: damaged or truncated file: the buffer of tensor 1 declares {len(data):,} bytes "
+                             f"but only {len(data) - 1:,} remain; re-download or re-export it")
+
+    # Every list's length is checked against the file's size (4 bytes an entry at least) before it is walked.
+    size = good.stat().st_size
+    for owner, accessor, what in [("Model", "SubgraphsLength", "subgraph"),
+                                  ("Model", "OperatorCodesLength", "operator code"),
+                                  ("SubGraph", "TensorsLength", "tensor"), ("Model", "BuffersLength", "buffer"),
+                                  ("SubGraph", "OperatorsLength", "operator")]:
+        monkeypatch.setattr(getattr(tflite, owner), accessor, lambda self: size // 4 + 1)
+        assert error_text(good) == (
+            f"{good}: damaged or truncated file: the {what} list ({size // 4 + 1:,} entries) declares "
+            f"{(size // 4 + 1) * 4:,} bytes but only {size:,} remain; re-download or re-export it"), what
+        monkeypatch.undo()
