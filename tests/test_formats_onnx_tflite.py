@@ -808,3 +808,46 @@ def test_tflite_damaged_files_are_refused_in_one_line_naming_the_file(tmp_path, 
             f"{good}: damaged or truncated file: the {what} list ({size // 4 + 1:,} entries) declares "
             f"{(size // 4 + 1) * 4:,} bytes but only {size:,} remain; re-download or re-export it"), what
         monkeypatch.undo()
+
+
+def test_tflite_custom_and_unknown_operators_and_dequantize_without_inputs_or_outputs(tmp_path):
+    tb = TfliteBuilder()
+    tb.custom = b"MyOp"
+    const = lambda name, value: tb.tensor(name, (1,), FLOAT32, np.array([value], np.float32))  # noqa: E731
+    x, c1, c6, a0 = tb.tensor("x", (1, 1), FLOAT32), const("c1", 1.0), const("c6", 6.0), tb.tensor("a0", (1,), 0)
+    c2, a1, c3, a2 = const("c2", 2.0), tb.tensor("a1", (1,), 0), const("c3", 3.0), tb.tensor("a2", (1,), 0)
+    a3, a4, c4, a6 = tb.tensor("a3", (1,), 0), tb.tensor("a4", (1,), 0), const("c4", 4.0), tb.tensor("a6", (1,), 0)
+    tb.op(CUSTOM, [x, c1, c6], [a0])
+    tb.op(1000, [a0, c2], [a1])  # an operator this tflite package does not know
+    tb.op(ADD, [a1, c3, c6], [a2])  # c6 is first used by op0: it goes with op0
+    tb.op(MUL, [a2, c1], [a3])
+    tb.op(DEQUANTIZE, [], [a4])
+    tb.op(DEQUANTIZE, [c4], [])  # no output: c4 is not passed on to tensor 0's user
+    tb.op(FULLY_CONNECTED, [a3, x], [a6])
+    path = tmp_path / "m.tflite"
+    path.write_bytes(tb.build())
+    wf = read_weights(path)
+    assert list(wf.tensors) == ["c1", "c6", "c2", "c3", "c4"]
+    assert [t.item() for t in wf.tensors.values()] == [1.0, 6.0, 2.0, 3.0, 4.0]
+    records = json.loads(wf.metadata["tensors"])
+    assert {name: (r["layer"], r["type"], r["tensor_index"], r["input"]) for name, r in records.items()} == {
+        "c1": ("op0", "CUSTOM:MyOp", "1", "1"), "c6": ("op0", "CUSTOM:MyOp", "2", "2"),
+        "c2": ("op1", "1000", "4", "1"), "c3": ("op2", "ADD", "6", "1"), "c4": ("op5", "DEQUANTIZE", "10", "0")}
+    assert json.loads(wf.metadata["inputs"]) == {"op0": [], "op1": ["op0"], "op2": ["op1"], "op5": []}
+    assert (wf.metadata["converted"], "left_out" in wf.metadata) == ("none", False)
+
+
+def test_onnx_and_tflite_sniffed_by_their_first_bytes(tmp_path):
+    from transferkit.weights.formats import onnx_file, tflite_file
+
+    p = tmp_path / "x"
+    for tag in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x4A, 0x52, 0x72, 0x7A):
+        assert onnx_file.sniff(p, bytes([0x08, 7, tag, 0])), tag
+    for tag in (0x0A, 0x10, 0x13, 0x62, 0x7B):
+        assert not onnx_file.sniff(p, bytes([0x08, 7, tag, 0])), tag
+    assert [onnx_file.sniff(p, bytes([0x08, v, 0x3A, 0])) for v in (0, 1, 30, 31)] == [False, True, True, False]
+    assert not onnx_file.sniff(p, bytes([0x08, 7, 0x3A]))  # 4 bytes at least
+    assert not onnx_file.sniff(p, bytes([0x09, 7, 0x3A, 0]))
+    assert tflite_file.sniff(p, b"\x1c\0\0\0TFL3") and tflite_file.sniff(p, b"\x1c\0\0\0TFL3\0\0\x12\0")
+    assert not tflite_file.sniff(p, b"\x1c\0\0TFL3\0") and not tflite_file.sniff(p, b"\x1c\0\0\0TFL")
+    assert not tflite_file.sniff(p, b"\x1c\0\0\0TFL2\0")
