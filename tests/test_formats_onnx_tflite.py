@@ -851,3 +851,25 @@ def test_onnx_and_tflite_sniffed_by_their_first_bytes(tmp_path):
     assert tflite_file.sniff(p, b"\x1c\0\0\0TFL3") and tflite_file.sniff(p, b"\x1c\0\0\0TFL3\0\0\x12\0")
     assert not tflite_file.sniff(p, b"\x1c\0\0TFL3\0") and not tflite_file.sniff(p, b"\x1c\0\0\0TFL")
     assert not tflite_file.sniff(p, b"\x1c\0\0\0TFL2\0")
+
+
+def test_tflite_per_channel_scales_along_any_dimension_and_damaged_ones_refused(tmp_path):
+    q = np.array([[3, 4, 5], [1, 2, 3]], np.int8)
+
+    def quantised(scales, zeros, axis):
+        def edit(tb):
+            tb.tensors[1] = ("q", (2, 3), INT8, q, (scales, zeros, axis))
+        return read_weights(small_tflite(tmp_path, edit=edit)).tensors["q"]
+
+    assert torch.equal(quantised([0.5, 0.25, 2.0], [1, 2, 3], 1), torch.tensor([[1.0, 0.5, 4.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(quantised([0.5, 2.0], [1, 3], 0), torch.tensor([[1.0, 1.5, 2.0], [-4.0, -2.0, 0.0]]))
+    assert torch.equal(quantised([0.5, 2.0], [1], 0), torch.tensor([[1.0, 1.5, 2.0], [0.0, 2.0, 4.0]]))
+    assert torch.equal(quantised([0.5, 0.25, 2.0], None, 1), torch.tensor([[1.5, 1.0, 10.0], [0.5, 0.5, 6.0]]))
+    assert quantised([0.5], [3], 0).dtype == torch.float32
+    p = tmp_path / "m.tflite"
+    for scales, zeros, axis in [([0.5, 0.25], [0], 2), ([0.5, 0.25], [0], 5), ([0.5, 0.25, 2.0], [0], 0),
+                                ([0.5], [1, 2], 0), ([0.5, 0.25], [1, 2, 3], 0)]:
+        with pytest.raises(TransferKitError) as excinfo:
+            quantised(scales, zeros, axis)
+        assert str(excinfo.value) == (f"{p}: tensor 'q' has {len(scales)} scales for shape [2, 3] along dimension "
+                                      f"{axis}; the file is damaged, re-export it"), (scales, zeros, axis)
