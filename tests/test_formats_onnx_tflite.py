@@ -873,3 +873,54 @@ def test_tflite_per_channel_scales_along_any_dimension_and_damaged_ones_refused(
             quantised(scales, zeros, axis)
         assert str(excinfo.value) == (f"{p}: tensor 'q' has {len(scales)} scales for shape [2, 3] along dimension "
                                       f"{axis}; the file is damaged, re-export it"), (scales, zeros, axis)
+
+
+def test_tflite_order_follows_first_use_not_storage_and_odd_tensors(tmp_path):
+    tb = TfliteBuilder()
+    x = tb.tensor("x", (1, 2), FLOAT32)
+    late = tb.tensor("late", (1, 2), FLOAT32, np.array([[1.0, 2.0]], np.float32))
+    half = tb.tensor("half", (1, 1, 1, 2), FLOAT16, np.array([0.5, -4.0], np.float16))  # OHWI
+    early = tb.tensor("early", (1,), FLOAT32, np.array([3.0], np.float32))
+    tb.tensor("unused", (1,), FLOAT32, np.array([5.0], np.float32))
+    scalar = tb.tensor("scalar", (), FLOAT32, np.array(2.5, np.float32))
+    tb.tensor(b"w\xff", (1,), FLOAT32, np.array([6.0], np.float32))  # a name that is not UTF-8
+    tb.tensor("text", (2,), STRING, np.frombuffer(b"ab", np.uint8))
+    tb.tensor("more text", (1,), STRING, np.frombuffer(b"c", np.uint8))
+    # 5 * 5581 * 8681 * 49477 * 384773 = 2**62 + 1 values of 4 bytes: 2**64 + 4 bytes, not the 4 it holds.
+    tb.tensor("huge", (5, 5581, 8681, 49477, 384773), FLOAT32, np.array([7.0], np.float32))
+    d = tb.tensor("half_dequantized", (1, 1, 1, 2), FLOAT32)
+    tb.op(DEQUANTIZE, [half], [d])  # op0, but half is laid out for op3, which uses it as its filter
+    tb.op(ADD, [x, early, scalar], [a := tb.tensor("a", (1, 2), FLOAT32)])
+    tb.op(FULLY_CONNECTED, [a, late], [b := tb.tensor("b", (1, 1), FLOAT32)])
+    tb.op(CONV_2D, [b, d], [tb.tensor("c", (1, 1, 1, 1), FLOAT32)])
+    path = tmp_path / "m.tflite"
+    path.write_bytes(tb.build())
+    assert error_text(path) == (f"{path}: damaged TFLite file: tensor 'huge' of shape [5, 5581, 8681, 49477, "
+                                "384773] float32 has 4 bytes of data")
+
+    tb.tensors[9] = ("huge", (1,), FLOAT32, np.array([7.0], np.float32), None)
+    import flatbuffers
+    tb.b = flatbuffers.Builder(1024)
+    path.write_bytes(tb.build())
+    wf = read_weights(path)
+    assert list(wf.tensors) == ["early", "scalar", "late", "half", "unused", "w\ufffd", "huge"]
+    assert [wf.tensors[n].tolist() for n in ["early", "scalar", "late", "unused", "w\ufffd", "huge"]] == [
+        [3.0], 2.5, [[1.0, 2.0]], [5.0], [6.0], [7.0]]
+    assert torch.equal(wf.tensors["half"], torch.tensor([[[[0.5]], [[-4.0]]]]))
+    records = json.loads(wf.metadata["tensors"])
+    assert {n: (r["layer"], r["type"], r["input"]) for n, r in records.items()} == {
+        "early": ("op1", "ADD", "1"), "scalar": ("op1", "ADD", "2"), "late": ("op2", "FULLY_CONNECTED", "1"),
+        "half": ("op3", "CONV_2D", "1"), "unused": ("", "unused", "-1"), "w\ufffd": ("", "unused", "-1"),
+        "huge": ("", "unused", "-1")}
+    assert records["half"]["converted"] == "float16 to float32, OHWI to OIHW"
+    assert wf.metadata["left_out"] == "2 type 5"
+
+
+def test_onnx_and_tflite_without_their_package_say_what_to_install(tmp_path, monkeypatch):
+    onnx_path = save_onnx(tmp_path / "m.onnx", [])
+    tflite_path = small_tflite(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    monkeypatch.setitem(sys.modules, "tflite", None)
+    assert error_text(onnx_path) == "reading ONNX files needs the onnx package: pip install 'transferkit[onnx]'"
+    assert error_text(tflite_path) == ("reading TFLite files needs the tflite package: pip install "
+                                       "'transferkit[tflite]'")
