@@ -141,7 +141,8 @@ class TfliteBuilder:
     """Writes a one-subgraph .tflite file with the generated flatbuffers builders of the tflite package.
 
     A tensor's options: ``outside=True`` stores its data after the flatbuffer (as models over 2 GB do),
-    ``buffer=N`` points it at buffer N, ``sparse=True`` gives it (empty) sparsity parameters. A quant of
+    ``buffer=N`` points it at buffer N, ``at=(offset, size)`` gives it a buffer of those fields and no
+    data, ``sparse=True`` gives it (empty) sparsity parameters. A quant of
     ``(scales, None, axis)`` has no zero points. ``custom`` names the custom operators (code 32)."""
 
     def __init__(self):
@@ -193,6 +194,12 @@ class TfliteBuilder:
                     t.BufferAddData(b, vec)
                 buffers.append(t.BufferEnd(b))
                 buffer_index = len(buffers) - 1
+            if "at" in options:  # a buffer with this (offset, size) and no inline data
+                t.BufferStart(b)
+                t.BufferAddOffset(b, options["at"][0])
+                t.BufferAddSize(b, options["at"][1])
+                buffers.append(t.BufferEnd(b))
+                buffer_index = len(buffers) - 1
             buffer_index = options.get("buffer", buffer_index)
             sparsity = None
             if options.get("sparse"):
@@ -210,9 +217,10 @@ class TfliteBuilder:
                 t.QuantizationParametersAddQuantizedDimension(b, axis)
                 q = t.QuantizationParametersEnd(b)
             name_off = b.CreateString(name)
-            shape_off = b.CreateNumpyVector(np.asarray(shape, np.int32))
+            shape_off = None if shape is None else b.CreateNumpyVector(np.asarray(shape, np.int32))
             t.TensorStart(b)
-            t.TensorAddShape(b, shape_off)
+            if shape_off is not None:  # no shape at all: a scalar
+                t.TensorAddShape(b, shape_off)
             t.TensorAddType(b, ttype)
             t.TensorAddBuffer(b, buffer_index)
             t.TensorAddName(b, name_off)
@@ -223,12 +231,14 @@ class TfliteBuilder:
             tensor_offsets.append(t.TensorEnd(b))
         op_offsets = []
         for index, inputs, outputs in self.ops:
-            iv = b.CreateNumpyVector(np.asarray(inputs, np.int32))
-            ov = b.CreateNumpyVector(np.asarray(outputs, np.int32))
+            iv = None if inputs is None else b.CreateNumpyVector(np.asarray(inputs, np.int32))
+            ov = None if outputs is None else b.CreateNumpyVector(np.asarray(outputs, np.int32))
             t.OperatorStart(b)
             t.OperatorAddOpcodeIndex(b, index)
-            t.OperatorAddInputs(b, iv)
-            t.OperatorAddOutputs(b, ov)
+            if iv is not None:  # None leaves the vector out, an empty list writes an empty one
+                t.OperatorAddInputs(b, iv)
+            if ov is not None:
+                t.OperatorAddOutputs(b, ov)
             op_offsets.append(t.OperatorEnd(b))
         code_offsets = []
         for code in self.codes:
@@ -447,7 +457,7 @@ def test_onnx_tensors_in_first_use_order_with_their_users_dtypes_and_metadata(tm
     path = save_onnx(tmp_path / "m.onnx", inits, nodes, opsets=(("", 13), ("com.microsoft", 1)),
                      producer=("maker", "2.1"))
     wf = read_weights(path)
-    assert wf.format == "onnx"
+    assert (wf.format, wf.path) == ("onnx", path)
     assert list(wf.tensors) == ["conv.weight", "conv.bias", "fc.weight", "fc.bias", "half", "bf", "nibbles",
                                 "steps"]
     expected = {
@@ -668,6 +678,7 @@ def test_tflite_every_layout_quantisation_and_record_in_graph_order(tmp_path):
     path.write_bytes(tb.build())
 
     wf = read_weights(path)
+    assert (wf.format, wf.path) == ("tflite", path)
     expected = {
         "conv/w": torch.from_numpy(conv),
         "conv/b": torch.tensor([0.5, -0.5, 1.0]),
@@ -823,16 +834,21 @@ def test_tflite_custom_and_unknown_operators_and_dequantize_without_inputs_or_ou
     tb.op(MUL, [a2, c1], [a3])
     tb.op(DEQUANTIZE, [], [a4])
     tb.op(DEQUANTIZE, [c4], [])  # no output: c4 is not passed on to tensor 0's user
+    tb.op(DEQUANTIZE, None, [a4])  # the same without the vectors at all
+    tb.op(DEQUANTIZE, [c4], None)
     tb.op(FULLY_CONNECTED, [a3, x], [a6])
+    tb.tensor("empty shape", (), FLOAT32, np.array(0.5, np.float32))  # shape [] and no shape read alike
     path = tmp_path / "m.tflite"
     path.write_bytes(tb.build())
     wf = read_weights(path)
-    assert list(wf.tensors) == ["c1", "c6", "c2", "c3", "c4"]
-    assert [t.item() for t in wf.tensors.values()] == [1.0, 6.0, 2.0, 3.0, 4.0]
+    assert list(wf.tensors) == ["c1", "c6", "c2", "c3", "c4", "empty shape"]
+    assert [t.item() for t in wf.tensors.values()] == [1.0, 6.0, 2.0, 3.0, 4.0, 0.5]
+    assert wf.tensors["empty shape"].shape == ()
     records = json.loads(wf.metadata["tensors"])
     assert {name: (r["layer"], r["type"], r["tensor_index"], r["input"]) for name, r in records.items()} == {
         "c1": ("op0", "CUSTOM:MyOp", "1", "1"), "c6": ("op0", "CUSTOM:MyOp", "2", "2"),
-        "c2": ("op1", "1000", "4", "1"), "c3": ("op2", "ADD", "6", "1"), "c4": ("op5", "DEQUANTIZE", "10", "0")}
+        "c2": ("op1", "1000", "4", "1"), "c3": ("op2", "ADD", "6", "1"), "c4": ("op5", "DEQUANTIZE", "10", "0"),
+        "empty shape": ("", "unused", "12", "-1")}
     assert json.loads(wf.metadata["inputs"]) == {"op0": [], "op1": ["op0"], "op2": ["op1"], "op5": []}
     assert (wf.metadata["converted"], "left_out" in wf.metadata) == ("none", False)
 
@@ -882,12 +898,12 @@ def test_tflite_order_follows_first_use_not_storage_and_odd_tensors(tmp_path):
     half = tb.tensor("half", (1, 1, 1, 2), FLOAT16, np.array([0.5, -4.0], np.float16))  # OHWI
     early = tb.tensor("early", (1,), FLOAT32, np.array([3.0], np.float32))
     tb.tensor("unused", (1,), FLOAT32, np.array([5.0], np.float32))
-    scalar = tb.tensor("scalar", (), FLOAT32, np.array(2.5, np.float32))
+    scalar = tb.tensor("scalar", None, FLOAT32, np.array(2.5, np.float32))  # no shape: a scalar
     tb.tensor(b"w\xff", (1,), FLOAT32, np.array([6.0], np.float32))  # a name that is not UTF-8
     tb.tensor("text", (2,), STRING, np.frombuffer(b"ab", np.uint8))
     tb.tensor("more text", (1,), STRING, np.frombuffer(b"c", np.uint8))
-    # 5 * 5581 * 8681 * 49477 * 384773 = 2**62 + 1 values of 4 bytes: 2**64 + 4 bytes, not the 4 it holds.
-    tb.tensor("huge", (5, 5581, 8681, 49477, 384773), FLOAT32, np.array([7.0], np.float32))
+    # 4 * 5 * 5581 * 8681 * 49477 * 384773 = 2**64 + 4 values, counted exactly: not the 4 (wrapped round) it holds.
+    tb.tensor("huge", (4, 5, 5581, 8681, 49477, 384773), FLOAT32, np.array([7.0, 7.0, 7.0, 7.0], np.float32))
     d = tb.tensor("half_dequantized", (1, 1, 1, 2), FLOAT32)
     tb.op(DEQUANTIZE, [half], [d])  # op0, but half is laid out for op3, which uses it as its filter
     tb.op(ADD, [x, early, scalar], [a := tb.tensor("a", (1, 2), FLOAT32)])
@@ -895,8 +911,8 @@ def test_tflite_order_follows_first_use_not_storage_and_odd_tensors(tmp_path):
     tb.op(CONV_2D, [b, d], [tb.tensor("c", (1, 1, 1, 1), FLOAT32)])
     path = tmp_path / "m.tflite"
     path.write_bytes(tb.build())
-    assert error_text(path) == (f"{path}: damaged TFLite file: tensor 'huge' of shape [5, 5581, 8681, 49477, "
-                                "384773] float32 has 4 bytes of data")
+    assert error_text(path) == (f"{path}: damaged TFLite file: tensor 'huge' of shape [4, 5, 5581, 8681, 49477, "
+                                "384773] float32 has 16 bytes of data")
 
     tb.tensors[9] = ("huge", (1,), FLOAT32, np.array([7.0], np.float32), None)
     import flatbuffers
@@ -906,6 +922,7 @@ def test_tflite_order_follows_first_use_not_storage_and_odd_tensors(tmp_path):
     assert list(wf.tensors) == ["early", "scalar", "late", "half", "unused", "w\ufffd", "huge"]
     assert [wf.tensors[n].tolist() for n in ["early", "scalar", "late", "unused", "w\ufffd", "huge"]] == [
         [3.0], 2.5, [[1.0, 2.0]], [5.0], [6.0], [7.0]]
+    assert wf.tensors["half"].dtype == torch.float32
     assert torch.equal(wf.tensors["half"], torch.tensor([[[[0.5]], [[-4.0]]]]))
     records = json.loads(wf.metadata["tensors"])
     assert {n: (r["layer"], r["type"], r["input"]) for n, r in records.items()} == {
@@ -924,3 +941,14 @@ def test_onnx_and_tflite_without_their_package_say_what_to_install(tmp_path, mon
     assert error_text(onnx_path) == "reading ONNX files needs the onnx package: pip install 'transferkit[onnx]'"
     assert error_text(tflite_path) == ("reading TFLite files needs the tflite package: pip install "
                                        "'transferkit[tflite]'")
+
+
+def test_tflite_buffer_offsets_up_to_one_mean_no_data_outside(tmp_path):
+    """Only an offset above 1 with a size points after the flatbuffer (the schema's rule for models over 2 GB)."""
+    for offset, size in [(0, 4), (1, 4), (2, 0)]:
+        p = small_tflite(tmp_path, edit=lambda tb, at=(offset, size): tb.tensor("a", (1,), FLOAT32, at=at))
+        assert list(read_weights(p).tensors) == ["f"], (offset, size)
+    p = small_tflite(tmp_path, edit=lambda tb: tb.tensor("a", (1,), FLOAT32, at=(2, 4)))
+    wf = read_weights(p)
+    assert list(wf.tensors) == ["f", "a"]
+    assert wf.tensors["a"].numpy().tobytes() == p.read_bytes()[2:6]
