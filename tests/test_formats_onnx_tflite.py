@@ -952,3 +952,9 @@ def test_tflite_buffer_offsets_up_to_one_mean_no_data_outside(tmp_path):
     wf = read_weights(p)
     assert list(wf.tensors) == ["f", "a"]
     assert wf.tensors["a"].numpy().tobytes() == p.read_bytes()[2:6]
+
+
+def test_tflite_float_weight_with_quantisation_parameters_is_not_rescaled(tmp_path):
+    wf = read_weights(small_tflite(tmp_path, quant=([2.0], [1], 0)))
+    assert torch.equal(wf.tensors["f"], torch.tensor([1.5, -2.5]))
+    assert "converted" not in json.loads(wf.metadata["tensors"])["f"]
