@@ -48,14 +48,21 @@ def _load_external(tensor, path: Path, onnx) -> None:
     if not location or Path(location).is_absolute() or not target.is_relative_to(base) or not target.is_file():
         raise TransferKitError(f"{path}: initializer {tensor.name!r} points to external data {location!r}, which "
                                "is not a file inside the model's folder; put the data file beside the model")
-    try:
-        offset, length = int(info.get("offset", 0)), info.get("length")
+    try:  # a negative offset would make the seek below fail
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+        if offset < 0:
+            raise ValueError(offset)
     except ValueError:
-        raise TransferKitError(f"{path}: initializer {tensor.name!r} has a malformed external data offset") from None
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    need = int(np.prod(tensor.dims, dtype=object)) * itemsize
-    if length is not None and int(length) != need:
-        raise TransferKitError(f"{path}: initializer {tensor.name!r} declares {int(length):,} bytes of external "
+        raise TransferKitError(f"{path}: initializer {tensor.name!r} has a malformed external data offset "
+                               "or length") from None
+    count = int(np.prod(tensor.dims, dtype=object))
+    if tensor.data_type in SUB_BYTE:
+        need = (count + 1) // 2
+    else:
+        need = count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    if length is not None and length != need:
+        raise TransferKitError(f"{path}: initializer {tensor.name!r} declares {length:,} bytes of external "
                                f"data for shape {list(tensor.dims)} ({need:,} bytes)")
     size = target.stat().st_size
     check_fits(path, need, max(size - offset, 0), f"initializer {tensor.name!r} in {location} at offset {offset}")
@@ -67,13 +74,13 @@ def _load_external(tensor, path: Path, onnx) -> None:
 
 
 def _array(tensor, path: Path, onnx, numpy_helper) -> np.ndarray:
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        _load_external(tensor, path, onnx)
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     except (KeyError, ValueError, TypeError):
         raise TransferKitError(f"{path}: initializer {tensor.name!r} has unknown data type "
                                f"{tensor.data_type}") from None
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        _load_external(tensor, path, onnx)
     count = int(np.prod(tensor.dims, dtype=object))
     if tensor.HasField("raw_data") and tensor.data_type not in SUB_BYTE:
         if len(tensor.raw_data) != count * dtype.itemsize:

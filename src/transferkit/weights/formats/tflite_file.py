@@ -86,7 +86,10 @@ def _read(buf: bytes, path: Path, tflite) -> WeightFile:
     for i in range(_length(model.OperatorCodesLength(), size, path, "operator code")):
         oc = model.OperatorCodes(i)
         code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-        codes.append(op_names.get(code, f"CUSTOM:{oc.CustomCode()!r}" if code == 32 else str(code)))
+        if code == 32:  # CUSTOM (a name in op_names too): named by its custom code
+            codes.append(f"CUSTOM:{(oc.CustomCode() or b'').decode('utf-8', 'replace')}")
+        else:
+            codes.append(op_names.get(code, str(code)))
     graph = model.Subgraphs(0)
     n_tensors = _length(graph.TensorsLength(), size, path, "tensor")
     n_buffers = _length(model.BuffersLength(), size, path, "buffer")
