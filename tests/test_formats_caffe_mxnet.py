@@ -381,3 +381,224 @@ def test_mxnet_retinaface_real_file():
     kinds = {r["type"] for r in records.values()}
     assert kinds == {"Convolution", "BatchNorm"}
     assert {r["eps"] for r in records.values() if r["type"] == "BatchNorm"} == {"1e-05", "2e-05"}
+
+
+# MXNet files written byte by byte: every header version, dtype and storage type, and each kind of damage.
+V0_DIMS, V1 = "I", 0xF993FAC8
+HEAD0 = struct.pack("<QQQ", 0x112, 0, 0)
+
+
+def arr_head(magic: int, shape, stype: int | None = None) -> bytes:
+    """An array's header up to its dims: magic, (storage type), ndim, dims (uint32 for V0, else int64)."""
+    if magic <= 32:
+        return struct.pack(f"<I{len(shape)}I", magic, *shape)
+    pre = struct.pack("<I", magic) + (b"" if stype is None else struct.pack("<i", stype))
+    return pre + struct.pack(f"<i{len(shape)}q", len(shape), *shape)
+
+
+def one_array(body: bytes) -> bytes:
+    return struct.pack("<QQQ", 0x112, 0, 1) + body
+
+
+def mx_error(tmp_path, name: str, data: bytes) -> str:
+    from transferkit.weights.formats import mxnet_file
+
+    path = tmp_path / f"{name}.params"
+    path.write_bytes(data)
+    with pytest.raises(TransferKitError) as err:
+        mxnet_file.read(path)
+    message = str(err.value)
+    prefix = f"{path}: "
+    assert message.startswith(prefix), message
+    return message[len(prefix):]
+
+
+def test_mxnet_each_damage_has_its_exact_one_line_message(tmp_path):
+    dev = struct.pack("<ii", 1, 0)
+    f32 = struct.pack("<i", 0)
+    ok1 = arr_head(V2, (1,), 0) + dev + f32 + struct.pack("<f", 1.5)
+    row_sparse = arr_head(V2, (2,), 1) + struct.pack("<i1q", 1, 4) + dev + f32  # storage (2,), shape (4,)
+    trunc = "damaged or truncated file: {} declares {} bytes but only {} remain; re-download or re-export it"
+    cases = {
+        "short": (b"\x12\x01" + bytes(8), "truncated .params file (10 bytes); re-download it"),
+        "header_only": (HEAD0, trunc.format("name count", 8, 0)),
+        "list_magic": (struct.pack("<QQQ", 2**64 - 1, 0, 0) + bytes(8),
+                       "not an MXNet .params file (list magic 0xffffffffffffffff, expected 0x112)"),
+        "count_max": (struct.pack("<QQQ", 0x112, 0, 2**64 - 1) + bytes(4),
+                      trunc.format("the array count (18,446,744,073,709,551,615)", "73,786,976,294,838,206,460", 4)),
+        "count_3": (struct.pack("<QQQ", 0x112, 0, 3) + bytes(8), trunc.format("the array count (3)", 12, 8)),
+        "second_magic": (struct.pack("<QQQ", 0x112, 0, 2) + ok1 + bytes(2), trunc.format("array 1", 4, 2)),
+        "stype": (one_array(struct.pack("<I", V2)), trunc.format("array 0", 4, 0)),
+        "v1_ndim": (one_array(struct.pack("<I", V1)), trunc.format("array 0", 4, 0)),
+        "v2_dims": (one_array(struct.pack("<Iiiq", V2, 0, 2, 3)), trunc.format("array 0", 16, 8)),
+        "v0_dims": (one_array(struct.pack("<II", 2, 5)), trunc.format("array 0", 8, 4)),
+        "storage_shape": (one_array(struct.pack("<Ii", V2, 1)), trunc.format("array 0", 4, 0)),
+        "device": (one_array(arr_head(V2, (3,), 0) + struct.pack("<i", 1)), trunc.format("array 0", 8, 4)),
+        "flag": (one_array(arr_head(V2, (3,), 0) + dev), trunc.format("array 0", 4, 0)),
+        "values": (one_array(arr_head(V2, (3,), 0) + dev + f32 + bytes(8)), trunc.format("array 0", 12, 8)),
+        "aux_flag": (one_array(row_sparse), trunc.format("array 0", 4, 0)),
+        "aux_shape": (one_array(row_sparse + struct.pack("<i", 6)), trunc.format("array 0", 4, 0)),
+        "aux_values": (one_array(row_sparse + struct.pack("<iiq", 6, 1, 2) + bytes(8) + bytes(8)),
+                       trunc.format("array 0", 16, 8)),
+        "aux_overflow": (one_array(row_sparse + struct.pack("<ii2q", 6, 2, 1 << 32, 1 << 32) + bytes(8)),
+                         trunc.format("array 0", "147,573,952,589,676,412,928", 0)),
+        "name_len": (one_array(ok1) + struct.pack("<Q", 1) + bytes(2), trunc.format("name 0", 8, 2)),
+        "name_bytes": (one_array(ok1) + struct.pack("<QQ", 1, 5) + b"ab", trunc.format("name 0", 5, 2)),
+        "name_len_max": (one_array(ok1) + struct.pack("<QQ", 1, 2**64 - 1),
+                         trunc.format("name 0", "18,446,744,073,709,551,615", 0)),
+        "name_utf8": (one_array(ok1) + struct.pack("<QQ", 1, 1) + b"\xff", "damaged .params file: name 0 is not UTF-8"),
+        "names_max": (one_array(ok1) + struct.pack("<Q", 2**64 - 1),
+                      "damaged .params file: 18,446,744,073,709,551,615 names for 1 arrays"),
+        "names_1_of_2": (struct.pack("<QQQ", 0x112, 0, 2) + ok1 + ok1 + struct.pack("<QQ", 1, 1) + b"a",
+                         "damaged .params file: 1 names for 2 arrays"),
+        "stype_neg": (one_array(struct.pack("<Ii", V2, -1)), "damaged .params file: array 0 has storage type -1"),
+        "stype_3": (one_array(struct.pack("<Ii", V3, 3)), "damaged .params file: array 0 has storage type 3"),
+        "unknown_magic": (one_array(struct.pack("<I", 0xDEADBEEF)),
+                          "damaged .params file: array 0 has an unknown header (0xdeadbeef); re-download or re-save it"),
+        "v0_33": (one_array(struct.pack("<I", 33) + bytes(4)),
+                  "damaged .params file: array 0 has an unknown header (0x21); re-download or re-save it"),
+        "ndim_33": (one_array(struct.pack("<Iii", V2, 0, 33)),
+                    "damaged .params file: array 0 has 33 dimensions at byte 36; re-download or re-save it"),
+        "ndim_-2": (one_array(struct.pack("<Ii", V1, -2)),
+                    "damaged .params file: array 0 has -2 dimensions at byte 32; re-download or re-save it"),
+        "dim_neg": (one_array(arr_head(V2, (2, -3), 0)), "damaged .params file: array 0 has shape [2, -3]"),
+        "v0_dim_2g": (one_array(arr_head(1, (0x80000000,)) + dev + f32),
+                      trunc.format("array 0", "8,589,934,592", 0)),
+        "flag_neg": (one_array(arr_head(V2, (1,), 0) + dev + struct.pack("<i", -1)),
+                     "damaged .params file: array 0 has unknown type flag -1"),
+        "flag_13": (one_array(arr_head(V2, (1,), 0) + dev + struct.pack("<i", 13)),
+                    "damaged .params file: array 0 has unknown type flag 13"),
+        "aux_flag_bad": (one_array(row_sparse + struct.pack("<iiq", 99, 1, 2) + bytes(8)),
+                         "damaged .params file: array 0 has a bad sparse index"),
+        "aux_shape_unknown": (one_array(row_sparse + struct.pack("<ii", 6, -1) + bytes(8)),
+                              "damaged .params file: array 0 has a bad sparse index"),
+        "sparse": (one_array(row_sparse + struct.pack("<iiq", 6, 1, 2) + bytes(8) + bytes(16))
+                   + struct.pack("<QQ", 1, 5) + b"arg:e",
+                   "array 'arg:e' is row_sparse (sparse); only dense arrays are read: save it dense "
+                   "(tostype('default')) first"),
+        "twice": (struct.pack("<QQQ", 0x112, 0, 2) + ok1 + ok1 + struct.pack("<QQ", 2, 5) + b"arg:w"
+                  + struct.pack("<Q", 5) + b"aux:w", "damaged .params file: the name 'w' appears twice"),
+        "no_arrays": (HEAD0 + struct.pack("<Q", 0), "the .params file holds no arrays"),
+        "only_empty": (one_array(arr_head(V1, (), None)) + struct.pack("<Q", 0), "the .params file holds no arrays"),
+    }
+    for name, (data, message) in cases.items():
+        assert mx_error(tmp_path, name, data) == message, name
+
+
+def test_mxnet_parse_names_the_header_of_a_short_buffer(tmp_path):
+    from transferkit.weights.formats import mxnet_file
+
+    with pytest.raises(TransferKitError) as err:
+        mxnet_file.parse(b"\x12\x01\x00\x00", tmp_path / "x.params")
+    assert str(err.value) == (f"{tmp_path / 'x.params'}: damaged or truncated file: header declares 24 bytes but "
+                              "only 4 remain; re-download or re-export it")
+
+
+def test_mxnet_scalars_empty_arrays_bfloat16_and_32_dimensions(tmp_path):
+    dev = struct.pack("<ii", 1, 0)
+    items = [
+        # bfloat16 (flag 12): 1.0, -2.0, 0.5, 3.0 as raw 16-bit words; the array after it must start right after.
+        ("bf", arr_head(V2, (2, 2), 0) + dev + struct.pack("<i4H", 12, 0x3F80, 0xC000, 0x3F00, 0x4040)),
+        ("after_bf", arr_head(V2, (1,), 0) + dev + struct.pack("<if", 0, 7.25)),
+        ("v3_scalar", arr_head(V3, (), 0) + dev + struct.pack("<if", 0, 2.5)),
+        ("v2_empty", arr_head(V2, (), 0)),
+        ("v3_unknown", struct.pack("<Iii", V3, 0, -1)),
+        ("v1_empty", arr_head(V1, ())),
+        ("v0_empty", struct.pack("<I", 0)),
+        ("zero_size", arr_head(V2, (2, 0), 0) + dev + struct.pack("<i", 0)),
+        ("d32", arr_head(V2, (1,) * 31 + (2,), 0) + dev + struct.pack("<i2q", 6, -5, 1 << 40)),
+        ("v0_d32", arr_head(32, (1,) * 30 + (2, 1)) + dev + struct.pack("<i2b", 5, -1, 2)),
+        ("v1_u16", arr_head(V1, (2,)) + dev + struct.pack("<i2H", 9, 65535, 1)),
+        ("f16", arr_head(V2, (1,), 0) + dev + struct.pack("<ie", 2, 0.25)),
+    ]
+    path = tmp_path / "kinds.params"
+    path.write_bytes(params_file(items))
+    from transferkit.weights.formats import mxnet_file
+
+    wf = mxnet_file.read(path)
+    assert wf.path == path and wf.format == "mxnet"
+    assert list(wf.tensors) == ["bf", "after_bf", "v3_scalar", "zero_size", "d32", "v0_d32", "v1_u16", "f16"]
+    t = wf.tensors
+    assert t["bf"].dtype == torch.bfloat16 and t["bf"].tolist() == [[1.0, -2.0], [0.5, 3.0]]
+    assert t["after_bf"].tolist() == [7.25]
+    assert t["v3_scalar"].shape == () and t["v3_scalar"].item() == 2.5
+    assert t["zero_size"].shape == (2, 0) and t["zero_size"].dtype == torch.float32
+    assert t["d32"].shape == (1,) * 31 + (2,) and t["d32"].flatten().tolist() == [-5, 1 << 40]
+    assert t["d32"].dtype == torch.int64
+    assert t["v0_d32"].shape == (1,) * 30 + (2, 1) and t["v0_d32"].flatten().tolist() == [-1, 2]
+    assert t["v1_u16"].dtype == torch.uint16 and t["v1_u16"].tolist() == [65535, 1]
+    assert t["f16"].dtype == torch.float16 and t["f16"].tolist() == [0.25]
+    assert json.loads(wf.metadata["empty_arrays"]) == ["v2_empty", "v3_unknown", "v1_empty", "v0_empty"]
+    assert wf.metadata["source_format"] == "mxnet" and wf.metadata["converted"] == "none"
+    assert json.loads(wf.metadata["tensors"])["bf"] == {"source": "bf", "layer": "", "type": "", "dtype": "bfloat16"}
+    assert json.loads(wf.metadata["layers"]) == [["", ""]]
+
+
+def test_mxnet_unnamed_list_prefixes_and_renames_that_would_collide(tmp_path):
+    from transferkit.weights.formats import mxnet_file
+
+    one = nd(np.array([1.0], np.float32))
+    unnamed = tmp_path / "list.params"  # nd.save of a plain list: no names at all
+    unnamed.write_bytes(struct.pack("<QQQ", 0x112, 0, 2) + one + nd(np.array([2], np.int32)) + struct.pack("<Q", 0))
+    wf = mxnet_file.read(unnamed)
+    assert list(wf.tensors) == ["#0", "#1"] and wf.tensors["#1"].tolist() == [2]
+    assert "empty_arrays" not in wf.metadata
+
+    path = tmp_path / "names.params"
+    path.write_bytes(params_file([
+        ("arg:a:b", one), ("_weight", one), ("c_weight", one), ("c_gamma", one), ("d_bias", one), ("d.bias", one),
+        ("aux:e_moving_var", one), ("f_running_mean", one), ("g_beta", one), ("plain", one),
+    ]))
+    wf = mxnet_file.read(path)
+    # c_weight and c_gamma would both be c.weight, d_bias would overwrite d.bias: those keep their stored names.
+    assert list(wf.tensors) == ["a:b", "_weight", "c_weight", "c_gamma", "d_bias", "d.bias", "e.running_var",
+                                "f.running_mean", "g.bias", "plain"]
+    records = json.loads(wf.metadata["tensors"])
+    assert records["a:b"] == {"source": "a:b", "layer": "", "type": "", "dtype": "float32", "role": "arg"}
+    assert records["e.running_var"]["role"] == "aux"
+    assert records["plain"] == {"source": "plain", "layer": "", "type": "", "dtype": "float32"}
+
+
+def test_mxnet_symbol_attribute_spellings_and_fix_gamma_values(tmp_path):
+    """MXNet 1.x writes "attrs", 0.9-0.11 "attr", older ones "param"; fix_gamma may be True/true/1/False/0."""
+    from transferkit.weights.formats import mxnet_file
+
+    g = np.array([2.0, 3.0], np.float32)
+    bns = {"bn1": {"attr": {"fix_gamma": "False"}}, "bn2": {"param": {"eps": "0.0001", "fix_gamma": "true"}},
+           "bn3": {"attrs": {"fix_gamma": "1"}}, "bn4": {"attrs": {"fix_gamma": "0", "eps": "1e-05"}},
+           "bn5": {"attr": {"eps": "0.01", "fix_gamma": "false"}}, "bn6": {}}
+    nodes, items = [{"op": "null", "name": "data"}], []  # variables may come without "inputs"
+    for bn, spelling in bns.items():
+        nodes.append({"op": "null", "name": f"{bn}_gamma", "attrs": {"__shape__": "(2,)"}})
+        nodes.append({"op": "BatchNorm", "name": f"{bn}_fwd", "inputs": [[0, 0, 0], [len(nodes) - 1, 0, 0]],
+                      **spelling})
+        items.append((f"arg:{bn}_gamma", nd(g)))
+    (tmp_path / "m-symbol.json").write_text(json.dumps({"nodes": nodes}))
+    (tmp_path / "m-0000.params").write_bytes(params_file(items))
+    wf = mxnet_file.read(tmp_path / "m-0000.params")
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "bn1.weight": [2, 3], "bn2.weight": [1, 1], "bn3.weight": [1, 1], "bn4.weight": [2, 3],
+        "bn5.weight": [2, 3], "bn6.weight": [1, 1]}
+    records = json.loads(wf.metadata["tensors"])
+    assert {k: r["eps"] for k, r in records.items()} == {
+        "bn1.weight": "0.001", "bn2.weight": "0.0001", "bn3.weight": "0.001", "bn4.weight": "1e-05",
+        "bn5.weight": "0.01", "bn6.weight": "0.001"}
+    assert records["bn2.weight"] == {"source": "bn2_gamma", "layer": "bn2_fwd", "type": "BatchNorm",
+                                     "dtype": "float32", "converted": "fix_gamma: weight 1 (MXNet ignores the stored gamma)",
+                                     "eps": "0.0001", "role": "arg"}
+    assert wf.metadata["converted"] == "fix_gamma: weight 1 (MXNet ignores the stored gamma): 3"
+
+
+def test_mxnet_damaged_symbol_files_are_one_line_errors(tmp_path):
+    from transferkit.weights.formats import mxnet_file
+
+    (tmp_path / "m.params").write_bytes(params_file([("w", nd(np.ones(1, np.float32)))]))
+    symbol = tmp_path / "m-symbol.json"
+    cases = {"{": "not a readable MXNet symbol file (Expecting property name enclosed in double quotes: "
+                  "line 1 column 2 (char 1))",
+             '{"nodes": [{"op": "Convolution", "name": "c"}]}': "not an MXNet symbol file (no well-formed 'nodes' list)"}
+    for text, message in cases.items():
+        symbol.write_text(text)
+        with pytest.raises(TransferKitError) as err:
+            mxnet_file.read(tmp_path / "m.params")
+        assert str(err.value) == f"{symbol}: {message}"
