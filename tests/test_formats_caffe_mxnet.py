@@ -453,8 +453,8 @@ def test_mxnet_each_damage_has_its_exact_one_line_message(tmp_path):
                          "damaged .params file: 1 names for 2 arrays"),
         "stype_neg": (one_array(struct.pack("<Ii", V2, -1)), "damaged .params file: array 0 has storage type -1"),
         "stype_3": (one_array(struct.pack("<Ii", V3, 3)), "damaged .params file: array 0 has storage type 3"),
-        "unknown_magic": (one_array(struct.pack("<I", 0xDEADBEEF)),
-                          "damaged .params file: array 0 has an unknown header (0xdeadbeef); re-download or re-save it"),
+        "unknown_magic": (one_array(struct.pack("<I", 0xDEADBEEF)), "damaged .params file: array 0 has an unknown "
+                          "header (0xdeadbeef); re-download or re-save it"),
         "v0_33": (one_array(struct.pack("<I", 33) + bytes(4)),
                   "damaged .params file: array 0 has an unknown header (0x21); re-download or re-save it"),
         "ndim_33": (one_array(struct.pack("<Iii", V2, 0, 33)),
@@ -583,8 +583,8 @@ def test_mxnet_symbol_attribute_spellings_and_fix_gamma_values(tmp_path):
     assert {k: r["eps"] for k, r in records.items()} == {
         "bn1.weight": "0.001", "bn2.weight": "0.0001", "bn3.weight": "0.001", "bn4.weight": "1e-05",
         "bn5.weight": "0.01", "bn6.weight": "0.001"}
-    assert records["bn2.weight"] == {"source": "bn2_gamma", "layer": "bn2_fwd", "type": "BatchNorm",
-                                     "dtype": "float32", "converted": "fix_gamma: weight 1 (MXNet ignores the stored gamma)",
+    assert records["bn2.weight"] == {"source": "bn2_gamma", "layer": "bn2_fwd", "type": "BatchNorm", "dtype": "float32",
+                                     "converted": "fix_gamma: weight 1 (MXNet ignores the stored gamma)",
                                      "eps": "0.0001", "role": "arg"}
     assert wf.metadata["converted"] == "fix_gamma: weight 1 (MXNet ignores the stored gamma): 3"
 
@@ -596,9 +596,135 @@ def test_mxnet_damaged_symbol_files_are_one_line_errors(tmp_path):
     symbol = tmp_path / "m-symbol.json"
     cases = {"{": "not a readable MXNet symbol file (Expecting property name enclosed in double quotes: "
                   "line 1 column 2 (char 1))",
-             '{"nodes": [{"op": "Convolution", "name": "c"}]}': "not an MXNet symbol file (no well-formed 'nodes' list)"}
+             '{"nodes": [{"op": "Convolution", "name": "c"}]}':
+                 "not an MXNet symbol file (no well-formed 'nodes' list)"}
     for text, message in cases.items():
         symbol.write_text(text)
         with pytest.raises(TransferKitError) as err:
             mxnet_file.read(tmp_path / "m.params")
         assert str(err.value) == f"{symbol}: {message}"
+
+
+# Caffe BatchNorm layers written byte by byte: each blob layout, each Scale that may follow, each damage.
+def bn_param(eps: float) -> bytes:
+    """batch_norm_param (field 139) with eps (field 3, a 32-bit float: wire type 5)."""
+    return field(139, bytes([3 << 3 | 5]) + struct.pack("<f", eps))
+
+
+def caffe_error(tmp_path, name: str, data: bytes) -> str:
+    path = tmp_path / name / "m.caffemodel"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    with pytest.raises(TransferKitError) as err:
+        read_weights(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: "), message
+    return message[len(f"{path}: "):]
+
+
+def test_caffe_batchnorm_blob_layouts_scales_and_records_by_hand(tmp_path):
+    model = field(1, "bns") + b"".join([
+        # A 2-d mean and variance, factor 2, eps stored in the file; then a Scale with weight and bias.
+        layer("bn1", "BatchNorm", "x", "x", [[[2.0, 4.0]], [[6.0, 8.0]], [2.0]], bn_param(0.002)),
+        layer("sc1", "Scale", "x", "x", [[[5.0, 6.0]], [[7.0, 8.0]]]),
+        # A fourth blob (some converters write one) is not read; a Scale without bias gives bias 0.
+        layer("bn2", "BatchNorm", "x", "y", [[1.0, 1.0], [2.0, 2.0], [0.5], [9.0]]),
+        layer("sc2", "Scale", "y", "y", [[3.0, 3.5]]),
+        # An empty scale factor blob counts as factor 0 (statistics zeroed); no Scale follows.
+        layer("bn3", "BatchNorm", "y", "z", [[1.0, 2.0], [3.0, 4.0], np.zeros(0)]),
+    ])
+    (tmp_path / "bns.caffemodel").write_bytes(model)
+    wf = read_weights(tmp_path / "bns.caffemodel")
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "bn1.weight": [5, 6], "bn1.bias": [7, 8], "bn1.running_mean": [1, 2], "bn1.running_var": [3, 4],
+        "bn2.weight": [3, 3.5], "bn2.bias": [0, 0], "bn2.running_mean": [2, 2], "bn2.running_var": [4, 4],
+        "bn3.weight": [1, 1], "bn3.bias": [0, 0], "bn3.running_mean": [0, 0], "bn3.running_var": [0, 0]}
+    assert list(wf.tensors) == ["bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn2.weight",
+                                "bn2.bias", "bn2.running_mean", "bn2.running_var", "bn3.weight", "bn3.bias",
+                                "bn3.running_mean", "bn3.running_var"]
+    records = json.loads(wf.metadata["tensors"])
+    merged, divided = "Scale merged into BatchNorm", "divided by the scale factor"
+    assert records["bn1.weight"] == {"source": "sc1/blob0", "layer": "sc1", "type": "Scale", "dtype": "float32",
+                                     "converted": merged, "eps": "0.002"}
+    assert records["bn1.bias"] == {"source": "sc1/blob1", "layer": "sc1", "type": "Scale", "dtype": "float32",
+                                   "converted": merged, "eps": "0.002"}
+    assert records["bn1.running_mean"] == {"source": "bn1/blob0", "layer": "bn1", "type": "BatchNorm",
+                                           "dtype": "float32", "converted": divided, "eps": "0.002"}
+    assert records["bn1.running_var"] == {"source": "bn1/blob1", "layer": "bn1", "type": "BatchNorm",
+                                          "dtype": "float32", "converted": divided, "eps": "0.002"}
+    assert records["bn2.weight"]["source"] == "sc2/blob0"
+    assert records["bn2.bias"] == {"source": "", "layer": "sc2", "type": "Scale", "dtype": "float32",
+                                   "converted": "BatchNorm bias 0 (Scale without bias)", "eps": "1e-05"}
+    assert records["bn3.weight"] == {"source": "", "layer": "bn3", "type": "BatchNorm", "dtype": "float32",
+                                     "converted": "BatchNorm weight 1 (no Scale layer follows)", "eps": "1e-05"}
+    assert records["bn3.bias"] == {"source": "", "layer": "bn3", "type": "BatchNorm", "dtype": "float32",
+                                   "converted": "BatchNorm bias 0 (no Scale layer follows)", "eps": "1e-05"}
+    assert json.loads(wf.metadata["layers"]) == [["bn1", "BatchNorm"], ["sc1", "Scale"], ["bn2", "BatchNorm"],
+                                                 ["sc2", "Scale"], ["bn3", "BatchNorm"]]
+    assert wf.metadata["converted"] == (
+        "Scale merged into BatchNorm: 3; divided by the scale factor: 6; BatchNorm bias 0 (Scale without bias): 1; "
+        "BatchNorm weight 1 (no Scale layer follows): 1; BatchNorm bias 0 (no Scale layer follows): 1")
+
+
+def test_caffe_batchnorm_eps_from_the_file_when_the_prototxt_has_none(tmp_path):
+    (tmp_path / "m.caffemodel").write_bytes(field(1, "n") + layer("bn", "BatchNorm", "x", "x", [[1.0], [1.0], [1.0]],
+                                                                  bn_param(0.25)))
+    (tmp_path / "m.prototxt").write_text('layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" }')
+    records = json.loads(read_weights(tmp_path / "m.caffemodel").metadata["tensors"])
+    assert {r["eps"] for r in records.values()} == {"0.25"}
+    (tmp_path / "m.prototxt").write_text('layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" '
+                                         "batch_norm_param { eps: 0.5 } }")
+    records = json.loads(read_weights(tmp_path / "m.caffemodel").metadata["tensors"])
+    assert {r["eps"] for r in records.values()} == {"0.5"}
+
+
+def test_caffe_batchnorm_and_scale_damage_exact_messages(tmp_path):
+    bn = [[1.0, 2.0], [3.0, 4.0], [1.0]]
+    cases = {
+        "two_blobs": (layer("bn", "BatchNorm", "x", "x", bn[:2]),
+                      "BatchNorm layer bn has 2 blobs, expected 3 (mean, variance, scale factor); re-export the model"),
+        "var_size": (layer("bn", "BatchNorm", "x", "x", [[1.0, 2.0], [3.0, 4.0, 5.0], [1.0]]),
+                     "BatchNorm layer bn has 2 means but 3 variances; re-export the model"),
+        "scale_size": (layer("bn", "BatchNorm", "x", "x", bn) + layer("sc", "Scale", "x", "x", [[1.0] * 3, [0.0] * 2]),
+                       "Scale layer sc has 3 values for BatchNorm bn of 2 channels; re-export the model"),
+    }
+    for name, (data, message) in cases.items():
+        assert caffe_error(tmp_path, name, field(1, "n") + data) == message, name
+    bad_scale = field(100, field(1, "sc") + field(2, "Scale") + field(3, "x") + field(4, "x") + field(
+        7, field(7, field(1, 3)) + field(5, np.zeros(2, np.float32).tobytes())))
+    got = caffe_error(tmp_path, "bad_scale", field(1, "n") + layer("bn", "BatchNorm", "x", "x", bn) + bad_scale)
+    assert got == "damaged blob in layer sc: shape [3] does not match its 2 values; re-download or re-export the model"
+
+
+def test_caffe_prototxt_errors_name_the_prototxt_exactly(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    model = field(1, "n") + layer("c", "Convolution", "x", "y", [np.ones(3)])
+    cases = {
+        "syntax": ("layer { name: ", "1:15 : '': Expected string but found: ''"),
+        "utf8": (b'layer { name: "\xff" }', "'utf-8' codec can't decode byte 0xff in position 15: invalid start byte"),
+        "v0": ('layers { v0_layer: "" }', None),
+    }
+    for name, (text, detail) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "m.caffemodel").write_bytes(model)
+        proto = folder / "deploy.prototxt"
+        proto.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(TransferKitError) as err:
+            read_weights(folder / "m.caffemodel")
+        if detail is None:
+            assert str(err.value) == (f"{proto}: a V0 (pre-2014) Caffe net; upgrade it with Caffe's "
+                                      "upgrade_net_proto_binary tool first")
+        else:
+            assert str(err.value) == (f"{proto}: not a readable Caffe prototxt ({detail}); fix it or move it away "
+                                      "to read the .caffemodel alone")
+    # An OSError without a message is named by its type.
+    def no_message(self, *args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(Path, "read_text", no_message)
+    with pytest.raises(TransferKitError) as err:
+        read_weights(tmp_path / "v0" / "m.caffemodel")
+    assert str(err.value) == (f"{tmp_path / 'v0' / 'deploy.prototxt'}: not a readable Caffe prototxt (OSError); fix "
+                              "it or move it away to read the .caffemodel alone")
