@@ -472,7 +472,7 @@ def test_mxnet_each_damage_has_its_exact_one_line_message(tmp_path):
                          "damaged .params file: array 0 has a bad sparse index"),
         "aux_shape_unknown": (one_array(row_sparse + struct.pack("<ii", 6, -1) + bytes(8)),
                               "damaged .params file: array 0 has a bad sparse index"),
-        "sparse": (one_array(row_sparse + struct.pack("<iiq", 6, 1, 2) + bytes(8) + bytes(16))
+        "sparse": (one_array(row_sparse + struct.pack("<iiq", 4, 1, 2) + bytes(8) + bytes(8))  # int32 indices
                    + struct.pack("<QQ", 1, 5) + b"arg:e",
                    "array 'arg:e' is row_sparse (sparse); only dense arrays are read: save it dense "
                    "(tostype('default')) first"),
@@ -728,3 +728,176 @@ def test_caffe_prototxt_errors_name_the_prototxt_exactly(tmp_path, monkeypatch):
         read_weights(tmp_path / "v0" / "m.caffemodel")
     assert str(err.value) == (f"{tmp_path / 'v0' / 'deploy.prototxt'}: not a readable Caffe prototxt (OSError); fix "
                               "it or move it away to read the .caffemodel alone")
+
+
+def test_caffe_sniff_by_the_first_bytes():
+    from pathlib import Path
+
+    from transferkit.weights.formats.caffe_file import sniff
+
+    heads = {
+        b"\xa2\x06\x05": True,  # straight into a `layer`
+        b"\x12\x10\x0a": True,  # straight into V1 `layers`
+        b"\x12\x10\x12": False, b"\x12\x0a": False,
+        b"\x0a\x05LeNet\x12\x00": True, b"\x0a\x05LeNet\x1a\x04": True, b"\x0a\x05LeNet\xa2\x06": True,
+        b"\x0a\x05LeNet\xa2\x07": False, b"\x0a\x05LeNet\x22": False, b"\x0a\x05LeNet": False,
+        b"\x0a\x05Le\tet\x12": False,  # a name must be printable
+        b"\x0a\x05L\xc3\xa9et\x12": False,  # and ASCII
+        b"\x0a\x40" + b"a" * 64 + b"\x12": False,  # names are short
+        b"\x0a\x3f" + b"a" * 63 + b"\x12": True,
+        b"\x0a\x00\x12": True, b"\x0a": False, b"\x0a\x05": False, b"": False, b"\x08\x05LeNet\x12": False,
+    }
+    assert {head: sniff(Path("m.bin"), head) for head in heads} == heads
+
+
+def legacy_blob(dims: tuple[int, int, int, int], values) -> bytes:
+    return b"".join(field(i + 1, d) for i, d in enumerate(dims)) + field(5, np.asarray(values, np.float32).tobytes())
+
+
+def test_caffe_blob_layouts_innerproduct_shapes_and_extra_blobs(tmp_path):
+    double = field(7, field(1, 2)) + field(8, np.array([0.5, -1.25], np.float64).tobytes())
+    chunks = field(7, field(1, 3)) + field(5, np.array([1, 2], np.float32).tobytes()) \
+        + field(5, np.array([3], np.float32).tobytes())  # a repeated data field split in two
+    ip_param = field(117, field(6, 1))  # inner_product_param { transpose: true }
+    model = field(1, "blobs") + b"".join([
+        field(100, field(1, "dbl") + field(2, "Convolution") + field(3, "x") + field(4, "y") + field(7, double)),
+        field(100, field(1, "chunks") + field(2, "Convolution") + field(3, "y") + field(4, "z") + field(7, chunks)
+              + field(7, legacy_blob((1, 1, 1, 2), [7, 8])) + field(7, blob(np.array([[9.0]])))),
+        field(100, field(1, "ip_legacy") + field(2, "InnerProduct") + field(3, "z") + field(4, "a")
+              + field(7, legacy_blob((1, 1, 2, 3), range(6))) + field(7, legacy_blob((1, 1, 1, 2), [1, 2]))),
+        field(100, field(1, "ip_oi11") + field(2, "InnerProduct") + field(3, "a") + field(4, "b")
+              + field(7, legacy_blob((2, 3, 1, 1), range(6)))),
+        field(100, field(1, "ip_t") + field(2, "InnerProduct") + field(3, "b") + field(4, "c")
+              + field(7, blob(np.arange(6).reshape(3, 2))) + ip_param),
+        field(100, field(1, "ip_t4") + field(2, "InnerProduct") + field(3, "c") + field(4, "d")
+              + field(7, legacy_blob((2, 1, 3, 1), range(6))) + ip_param),
+        field(100, field(1, "conv4") + field(2, "Convolution") + field(3, "d") + field(4, "e")
+              + field(7, legacy_blob((1, 1, 2, 3), range(6)))),
+    ])
+    (tmp_path / "b.caffemodel").write_bytes(model)
+    wf = read_weights(tmp_path / "b.caffemodel")
+    t = {k: v.tolist() for k, v in wf.tensors.items()}
+    assert t == {
+        "dbl.weight": [0.5, -1.25], "chunks.weight": [1, 2, 3], "chunks.bias": [7, 8], "chunks.blobs.2": [[9]],
+        "ip_legacy.weight": [[0, 1, 2], [3, 4, 5]], "ip_legacy.bias": [1, 2],
+        "ip_oi11.weight": [[0, 1, 2], [3, 4, 5]],
+        "ip_t.weight": [[0, 2, 4], [1, 3, 5]],
+        "ip_t4.weight": [[[[0], [1], [2]]], [[[3], [4], [5]]]],
+        "conv4.weight": [[[[0, 1, 2], [3, 4, 5]]]]}
+    assert wf.tensors["dbl.weight"].dtype == torch.float64 and wf.tensors["chunks.weight"].dtype == torch.float32
+    records = json.loads(wf.metadata["tensors"])
+    assert records["dbl.weight"] == {"source": "dbl/blob0", "layer": "dbl", "type": "Convolution", "dtype": "float64"}
+    assert records["chunks.blobs.2"] == {"source": "chunks/blob2", "layer": "chunks", "type": "Convolution",
+                                         "dtype": "float32"}
+    assert records["ip_t.weight"] == {"source": "ip_t/blob0", "layer": "ip_t", "type": "InnerProduct",
+                                      "dtype": "float32", "converted": "InnerProduct weight transposed"}
+    assert wf.metadata["net_name"] == "blobs" and "prototxt" not in wf.metadata
+    assert json.loads(wf.metadata["inputs"]) == {"dbl": [], "chunks": ["dbl"], "ip_legacy": ["chunks"],
+                                                 "ip_oi11": ["ip_legacy"], "ip_t": ["ip_oi11"], "ip_t4": ["ip_t"],
+                                                 "conv4": ["ip_t4"]}
+
+
+def test_caffe_v1_layer_types_transpose_and_v0_nets(tmp_path):
+    ip_t = field(17, field(6, 1))  # V1 inner_product_param { transpose: true }
+    model = field(1, "v1") + b"".join([
+        field(2, field(2, "x") + field(3, "d") + field(4, "deconv") + field(5, 39)
+              + field(6, legacy_blob((1, 2, 1, 1), [1, 2]))),
+        field(2, field(2, "d") + field(3, "m") + field(4, "mvn") + field(5, 34)
+              + field(6, legacy_blob((1, 1, 1, 1), [3]))),
+        field(2, field(2, "m") + field(3, "p") + field(4, "pool") + field(5, 17)),
+        field(2, field(2, "p") + field(3, "h") + field(4, "h5") + field(5, 9)
+              + field(6, legacy_blob((1, 1, 1, 1), [4]))),
+        field(2, field(2, "h") + field(3, "i") + field(4, "ip") + field(5, 14) + ip_t
+              + field(6, legacy_blob((1, 1, 2, 3), range(6)))),
+    ])
+    (tmp_path / "v1.caffemodel").write_bytes(model)
+    wf = read_weights(tmp_path / "v1.caffemodel")
+    assert json.loads(wf.metadata["layers"]) == [["deconv", "Deconvolution"], ["mvn", "Mvn"], ["h5", "Hdf5Data"],
+                                                 ["ip", "InnerProduct"]]
+    assert wf.tensors["ip.weight"].tolist() == [[0, 3], [1, 4], [2, 5]]
+    assert json.loads(wf.metadata["tensors"])["ip.weight"]["converted"] == "InnerProduct weight transposed"
+    assert json.loads(wf.metadata["inputs"]) == {"deconv": [], "mvn": ["deconv"], "h5": ["mvn"], "ip": ["h5"]}
+    v0 = field(1, "old") + field(2, field(1, b"\x0a\x01c") + field(6, legacy_blob((1, 1, 1, 1), [1])))
+    assert caffe_error(tmp_path, "v0", v0) == ("a V0 (pre-2014) Caffe net; upgrade it with Caffe's "
+                                               "upgrade_net_proto_binary tool first")
+
+
+def test_caffe_file_level_damage_exact_messages(tmp_path):
+    from transferkit.weights.formats import caffe_file
+
+    conv = layer("c", "Convolution", "x", "y", [np.ones(2)])
+    cases = {
+        "both": (field(1, "n") + conv + v1_layer("d", 4, "y", "z", [np.ones(2)]),
+                 "holds both V1 'layers' and current 'layer' lists; upgrade it with Caffe's "
+                 "upgrade_net_proto_binary tool"),
+        "no_blobs": (field(1, "n") + layer("relu", "ReLU", "x", "x"),
+                     "no layer holds any weights (a prototxt saved as .caffemodel?)"),
+        "decode": (field(1, "n") + conv[:-3],
+                   "truncated or damaged .caffemodel (Error parsing message with type 'tkcaffe.NetParameter': "
+                   "Wire format was corrupt); re-download it"),
+        "neg_dim": (field(1, "n") + field(100, field(1, "c") + field(7, field(7, field(1, -2) + field(1, -1))
+                                                                       + field(5, np.ones(2, np.float32).tobytes()))),
+                    "damaged blob in layer c: shape [-2, -1] does not match its 2 values; re-download or re-export "
+                    "the model"),
+        "odd_bytes": (field(1, "n") + field(100, field(1, "c") + field(7, field(7, field(1, 1)) + field(5, b"\0" * 6))),
+                      "damaged blob in layer c: shape [1] does not match its 1 values; re-download or re-export "
+                      "the model"),
+        "legacy": (field(1, "n") + field(100, field(1, "c") + field(7, legacy_blob((1, 2, 3, 1), range(5)))),
+                   "damaged blob in layer c: shape [1, 2, 3, 1] does not match its 5 values; re-download or "
+                   "re-export the model"),
+    }
+    for name, (data, message) in cases.items():
+        assert caffe_error(tmp_path, name, data) == message, name
+    with pytest.raises(TransferKitError) as err:
+        caffe_file.read(tmp_path)
+    assert str(err.value) == f"{tmp_path}: cannot read (Is a directory)"
+
+
+def test_caffe_prototxt_choice_order_and_scale_pairing(tmp_path):
+    model = field(1, "n") + b"".join([
+        layer("sc", "Scale", "b", "b", [[2.0], [3.0]]),
+        layer("bn", "BatchNorm", "c", "b", [[1.0], [1.0], [1.0]]),
+        layer("late", "Convolution", "q", "r", [[5.0]]),
+        layer("c", "Convolution", "x", "c", [[4.0]]),
+    ])
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "m.caffemodel").write_bytes(model)
+    conv_bn = ('layer { name: "c" type: "Convolution" bottom: "x" top: "c" }\n'
+               'layer { name: "bn" type: "BatchNorm" bottom: "c" top: "b" }\n')
+    relu = 'layer { name: "relu" type: "ReLU" bottom: "b" top: "b" }\n'
+    scale = 'layer { name: "sc" type: "Scale" bottom: "b" top: "b" }\n'
+    (folder / "other.prototxt").write_text(conv_bn + relu + scale)  # the only prototxt: used
+    wf = read_weights(folder / "m.caffemodel")
+    assert wf.metadata["prototxt"] == "other.prototxt"
+    # The first layer reading the BatchNorm's top is a ReLU, not a Scale: nothing merged; "late" is not in
+    # the prototxt and comes last.
+    assert list(wf.tensors) == ["c.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                "sc.weight", "sc.bias", "late.weight"]
+    (folder / "second.prototxt").write_text("")  # two others: neither is used, the file's order is kept
+    wf = read_weights(folder / "m.caffemodel")
+    assert "prototxt" not in wf.metadata
+    assert list(wf.tensors) == ["sc.weight", "sc.bias", "bn.weight", "bn.bias", "bn.running_mean",
+                                "bn.running_var", "late.weight", "c.weight"]
+    (folder / "deploy.prototxt").write_text(conv_bn + scale)
+    wf = read_weights(folder / "m.caffemodel")
+    assert wf.metadata["prototxt"] == "deploy.prototxt"
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "c.weight": [4], "bn.weight": [2], "bn.bias": [3], "bn.running_mean": [1], "bn.running_var": [1],
+        "late.weight": [5]}
+    assert json.loads(wf.metadata["inputs"]) == {"c": [], "bn": ["c"], "sc": ["bn"], "late": []}
+    # The prototxt named as the model wins over deploy.prototxt; a Scale with two bottoms is not merged.
+    (folder / "m.prototxt").write_text(conv_bn + scale.replace('bottom: "b"', 'bottom: "b" bottom: "x"'))
+    wf = read_weights(folder / "m.caffemodel")
+    assert wf.metadata["prototxt"] == "m.prototxt"
+    assert list(wf.tensors) == ["c.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                "sc.weight", "sc.bias", "late.weight"]
+    assert json.loads(wf.metadata["inputs"]) == {"c": [], "bn": ["c"], "sc": ["bn"], "late": []}
+
+
+def test_caffe_inputs_left_out_when_a_layer_with_tensors_has_no_bottom(tmp_path):
+    model = field(1, "n") + field(100, field(1, "c") + field(2, "Convolution") + field(4, "y")
+                                  + field(7, blob(np.ones(1)))) + layer("d", "Convolution", "y", "z", [np.ones(1)])
+    (tmp_path / "m.caffemodel").write_bytes(model)
+    wf = read_weights(tmp_path / "m.caffemodel")
+    assert "inputs" not in wf.metadata and list(wf.tensors) == ["c.weight", "d.weight"]
