@@ -737,11 +737,11 @@ def test_caffe_sniff_by_the_first_bytes():
 
     heads = {
         b"\xa2\x06\x05": True,  # straight into a `layer`
-        b"\x12\x10\x0a": True,  # straight into V1 `layers`
+        b"\x12\x10\x0a": True, b"\x12\x10\x0a\x08": True,  # straight into V1 `layers`
         b"\x12\x10\x12": False, b"\x12\x0a": False,
         b"\x0a\x05LeNet\x12\x00": True, b"\x0a\x05LeNet\x1a\x04": True, b"\x0a\x05LeNet\xa2\x06": True,
         b"\x0a\x05LeNet\xa2\x07": False, b"\x0a\x05LeNet\x22": False, b"\x0a\x05LeNet": False,
-        b"\x0a\x05Le\tet\x12": False,  # a name must be printable
+        b"\x0a\x05Le\tet\x12": False, b"\x0a\x05\x01eNet\x12": False,  # a name must be printable
         b"\x0a\x05L\xc3\xa9et\x12": False,  # and ASCII
         b"\x0a\x40" + b"a" * 64 + b"\x12": False,  # names are short
         b"\x0a\x3f" + b"a" * 63 + b"\x12": True,
@@ -755,7 +755,8 @@ def legacy_blob(dims: tuple[int, int, int, int], values) -> bytes:
 
 
 def test_caffe_blob_layouts_innerproduct_shapes_and_extra_blobs(tmp_path):
-    double = field(7, field(1, 2)) + field(8, np.array([0.5, -1.25], np.float64).tobytes())
+    double = field(7, field(1, 2)) + field(8, np.array([0.5], np.float64).tobytes()) \
+        + field(8, np.array([-1.25], np.float64).tobytes())
     chunks = field(7, field(1, 3)) + field(5, np.array([1, 2], np.float32).tobytes()) \
         + field(5, np.array([3], np.float32).tobytes())  # a repeated data field split in two
     ip_param = field(117, field(6, 1))  # inner_product_param { transpose: true }
@@ -842,6 +843,10 @@ def test_caffe_file_level_damage_exact_messages(tmp_path):
         "odd_bytes": (field(1, "n") + field(100, field(1, "c") + field(7, field(7, field(1, 1)) + field(5, b"\0" * 6))),
                       "damaged blob in layer c: shape [1] does not match its 1 values; re-download or re-export "
                       "the model"),
+        "overflow": (field(1, "n") + field(100, field(1, "c") + field(7, field(7, field(1, 1 << 32) + field(1, 1 << 32))
+                                                                       + field(5, b""))),  # 2**64 values, not 0
+                     "damaged blob in layer c: shape [4294967296, 4294967296] does not match its 0 values; "
+                     "re-download or re-export the model"),
         "legacy": (field(1, "n") + field(100, field(1, "c") + field(7, legacy_blob((1, 2, 3, 1), range(5)))),
                    "damaged blob in layer c: shape [1, 2, 3, 1] does not match its 5 values; re-download or "
                    "re-export the model"),
@@ -901,3 +906,28 @@ def test_caffe_inputs_left_out_when_a_layer_with_tensors_has_no_bottom(tmp_path)
     (tmp_path / "m.caffemodel").write_bytes(model)
     wf = read_weights(tmp_path / "m.caffemodel")
     assert "inputs" not in wf.metadata and list(wf.tensors) == ["c.weight", "d.weight"]
+
+
+def test_caffe_prototxt_layers_without_type_and_a_scale_after_a_convolution(tmp_path):
+    model = field(1, "n") + b"".join([
+        layer("c", "Convolution", "x", "c", [[4.0]]), layer("bn", "BatchNorm", "c", "b", [[2.0], [4.0], [2.0]]),
+        layer("sc", "Scale", "b", "b", [[3.0], [5.0]]), layer("c2", "Convolution", "b", "d", [[6.0]]),
+        layer("sc2", "Scale", "d", "d", [[7.0], [8.0]]),
+    ])
+    (tmp_path / "m.caffemodel").write_bytes(model)
+    (tmp_path / "m.prototxt").write_text(
+        'layer { name: "c" type: "Convolution" bottom: "x" top: "c" }\n'
+        'layer { name: "bn" bottom: "c" top: "b" }\n'  # no type here: the file's BatchNorm
+        'layer { name: "sc" type: "Scale" bottom: "b" top: "b" }\n'
+        'layer { name: "mystery" bottom: "b" top: "m" }\n'  # no type and no blobs
+        'layer { name: "c2" type: "Convolution" bottom: "b" top: "d" }\n'
+        'layer { name: "sc2" type: "Scale" bottom: "d" top: "d" }\n')  # after a convolution: kept as it is
+    wf = read_weights(tmp_path / "m.caffemodel")
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "c.weight": [4], "bn.weight": [3], "bn.bias": [5], "bn.running_mean": [1], "bn.running_var": [2],
+        "c2.weight": [6], "sc2.weight": [7], "sc2.bias": [8]}
+    assert json.loads(wf.metadata["layers"]) == [["c", "Convolution"], ["bn", "BatchNorm"], ["sc", "Scale"],
+                                                 ["c2", "Convolution"], ["sc2", "Scale"]]
+    assert json.loads(wf.metadata["tensors"])["bn.running_var"]["type"] == "BatchNorm"
+    assert wf.metadata["source_format"] == "caffe" and wf.metadata["net_name"] == "n"
+    assert wf.path == tmp_path / "m.caffemodel" and wf.format == "caffe"
