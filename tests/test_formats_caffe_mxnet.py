@@ -597,7 +597,10 @@ def test_mxnet_damaged_symbol_files_are_one_line_errors(tmp_path):
     cases = {"{": "not a readable MXNet symbol file (Expecting property name enclosed in double quotes: "
                   "line 1 column 2 (char 1))",
              '{"nodes": [{"op": "Convolution", "name": "c"}]}':
-                 "not an MXNet symbol file (no well-formed 'nodes' list)"}
+                 "not an MXNet symbol file (no well-formed 'nodes' list)",
+             # attributes that are not an object (a BatchNorm's are read for eps and fix_gamma)
+             '{"nodes": [{"op": "null", "name": "w"}, {"op": "BatchNorm", "name": "bn", "attrs": "eps=1", '
+             '"inputs": [[0, 0, 0]]}]}': "not an MXNet symbol file (no well-formed 'nodes' list)"}
     for text, message in cases.items():
         symbol.write_text(text)
         with pytest.raises(TransferKitError) as err:
@@ -676,6 +679,15 @@ def test_caffe_batchnorm_eps_from_the_file_when_the_prototxt_has_none(tmp_path):
                                          "batch_norm_param { eps: 0.5 } }")
     records = json.loads(read_weights(tmp_path / "m.caffemodel").metadata["tensors"])
     assert {r["eps"] for r in records.values()} == {"0.5"}
+    # A batch_norm_param without eps means Caffe's default, whatever the file holds; the other usual
+    # parameters (not used here) are read without complaint.
+    (tmp_path / "m.prototxt").write_text('input: "x"\ninput: "im_info"\n'  # inputs may be repeated
+                                         'layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" '
+                                         "batch_norm_param { use_global_stats: true } }\n"
+                                         'layer { name: "sc" type: "Scale" bottom: "x" top: "x" '
+                                         "scale_param { axis: 1 bias_term: true } }")
+    records = json.loads(read_weights(tmp_path / "m.caffemodel").metadata["tensors"])
+    assert {r["eps"] for r in records.values()} == {"1e-05"}
 
 
 def test_caffe_batchnorm_and_scale_damage_exact_messages(tmp_path):
@@ -801,14 +813,14 @@ def test_caffe_blob_layouts_innerproduct_shapes_and_extra_blobs(tmp_path):
 def test_caffe_v1_layer_types_transpose_and_v0_nets(tmp_path):
     ip_t = field(17, field(6, 1))  # V1 inner_product_param { transpose: true }
     model = field(1, "v1") + b"".join([
-        field(2, field(2, "x") + field(3, "d") + field(4, "deconv") + field(5, 39)
+        field(2, field(2, "data") + field(3, "dec") + field(4, "deconv") + field(5, 39)
               + field(6, legacy_blob((1, 2, 1, 1), [1, 2]))),
-        field(2, field(2, "d") + field(3, "m") + field(4, "mvn") + field(5, 34)
+        field(2, field(2, "dec") + field(3, "mv") + field(4, "mvn") + field(5, 34)
               + field(6, legacy_blob((1, 1, 1, 1), [3]))),
-        field(2, field(2, "m") + field(3, "p") + field(4, "pool") + field(5, 17)),
-        field(2, field(2, "p") + field(3, "h") + field(4, "h5") + field(5, 9)
+        field(2, field(2, "mv") + field(3, "pl") + field(4, "pool") + field(5, 17)),
+        field(2, field(2, "pl") + field(3, "h5o") + field(4, "h5") + field(5, 9)
               + field(6, legacy_blob((1, 1, 1, 1), [4]))),
-        field(2, field(2, "h") + field(3, "i") + field(4, "ip") + field(5, 14) + ip_t
+        field(2, field(2, "h5o") + field(3, "ipo") + field(4, "ip") + field(5, 14) + ip_t
               + field(6, legacy_blob((1, 1, 2, 3), range(6)))),
     ])
     (tmp_path / "v1.caffemodel").write_bytes(model)
@@ -910,17 +922,17 @@ def test_caffe_inputs_left_out_when_a_layer_with_tensors_has_no_bottom(tmp_path)
 
 def test_caffe_prototxt_layers_without_type_and_a_scale_after_a_convolution(tmp_path):
     model = field(1, "n") + b"".join([
-        layer("c", "Convolution", "x", "c", [[4.0]]), layer("bn", "BatchNorm", "c", "b", [[2.0], [4.0], [2.0]]),
-        layer("sc", "Scale", "b", "b", [[3.0], [5.0]]), layer("c2", "Convolution", "b", "d", [[6.0]]),
+        layer("c", "Convolution", "x", "c", [[4.0]]), layer("bn", "BatchNorm", "c", "bn_out", [[2.0], [4.0], [2.0]]),
+        layer("sc", "Scale", "bn_out", "bn_out", [[3.0], [5.0]]), layer("c2", "Convolution", "bn_out", "d", [[6.0]]),
         layer("sc2", "Scale", "d", "d", [[7.0], [8.0]]),
     ])
     (tmp_path / "m.caffemodel").write_bytes(model)
     (tmp_path / "m.prototxt").write_text(
         'layer { name: "c" type: "Convolution" bottom: "x" top: "c" }\n'
-        'layer { name: "bn" bottom: "c" top: "b" }\n'  # no type here: the file's BatchNorm
-        'layer { name: "sc" type: "Scale" bottom: "b" top: "b" }\n'
-        'layer { name: "mystery" bottom: "b" top: "m" }\n'  # no type and no blobs
-        'layer { name: "c2" type: "Convolution" bottom: "b" top: "d" }\n'
+        'layer { name: "bn" bottom: "c" top: "bn_out" }\n'  # no type here: the file's BatchNorm
+        'layer { name: "sc" type: "Scale" bottom: "bn_out" top: "bn_out" }\n'
+        'layer { name: "mystery" bottom: "bn_out" top: "m" }\n'  # no type and no blobs
+        'layer { name: "c2" type: "Convolution" bottom: "bn_out" top: "d" }\n'
         'layer { name: "sc2" type: "Scale" bottom: "d" top: "d" }\n')  # after a convolution: kept as it is
     wf = read_weights(tmp_path / "m.caffemodel")
     assert {k: v.tolist() for k, v in wf.tensors.items()} == {
