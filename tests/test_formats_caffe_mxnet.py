@@ -381,3 +381,565 @@ def test_mxnet_retinaface_real_file():
     kinds = {r["type"] for r in records.values()}
     assert kinds == {"Convolution", "BatchNorm"}
     assert {r["eps"] for r in records.values() if r["type"] == "BatchNorm"} == {"1e-05", "2e-05"}
+
+
+# MXNet files written byte by byte: every header version, dtype and storage type, and each kind of damage.
+V0_DIMS, V1 = "I", 0xF993FAC8
+HEAD0 = struct.pack("<QQQ", 0x112, 0, 0)
+
+
+def arr_head(magic: int, shape, stype: int | None = None) -> bytes:
+    """An array's header up to its dims: magic, (storage type), ndim, dims (uint32 for V0, else int64)."""
+    if magic <= 32:
+        return struct.pack(f"<I{len(shape)}I", magic, *shape)
+    pre = struct.pack("<I", magic) + (b"" if stype is None else struct.pack("<i", stype))
+    return pre + struct.pack(f"<i{len(shape)}q", len(shape), *shape)
+
+
+def one_array(body: bytes) -> bytes:
+    return struct.pack("<QQQ", 0x112, 0, 1) + body
+
+
+def mx_error(tmp_path, name: str, data: bytes) -> str:
+    from transferkit.weights.formats import mxnet_file
+
+    path = tmp_path / f"{name}.params"
+    path.write_bytes(data)
+    with pytest.raises(TransferKitError) as err:
+        mxnet_file.read(path)
+    message = str(err.value)
+    prefix = f"{path}: "
+    assert message.startswith(prefix), message
+    return message[len(prefix):]
+
+
+def test_mxnet_each_damage_has_its_exact_one_line_message(tmp_path):
+    dev = struct.pack("<ii", 1, 0)
+    f32 = struct.pack("<i", 0)
+    ok1 = arr_head(V2, (1,), 0) + dev + f32 + struct.pack("<f", 1.5)
+    row_sparse = arr_head(V2, (2,), 1) + struct.pack("<i1q", 1, 4) + dev + f32  # storage (2,), shape (4,)
+    trunc = "damaged or truncated file: {} declares {} bytes but only {} remain; re-download or re-export it"
+    cases = {
+        "short": (b"\x12\x01" + bytes(8), "truncated .params file (10 bytes); re-download it"),
+        "header_only": (HEAD0, trunc.format("name count", 8, 0)),
+        "list_magic": (struct.pack("<QQQ", 2**64 - 1, 0, 0) + bytes(8),
+                       "not an MXNet .params file (list magic 0xffffffffffffffff, expected 0x112)"),
+        "count_max": (struct.pack("<QQQ", 0x112, 0, 2**64 - 1) + bytes(4),
+                      trunc.format("the array count (18,446,744,073,709,551,615)", "73,786,976,294,838,206,460", 4)),
+        "count_3": (struct.pack("<QQQ", 0x112, 0, 3) + bytes(8), trunc.format("the array count (3)", 12, 8)),
+        "second_magic": (struct.pack("<QQQ", 0x112, 0, 2) + ok1 + bytes(2), trunc.format("array 1", 4, 2)),
+        "stype": (one_array(struct.pack("<I", V2)), trunc.format("array 0", 4, 0)),
+        "v1_ndim": (one_array(struct.pack("<I", V1)), trunc.format("array 0", 4, 0)),
+        "v2_dims": (one_array(struct.pack("<Iiiq", V2, 0, 2, 3)), trunc.format("array 0", 16, 8)),
+        "v0_dims": (one_array(struct.pack("<II", 2, 5)), trunc.format("array 0", 8, 4)),
+        "storage_shape": (one_array(struct.pack("<Ii", V2, 1)), trunc.format("array 0", 4, 0)),
+        "device": (one_array(arr_head(V2, (3,), 0) + struct.pack("<i", 1)), trunc.format("array 0", 8, 4)),
+        "flag": (one_array(arr_head(V2, (3,), 0) + dev), trunc.format("array 0", 4, 0)),
+        "values": (one_array(arr_head(V2, (3,), 0) + dev + f32 + bytes(8)), trunc.format("array 0", 12, 8)),
+        "aux_flag": (one_array(row_sparse), trunc.format("array 0", 4, 0)),
+        "aux_shape": (one_array(row_sparse + struct.pack("<i", 6)), trunc.format("array 0", 4, 0)),
+        "aux_values": (one_array(row_sparse + struct.pack("<iiq", 6, 1, 2) + bytes(8) + bytes(8)),
+                       trunc.format("array 0", 16, 8)),
+        "aux_overflow": (one_array(row_sparse + struct.pack("<ii2q", 6, 2, 1 << 32, 1 << 32) + bytes(8)),
+                         trunc.format("array 0", "147,573,952,589,676,412,928", 0)),
+        "name_len": (one_array(ok1) + struct.pack("<Q", 1) + bytes(2), trunc.format("name 0", 8, 2)),
+        "name_bytes": (one_array(ok1) + struct.pack("<QQ", 1, 5) + b"ab", trunc.format("name 0", 5, 2)),
+        "name_len_max": (one_array(ok1) + struct.pack("<QQ", 1, 2**64 - 1),
+                         trunc.format("name 0", "18,446,744,073,709,551,615", 0)),
+        "name_utf8": (one_array(ok1) + struct.pack("<QQ", 1, 1) + b"\xff", "damaged .params file: name 0 is not UTF-8"),
+        "names_max": (one_array(ok1) + struct.pack("<Q", 2**64 - 1),
+                      "damaged .params file: 18,446,744,073,709,551,615 names for 1 arrays"),
+        "names_1_of_2": (struct.pack("<QQQ", 0x112, 0, 2) + ok1 + ok1 + struct.pack("<QQ", 1, 1) + b"a",
+                         "damaged .params file: 1 names for 2 arrays"),
+        "stype_neg": (one_array(struct.pack("<Ii", V2, -1)), "damaged .params file: array 0 has storage type -1"),
+        "stype_3": (one_array(struct.pack("<Ii", V3, 3)), "damaged .params file: array 0 has storage type 3"),
+        "unknown_magic": (one_array(struct.pack("<I", 0xDEADBEEF)), "damaged .params file: array 0 has an unknown "
+                          "header (0xdeadbeef); re-download or re-save it"),
+        "v0_33": (one_array(struct.pack("<I", 33) + bytes(4)),
+                  "damaged .params file: array 0 has an unknown header (0x21); re-download or re-save it"),
+        "ndim_33": (one_array(struct.pack("<Iii", V2, 0, 33)),
+                    "damaged .params file: array 0 has 33 dimensions at byte 36; re-download or re-save it"),
+        "ndim_-2": (one_array(struct.pack("<Ii", V1, -2)),
+                    "damaged .params file: array 0 has -2 dimensions at byte 32; re-download or re-save it"),
+        "dim_neg": (one_array(arr_head(V2, (2, -3), 0)), "damaged .params file: array 0 has shape [2, -3]"),
+        "v0_dim_2g": (one_array(arr_head(1, (0x80000000,)) + dev + f32),
+                      trunc.format("array 0", "8,589,934,592", 0)),
+        "flag_neg": (one_array(arr_head(V2, (1,), 0) + dev + struct.pack("<i", -1)),
+                     "damaged .params file: array 0 has unknown type flag -1"),
+        "flag_13": (one_array(arr_head(V2, (1,), 0) + dev + struct.pack("<i", 13)),
+                    "damaged .params file: array 0 has unknown type flag 13"),
+        "aux_flag_bad": (one_array(row_sparse + struct.pack("<iiq", 99, 1, 2) + bytes(8)),
+                         "damaged .params file: array 0 has a bad sparse index"),
+        "aux_shape_unknown": (one_array(row_sparse + struct.pack("<ii", 6, -1) + bytes(8)),
+                              "damaged .params file: array 0 has a bad sparse index"),
+        "sparse": (one_array(row_sparse + struct.pack("<iiq", 4, 1, 2) + bytes(8) + bytes(8))  # int32 indices
+                   + struct.pack("<QQ", 1, 5) + b"arg:e",
+                   "array 'arg:e' is row_sparse (sparse); only dense arrays are read: save it dense "
+                   "(tostype('default')) first"),
+        "twice": (struct.pack("<QQQ", 0x112, 0, 2) + ok1 + ok1 + struct.pack("<QQ", 2, 5) + b"arg:w"
+                  + struct.pack("<Q", 5) + b"aux:w", "damaged .params file: the name 'w' appears twice"),
+        "no_arrays": (HEAD0 + struct.pack("<Q", 0), "the .params file holds no arrays"),
+        "only_empty": (one_array(arr_head(V1, (), None)) + struct.pack("<Q", 0), "the .params file holds no arrays"),
+    }
+    for name, (data, message) in cases.items():
+        assert mx_error(tmp_path, name, data) == message, name
+
+
+def test_mxnet_parse_names_the_header_of_a_short_buffer(tmp_path):
+    from transferkit.weights.formats import mxnet_file
+
+    with pytest.raises(TransferKitError) as err:
+        mxnet_file.parse(b"\x12\x01\x00\x00", tmp_path / "x.params")
+    assert str(err.value) == (f"{tmp_path / 'x.params'}: damaged or truncated file: header declares 24 bytes but "
+                              "only 4 remain; re-download or re-export it")
+
+
+def test_mxnet_scalars_empty_arrays_bfloat16_and_32_dimensions(tmp_path):
+    dev = struct.pack("<ii", 1, 0)
+    items = [
+        # bfloat16 (flag 12): 1.0, -2.0, 0.5, 3.0 as raw 16-bit words; the array after it must start right after.
+        ("bf", arr_head(V2, (2, 2), 0) + dev + struct.pack("<i4H", 12, 0x3F80, 0xC000, 0x3F00, 0x4040)),
+        ("after_bf", arr_head(V2, (1,), 0) + dev + struct.pack("<if", 0, 7.25)),
+        ("v3_scalar", arr_head(V3, (), 0) + dev + struct.pack("<if", 0, 2.5)),
+        ("v2_empty", arr_head(V2, (), 0)),
+        ("v3_unknown", struct.pack("<Iii", V3, 0, -1)),
+        ("v1_empty", arr_head(V1, ())),
+        ("v0_empty", struct.pack("<I", 0)),
+        ("zero_size", arr_head(V2, (2, 0), 0) + dev + struct.pack("<i", 0)),
+        ("d32", arr_head(V2, (1,) * 31 + (2,), 0) + dev + struct.pack("<i2q", 6, -5, 1 << 40)),
+        ("v0_d32", arr_head(32, (1,) * 30 + (2, 1)) + dev + struct.pack("<i2b", 5, -1, 2)),
+        ("v1_u16", arr_head(V1, (2,)) + dev + struct.pack("<i2H", 9, 65535, 1)),
+        ("f16", arr_head(V2, (1,), 0) + dev + struct.pack("<ie", 2, 0.25)),
+    ]
+    path = tmp_path / "kinds.params"
+    path.write_bytes(params_file(items))
+    from transferkit.weights.formats import mxnet_file
+
+    wf = mxnet_file.read(path)
+    assert wf.path == path and wf.format == "mxnet"
+    assert list(wf.tensors) == ["bf", "after_bf", "v3_scalar", "zero_size", "d32", "v0_d32", "v1_u16", "f16"]
+    t = wf.tensors
+    assert t["bf"].dtype == torch.bfloat16 and t["bf"].tolist() == [[1.0, -2.0], [0.5, 3.0]]
+    assert t["after_bf"].tolist() == [7.25]
+    assert t["v3_scalar"].shape == () and t["v3_scalar"].item() == 2.5
+    assert t["zero_size"].shape == (2, 0) and t["zero_size"].dtype == torch.float32
+    assert t["d32"].shape == (1,) * 31 + (2,) and t["d32"].flatten().tolist() == [-5, 1 << 40]
+    assert t["d32"].dtype == torch.int64
+    assert t["v0_d32"].shape == (1,) * 30 + (2, 1) and t["v0_d32"].flatten().tolist() == [-1, 2]
+    assert t["v1_u16"].dtype == torch.uint16 and t["v1_u16"].tolist() == [65535, 1]
+    assert t["f16"].dtype == torch.float16 and t["f16"].tolist() == [0.25]
+    assert json.loads(wf.metadata["empty_arrays"]) == ["v2_empty", "v3_unknown", "v1_empty", "v0_empty"]
+    assert wf.metadata["source_format"] == "mxnet" and wf.metadata["converted"] == "none"
+    assert json.loads(wf.metadata["tensors"])["bf"] == {"source": "bf", "layer": "", "type": "", "dtype": "bfloat16"}
+    assert json.loads(wf.metadata["layers"]) == [["", ""]]
+
+
+def test_mxnet_unnamed_list_prefixes_and_renames_that_would_collide(tmp_path):
+    from transferkit.weights.formats import mxnet_file
+
+    one = nd(np.array([1.0], np.float32))
+    unnamed = tmp_path / "list.params"  # nd.save of a plain list: no names at all
+    unnamed.write_bytes(struct.pack("<QQQ", 0x112, 0, 2) + one + nd(np.array([2], np.int32)) + struct.pack("<Q", 0))
+    wf = mxnet_file.read(unnamed)
+    assert list(wf.tensors) == ["#0", "#1"] and wf.tensors["#1"].tolist() == [2]
+    assert "empty_arrays" not in wf.metadata
+
+    path = tmp_path / "names.params"
+    path.write_bytes(params_file([
+        ("arg:a:b", one), ("_weight", one), ("c_weight", one), ("c_gamma", one), ("d_bias", one), ("d.bias", one),
+        ("aux:e_moving_var", one), ("f_running_mean", one), ("g_beta", one), ("plain", one),
+    ]))
+    wf = mxnet_file.read(path)
+    # c_weight and c_gamma would both be c.weight, d_bias would overwrite d.bias: those keep their stored names.
+    assert list(wf.tensors) == ["a:b", "_weight", "c_weight", "c_gamma", "d_bias", "d.bias", "e.running_var",
+                                "f.running_mean", "g.bias", "plain"]
+    records = json.loads(wf.metadata["tensors"])
+    assert records["a:b"] == {"source": "a:b", "layer": "", "type": "", "dtype": "float32", "role": "arg"}
+    assert records["e.running_var"]["role"] == "aux"
+    assert records["plain"] == {"source": "plain", "layer": "", "type": "", "dtype": "float32"}
+
+
+def test_mxnet_symbol_attribute_spellings_and_fix_gamma_values(tmp_path):
+    """MXNet 1.x writes "attrs", 0.9-0.11 "attr", older ones "param"; fix_gamma may be True/true/1/False/0."""
+    from transferkit.weights.formats import mxnet_file
+
+    g = np.array([2.0, 3.0], np.float32)
+    bns = {"bn1": {"attr": {"fix_gamma": "False"}}, "bn2": {"param": {"eps": "0.0001", "fix_gamma": "true"}},
+           "bn3": {"attrs": {"fix_gamma": "1"}}, "bn4": {"attrs": {"fix_gamma": "0", "eps": "1e-05"}},
+           "bn5": {"attr": {"eps": "0.01", "fix_gamma": "false"}}, "bn6": {}}
+    nodes, items = [{"op": "null", "name": "data"}], []  # variables may come without "inputs"
+    for bn, spelling in bns.items():
+        nodes.append({"op": "null", "name": f"{bn}_gamma", "attrs": {"__shape__": "(2,)"}})
+        nodes.append({"op": "BatchNorm", "name": f"{bn}_fwd", "inputs": [[0, 0, 0], [len(nodes) - 1, 0, 0]],
+                      **spelling})
+        items.append((f"arg:{bn}_gamma", nd(g)))
+    (tmp_path / "m-symbol.json").write_text(json.dumps({"nodes": nodes}))
+    (tmp_path / "m-0000.params").write_bytes(params_file(items))
+    wf = mxnet_file.read(tmp_path / "m-0000.params")
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "bn1.weight": [2, 3], "bn2.weight": [1, 1], "bn3.weight": [1, 1], "bn4.weight": [2, 3],
+        "bn5.weight": [2, 3], "bn6.weight": [1, 1]}
+    records = json.loads(wf.metadata["tensors"])
+    assert {k: r["eps"] for k, r in records.items()} == {
+        "bn1.weight": "0.001", "bn2.weight": "0.0001", "bn3.weight": "0.001", "bn4.weight": "1e-05",
+        "bn5.weight": "0.01", "bn6.weight": "0.001"}
+    assert records["bn2.weight"] == {"source": "bn2_gamma", "layer": "bn2_fwd", "type": "BatchNorm", "dtype": "float32",
+                                     "converted": "fix_gamma: weight 1 (MXNet ignores the stored gamma)",
+                                     "eps": "0.0001", "role": "arg"}
+    assert wf.metadata["converted"] == "fix_gamma: weight 1 (MXNet ignores the stored gamma): 3"
+
+
+def test_mxnet_damaged_symbol_files_are_one_line_errors(tmp_path):
+    from transferkit.weights.formats import mxnet_file
+
+    (tmp_path / "m.params").write_bytes(params_file([("w", nd(np.ones(1, np.float32)))]))
+    symbol = tmp_path / "m-symbol.json"
+    cases = {"{": "not a readable MXNet symbol file (Expecting property name enclosed in double quotes: "
+                  "line 1 column 2 (char 1))",
+             '{"nodes": [{"op": "Convolution", "name": "c"}]}':
+                 "not an MXNet symbol file (no well-formed 'nodes' list)",
+             # attributes that are not an object (a BatchNorm's are read for eps and fix_gamma)
+             '{"nodes": [{"op": "null", "name": "w"}, {"op": "BatchNorm", "name": "bn", "attrs": "eps=1", '
+             '"inputs": [[0, 0, 0]]}]}': "not an MXNet symbol file (no well-formed 'nodes' list)"}
+    for text, message in cases.items():
+        symbol.write_text(text)
+        with pytest.raises(TransferKitError) as err:
+            mxnet_file.read(tmp_path / "m.params")
+        assert str(err.value) == f"{symbol}: {message}"
+
+
+# Caffe BatchNorm layers written byte by byte: each blob layout, each Scale that may follow, each damage.
+def bn_param(eps: float) -> bytes:
+    """batch_norm_param (field 139) with eps (field 3, a 32-bit float: wire type 5)."""
+    return field(139, bytes([3 << 3 | 5]) + struct.pack("<f", eps))
+
+
+def caffe_error(tmp_path, name: str, data: bytes) -> str:
+    path = tmp_path / name / "m.caffemodel"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    with pytest.raises(TransferKitError) as err:
+        read_weights(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: "), message
+    return message[len(f"{path}: "):]
+
+
+def test_caffe_batchnorm_blob_layouts_scales_and_records_by_hand(tmp_path):
+    model = field(1, "bns") + b"".join([
+        # A 2-d mean and variance, factor 2, eps stored in the file; then a Scale with weight and bias.
+        layer("bn1", "BatchNorm", "x", "x", [[[2.0, 4.0]], [[6.0, 8.0]], [2.0]], bn_param(0.002)),
+        layer("sc1", "Scale", "x", "x", [[[5.0, 6.0]], [[7.0, 8.0]]]),
+        # A fourth blob (some converters write one) is not read; a Scale without bias gives bias 0.
+        layer("bn2", "BatchNorm", "x", "y", [[1.0, 1.0], [2.0, 2.0], [0.5], [9.0]]),
+        layer("sc2", "Scale", "y", "y", [[3.0, 3.5]]),
+        # An empty scale factor blob counts as factor 0 (statistics zeroed); no Scale follows.
+        layer("bn3", "BatchNorm", "y", "z", [[1.0, 2.0], [3.0, 4.0], np.zeros(0)]),
+    ])
+    (tmp_path / "bns.caffemodel").write_bytes(model)
+    wf = read_weights(tmp_path / "bns.caffemodel")
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "bn1.weight": [5, 6], "bn1.bias": [7, 8], "bn1.running_mean": [1, 2], "bn1.running_var": [3, 4],
+        "bn2.weight": [3, 3.5], "bn2.bias": [0, 0], "bn2.running_mean": [2, 2], "bn2.running_var": [4, 4],
+        "bn3.weight": [1, 1], "bn3.bias": [0, 0], "bn3.running_mean": [0, 0], "bn3.running_var": [0, 0]}
+    assert list(wf.tensors) == ["bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn2.weight",
+                                "bn2.bias", "bn2.running_mean", "bn2.running_var", "bn3.weight", "bn3.bias",
+                                "bn3.running_mean", "bn3.running_var"]
+    records = json.loads(wf.metadata["tensors"])
+    merged, divided = "Scale merged into BatchNorm", "divided by the scale factor"
+    assert records["bn1.weight"] == {"source": "sc1/blob0", "layer": "sc1", "type": "Scale", "dtype": "float32",
+                                     "converted": merged, "eps": "0.002"}
+    assert records["bn1.bias"] == {"source": "sc1/blob1", "layer": "sc1", "type": "Scale", "dtype": "float32",
+                                   "converted": merged, "eps": "0.002"}
+    assert records["bn1.running_mean"] == {"source": "bn1/blob0", "layer": "bn1", "type": "BatchNorm",
+                                           "dtype": "float32", "converted": divided, "eps": "0.002"}
+    assert records["bn1.running_var"] == {"source": "bn1/blob1", "layer": "bn1", "type": "BatchNorm",
+                                          "dtype": "float32", "converted": divided, "eps": "0.002"}
+    assert records["bn2.weight"]["source"] == "sc2/blob0"
+    assert records["bn2.bias"] == {"source": "", "layer": "sc2", "type": "Scale", "dtype": "float32",
+                                   "converted": "BatchNorm bias 0 (Scale without bias)", "eps": "1e-05"}
+    assert records["bn3.weight"] == {"source": "", "layer": "bn3", "type": "BatchNorm", "dtype": "float32",
+                                     "converted": "BatchNorm weight 1 (no Scale layer follows)", "eps": "1e-05"}
+    assert records["bn3.bias"] == {"source": "", "layer": "bn3", "type": "BatchNorm", "dtype": "float32",
+                                   "converted": "BatchNorm bias 0 (no Scale layer follows)", "eps": "1e-05"}
+    assert json.loads(wf.metadata["layers"]) == [["bn1", "BatchNorm"], ["sc1", "Scale"], ["bn2", "BatchNorm"],
+                                                 ["sc2", "Scale"], ["bn3", "BatchNorm"]]
+    assert wf.metadata["converted"] == (
+        "Scale merged into BatchNorm: 3; divided by the scale factor: 6; BatchNorm bias 0 (Scale without bias): 1; "
+        "BatchNorm weight 1 (no Scale layer follows): 1; BatchNorm bias 0 (no Scale layer follows): 1")
+
+
+def test_caffe_batchnorm_eps_from_the_file_when_the_prototxt_has_none(tmp_path):
+    (tmp_path / "m.caffemodel").write_bytes(field(1, "n") + layer("bn", "BatchNorm", "x", "x", [[1.0], [1.0], [1.0]],
+                                                                  bn_param(0.25)))
+    (tmp_path / "m.prototxt").write_text('layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" }')
+    records = json.loads(read_weights(tmp_path / "m.caffemodel").metadata["tensors"])
+    assert {r["eps"] for r in records.values()} == {"0.25"}
+    (tmp_path / "m.prototxt").write_text('layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" '
+                                         "batch_norm_param { eps: 0.5 } }")
+    records = json.loads(read_weights(tmp_path / "m.caffemodel").metadata["tensors"])
+    assert {r["eps"] for r in records.values()} == {"0.5"}
+    # A batch_norm_param without eps means Caffe's default, whatever the file holds; the other usual
+    # parameters (not used here) are read without complaint.
+    (tmp_path / "m.prototxt").write_text('input: "x"\ninput: "im_info"\n'  # inputs may be repeated
+                                         'layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" '
+                                         "batch_norm_param { use_global_stats: true } }\n"
+                                         'layer { name: "sc" type: "Scale" bottom: "x" top: "x" '
+                                         "scale_param { axis: 1 bias_term: true } }")
+    records = json.loads(read_weights(tmp_path / "m.caffemodel").metadata["tensors"])
+    assert {r["eps"] for r in records.values()} == {"1e-05"}
+
+
+def test_caffe_batchnorm_and_scale_damage_exact_messages(tmp_path):
+    bn = [[1.0, 2.0], [3.0, 4.0], [1.0]]
+    cases = {
+        "two_blobs": (layer("bn", "BatchNorm", "x", "x", bn[:2]),
+                      "BatchNorm layer bn has 2 blobs, expected 3 (mean, variance, scale factor); re-export the model"),
+        "var_size": (layer("bn", "BatchNorm", "x", "x", [[1.0, 2.0], [3.0, 4.0, 5.0], [1.0]]),
+                     "BatchNorm layer bn has 2 means but 3 variances; re-export the model"),
+        "scale_size": (layer("bn", "BatchNorm", "x", "x", bn) + layer("sc", "Scale", "x", "x", [[1.0] * 3, [0.0] * 2]),
+                       "Scale layer sc has 3 values for BatchNorm bn of 2 channels; re-export the model"),
+    }
+    for name, (data, message) in cases.items():
+        assert caffe_error(tmp_path, name, field(1, "n") + data) == message, name
+    bad_scale = field(100, field(1, "sc") + field(2, "Scale") + field(3, "x") + field(4, "x") + field(
+        7, field(7, field(1, 3)) + field(5, np.zeros(2, np.float32).tobytes())))
+    got = caffe_error(tmp_path, "bad_scale", field(1, "n") + layer("bn", "BatchNorm", "x", "x", bn) + bad_scale)
+    assert got == "damaged blob in layer sc: shape [3] does not match its 2 values; re-download or re-export the model"
+
+
+def test_caffe_prototxt_errors_name_the_prototxt_exactly(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    model = field(1, "n") + layer("c", "Convolution", "x", "y", [np.ones(3)])
+    cases = {
+        "syntax": ("layer { name: ", "1:15 : '': Expected string but found: ''"),
+        "utf8": (b'layer { name: "\xff" }', "'utf-8' codec can't decode byte 0xff in position 15: invalid start byte"),
+        "v0": ('layers { v0_layer: "" }', None),
+    }
+    for name, (text, detail) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "m.caffemodel").write_bytes(model)
+        proto = folder / "deploy.prototxt"
+        proto.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(TransferKitError) as err:
+            read_weights(folder / "m.caffemodel")
+        if detail is None:
+            assert str(err.value) == (f"{proto}: a V0 (pre-2014) Caffe net; upgrade it with Caffe's "
+                                      "upgrade_net_proto_binary tool first")
+        else:
+            assert str(err.value) == (f"{proto}: not a readable Caffe prototxt ({detail}); fix it or move it away "
+                                      "to read the .caffemodel alone")
+    # An OSError without a message is named by its type.
+    def no_message(self, *args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(Path, "read_text", no_message)
+    with pytest.raises(TransferKitError) as err:
+        read_weights(tmp_path / "v0" / "m.caffemodel")
+    assert str(err.value) == (f"{tmp_path / 'v0' / 'deploy.prototxt'}: not a readable Caffe prototxt (OSError); fix "
+                              "it or move it away to read the .caffemodel alone")
+
+
+def test_caffe_sniff_by_the_first_bytes():
+    from pathlib import Path
+
+    from transferkit.weights.formats.caffe_file import sniff
+
+    heads = {
+        b"\xa2\x06\x05": True,  # straight into a `layer`
+        b"\x12\x10\x0a": True, b"\x12\x10\x0a\x08": True,  # straight into V1 `layers`
+        b"\x12\x10\x12": False, b"\x12\x0a": False,
+        b"\x0a\x05LeNet\x12\x00": True, b"\x0a\x05LeNet\x1a\x04": True, b"\x0a\x05LeNet\xa2\x06": True,
+        b"\x0a\x05LeNet\xa2\x07": False, b"\x0a\x05LeNet\x22": False, b"\x0a\x05LeNet": False,
+        b"\x0a\x05Le\tet\x12": False, b"\x0a\x05\x01eNet\x12": False,  # a name must be printable
+        b"\x0a\x05L\xc3\xa9et\x12": False,  # and ASCII
+        b"\x0a\x40" + b"a" * 64 + b"\x12": False,  # names are short
+        b"\x0a\x3f" + b"a" * 63 + b"\x12": True,
+        b"\x0a\x00\x12": True, b"\x0a": False, b"\x0a\x05": False, b"": False, b"\x08\x05LeNet\x12": False,
+    }
+    assert {head: sniff(Path("m.bin"), head) for head in heads} == heads
+
+
+def legacy_blob(dims: tuple[int, int, int, int], values) -> bytes:
+    return b"".join(field(i + 1, d) for i, d in enumerate(dims)) + field(5, np.asarray(values, np.float32).tobytes())
+
+
+def test_caffe_blob_layouts_innerproduct_shapes_and_extra_blobs(tmp_path):
+    double = field(7, field(1, 2)) + field(8, np.array([0.5], np.float64).tobytes()) \
+        + field(8, np.array([-1.25], np.float64).tobytes())
+    chunks = field(7, field(1, 3)) + field(5, np.array([1, 2], np.float32).tobytes()) \
+        + field(5, np.array([3], np.float32).tobytes())  # a repeated data field split in two
+    ip_param = field(117, field(6, 1))  # inner_product_param { transpose: true }
+    model = field(1, "blobs") + b"".join([
+        field(100, field(1, "dbl") + field(2, "Convolution") + field(3, "x") + field(4, "y") + field(7, double)),
+        field(100, field(1, "chunks") + field(2, "Convolution") + field(3, "y") + field(4, "z") + field(7, chunks)
+              + field(7, legacy_blob((1, 1, 1, 2), [7, 8])) + field(7, blob(np.array([[9.0]])))),
+        field(100, field(1, "ip_legacy") + field(2, "InnerProduct") + field(3, "z") + field(4, "a")
+              + field(7, legacy_blob((1, 1, 2, 3), range(6))) + field(7, legacy_blob((1, 1, 1, 2), [1, 2]))),
+        field(100, field(1, "ip_oi11") + field(2, "InnerProduct") + field(3, "a") + field(4, "b")
+              + field(7, legacy_blob((2, 3, 1, 1), range(6)))),
+        field(100, field(1, "ip_t") + field(2, "InnerProduct") + field(3, "b") + field(4, "c")
+              + field(7, blob(np.arange(6).reshape(3, 2))) + ip_param),
+        field(100, field(1, "ip_t4") + field(2, "InnerProduct") + field(3, "c") + field(4, "d")
+              + field(7, legacy_blob((2, 1, 3, 1), range(6))) + ip_param),
+        field(100, field(1, "conv4") + field(2, "Convolution") + field(3, "d") + field(4, "e")
+              + field(7, legacy_blob((1, 1, 2, 3), range(6)))),
+    ])
+    (tmp_path / "b.caffemodel").write_bytes(model)
+    wf = read_weights(tmp_path / "b.caffemodel")
+    t = {k: v.tolist() for k, v in wf.tensors.items()}
+    assert t == {
+        "dbl.weight": [0.5, -1.25], "chunks.weight": [1, 2, 3], "chunks.bias": [7, 8], "chunks.blobs.2": [[9]],
+        "ip_legacy.weight": [[0, 1, 2], [3, 4, 5]], "ip_legacy.bias": [1, 2],
+        "ip_oi11.weight": [[0, 1, 2], [3, 4, 5]],
+        "ip_t.weight": [[0, 2, 4], [1, 3, 5]],
+        "ip_t4.weight": [[[[0], [1], [2]]], [[[3], [4], [5]]]],
+        "conv4.weight": [[[[0, 1, 2], [3, 4, 5]]]]}
+    assert wf.tensors["dbl.weight"].dtype == torch.float64 and wf.tensors["chunks.weight"].dtype == torch.float32
+    records = json.loads(wf.metadata["tensors"])
+    assert records["dbl.weight"] == {"source": "dbl/blob0", "layer": "dbl", "type": "Convolution", "dtype": "float64"}
+    assert records["chunks.blobs.2"] == {"source": "chunks/blob2", "layer": "chunks", "type": "Convolution",
+                                         "dtype": "float32"}
+    assert records["ip_t.weight"] == {"source": "ip_t/blob0", "layer": "ip_t", "type": "InnerProduct",
+                                      "dtype": "float32", "converted": "InnerProduct weight transposed"}
+    assert wf.metadata["net_name"] == "blobs" and "prototxt" not in wf.metadata
+    assert json.loads(wf.metadata["inputs"]) == {"dbl": [], "chunks": ["dbl"], "ip_legacy": ["chunks"],
+                                                 "ip_oi11": ["ip_legacy"], "ip_t": ["ip_oi11"], "ip_t4": ["ip_t"],
+                                                 "conv4": ["ip_t4"]}
+
+
+def test_caffe_v1_layer_types_transpose_and_v0_nets(tmp_path):
+    ip_t = field(17, field(6, 1))  # V1 inner_product_param { transpose: true }
+    model = field(1, "v1") + b"".join([
+        field(2, field(2, "data") + field(3, "dec") + field(4, "deconv") + field(5, 39)
+              + field(6, legacy_blob((1, 2, 1, 1), [1, 2]))),
+        field(2, field(2, "dec") + field(3, "mv") + field(4, "mvn") + field(5, 34)
+              + field(6, legacy_blob((1, 1, 1, 1), [3]))),
+        field(2, field(2, "mv") + field(3, "pl") + field(4, "pool") + field(5, 17)),
+        field(2, field(2, "pl") + field(3, "h5o") + field(4, "h5") + field(5, 9)
+              + field(6, legacy_blob((1, 1, 1, 1), [4]))),
+        field(2, field(2, "h5o") + field(3, "ipo") + field(4, "ip") + field(5, 14) + ip_t
+              + field(6, legacy_blob((1, 1, 2, 3), range(6)))),
+    ])
+    (tmp_path / "v1.caffemodel").write_bytes(model)
+    wf = read_weights(tmp_path / "v1.caffemodel")
+    assert json.loads(wf.metadata["layers"]) == [["deconv", "Deconvolution"], ["mvn", "Mvn"], ["h5", "Hdf5Data"],
+                                                 ["ip", "InnerProduct"]]
+    assert wf.tensors["ip.weight"].tolist() == [[0, 3], [1, 4], [2, 5]]
+    assert json.loads(wf.metadata["tensors"])["ip.weight"]["converted"] == "InnerProduct weight transposed"
+    assert json.loads(wf.metadata["inputs"]) == {"deconv": [], "mvn": ["deconv"], "h5": ["mvn"], "ip": ["h5"]}
+    v0 = field(1, "old") + field(2, field(1, b"\x0a\x01c") + field(6, legacy_blob((1, 1, 1, 1), [1])))
+    assert caffe_error(tmp_path, "v0", v0) == ("a V0 (pre-2014) Caffe net; upgrade it with Caffe's "
+                                               "upgrade_net_proto_binary tool first")
+
+
+def test_caffe_file_level_damage_exact_messages(tmp_path):
+    from transferkit.weights.formats import caffe_file
+
+    conv = layer("c", "Convolution", "x", "y", [np.ones(2)])
+    cases = {
+        "both": (field(1, "n") + conv + v1_layer("d", 4, "y", "z", [np.ones(2)]),
+                 "holds both V1 'layers' and current 'layer' lists; upgrade it with Caffe's "
+                 "upgrade_net_proto_binary tool"),
+        "no_blobs": (field(1, "n") + layer("relu", "ReLU", "x", "x"),
+                     "no layer holds any weights (a prototxt saved as .caffemodel?)"),
+        "decode": (field(1, "n") + conv[:-3],
+                   "truncated or damaged .caffemodel (Error parsing message with type 'tkcaffe.NetParameter': "
+                   "Wire format was corrupt); re-download it"),
+        "neg_dim": (field(1, "n") + field(100, field(1, "c") + field(7, field(7, field(1, -2) + field(1, -1))
+                                                                       + field(5, np.ones(2, np.float32).tobytes()))),
+                    "damaged blob in layer c: shape [-2, -1] does not match its 2 values; re-download or re-export "
+                    "the model"),
+        "odd_bytes": (field(1, "n") + field(100, field(1, "c") + field(7, field(7, field(1, 1)) + field(5, b"\0" * 6))),
+                      "damaged blob in layer c: shape [1] does not match its 1 values; re-download or re-export "
+                      "the model"),
+        "overflow": (field(1, "n") + field(100, field(1, "c") + field(7, field(7, field(1, 1 << 32) + field(1, 1 << 32))
+                                                                       + field(5, b""))),  # 2**64 values, not 0
+                     "damaged blob in layer c: shape [4294967296, 4294967296] does not match its 0 values; "
+                     "re-download or re-export the model"),
+        "legacy": (field(1, "n") + field(100, field(1, "c") + field(7, legacy_blob((1, 2, 3, 1), range(5)))),
+                   "damaged blob in layer c: shape [1, 2, 3, 1] does not match its 5 values; re-download or "
+                   "re-export the model"),
+    }
+    for name, (data, message) in cases.items():
+        assert caffe_error(tmp_path, name, data) == message, name
+    with pytest.raises(TransferKitError) as err:
+        caffe_file.read(tmp_path)
+    assert str(err.value) == f"{tmp_path}: cannot read (Is a directory)"
+
+
+def test_caffe_prototxt_choice_order_and_scale_pairing(tmp_path):
+    model = field(1, "n") + b"".join([
+        layer("sc", "Scale", "b", "b", [[2.0], [3.0]]),
+        layer("bn", "BatchNorm", "c", "b", [[1.0], [1.0], [1.0]]),
+        layer("late", "Convolution", "q", "r", [[5.0]]),
+        layer("c", "Convolution", "x", "c", [[4.0]]),
+    ])
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "m.caffemodel").write_bytes(model)
+    conv_bn = ('layer { name: "c" type: "Convolution" bottom: "x" top: "c" }\n'
+               'layer { name: "bn" type: "BatchNorm" bottom: "c" top: "b" }\n')
+    relu = 'layer { name: "relu" type: "ReLU" bottom: "b" top: "b" }\n'
+    scale = 'layer { name: "sc" type: "Scale" bottom: "b" top: "b" }\n'
+    (folder / "other.prototxt").write_text(conv_bn + relu + scale)  # the only prototxt: used
+    wf = read_weights(folder / "m.caffemodel")
+    assert wf.metadata["prototxt"] == "other.prototxt"
+    # The first layer reading the BatchNorm's top is a ReLU, not a Scale: nothing merged; "late" is not in
+    # the prototxt and comes last.
+    assert list(wf.tensors) == ["c.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                "sc.weight", "sc.bias", "late.weight"]
+    (folder / "second.prototxt").write_text("")  # two others: neither is used, the file's order is kept
+    wf = read_weights(folder / "m.caffemodel")
+    assert "prototxt" not in wf.metadata
+    assert list(wf.tensors) == ["sc.weight", "sc.bias", "bn.weight", "bn.bias", "bn.running_mean",
+                                "bn.running_var", "late.weight", "c.weight"]
+    (folder / "deploy.prototxt").write_text(conv_bn + scale)
+    wf = read_weights(folder / "m.caffemodel")
+    assert wf.metadata["prototxt"] == "deploy.prototxt"
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "c.weight": [4], "bn.weight": [2], "bn.bias": [3], "bn.running_mean": [1], "bn.running_var": [1],
+        "late.weight": [5]}
+    assert json.loads(wf.metadata["inputs"]) == {"c": [], "bn": ["c"], "sc": ["bn"], "late": []}
+    # The prototxt named as the model wins over deploy.prototxt; a Scale with two bottoms is not merged.
+    (folder / "m.prototxt").write_text(conv_bn + scale.replace('bottom: "b"', 'bottom: "b" bottom: "x"'))
+    wf = read_weights(folder / "m.caffemodel")
+    assert wf.metadata["prototxt"] == "m.prototxt"
+    assert list(wf.tensors) == ["c.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                "sc.weight", "sc.bias", "late.weight"]
+    assert json.loads(wf.metadata["inputs"]) == {"c": [], "bn": ["c"], "sc": ["bn"], "late": []}
+
+
+def test_caffe_inputs_left_out_when_a_layer_with_tensors_has_no_bottom(tmp_path):
+    model = field(1, "n") + field(100, field(1, "c") + field(2, "Convolution") + field(4, "y")
+                                  + field(7, blob(np.ones(1)))) + layer("d", "Convolution", "y", "z", [np.ones(1)])
+    (tmp_path / "m.caffemodel").write_bytes(model)
+    wf = read_weights(tmp_path / "m.caffemodel")
+    assert "inputs" not in wf.metadata and list(wf.tensors) == ["c.weight", "d.weight"]
+
+
+def test_caffe_prototxt_layers_without_type_and_a_scale_after_a_convolution(tmp_path):
+    model = field(1, "n") + b"".join([
+        layer("c", "Convolution", "x", "c", [[4.0]]), layer("bn", "BatchNorm", "c", "bn_out", [[2.0], [4.0], [2.0]]),
+        layer("sc", "Scale", "bn_out", "bn_out", [[3.0], [5.0]]), layer("c2", "Convolution", "bn_out", "d", [[6.0]]),
+        layer("sc2", "Scale", "d", "d", [[7.0], [8.0]]),
+    ])
+    (tmp_path / "m.caffemodel").write_bytes(model)
+    (tmp_path / "m.prototxt").write_text(
+        'layer { name: "c" type: "Convolution" bottom: "x" top: "c" }\n'
+        'layer { name: "bn" bottom: "c" top: "bn_out" }\n'  # no type here: the file's BatchNorm
+        'layer { name: "sc" type: "Scale" bottom: "bn_out" top: "bn_out" }\n'
+        'layer { name: "mystery" bottom: "bn_out" top: "m" }\n'  # no type and no blobs
+        'layer { name: "c2" type: "Convolution" bottom: "bn_out" top: "d" }\n'
+        'layer { name: "sc2" type: "Scale" bottom: "d" top: "d" }\n')  # after a convolution: kept as it is
+    wf = read_weights(tmp_path / "m.caffemodel")
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "c.weight": [4], "bn.weight": [3], "bn.bias": [5], "bn.running_mean": [1], "bn.running_var": [2],
+        "c2.weight": [6], "sc2.weight": [7], "sc2.bias": [8]}
+    assert json.loads(wf.metadata["layers"]) == [["c", "Convolution"], ["bn", "BatchNorm"], ["sc", "Scale"],
+                                                 ["c2", "Convolution"], ["sc2", "Scale"]]
+    assert json.loads(wf.metadata["tensors"])["bn.running_var"]["type"] == "BatchNorm"
+    assert wf.metadata["source_format"] == "caffe" and wf.metadata["net_name"] == "n"
+    assert wf.path == tmp_path / "m.caffemodel" and wf.format == "caffe"

@@ -172,7 +172,10 @@ def _graph(symbol: Path) -> tuple[list[tuple[str, str, str]], dict[str, dict]]:
         for node in nodes:
             if node["op"] == "null":
                 continue
-            attrs[node["name"]] = node.get("attrs") or node.get("attr") or node.get("param") or {}
+            op_attrs = node.get("attrs") or node.get("attr") or node.get("param") or {}
+            if not isinstance(op_attrs, dict):  # read with .get() for a BatchNorm's eps and fix_gamma
+                raise TypeError(op_attrs)
+            attrs[node["name"]] = op_attrs
             for entry in node["inputs"]:
                 src = nodes[entry[0]]
                 if src["op"] == "null":
