@@ -496,3 +496,55 @@ def test_keras_mutated_file_reads_or_fails_in_one_line(tmp_path_factory, data):
         assert "\n" not in str(exc) and "model.hdf5" in str(exc)
     else:
         assert wf.tensors
+
+
+# --- layouts, element by element --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("leaf", "shape", "layer_type", "expected"), [
+    # (H=1, W=2, in=2, out=3): element (0, w, i, o) holds 6w + 3i + o
+    ("kernel", (1, 2, 2, 3), None, ("weight", [[[[0, 6]], [[3, 9]]], [[[1, 7]], [[4, 10]]], [[[2, 8]], [[5, 11]]]],
+                                    "HWIO -> OIHW", "Conv2D")),
+    ("weights", (1, 2, 2, 3), "MyConv", ("weight", [[[[0, 6]], [[3, 9]]], [[[1, 7]], [[4, 10]]],
+                                                    [[[2, 8]], [[5, 11]]]], "HWIO -> OIHW", "MyConv")),
+    ("pointwise_kernel", (1, 1, 2, 2), None, ("weight", [[[[0]], [[2]]], [[[1]], [[3]]]], "HWIO -> OIHW", "Conv2D")),
+    ("pointwise_weights", (1, 1, 2, 2), None, ("weight", [[[[0]], [[2]]], [[[1]], [[3]]]], "HWIO -> OIHW", "Conv2D")),
+    ("kernel", (1, 1, 2, 2), "Conv2DTranspose", ("weight", [[[[0]], [[2]]], [[[1]], [[3]]]], "HWOI -> IOHW",
+                                                 "Conv2DTranspose")),
+    # depthwise (H=1, W=2, in=2, mult=2): element (0, w, c, m) holds 4w + 2c + m, PyTorch channel c*2+m
+    ("depthwise_kernel", (1, 2, 2, 2), None, ("weight", [[[[0, 4]]], [[[1, 5]]], [[[2, 6]]], [[[3, 7]]]],
+                                              "depthwise HWIM -> (I*M)1HW", "DepthwiseConv2D")),
+    ("depthwise_weights", (1, 2, 2, 2), None, ("weight", [[[[0, 4]]], [[[1, 5]]], [[[2, 6]]], [[[3, 7]]]],
+                                               "depthwise HWIM -> (I*M)1HW", "DepthwiseConv2D")),
+    ("kernel", (1, 2, 2, 2), "DepthwiseConv2D", ("weight", [[[[0, 4]]], [[[1, 5]]], [[[2, 6]]], [[[3, 7]]]],
+                                                 "depthwise HWIM -> (I*M)1HW", "DepthwiseConv2D")),
+    ("weights", (1, 2, 2, 2), "depthwiseconv", ("weight", [[[[0, 4]]], [[[1, 5]]], [[[2, 6]]], [[[3, 7]]]],
+                                                "depthwise HWIM -> (I*M)1HW", "depthwiseconv")),
+    ("depthwise_kernel", (2, 2), None, ("depthwise_kernel", [[0, 1], [2, 3]], "unchanged", "unknown")),
+    ("kernel", (2, 3), None, ("weight", [[0, 3], [1, 4], [2, 5]], "dense (in,out) -> (out,in)", "Dense")),
+    ("kernel", (2, 3), "Head", ("weight", [[0, 3], [1, 4], [2, 5]], "dense (in,out) -> (out,in)", "Head")),
+    ("kernel", (2, 2), "DepthwiseConv2D", ("weight", [[0, 2], [1, 3]], "dense (in,out) -> (out,in)",
+                                           "DepthwiseConv2D")),
+    # Conv1D (W=2, in=1, out=2): element (w, 0, o) holds 2w + o
+    ("kernel", (2, 1, 2), None, ("weight", [[[0, 2]], [[1, 3]]], "WIO -> OIW", "Conv1D")),
+    ("kernel", (2, 1, 2), "C1", ("weight", [[[0, 2]], [[1, 3]]], "WIO -> OIW", "C1")),
+    ("kernel", (1, 1, 2, 1, 2), None, ("weight", [[[[[0, 2]]]], [[[[1, 3]]]]], "DHWIO -> OIDHW", "Conv3D")),
+    ("kernel", (1, 1, 2, 1, 2), "C3", ("weight", [[[[[0, 2]]]], [[[[1, 3]]]]], "DHWIO -> OIDHW", "C3")),
+    ("kernel", (3,), None, ("kernel", [0, 1, 2], "unchanged", "unknown")),
+    ("kernel", (1, 1, 1, 1, 1, 2), None, ("kernel", [[[[[[0, 1]]]]]], "unchanged", "unknown")),
+    ("embeddings", (2, 2), None, ("embeddings", [[0, 1], [2, 3]], "unchanged", "unknown")),
+    ("embeddings", (2,), "Embedding", ("embeddings", [0, 1], "unchanged", "Embedding")),
+    ("bias", (2,), None, ("bias", [0, 1], "unchanged", "bias")),
+    ("biases", (2,), None, ("bias", [0, 1], "unchanged", "bias")),
+    ("bias", (2,), "Dense", ("bias", [0, 1], "unchanged", "Dense")),
+    ("gamma", (2,), None, ("weight", [0, 1], "gamma -> weight", "BatchNorm")),
+    ("beta", (2,), "Dense", ("bias", [0, 1], "beta -> bias", "BatchNorm")),
+    ("moving_mean", (2,), None, ("running_mean", [0, 1], "moving_mean -> running_mean", "BatchNorm")),
+    ("moving_variance", (2,), None, ("running_var", [0, 1], "moving_variance -> running_var", "BatchNorm")),
+])
+def test_layout_conversion_of_each_leaf_and_rank(leaf, shape, layer_type, expected):
+    """Every conversion puts each element where PyTorch expects it, names itself and the layer type,
+    and hands back a C-contiguous array."""
+    array = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    pt_leaf, out, how, kind = convert(leaf, array, layer_type)
+    assert (pt_leaf, out.tolist(), how, kind) == expected
+    assert out.flags.c_contiguous and out.dtype == np.float32
