@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA, needs_shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from protowire import varint
+from protowire import field, varint
 from torch import nn
 
 from transferkit.checksums import masked_crc32c
@@ -548,3 +549,469 @@ def test_layout_conversion_of_each_leaf_and_rank(leaf, shape, layer_type, expect
     pt_leaf, out, how, kind = convert(leaf, array, layer_type)
     assert (pt_leaf, out.tolist(), how, kind) == expected
     assert out.flags.c_contiguous and out.dtype == np.float32
+
+
+# --- TensorFlow checkpoints written field by field -----------------------------------------------------
+# These fixtures are built with protowire, not with the reader's own message classes, so a wrong field
+# number in the reader cannot hide behind the same mistake in the writer.
+
+def _fixed32(number: int, value: int) -> bytes:
+    return varint(number << 3 | 5) + struct.pack("<I", value)
+
+
+def _wire_entry(dtype: int, shape, offset: int, size: int, crc: int, shard: int = 0, slices: int = 0,
+                unknown_rank: bool = False) -> bytes:
+    dims = b"".join(field(2, field(1, d) + field(2, "d")) for d in shape) + (field(3, 1) if unknown_rank else b"")
+    out = field(1, dtype) + field(2, dims) + field(3, shard) + field(4, offset) + field(5, size) + _fixed32(6, crc)
+    return out + b"".join(field(7, field(1, b"\x01\x02")) for _ in range(slices))
+
+
+def _prefixed_block(entries: list[tuple[bytes, bytes]], kind: int = 0) -> bytes:
+    """A table block whose keys share their prefixes with the key before, as LevelDB writes them."""
+    body, last = b"", b""
+    for key, value in entries:
+        shared = 0
+        while shared < min(len(key), len(last)) and key[shared] == last[shared]:
+            shared += 1
+        body += varint(shared) + varint(len(key) - shared) + varint(len(value)) + key[shared:] + value
+        last = key
+    body += struct.pack("<II", 0, 1)
+    return body + bytes([kind]) + struct.pack("<I", masked_crc32c(body + bytes([kind])))
+
+
+def _sstable(entries: list[tuple[bytes, bytes]], per_block: int = 2) -> bytes:
+    """The whole `.index` file: data blocks of `per_block` entries, an index block, an empty meta block, footer."""
+    out, handles = b"", []
+    for i in range(0, len(entries), per_block):
+        block = _prefixed_block(entries[i: i + per_block])
+        handles.append((entries[i: i + per_block][-1][0], varint(len(out)) + varint(len(block) - 5)))
+        out += block
+    index = _prefixed_block(handles)
+    meta = _prefixed_block([])
+    footer = varint(len(out) + len(index)) + varint(len(meta) - 5) + varint(len(out)) + varint(len(index) - 5)
+    return out + index + meta + footer.ljust(40, b"\0") + struct.pack("<Q", tf_checkpoint.TABLE_MAGIC)
+
+
+def _graph(nodes: list[tuple[list[tuple[int, str]], list[tuple[str, str]]]]) -> bytes:
+    """A TrackableObjectGraph: per node its (child id, local name) references and (full name, key) tensors."""
+    out = b""
+    for children, attributes in nodes:
+        node = b"".join(field(1, field(1, cid) + field(2, local)) for cid, local in children)
+        node += b"".join(field(2, field(1, "VARIABLE_VALUE") + field(2, full) + field(3, key))
+                         for full, key in attributes)
+        out += field(1, node)
+    return out
+
+
+def write_checkpoint(prefix: Path, variables: dict, graph: bytes | None = None, header: bytes | None = None,
+                     shards: int = 1, per_block: int = 2) -> None:
+    """A checkpoint bundle: `variables` maps a key to (dtype, array) or (dtype, array, shard)."""
+    data = [b""] * shards
+    entries = [(b"", header if header is not None else field(1, shards) + field(3, field(1, 1) + field(2, 0)))]
+    if graph is not None:
+        blob = varint(len(graph)) + struct.pack("<I", masked_crc32c(struct.pack("<I", len(graph)))) + graph
+        crc = masked_crc32c(struct.pack("<I", len(graph)) + blob[len(varint(len(graph))):])
+        variables = {**variables, "_CHECKPOINTABLE_OBJECT_GRAPH": (7, blob)}
+    for key in sorted(variables):
+        dtype, array, shard = (*variables[key], 0)[:3]
+        raw = array if isinstance(array, bytes) else np.ascontiguousarray(array).tobytes()
+        shape = () if isinstance(array, bytes) else array.shape
+        entry_crc = crc if key == "_CHECKPOINTABLE_OBJECT_GRAPH" else masked_crc32c(raw)
+        entries.append((key.encode(), _wire_entry(dtype, shape, len(data[shard]), len(raw), entry_crc, shard)))
+        data[shard] += raw
+    for i, raw in enumerate(data):
+        prefix.with_name(f"{prefix.name}.data-{i:05d}-of-{shards:05d}").write_bytes(raw)
+    prefix.with_name(prefix.name + ".index").write_bytes(_sstable(entries, per_block))
+
+
+V = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def test_tf2_checkpoint_in_object_graph_order_with_names_types_and_values(tmp_path):
+    """A TF2 checkpoint: tensors in the object graph's depth-first order (children as listed, cycles and
+    unknown ids ignored), the rest after it in natural order; keys dotted and renamed, every value,
+    dtype, source key, variable name, layer type, conversion and left-out count recorded."""
+    conv = np.arange(12, dtype=np.float32).reshape(1, 2, 2, 3)
+    sep_dw = np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)
+    sep_pw = np.arange(8, dtype=np.float32).reshape(1, 1, 4, 2)
+    f64 = np.array([0.5, -1.0])
+    variables = {
+        f"layer_with_weights-0/kernel{V}": (1, conv), f"layer_with_weights-0/bias{V}": (1, np.array([1, 2, 3], "<f4")),
+        f"layer_with_weights-1/gamma{V}": (1, np.array([1.0, 2.0], "<f4")),
+        f"layer_with_weights-1/beta{V}": (1, np.array([3.0, 4.0], "<f4")),
+        f"layer_with_weights-1/moving_mean{V}": (2, f64),
+        f"layer_with_weights-1/moving_variance{V}": (1, np.array([5.0, 6.0], "<f4")),
+        f"layer_with_weights-0/kernel/.OPTIMIZER_SLOT/optimizer/m{V}": (1, conv),
+        f"layer_with_weights-0/bias/.OPTIMIZER_SLOT/optimizer/v{V}": (1, np.zeros(3, "<f4")),
+        f"save_counter{V}": (9, np.array(3, "<i8")), f"optimizer/iter{V}": (9, np.array(7, "<i8")),
+        f"b10/depthwise_kernel{V}": (1, sep_dw), f"b10/pointwise_kernel{V}": (1, sep_pw),
+        f"b2/step{V}": (3, np.array([9, -9], "<i4")), f"b2/flags{V}": (10, np.array([True, False])),
+        f"b2/labels{V}": (7, b"ab"),
+        f"layer_with_weights-2/kernel{V}": (19, np.array([[1.5], [-2.0]], "<f2")),
+        f"layer_with_weights-2/bias{V}": (5, np.array([-3], "<i2")),
+    }
+    graph = _graph([
+        ([(2, "layer_with_weights-1"), (1, "layer_with_weights-0"), (9, "ghost"), (3, "layer_with_weights-2")], []),
+        ([(0, "root"), (2, "again")], [("conv1/kernel", f"layer_with_weights-0/kernel{V}"),
+                                       ("conv1/bias", f"layer_with_weights-0/bias{V}")]),
+        ([], [("bn/beta", f"layer_with_weights-1/beta{V}"), ("bn/gamma", f"layer_with_weights-1/gamma{V}"),
+              ("bn/moving_variance", f"layer_with_weights-1/moving_variance{V}"),
+              ("bn/moving_mean", f"layer_with_weights-1/moving_mean{V}")]),
+        ([], [("head/bias", f"layer_with_weights-2/bias{V}"), ("head/kernel", f"layer_with_weights-2/kernel{V}")]),
+    ])
+    prefix = tmp_path / "ckpt-7"
+    write_checkpoint(prefix, variables, graph=graph, per_block=3)
+    wf = tf_checkpoint.read(prefix)
+    assert wf.format == "tensorflow" and wf.path == tmp_path / "ckpt-7.index"
+    assert list(wf.tensors) == [
+        "layer_with_weights-1.bias", "layer_with_weights-1.weight", "layer_with_weights-1.running_var",
+        "layer_with_weights-1.running_mean", "layer_with_weights-0.weight", "layer_with_weights-0.bias",
+        "layer_with_weights-2.bias", "layer_with_weights-2.weight",
+        "b2.flags", "b2.step", "b10.depthwise.weight", "b10.pointwise.weight"]
+    t = wf.tensors
+    assert t["layer_with_weights-0.weight"].tolist() == [[[[0, 6]], [[3, 9]]], [[[1, 7]], [[4, 10]]],
+                                                         [[[2, 8]], [[5, 11]]]]
+    assert t["layer_with_weights-0.bias"].tolist() == [1, 2, 3]
+    assert t["layer_with_weights-1.weight"].tolist() == [1, 2] and t["layer_with_weights-1.bias"].tolist() == [3, 4]
+    assert t["layer_with_weights-1.running_mean"].dtype == torch.float64
+    assert t["layer_with_weights-1.running_mean"].tolist() == [0.5, -1.0]
+    assert t["layer_with_weights-1.running_var"].tolist() == [5, 6]
+    assert t["layer_with_weights-2.weight"].dtype == torch.float16
+    assert t["layer_with_weights-2.weight"].tolist() == [[1.5, -2.0]]
+    assert t["layer_with_weights-2.bias"].dtype == torch.int16 and t["layer_with_weights-2.bias"].tolist() == [-3]
+    assert t["b2.step"].dtype == torch.int32 and t["b2.step"].tolist() == [9, -9]
+    assert t["b2.flags"].dtype == torch.bool and t["b2.flags"].tolist() == [True, False]
+    assert t["b10.depthwise.weight"].tolist() == [[[[0]]], [[[1]]], [[[2]]], [[[3]]]]
+    assert t["b10.pointwise.weight"].tolist() == [[[[0]], [[2]], [[4]], [[6]]], [[[1]], [[3]], [[5]], [[7]]]]
+    meta = wf.metadata
+    assert meta["source_format"] == "tensorflow-bundle"
+    assert meta["dtype"] == "bool,float16,float32,float64,int16,int32"
+    assert json.loads(meta["source_names"])["layer_with_weights-1.running_mean"] == \
+        f"layer_with_weights-1/moving_mean{V}"
+    assert json.loads(meta["source_names"])["b10.pointwise.weight"] == f"b10/pointwise_kernel{V}"
+    assert json.loads(meta["variable_names"]) == {
+        "layer_with_weights-1.bias": "bn/beta", "layer_with_weights-1.weight": "bn/gamma",
+        "layer_with_weights-1.running_var": "bn/moving_variance", "layer_with_weights-1.running_mean": "bn/moving_mean",
+        "layer_with_weights-0.weight": "conv1/kernel", "layer_with_weights-0.bias": "conv1/bias",
+        "layer_with_weights-2.bias": "head/bias", "layer_with_weights-2.weight": "head/kernel"}
+    assert json.loads(meta["layer_types"]) == {
+        "layer_with_weights-1.bias": "BatchNorm", "layer_with_weights-1.weight": "BatchNorm",
+        "layer_with_weights-1.running_var": "BatchNorm", "layer_with_weights-1.running_mean": "BatchNorm",
+        "layer_with_weights-0.weight": "Conv2D", "layer_with_weights-0.bias": "bias",
+        "layer_with_weights-2.bias": "bias", "layer_with_weights-2.weight": "Dense", "b2.step": "unknown",
+        "b2.flags": "unknown", "b10.depthwise.weight": "SeparableConv2D", "b10.pointwise.weight": "SeparableConv2D"}
+    assert json.loads(meta["converted"])["layer_with_weights-1.running_var"] == "moving_variance -> running_var"
+    assert json.loads(meta["converted"])["b10.depthwise.weight"] == "depthwise HWIM -> (I*M)1HW"
+    assert json.loads(meta["left_out"]) == {"optimizer slots": 2, "object graph, counters and optimizer state": 3,
+                                            "non-numeric variables": 1}
+    assert meta["batchnorm_eps"] == "0.001"
+    assert meta["batchnorm_eps_source"] == "TF/Keras default (a checkpoint does not record it)"
+    assert meta["batchnorm_fix"] == ("set eps=0.001 on the PyTorch BatchNorm modules unless the model was built "
+                                     "with another (PyTorch's default is 1e-5)")
+    assert meta["padding_note"] == (
+        "a checkpoint does not record padding: TF 'SAME' with stride > 1 pads bottom/right more than PyTorch; "
+        "use timm's tf_ variants (Conv2dSame) or pad explicitly")
+    assert set(meta) == {"source_format", "dtype", "source_names", "layer_types", "converted", "left_out",
+                         "variable_names", "batchnorm_eps", "batchnorm_eps_source", "batchnorm_fix", "padding_note"}
+
+
+def _index_error(tmp_path: Path, raw: bytes) -> str:
+    index = tmp_path / "m.index"
+    index.write_bytes(raw)
+    with pytest.raises(TransferKitError) as caught:
+        tf_checkpoint.read(index)
+    return str(caught.value)
+
+
+def _footer(meta: tuple[int, int], index: tuple[int, int]) -> bytes:
+    raw = varint(meta[0]) + varint(meta[1]) + varint(index[0]) + varint(index[1])
+    return raw.ljust(40, b"\0") + struct.pack("<Q", tf_checkpoint.TABLE_MAGIC)
+
+
+def test_tf_damaged_index_tables_fail_in_one_line_naming_the_fault(tmp_path):
+    """Each kind of damage to the `.index` table is named in one line with the file and the way out."""
+    where = f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint index"
+    tail = "; re-export the checkpoint"
+    magic = struct.pack("<Q", tf_checkpoint.TABLE_MAGIC)
+    assert _index_error(tmp_path, magic * 5) == \
+        f"{where} (no table footer (magic number missing): not a TensorFlow .index file, or truncated){tail}"
+    assert _index_error(tmp_path, b"\0" * 48) == \
+        f"{where} (no table footer (magic number missing): not a TensorFlow .index file, or truncated){tail}"
+    assert _index_error(tmp_path, b"\xff" * 40 + magic) == f"{where} (bad varint in footer){tail}"
+    good = _prefixed_block([(b"", field(1, 1))])  # 13 bytes + 5
+    assert _index_error(tmp_path, good + _footer((0, 0), (0, 62))) == \
+        f"{where} (index block at 0+62 lies outside the 66-byte file){tail}"
+    assert _index_error(tmp_path, good + _footer((0, 0), (0, 61))) == \
+        f"{where} (index block at 0 fails its CRC check){tail}"  # the trailer's last byte is the file's last
+    assert _index_error(tmp_path, good + _footer((0, 0), (0, 3))) == \
+        f"{where} (index block at 0+3 lies outside the 66-byte file){tail}"
+    assert _index_error(tmp_path, good + _footer((0, 0), (50, 13))) == \
+        f"{where} (index block at 50+13 lies outside the 66-byte file){tail}"
+    four = _raw_block(struct.pack("<I", 0))  # a four-byte block is allowed in, then its restart count is wrong
+    assert _index_error(tmp_path, four + _footer((0, 0), (0, 4))) == \
+        f"{where} (index block has a bad restart count (0)){tail}"
+    broken = bytearray(good)
+    broken[2] ^= 1
+    assert _index_error(tmp_path, bytes(broken) + _footer((0, 0), (0, 13))) == \
+        f"{where} (index block at 0 fails its CRC check){tail}"
+    squeezed = _prefixed_block([(b"", field(1, 1))], kind=1)
+    assert _index_error(tmp_path, squeezed + _footer((0, 0), (0, 13))) == \
+        f"{where} (index block at 0 is compressed (type 1); only uncompressed tables are read){tail}"
+
+
+def _raw_block(body: bytes) -> bytes:
+    return body + b"\0" + struct.pack("<I", masked_crc32c(body + b"\0"))
+
+
+def test_tf_damaged_table_blocks_and_handles_fail_in_one_line(tmp_path):
+    """Bad restart counts, entries past a block's end and cut-off varints in block handles are named."""
+    where = f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint index"
+    tail = "; re-export the checkpoint"
+
+    def with_index(body: bytes) -> bytes:
+        block = _raw_block(body)
+        return block + _footer((0, 0), (0, len(block) - 5))
+
+    entry = varint(0) + varint(1) + varint(1) + b"ab"
+    assert _index_error(tmp_path, with_index(entry + struct.pack("<I", 0))) == \
+        f"{where} (index block has a bad restart count (0)){tail}"
+    assert _index_error(tmp_path, with_index(entry + struct.pack("<II", 0, 3))) == \
+        f"{where} (index block has a bad restart count (3)){tail}"
+    assert _index_error(tmp_path, with_index(varint(0) + varint(1) + varint(3) + b"ab" + struct.pack("<II", 0, 1))) \
+        == f"{where} (index block has an entry running past its end){tail}"
+    assert _index_error(tmp_path, with_index(varint(1) + varint(1) + varint(1) + b"ab" + struct.pack("<II", 0, 1))) \
+        == f"{where} (index block has an entry running past its end){tail}"
+    assert _index_error(tmp_path, with_index(b"\x80" + struct.pack("<II", 0, 1))) == \
+        f"{where} (bad varint in index){tail}"
+    cut = varint(0) + varint(1) + varint(1) + b"k" + b"\x80"  # a handle whose offset varint is cut off
+    assert _index_error(tmp_path, with_index(cut + struct.pack("<II", 0, 1))) == \
+        f"{where} (bad varint in block handle){tail}"
+    cut = varint(0) + varint(1) + varint(1) + b"k" + b"\x00"  # an offset and no size
+    assert _index_error(tmp_path, with_index(cut + struct.pack("<II", 0, 1))) == \
+        f"{where} (bad varint in block handle){tail}"
+    data = _prefixed_block([(b"x", field(1, 1))])
+    index = _prefixed_block([(b"x", varint(0) + varint(len(data) - 5))])
+    assert _index_error(tmp_path, data + index + _footer((0, 0), (len(data), len(index) - 5))) == \
+        f"{where} (the bundle header entry is missing){tail}"
+    index = _prefixed_block([])
+    assert _index_error(tmp_path, index + _footer((0, 0), (0, len(index) - 5))) == \
+        f"{where} (the bundle header entry is missing){tail}"
+
+
+def test_tf_table_varints_of_ten_bytes_are_read(tmp_path):
+    """A footer varint may take ten bytes (a padded 64-bit value); the table is still read."""
+    prefix = tmp_path / "m"
+    write_checkpoint(prefix, {"w": (1, np.array([2.5], "<f4")), "x" * 16400: (1, np.array([1.0], "<f4"))})
+    raw = (tmp_path / "m.index").read_bytes()
+    footer = raw[-48:]
+    _, pos = tf_checkpoint._varint(footer, 0, 40, "t")
+    padded = b"\x80" * 9 + b"\x00" + footer[pos:40]  # the meta offset, 0, in ten bytes
+    (tmp_path / "m.index").write_bytes(raw[:-48] + padded[:40].ljust(40, b"\0") + raw[-8:])
+    wf = tf_checkpoint.read(prefix)
+    assert wf.tensors["w"].tolist() == [2.5] and wf.tensors["x" * 16400].tolist() == [1.0]  # a 3-byte key length
+
+
+def test_tf_header_and_entries_that_are_not_protobuf_or_big_endian_are_refused(tmp_path):
+    """A broken message, a big-endian header and a checkpoint without numbers each fail in one line."""
+    where = f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint index"
+    prefix = tmp_path / "m"
+    write_checkpoint(prefix, {"w": (1, np.ones(1, "<f4"))}, header=field(1, 1) + b"\x0a\x05ab")
+    with pytest.raises(TransferKitError, match=re.escape(f"{where} (an entry is not a valid protobuf message (")):
+        tf_checkpoint.read(prefix)
+    write_checkpoint(prefix, {"w": (1, np.ones(1, "<f4"))}, header=field(1, 1) + field(2, 1))
+    with pytest.raises(TransferKitError) as caught:
+        tf_checkpoint.read(prefix)
+    assert str(caught.value) == \
+        f"{tmp_path / 'm.index'}: a big-endian checkpoint; re-save it on a little-endian machine"
+    write_checkpoint(prefix, {"names": (7, b"abc"), "global_step": (9, np.array(1, "<i8"))})
+    with pytest.raises(TransferKitError) as caught:
+        tf_checkpoint.read(prefix)
+    assert str(caught.value) == f"{tmp_path / 'm.index'}: the checkpoint holds no numeric variables"
+    (tmp_path / "d.index").mkdir()
+    with pytest.raises(TransferKitError) as caught:
+        tf_checkpoint.read(tmp_path / "d.index")
+    assert str(caught.value) == f"cannot read TensorFlow checkpoint {tmp_path / 'd.index'}: Is a directory"
+
+
+def _one_entry(prefix: Path, entry: bytes, data: bytes, shards: int = 1) -> None:
+    header = field(1, shards)
+    prefix.with_name(prefix.name + ".index").write_bytes(_sstable([(b"", header), (b"w", entry)]))
+    prefix.with_name(f"{prefix.name}.data-00000-of-{shards:05d}").write_bytes(data)
+
+
+def _read_error(prefix: Path) -> str:
+    with pytest.raises(TransferKitError) as caught:
+        tf_checkpoint.read(prefix)
+    return str(caught.value)
+
+
+def test_tf_damaged_variables_fail_in_one_line_naming_file_and_variable(tmp_path):
+    """Sliced, shapeless, mis-sized, mis-placed and corrupted variables are each refused by name."""
+    prefix = tmp_path / "m"
+    raw = np.array([1.0, 2.0], "<f4").tobytes()
+    crc = masked_crc32c(raw)
+    _one_entry(prefix, _wire_entry(1, (2,), 0, 8, crc, slices=1), raw)
+    assert _read_error(prefix) == (f"{prefix}: variable 'w' is partitioned into slices; re-save the checkpoint "
+                                   "without partitioned variables")
+    _one_entry(prefix, _wire_entry(1, (), 0, 8, crc, unknown_rank=True), raw)
+    assert _read_error(prefix) == f"{prefix}: variable 'w' has an unknown or negative shape []"
+    _one_entry(prefix, _wire_entry(1, (2, -1), 0, 8, crc), raw)
+    assert _read_error(prefix) == f"{prefix}: variable 'w' has an unknown or negative shape [2, -1]"
+    _one_entry(prefix, _wire_entry(1, (3,), 0, 8, crc), raw)
+    assert _read_error(prefix) == (f"{prefix}: variable 'w' declares 8 bytes but shape [3] needs 12; "
+                                   "the checkpoint is damaged")
+    _one_entry(prefix, _wire_entry(1, (2,), 0, 8, crc ^ 1), raw)
+    assert _read_error(prefix) == f"{prefix}: variable 'w' fails its CRC check; the data file is damaged"
+    _one_entry(prefix, _wire_entry(1, (2,), 0, 8, crc, shard=1), raw)
+    assert _read_error(prefix) == (f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint index ('w' names data "
+                                   "shard 1, but the header says 1); re-export the checkpoint")
+    _one_entry(prefix, _wire_entry(1, (2,), 0, 8, crc, shard=-1), raw)
+    assert "('w' names data shard -1, but the header says 1)" in _read_error(prefix)
+    _one_entry(prefix, _wire_entry(1, (2,), 4, 8, crc), raw)
+    shard = tmp_path / "m.data-00000-of-00001"
+    assert _read_error(prefix) == (f"{shard}: 'w' is declared at bytes 4..12, past the file's 8 bytes; "
+                                   "the checkpoint is truncated or damaged")
+    _one_entry(prefix, _wire_entry(1, (2,), -4, 8, crc), raw)
+    assert _read_error(prefix) == (f"{shard}: 'w' is declared at bytes -4..4, past the file's 8 bytes; "
+                                   "the checkpoint is truncated or damaged")
+    _one_entry(prefix, _wire_entry(1, (2,), 0, 8, crc), b"")
+    assert _read_error(prefix) == (f"{shard}: 'w' is declared at bytes 0..8, past the file's 0 bytes; "
+                                   "the checkpoint is truncated or damaged")
+    shard.unlink()
+    assert _read_error(prefix) == (f"{shard}: data shard missing; the checkpoint needs every .data-* file "
+                                   "beside its .index")
+    _one_entry(prefix, _wire_entry(1, (0, 3), 0, 0, masked_crc32c(b"")), b"")  # an empty tensor, an empty shard
+    assert tf_checkpoint.read(prefix).tensors["w"].shape == (0, 3)
+
+
+def test_tf_variables_across_shards_are_read_from_their_own_file(tmp_path):
+    """With two shards each variable is read from the `.data-0000N-of-00002` file its entry names."""
+    prefix = tmp_path / "m"
+    write_checkpoint(prefix, {"a/kernel": (1, np.array([[1.0, 2.0]], "<f4"), 1),
+                              "a/bias": (1, np.array([3.0, 4.0], "<f4"), 0),
+                              "b/kernel": (1, np.array([[5.0, 6.0]], "<f4"), 1)}, shards=2, per_block=1)
+    assert (tmp_path / "m.data-00001-of-00002").stat().st_size == 16
+    wf = tf_checkpoint.read(prefix)
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "a.weight": [[1.0], [2.0]], "a.bias": [3.0, 4.0], "b.weight": [[5.0], [6.0]]}
+    assert list(wf.tensors) == ["a.weight", "a.bias", "b.weight"]
+
+
+def _graph_checkpoint(prefix: Path, blob: bytes, crc: int, dtype: int = 7) -> None:
+    w = np.array([1.0], "<f4").tobytes()
+    prefix.with_name(prefix.name + ".index").write_bytes(_sstable([
+        (b"", field(1, 1)), (b"_CHECKPOINTABLE_OBJECT_GRAPH", _wire_entry(dtype, (), 4, len(blob), crc)),
+        (b"b/w", _wire_entry(1, (1,), 0, 4, masked_crc32c(w))),
+        (b"a/w", _wire_entry(1, (1,), 0, 4, masked_crc32c(w)))]))
+    prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(w + blob)
+
+
+def test_tf_object_graph_damage_is_named_and_a_non_string_graph_ignored(tmp_path):
+    """A short, corrupted or non-protobuf object graph fails in one line; a graph entry that is not a
+    string tensor, or has no nodes, leaves the names' natural order and records no variable names."""
+    prefix = tmp_path / "m"
+    graph = _graph([([], [("v/w", "b/w")])])
+    blob = varint(len(graph)) + b"\0\0\0\0" + graph
+    crc = masked_crc32c(struct.pack("<I", len(graph)) + b"\0\0\0\0" + graph)
+    _graph_checkpoint(prefix, blob, crc)
+    wf = tf_checkpoint.read(prefix)
+    assert list(wf.tensors) == ["b.w", "a.w"] and json.loads(wf.metadata["variable_names"]) == {"b.w": "v/w"}
+    _graph_checkpoint(prefix, blob, crc ^ 1)
+    assert _read_error(prefix) == f"{prefix}: the object graph fails its CRC check; the data file is damaged"
+    _graph_checkpoint(prefix, varint(len(graph) + 1) + b"\0\0\0\0" + graph,
+                      masked_crc32c(struct.pack("<I", len(graph) + 1) + b"\0\0\0\0" + graph))
+    assert _read_error(prefix) == (f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint index (the object graph "
+                                   "is shorter than its declared length); re-export the checkpoint")
+    _graph_checkpoint(prefix, b"\x80", 0)
+    assert "(bad varint in object graph)" in _read_error(prefix)
+    bad = b"\x0a\x09ab"
+    _graph_checkpoint(prefix, varint(len(bad)) + b"\0\0\0\0" + bad,
+                      masked_crc32c(struct.pack("<I", len(bad)) + b"\0\0\0\0" + bad))
+    assert _read_error(prefix).startswith(f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint index (the "
+                                          "object graph is not a valid protobuf message (")
+    _graph_checkpoint(prefix, blob, crc, dtype=1)
+    wf = tf_checkpoint.read(prefix)
+    assert list(wf.tensors) == ["a.w", "b.w"] and "variable_names" not in wf.metadata
+    assert json.loads(wf.metadata["left_out"]) == {"object graph, counters and optimizer state": 1}
+    _graph_checkpoint(prefix, varint(0) + b"\0\0\0\0", masked_crc32c(struct.pack("<I", 0) + b"\0\0\0\0"))
+    wf = tf_checkpoint.read(prefix)
+    assert list(wf.tensors) == ["a.w", "b.w"] and "variable_names" not in wf.metadata
+    assert "batchnorm_eps" not in wf.metadata and json.loads(wf.metadata["layer_types"]) == {
+        "a.w": "unknown", "b.w": "unknown"}
+
+
+def test_tf1_left_out_names_natural_order_and_name_clashes(tmp_path):
+    """Optimizer slots of every TF1 optimizer, moving-average shadows and private or counter variables are
+    counted, not kept; `block10` sorts after `block9`; a second `x/weights` beside `x/kernel` keeps its name."""
+    one, mat = (1, np.array([1.0], "<f4")), (1, np.ones((1, 1), "<f4"))
+    prefix = tmp_path / "m"
+    write_checkpoint(prefix, {
+        "n/block10/kernel": mat, "n/block9/kernel": mat, "n/block9/Adamx": one, "n/block9/weights": mat,
+        "n/block9/bias": one, "n/a/Momentum": one, "n/a/RMSProp": one, "n/a/RMSProp_1": one, "n/a/Adagrad": one,
+        "n/a/Ftrl": one, "n/a/Ftrl_3": one, "n/a/AdamW": one, "n/a/AdamW_1": one, "n/a/Adam": one,
+        "n/a/Adam_12": one, "n/a/w/ExponentialMovingAverage": one, "_hidden/w": one, "global_step": one,
+        "save_counter": one, "optimizer/iter": one, "opt/x.OPTIMIZER_SLOT": one, "n/c/gamma": one})
+    wf = tf_checkpoint.read(prefix)
+    assert list(wf.tensors) == ["n.block9.weight", "n.block9.weights", "n.block9.bias", "n.block9.Adamx",
+                                "n.block10.weight", "n.c.weight"]
+    assert json.loads(wf.metadata["left_out"]) == {
+        "optimizer slots": 11, "moving-average shadows": 1, "object graph, counters and optimizer state": 4}
+    assert json.loads(wf.metadata["source_names"])["n.block9.weights"] == "n/block9/weights"
+
+
+def test_tf_checkpoint_index_from_each_form_of_source(tmp_path):
+    """A prefix, its `.index`, a data shard, `variables/`, a SavedModel folder or a folder with one index
+    all name the same index; a folder with several refuses to guess and lists the first six."""
+    saved = tmp_path / "saved"
+    (saved / "variables").mkdir(parents=True)
+    write_checkpoint(saved / "variables" / "variables", {"w": (1, np.ones(1, "<f4"))})
+    index = saved / "variables" / "variables.index"
+    ci = tf_checkpoint.checkpoint_index
+    assert ci(saved) == index and ci(saved / "variables") == index and ci(saved / "variables" / "variables") == index
+    assert ci(index) == index and ci(saved / "variables" / "variables.data-00000-of-00001") == index
+    (saved / "variables.index").write_bytes(b"x")
+    assert ci(saved) == index  # variables/variables.index comes first
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "variables.index").write_bytes(b"x")
+    (other / "a.index").write_bytes(b"x")
+    assert ci(other) == other / "variables.index"
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "m.data-v2.data-00000-of-00001").write_bytes(b"")
+    assert ci(odd / "m.data-v2.data-00000-of-00001") is None
+    (odd / "m.data-v2.index").write_bytes(b"x")
+    assert ci(odd / "m.data-v2.data-00000-of-00001") == odd / "m.data-v2.index"
+    assert ci(odd) == odd / "m.data-v2.index"  # the one index in the folder
+    (odd / "notes.txt").write_bytes(b"x")
+    assert ci(odd / "notes.txt") is None and ci(tmp_path / "absent") is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ci(empty) is None
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(7):
+        (many / f"c{i}.index").write_bytes(b"x")
+    with pytest.raises(TransferKitError) as caught:
+        ci(many)
+    assert str(caught.value) == (f"{many} holds several TensorFlow checkpoints (c0.index, c1.index, c2.index, "
+                                 "c3.index, c4.index, c5.index); give one prefix or .index")
+
+
+def test_tf_sniff_by_footer_magic_folder_or_shard(tmp_path):
+    """sniff: a file whose last 8 bytes are the table magic (48 bytes at least), a folder or shard that
+    names an index; nothing else, and no error for a missing file."""
+    magic = struct.pack("<Q", tf_checkpoint.TABLE_MAGIC)
+    sniff = tf_checkpoint.sniff
+    (tmp_path / "exact").write_bytes(b"\0" * 40 + magic)
+    (tmp_path / "short").write_bytes(b"\0" * 39 + magic)
+    (tmp_path / "other").write_bytes(b"\0" * 40 + magic[::-1])
+    assert sniff(tmp_path / "exact", b"") is True and sniff(tmp_path / "short", b"") is False
+    assert sniff(tmp_path / "other", b"") is False and sniff(tmp_path / "absent", b"") is False
+    folder = tmp_path / "f"
+    folder.mkdir()
+    assert sniff(folder, b"") is False
+    write_checkpoint(folder / "m", {"w": (1, np.ones(1, "<f4"))})
+    assert sniff(folder, b"") is True and sniff(folder / "m.data-00000-of-00001", b"") is True
+    (folder / "m.index").unlink()
+    assert sniff(folder / "m.data-00000-of-00001", b"\0" * 40 + magic) is False
