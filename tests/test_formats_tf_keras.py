@@ -1015,3 +1015,258 @@ def test_tf_sniff_by_footer_magic_folder_or_shard(tmp_path):
     assert sniff(folder, b"") is True and sniff(folder / "m.data-00000-of-00001", b"") is True
     (folder / "m.index").unlink()
     assert sniff(folder / "m.data-00000-of-00001", b"\0" * 40 + magic) is False
+
+
+# --- Keras HDF5, small files written with h5py -----------------------------------------------------------
+
+def _legacy_layer(group, layer: str, weights: dict[str, np.ndarray]) -> None:
+    g = group.create_group(layer)
+    g.attrs["weight_names"] = np.array([n.encode() for n in weights], dtype="S") if weights else \
+        np.array([], dtype="S1")
+    for name, array in weights.items():
+        g[name] = array
+
+
+def test_keras_legacy_model_names_values_types_eps_padding_and_metadata(tmp_path):
+    """A Keras 2 model file: every tensor named, converted and typed through the model config, clashing
+    names kept apart, BatchNorm eps values and 'same'-padded strided layers listed, optimizer variables
+    counted and the Keras version recorded."""
+    config = {"class_name": "Sequential", "config": [
+        "not a layer", {"class_name": "Odd", "config": "no dict"},
+        {"class_name": "Conv2D", "config": {"name": "conv", "padding": "same", "strides": [2, 2]}},
+        {"class_name": "BatchNormalization", "config": {"name": "bn", "epsilon": 1e-4}},
+        {"class_name": "BatchNormalization", "name": "bn2", "config": {}},
+        {"class_name": "SeparableConv2D", "config": {"name": "sep", "padding": "valid", "strides": [2, 2]}},
+        {"class_name": "MaxPooling2D", "config": {"name": "pool", "padding": "SAME", "pool_size": [2, 2]}},
+        {"class_name": "AveragePooling2D", "config": {"name": "avg", "padding": "same", "pool_size": [1, 1]}},
+        {"class_name": "Dense", "config": {"name": "head", "padding": "same", "pool_size": [2, 2]}},
+        {"class_name": "DepthwiseConv2D", "config": {"name": "dwc", "padding": "same", "strides": [1, 1]}}]}
+    path = tmp_path / "model.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config).encode()
+        f.attrs["keras_version"] = np.bytes_(b"2.2.4")
+        g = f.create_group("model_weights")
+        g.attrs["keras_version"] = b"9.9.9"  # the root's wins
+        g.attrs["layer_names"] = [b"conv", b"bn", b"bn2", b"sep", b"pool", b"dwc", b"head"]
+        _legacy_layer(g, "conv", {"conv/kernel:0": np.arange(12, dtype=np.float32).reshape(1, 2, 2, 3),
+                                  "conv/bias:0": np.array([1, 2, 3], np.float32)})
+        _legacy_layer(g, "bn", {f"bn/{leaf}:0": np.full(2, i, np.float32)
+                                for i, leaf in enumerate(("gamma", "beta", "moving_mean", "moving_variance"))})
+        _legacy_layer(g, "bn2", {"bn2/gamma:0": np.ones(1, np.float64)})
+        _legacy_layer(g, "sep", {"sep/depthwise_kernel:0": np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2),
+                                 "sep/pointwise_kernel:0": np.arange(8, dtype=np.float32).reshape(1, 1, 4, 2),
+                                 "sep/bias:0": np.array([5, 6], np.float32)})
+        _legacy_layer(g, "pool", {})
+        _legacy_layer(g, "dwc", {"dwc/kernel:0": np.arange(4, dtype=np.float32).reshape(1, 2, 2, 1)})
+        _legacy_layer(g, "head", {"head/kernel:0": np.arange(6, dtype=np.float32).reshape(2, 3),
+                                  "head/weights:0": np.zeros((1, 1), np.float32)})
+        f.create_group("optimizer_weights").attrs["weight_names"] = [b"a", b"b", b"c"]
+    wf = read_weights(path)
+    assert wf.format == "keras-h5" and wf.path == path
+    assert list(wf.tensors) == [
+        "conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn2.weight",
+        "sep.depthwise.weight", "sep.pointwise.weight", "sep.pointwise.bias", "dwc.weight", "head.weight",
+        "head.weight.12"]
+    t = wf.tensors
+    assert t["conv.weight"].tolist() == [[[[0, 6]], [[3, 9]]], [[[1, 7]], [[4, 10]]], [[[2, 8]], [[5, 11]]]]
+    assert t["bn.running_var"].tolist() == [3, 3] and t["bn.running_mean"].tolist() == [2, 2]
+    assert t["sep.depthwise.weight"].tolist() == [[[[0]]], [[[1]]], [[[2]]], [[[3]]]]
+    assert t["sep.pointwise.weight"].tolist() == [[[[0]], [[2]], [[4]], [[6]]], [[[1]], [[3]], [[5]], [[7]]]]
+    assert t["dwc.weight"].tolist() == [[[[0, 2]]], [[[1, 3]]]]
+    assert t["head.weight"].tolist() == [[0, 3], [1, 4], [2, 5]] and t["head.weight.12"].tolist() == [[0]]
+    meta = wf.metadata
+    assert json.loads(meta["source_names"])["head.weight.12"] == "head/head/weights:0"
+    assert json.loads(meta["source_names"])["sep.pointwise.bias"] == "sep/sep/bias:0"
+    assert json.loads(meta["layer_types"]) == {
+        "conv.weight": "Conv2D", "conv.bias": "Conv2D", "bn.weight": "BatchNorm", "bn.bias": "BatchNorm",
+        "bn.running_mean": "BatchNorm", "bn.running_var": "BatchNorm", "bn2.weight": "BatchNorm",
+        "sep.depthwise.weight": "SeparableConv2D", "sep.pointwise.weight": "SeparableConv2D",
+        "sep.pointwise.bias": "SeparableConv2D", "dwc.weight": "DepthwiseConv2D", "head.weight": "Dense",
+        "head.weight.12": "Dense"}
+    assert json.loads(meta["converted"])["dwc.weight"] == "depthwise HWIM -> (I*M)1HW"
+    assert json.loads(meta["converted"])["conv.bias"] == "unchanged"
+    assert meta == {
+        "source_format": "keras-legacy model", "keras_version": "2.2.4", "dtype": "float32,float64",
+        "source_names": meta["source_names"], "layer_types": meta["layer_types"], "converted": meta["converted"],
+        "left_out": '{"optimizer variables":3}', "batchnorm_eps": "0.0001,0.001",
+        "batchnorm_eps_source": "model_config",
+        "batchnorm_fix": "set eps=0.0001 on the PyTorch BatchNorm modules (PyTorch's default is 1e-5)",
+        "same_padding": '["conv","pool"]',
+        "same_padding_fix": (
+            "TF 'same' padding with stride > 1 pads the bottom/right more than PyTorch's symmetric padding: "
+            "use timm's tf_ model variants (Conv2dSame), or F.pad(x, (0, 1, 0, 1)) before the layer "
+            "(value=-inf for max pooling) with padding=0")}
+
+
+def test_keras_weights_only_file_guesses_layer_kinds_from_default_names(tmp_path):
+    """Without a model config: split `layer_names0/1` and `weight_names0/1` lists are joined, depthwise and
+    separable layers are told by their default names, eps is Keras's default, no padding notes."""
+    path = tmp_path / "weights.h5"
+    k = np.arange(4, dtype=np.float32).reshape(1, 2, 2, 1)
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names0"] = [b"depthwise_conv2d_1", b"block1_dw"]
+        f.attrs["layer_names1"] = np.array(["conv_dwx", "separable_conv2d_2"], dtype=h5py.string_dtype())
+        f.attrs["layer_names3"] = [b"ignored"]  # after a gap the chunks end
+        f.attrs["keras_version"] = "2.9.0"
+        for layer in ("depthwise_conv2d_1", "block1_dw", "conv_dwx"):
+            _legacy_layer(f, layer, {f"{layer}/kernel:0": k})
+        g = f.create_group("separable_conv2d_2")
+        g.attrs["weight_names0"] = [b"separable_conv2d_2/depthwise_kernel:0"]
+        g.attrs["weight_names1"] = [b"separable_conv2d_2/pointwise_kernel:0", b"separable_conv2d_2/bias:0"]
+        g["separable_conv2d_2/depthwise_kernel:0"] = k
+        g["separable_conv2d_2/pointwise_kernel:0"] = np.ones((1, 1, 2, 3), np.float32)
+        g["separable_conv2d_2/bias:0"] = np.zeros(3, np.float32)
+        _legacy_layer(f, "bn", {"bn/gamma:0": np.ones(2, np.float32)})
+    wf = read_weights(path)
+    assert list(wf.tensors) == ["depthwise_conv2d_1.weight", "block1_dw.weight", "conv_dwx.weight",
+                                "separable_conv2d_2.depthwise.weight", "separable_conv2d_2.pointwise.weight",
+                                "separable_conv2d_2.pointwise.bias"]
+    assert wf.tensors["block1_dw.weight"].tolist() == [[[[0, 2]]], [[[1, 3]]]]
+    assert wf.tensors["conv_dwx.weight"].tolist() == [[[[0, 2]], [[1, 3]]]]  # an ordinary (1 out) conv
+    assert json.loads(wf.metadata["layer_types"]) == {
+        "depthwise_conv2d_1.weight": "DepthwiseConv2D", "block1_dw.weight": "DepthwiseConv2D",
+        "conv_dwx.weight": "Conv2D", "separable_conv2d_2.depthwise.weight": "SeparableConv2D",
+        "separable_conv2d_2.pointwise.weight": "SeparableConv2D",
+        "separable_conv2d_2.pointwise.bias": "SeparableConv2D"}
+    assert wf.metadata["source_format"] == "keras-legacy weights" and wf.metadata["keras_version"] == "2.9.0"
+    assert "batchnorm_eps" not in wf.metadata and "left_out" not in wf.metadata and "same_padding" not in wf.metadata
+    with h5py.File(path, "a") as f:
+        del f.attrs["layer_names3"]
+        f.attrs["layer_names2"] = [b"bn"]
+        del f.attrs["keras_version"]
+    wf = read_weights(path)
+    assert list(wf.tensors)[-1] == "bn.weight" and "keras_version" not in wf.metadata
+    assert wf.metadata["batchnorm_eps"] == "0.001"
+    assert wf.metadata["batchnorm_eps_source"] == "Keras default (no model config in the file)"
+    assert wf.metadata["batchnorm_fix"] == "set eps=0.001 on the PyTorch BatchNorm modules (PyTorch's default is 1e-5)"
+
+
+def test_keras3_nested_layers_leaves_by_position_and_left_out_roots(tmp_path):
+    """Keras 3 `layers/<name>/vars/<i>`: nested models' layers dotted, layers in natural order, vars by
+    number, leaves guessed from position and shapes, optimizer and metrics variables counted."""
+    path = tmp_path / "m.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/dense_10/vars/0", data=np.arange(6, dtype=np.float32).reshape(2, 3))
+        f.create_dataset("layers/dense_10/vars/1", data=np.array([7, 8, 9], np.float32))
+        f.create_dataset("layers/dense_10/vars/2", data=np.array([1], np.float32))
+        f.create_dataset("layers/dense_10/vars/note", data=np.zeros(1, np.float32))
+        f.create_dataset("layers/dense_2/vars/0", data=np.ones((1, 1), np.float32))
+        for i in range(11):
+            f.create_dataset(f"layers/many/vars/{i}", data=np.full(1, i, np.float32))
+        f.create_dataset("layers/emb/vars/0", data=np.arange(3, dtype=np.float32))
+        f.create_dataset("layers/emb/vars/1", data=np.arange(2, dtype=np.float32))
+        f.create_dataset("layers/bn/vars/0", data=np.full(2, 1, np.float32))
+        f.create_dataset("layers/bn/vars/1", data=np.full(2, 2, np.float32))
+        f.create_dataset("layers/trio/vars/0", data=np.full(2, 1, np.float32))
+        f.create_dataset("layers/trio/vars/1", data=np.full(2, 2, np.float32))
+        f.create_dataset("layers/trio/vars/2", data=np.full(2, 3, np.float32))
+        f.create_dataset("layers/backbone/layers/sep_block_dw/vars/0",
+                         data=np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2))
+        f.create_dataset("layers/backbone/layers/separable_conv2d/vars/0",
+                         data=np.arange(2, dtype=np.float32).reshape(1, 1, 2, 1))
+        f.create_dataset("layers/backbone/layers/separable_conv2d/vars/1", data=np.ones((1, 1, 2, 3), np.float32))
+        f.create_dataset("layers/backbone/layers/separable_conv2d/vars/2", data=np.zeros(3, np.float32))
+        f.create_dataset("layers/loose", data=np.zeros(1, np.float32))
+        f.create_dataset("optimizer/vars/0", data=np.zeros(1, np.int64))
+        f.create_dataset("optimizer/inner/vars/1", data=np.zeros(2, np.float32))
+        f.create_dataset("metrics/mean/vars/0", data=np.zeros(1, np.float32))
+    wf = read_weights(path)
+    names = ["backbone.sep_block_dw.weight", "backbone.separable_conv2d.depthwise.weight",
+             "backbone.separable_conv2d.pointwise.weight", "backbone.separable_conv2d.pointwise.bias",
+             "bn.weight", "bn.bias", "dense_2.weight", "dense_10.weight", "dense_10.bias", "dense_10.2",
+             "emb.0", "emb.1", *[f"many.{i}" for i in range(11)],
+             "trio.0", "trio.1", "trio.2"]
+    assert list(wf.tensors) == names
+    t = wf.tensors
+    assert t["dense_10.weight"].tolist() == [[0, 3], [1, 4], [2, 5]] and t["dense_10.bias"].tolist() == [7, 8, 9]
+    assert t["backbone.sep_block_dw.weight"].tolist() == [[[[0]]], [[[1]]], [[[2]]], [[[3]]]]
+    assert t["many.10"].tolist() == [10] and t["emb.0"].tolist() == [0, 1, 2] and t["trio.2"].tolist() == [3, 3]
+    meta = wf.metadata
+    sources = json.loads(meta["source_names"])
+    assert sources["dense_10.2"] == "layers/dense_10/vars/2"
+    assert sources["backbone.separable_conv2d.pointwise.bias"] == "layers/backbone.separable_conv2d/vars/2"
+    assert json.loads(meta["converted"])["dense_10.weight"] == "dense (in,out) -> (out,in) (leaf from position)"
+    assert json.loads(meta["converted"])["bn.bias"] == "beta -> bias (leaf from position)"
+    types = json.loads(meta["layer_types"])
+    assert types["backbone.sep_block_dw.weight"] == "DepthwiseConv2D" and types["dense_10.2"] == "unknown"
+    assert types["backbone.separable_conv2d.pointwise.bias"] == "SeparableConv2D" and types["bn.weight"] == "BatchNorm"
+    assert json.loads(meta["left_out"]) == {"optimizer variables": 3}
+    assert meta["batchnorm_eps"] == "0.001" and meta["source_format"] == "keras3 .weights.h5"
+    assert "keras_version" not in meta and meta["dtype"] == "float32"
+
+
+def test_keras_errors_name_the_file_and_the_fault_in_one_line(tmp_path, monkeypatch):
+    """Non-HDF5 bytes, bad JSON, non-numeric or oversized datasets, a missing listed weight, an empty
+    Keras 3 file and any h5py error each come back as one TransferKitError line naming the file."""
+    from transferkit.weights.formats import keras_h5
+
+    def error(path: Path) -> str:
+        with pytest.raises(TransferKitError) as caught:
+            keras_h5.read(path)
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all" * 10)
+    assert error(junk) == f"{junk}: not an HDF5 file (bad signature); give a Keras .h5/.hdf5 weights file"
+    assert keras_h5.sniff(junk, b"\x89HDF\r\n\x1a\nrest") and not keras_h5.sniff(junk, b"\x89HDF\r\n\x1a")
+    path = tmp_path / "k.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = "{not json"
+        f.create_group("model_weights").attrs["layer_names"] = [b"d"]
+    assert error(path) == f"{path}: the model_config attribute is not valid JSON (Expecting property name " \
+        "enclosed in double quotes)"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"d"]
+        _legacy_layer(f, "d", {"d/kernel:0": np.array([b"text"])})
+    assert error(path) == f"{path}: /d/d/kernel:0 is not a numeric array; the file is damaged or not Keras weights"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"d"]
+        f.create_group("d").attrs["weight_names"] = [b"d/kernel:0"]
+    assert error(path) == f"{path}: /d/d/kernel:0 is listed but missing; the file is damaged"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"d"]
+        g = f.create_group("d")
+        g.attrs["weight_names"] = [b"k:0", b"z:0"]
+        g.create_dataset("k:0", shape=(1000, 1000), dtype=np.float32, chunks=(100, 100))  # no chunk written
+        g.create_dataset("z:0", shape=(64, 64), dtype=np.float32, chunks=(8, 8), compression="gzip")
+    size = path.stat().st_size
+    assert size < 16384 < size * 1000
+    assert error(path) == (f"{path}: /d/k:0 declares 4000000 bytes, more than the file can hold ({size}); "
+                           "the file is damaged")
+    with h5py.File(path, "a") as f:
+        f["d"].attrs["weight_names"] = [b"z:0"]
+    wf = keras_h5.read(path)  # 16384 compressed bytes may come from a smaller file
+    assert wf.tensors["d.z"].shape == (64, 64) and "keras_version" not in wf.metadata
+    model = tmp_path / "mv.h5"
+    with h5py.File(model, "w") as f:
+        f.attrs["keras_version"] = b""
+        g = f.create_group("model_weights")
+        g.attrs["keras_version"] = b"3.1"
+        g.attrs["layer_names"] = [b"d"]
+        _legacy_layer(g, "d", {"d/bias:0": np.ones(2, np.float32)})
+    wf = keras_h5.read(model)
+    assert wf.metadata["keras_version"] == "3.1" and wf.metadata["source_format"] == "keras-legacy model"
+    empty = tmp_path / "e.weights.h5"
+    with h5py.File(empty, "w") as f:
+        f.create_group("layers/flatten/vars")
+    assert error(empty) == f"{empty}: the Keras file holds no weights"
+    with h5py.File(empty, "w") as f:
+        f.create_group("weights")
+    assert error(empty) == (f"{empty}: an HDF5 file without Keras weights (no layer_names attribute, model_weights "
+                            "or layers group); give a file written by Keras model.save or save_weights")
+    with h5py.File(empty, "w") as f:
+        f.create_dataset("layers/d/vars/0", data=np.array([b"x"]))
+    assert error(empty) == f"{empty}: /layers/d/vars/0 is not a numeric array; the file is damaged or not Keras weights"
+
+    def fail(exc):
+        def raiser(f, p):
+            raise exc
+        return raiser
+
+    monkeypatch.setattr(keras_h5, "_read_open", fail(ValueError("first line\nsecond line")))
+    assert error(path) == f"{path}: damaged Keras HDF5 file (first line); re-download or re-save it"
+    monkeypatch.setattr(keras_h5, "_read_open", fail(KeyError()))
+    assert error(path) == f"{path}: damaged Keras HDF5 file (KeyError); re-download or re-save it"
+    monkeypatch.setattr(keras_h5, "_read_open", fail(TransferKitError("as it was")))
+    assert error(path) == "as it was"
