@@ -1270,3 +1270,39 @@ def test_keras_errors_name_the_file_and_the_fault_in_one_line(tmp_path, monkeypa
     assert error(path) == f"{path}: damaged Keras HDF5 file (KeyError); re-download or re-save it"
     monkeypatch.setattr(keras_h5, "_read_open", fail(TransferKitError("as it was")))
     assert error(path) == "as it was"
+
+
+def test_tf_key_that_is_not_utf8_is_read_with_a_replacement_character(tmp_path):
+    """A variable key with bytes that are not UTF-8 still reads, the bad byte shown as U+FFFD."""
+    prefix = tmp_path / "m"
+    raw = np.array([4.0], "<f4").tobytes()
+    prefix.with_name("m.index").write_bytes(_sstable([
+        (b"", field(1, 1)), (b"w\xff/bias", _wire_entry(1, (1,), 0, 4, masked_crc32c(raw)))]))
+    prefix.with_name("m.data-00000-of-00001").write_bytes(raw)
+    wf = tf_checkpoint.read(prefix)
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {"w\ufffd.bias": [4.0]}
+
+
+def test_keras_dataset_size_limits_at_their_exact_edges(tmp_path):
+    """An uncompressed dataset may declare as many bytes as the file has and no more; a compressed one
+    up to 1000 times the file's size and no more."""
+    from transferkit.weights.formats import keras_h5
+
+    def write(path: Path, n: int, compression: str | None) -> int:
+        with h5py.File(path, "w") as f:
+            f.attrs["layer_names"] = [b"d"]
+            g = f.create_group("d")
+            g.attrs["weight_names"] = [b"v:0"]
+            g.create_dataset("v:0", shape=(n,), dtype=np.uint8, chunks=(min(n, 4096),), compression=compression)
+        return path.stat().st_size
+
+    for compression, factor in ((None, 1), ("gzip", 1000)):
+        path = tmp_path / f"{compression}.h5"
+        size = write(path, 4096, compression)
+        assert write(path, size * factor, compression) == size  # the header does not grow with the shape
+        assert keras_h5.read(path).tensors["d.v"].shape == (size * factor,)
+        assert write(path, size * factor + 1, compression) == size
+        with pytest.raises(TransferKitError) as caught:
+            keras_h5.read(path)
+        assert str(caught.value) == (f"{path}: /d/v:0 declares {size * factor + 1} bytes, more than the file can "
+                                     f"hold ({size}); the file is damaged")
