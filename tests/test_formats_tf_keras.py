@@ -1306,3 +1306,47 @@ def test_keras_dataset_size_limits_at_their_exact_edges(tmp_path):
             keras_h5.read(path)
         assert str(caught.value) == (f"{path}: /d/v:0 declares {size * factor + 1} bytes, more than the file can "
                                      f"hold ({size}); the file is damaged")
+
+
+def test_tf_damaged_data_blocks_and_bare_footers_are_named(tmp_path):
+    """A data block (not the index block) that is damaged is named as such; a 48-byte file that is only a
+    footer is parsed as one; a shape whose byte count overflows 64 bits is still compared exactly."""
+    where = f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint index"
+    tail = "; re-export the checkpoint"
+    magic = struct.pack("<Q", tf_checkpoint.TABLE_MAGIC)
+    assert _index_error(tmp_path, b"\0" * 40 + magic) == \
+        f"{where} (index block at 0+0 lies outside the 48-byte file){tail}"
+
+    def with_data(data_block: bytes, size: int | None = None) -> bytes:
+        index = _prefixed_block([(b"k", varint(0) + varint(len(data_block) - 5 if size is None else size))])
+        return data_block + index + _footer((0, 0), (len(data_block), len(index) - 5))
+
+    data = bytearray(_prefixed_block([(b"", field(1, 1))]))
+    data[1] ^= 4
+    assert _index_error(tmp_path, with_data(bytes(data))) == f"{where} (data block at 0 fails its CRC check){tail}"
+    assert _index_error(tmp_path, with_data(bytes(data), 200)) == \
+        f"{where} (data block at 0+200 lies outside the 86-byte file){tail}"
+    assert _index_error(tmp_path, with_data(_prefixed_block([(b"", field(1, 1))], kind=2))) == \
+        f"{where} (data block at 0 is compressed (type 2); only uncompressed tables are read){tail}"
+    assert _index_error(tmp_path, with_data(_raw_block(b"\x00" + struct.pack("<I", 0)))) == \
+        f"{where} (data block has a bad restart count (0)){tail}"
+    assert _index_error(tmp_path, with_data(_raw_block(b"\x00\x00\x09ab" + struct.pack("<II", 0, 1)))) == \
+        f"{where} (data block has an entry running past its end){tail}"
+    assert _index_error(tmp_path, with_data(_raw_block(b"\x80" + struct.pack("<II", 0, 1)))) == \
+        f"{where} (bad varint in data){tail}"
+    prefix = tmp_path / "big"
+    raw = np.ones(2, "<f4").tobytes()
+    _one_entry(prefix, _wire_entry(1, (1 << 32, 1 << 32), 0, 8, masked_crc32c(raw)), raw)
+    assert _read_error(prefix) == (f"{prefix}: variable 'w' declares 8 bytes but shape [4294967296, 4294967296] "
+                                   "needs 73786976294838206464; the checkpoint is damaged")
+
+
+def test_tf_object_graph_reads_only_its_declared_length(tmp_path):
+    """Bytes after the declared length of the object graph (covered by the CRC) are not parsed."""
+    prefix = tmp_path / "m"
+    graph = _graph([([], [("v/w", "b/w"), ("v/u", "a/w")])])
+    blob = varint(len(graph)) + b"\0\0\0\0" + graph + b"\0"
+    _graph_checkpoint(prefix, blob, masked_crc32c(struct.pack("<I", len(graph)) + b"\0\0\0\0" + graph + b"\0"))
+    wf = tf_checkpoint.read(prefix)
+    assert list(wf.tensors) == ["b.w", "a.w"] and json.loads(wf.metadata["variable_names"]) == {
+        "b.w": "v/w", "a.w": "v/u"}
