@@ -1350,3 +1350,25 @@ def test_tf_object_graph_reads_only_its_declared_length(tmp_path):
     wf = tf_checkpoint.read(prefix)
     assert list(wf.tensors) == ["b.w", "a.w"] and json.loads(wf.metadata["variable_names"]) == {
         "b.w": "v/w", "a.w": "v/u"}
+
+
+def test_keras3_links_and_a_nested_model_weight_without_a_scope(tmp_path):
+    """A link inside a Keras 3 `layers/` tree is refused by name; a nested model's weight named without
+    an inner layer scope is named after the outer layer alone."""
+    path = tmp_path / "link.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=np.ones((2, 2), np.float32))
+        f["layers/alias"] = h5py.SoftLink("/layers/dense")
+    with pytest.raises(TransferKitError) as caught:
+        read_weights(path)
+    assert str(caught.value) == f"{path}: /layers/alias is a SoftLink; refusing links in a weights file"
+    path = tmp_path / "nested.h5"
+    config = {"config": {"layers": [{"class_name": "Functional", "config": {"name": "inner", "layers": []}}]}}
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        g = f.create_group("model_weights")
+        g.attrs["layer_names"] = [b"inner"]
+        _legacy_layer(g, "inner", {"kernel:0": np.arange(2, dtype=np.float32).reshape(1, 2)})
+    wf = read_weights(path)
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {"inner.weight": [[0], [1]]}
+    assert json.loads(wf.metadata["layer_types"]) == {"inner.weight": "Functional"}
