@@ -1372,3 +1372,24 @@ def test_keras3_links_and_a_nested_model_weight_without_a_scope(tmp_path):
     wf = read_weights(path)
     assert {k: v.tolist() for k, v in wf.tensors.items()} == {"inner.weight": [[0], [1]]}
     assert json.loads(wf.metadata["layer_types"]) == {"inner.weight": "Functional"}
+
+
+def test_keras_separable_names_follow_the_class_then_the_layer_name(tmp_path):
+    """With a model config, a Dense layer whose name says 'separable' keeps plain names; a Keras 1
+    SeparableConvolution2D (another class name) still gets depthwise/pointwise kernel names."""
+    config = {"config": {"layers": [
+        {"class_name": "Dense", "config": {"name": "separable_head"}},
+        {"class_name": "SeparableConvolution2D", "config": {"name": "separable_k1"}}]}}
+    path = tmp_path / "k1.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        g = f.create_group("model_weights")
+        g.attrs["layer_names"] = [b"separable_head", b"separable_k1"]
+        _legacy_layer(g, "separable_head", {"separable_head/kernel:0": np.ones((2, 1), np.float32),
+                                            "separable_head/bias:0": np.ones(1, np.float32)})
+        _legacy_layer(g, "separable_k1", {"separable_k1/depthwise_kernel:0": np.ones((1, 1, 2, 1), np.float32),
+                                          "separable_k1/pointwise_kernel:0": np.ones((1, 1, 2, 3), np.float32)})
+    wf = read_weights(path)
+    assert list(wf.tensors) == ["separable_head.weight", "separable_head.bias", "separable_k1.depthwise.weight",
+                                "separable_k1.pointwise.weight"]
+    assert wf.tensors["separable_k1.depthwise.weight"].shape == (2, 1, 1, 1)
