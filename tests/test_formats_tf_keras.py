@@ -1040,7 +1040,7 @@ def test_keras_legacy_model_names_values_types_eps_padding_and_metadata(tmp_path
         {"class_name": "MaxPooling2D", "config": {"name": "pool", "padding": "SAME", "pool_size": [2, 2]}},
         {"class_name": "AveragePooling2D", "config": {"name": "avg", "padding": "same", "pool_size": [1, 1]}},
         {"class_name": "Dense", "config": {"name": "head", "padding": "same", "pool_size": [2, 2]}},
-        {"class_name": "DepthwiseConv2D", "config": {"name": "dwc", "padding": "same", "strides": [1, 1]}}]}
+        {"class_name": "DepthwiseConv2D", "name": "dwc", "config": {"padding": "same", "strides": [1, 1]}}]}
     path = tmp_path / "model.h5"
     with h5py.File(path, "w") as f:
         f.attrs["model_config"] = json.dumps(config).encode()
