@@ -1393,3 +1393,19 @@ def test_keras_separable_names_follow_the_class_then_the_layer_name(tmp_path):
     assert list(wf.tensors) == ["separable_head.weight", "separable_head.bias", "separable_k1.depthwise.weight",
                                 "separable_k1.pointwise.weight"]
     assert wf.tensors["separable_k1.depthwise.weight"].shape == (2, 1, 1, 1)
+
+
+def test_tf_block_restart_count_is_unsigned_and_each_entry_varint_is_checked(tmp_path):
+    """The restart count is an unsigned 32-bit number; a cut-off varint in any of an entry's three
+    lengths is named."""
+    where = f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint index"
+
+    def with_index(body: bytes) -> bytes:
+        block = _raw_block(body)
+        return block + _footer((0, 0), (0, len(block) - 5))
+
+    assert _index_error(tmp_path, with_index(b"\x00" + struct.pack("<I", 0xFFFFFFFF))) == \
+        f"{where} (index block has a bad restart count (4294967295)); re-export the checkpoint"
+    for cut in (b"\x00\x80", b"\x00\x00\x80"):
+        assert _index_error(tmp_path, with_index(cut + struct.pack("<II", 0, 1))) == \
+            f"{where} (bad varint in index); re-export the checkpoint"
