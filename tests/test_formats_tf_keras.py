@@ -1409,3 +1409,13 @@ def test_tf_block_restart_count_is_unsigned_and_each_entry_varint_is_checked(tmp
     for cut in (b"\x00\x80", b"\x00\x00\x80"):
         assert _index_error(tmp_path, with_index(cut + struct.pack("<II", 0, 1))) == \
             f"{where} (bad varint in index); re-export the checkpoint"
+
+
+def test_keras_model_config_of_an_unexpected_shape_is_ignored(tmp_path):
+    """A model_config whose `config` is neither a layer list nor a dict names no layers; the weights still read."""
+    path = tmp_path / "odd.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps({"class_name": "Model", "config": 5})
+        f.attrs["layer_names"] = [b"d"]
+        _legacy_layer(f, "d", {"d/bias:0": np.array([1.0], np.float32)})
+    assert {k: v.tolist() for k, v in read_weights(path).tensors.items()} == {"d.bias": [1.0]}
