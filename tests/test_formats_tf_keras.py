@@ -1419,3 +1419,23 @@ def test_keras_model_config_of_an_unexpected_shape_is_ignored(tmp_path):
         f.attrs["layer_names"] = [b"d"]
         _legacy_layer(f, "d", {"d/bias:0": np.array([1.0], np.float32)})
     assert {k: v.tolist() for k, v in read_weights(path).tensors.items()} == {"d.bias": [1.0]}
+
+
+def test_keras_inner_scopes_missing_from_the_config_and_nameless_config_layers(tmp_path):
+    """A nested model's weight scope the config does not list takes the outer model's class; a config layer
+    with an empty name lends its class to no one."""
+    config = {"config": {"layers": [
+        {"class_name": "Functional", "config": {"name": "inner", "layers": []}},
+        {"class_name": "DepthwiseConv2D", "name": "", "config": {"name": ""}},
+        {"class_name": "Conv2D", "config": {"name": "conv"}}]}}
+    path = tmp_path / "scopes.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        g = f.create_group("model_weights")
+        g.attrs["layer_names"] = [b"inner", b"conv"]
+        _legacy_layer(g, "inner", {"ghost/kernel:0": np.arange(2, dtype=np.float32).reshape(1, 2)})
+        _legacy_layer(g, "conv", {"conv/kernel:0": np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)})
+    wf = read_weights(path)
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {
+        "inner.ghost.weight": [[0], [1]], "conv.weight": [[[[0]], [[2]]], [[[1]], [[3]]]]}
+    assert json.loads(wf.metadata["layer_types"]) == {"inner.ghost.weight": "Functional", "conv.weight": "Conv2D"}
