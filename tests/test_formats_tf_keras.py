@@ -1439,3 +1439,13 @@ def test_keras_inner_scopes_missing_from_the_config_and_nameless_config_layers(t
     assert {k: v.tolist() for k, v in wf.tensors.items()} == {
         "inner.ghost.weight": [[0], [1]], "conv.weight": [[[[0]], [[2]]], [[[1]], [[3]]]]}
     assert json.loads(wf.metadata["layer_types"]) == {"inner.ghost.weight": "Functional", "conv.weight": "Conv2D"}
+
+
+def test_tf_each_footer_varint_is_named_when_bad(tmp_path):
+    """Whichever of the footer's four varints is bad, the fault is named as the footer's."""
+    magic = struct.pack("<Q", tf_checkpoint.TABLE_MAGIC)
+    zero10 = b"\x80" * 9 + b"\x00"  # 0 in ten bytes
+    for good in range(1, 4):
+        footer = (zero10 * good + b"\xff" * 10).ljust(40, b"\xff")
+        assert _index_error(tmp_path, footer + magic) == (f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint "
+                                                          "index (bad varint in footer); re-export the checkpoint")
