@@ -1449,3 +1449,15 @@ def test_tf_each_footer_varint_is_named_when_bad(tmp_path):
         footer = (zero10 * good + b"\xff" * 10).ljust(40, b"\xff")
         assert _index_error(tmp_path, footer + magic) == (f"{tmp_path / 'm.index'}: damaged TensorFlow checkpoint "
                                                           "index (bad varint in footer); re-export the checkpoint")
+
+
+def test_tf_object_graph_past_its_data_file_is_named(tmp_path):
+    """An object graph declared past the end of its data file is refused by its key."""
+    prefix = tmp_path / "m"
+    graph = _graph([([], [("v/w", "b/w")])])
+    blob = varint(len(graph)) + b"\0\0\0\0" + graph
+    _graph_checkpoint(prefix, blob, masked_crc32c(struct.pack("<I", len(graph)) + b"\0\0\0\0" + graph))
+    shard = tmp_path / "m.data-00000-of-00001"
+    shard.write_bytes(shard.read_bytes()[:4])
+    assert _read_error(prefix) == (f"{shard}: '_CHECKPOINTABLE_OBJECT_GRAPH' is declared at bytes 4..{4 + len(blob)}, "
+                                   "past the file's 4 bytes; the checkpoint is truncated or damaged")
