@@ -1461,3 +1461,27 @@ def test_tf_object_graph_past_its_data_file_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[:4])
     assert _read_error(prefix) == (f"{shard}: '_CHECKPOINTABLE_OBJECT_GRAPH' is declared at bytes 4..{4 + len(blob)}, "
                                    "past the file's 4 bytes; the checkpoint is truncated or damaged")
+
+
+def test_keras_nested_layer_class_and_a_linked_layer_group(tmp_path):
+    """A nested model's inner layer is converted by its own class (a depthwise `kernel`); a layer group that
+    is a link is refused by name."""
+    config = {"config": {"layers": [{"class_name": "Functional", "config": {"name": "inner", "layers": [
+        {"class_name": "DepthwiseConv2D", "config": {"name": "dw"}}]}}]}}
+    path = tmp_path / "nested_dw.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        g = f.create_group("model_weights")
+        g.attrs["layer_names"] = [b"inner"]
+        _legacy_layer(g, "inner", {"dw/kernel:0": np.arange(2, dtype=np.float32).reshape(1, 1, 2, 1)})
+    wf = read_weights(path)
+    assert {k: v.tolist() for k, v in wf.tensors.items()} == {"inner.dw.weight": [[[[0]]], [[[1]]]]}
+    assert json.loads(wf.metadata["layer_types"]) == {"inner.dw.weight": "DepthwiseConv2D"}
+    path = tmp_path / "linked.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"d"]
+        _legacy_layer(f, "real", {"real/bias:0": np.ones(1, np.float32)})
+        f["d"] = h5py.SoftLink("/real")
+    with pytest.raises(TransferKitError) as caught:
+        read_weights(path)
+    assert str(caught.value) == f"{path}: //d is a SoftLink; refusing links in a weights file"
