@@ -1485,3 +1485,12 @@ def test_keras_nested_layer_class_and_a_linked_layer_group(tmp_path):
     with pytest.raises(TransferKitError) as caught:
         read_weights(path)
     assert str(caught.value) == f"{path}: //d is a SoftLink; refusing links in a weights file"
+
+
+def test_tf_object_graph_child_one_past_the_last_node_is_ignored(tmp_path):
+    """A child reference to the node id just past the last node is ignored like any unknown id."""
+    prefix = tmp_path / "m"
+    graph = _graph([([(1, "missing")], [("v/w", "b/w")])])
+    blob = varint(len(graph)) + b"\0\0\0\0" + graph
+    _graph_checkpoint(prefix, blob, masked_crc32c(struct.pack("<I", len(graph)) + b"\0\0\0\0" + graph))
+    assert list(tf_checkpoint.read(prefix).tensors) == ["b.w", "a.w"]
