@@ -191,8 +191,9 @@ def _legacy_entries(group, layers: dict, path: Path, size: int) -> list:
             inner = parts[-2] if layer_class in MODEL_CLASSES and len(parts) > 1 else ""
             inner_class = layers.get(inner, (layer_class, {}))[0] if inner else layer_class
             array = _dataset(lgroup, weight, path, size)
-            pt_leaf, array, conversion, kind = convert(leaf, array, inner_class or _guess_class(layer))
-            name = _torch_name(layer, leaf, pt_leaf, inner_class, inner)
+            layer_type = inner_class or _guess_class(layer)  # the guess names a SeparableConv2D's bias too
+            pt_leaf, array, conversion, kind = convert(leaf, array, layer_type)
+            name = _torch_name(layer, leaf, pt_leaf, layer_type or "", inner)
             entries.append((name, f"{layer}/{weight}", array, conversion, kind))
     return entries
 
