@@ -431,6 +431,12 @@ def test_keras3_weights_h5_by_position(tmp_path):
     assert wf.tensors["conv2d.weight"][3, 1, 0, 2] == float(kernel[0, 2, 1, 3])
     assert wf.tensors["dense.weight"][2, 1] == float(dense[1, 2])
     assert json.loads(wf.metadata["left_out"]) == {"optimizer variables": 2}
+    # the optimizer's variables are a root group beside layers/; a layer may be named "optimizer" itself
+    with h5py.File(path, "a") as f:
+        f.create_dataset("layers/optimizer/vars/0", data=np.ones(5, np.float32))
+    wf = read_weights(path)
+    assert wf.tensors["optimizer.0"].tolist() == [1.0] * 5  # a layer of no known kind: its leaf by position
+    assert json.loads(wf.metadata["left_out"]) == {"optimizer variables": 2}
 
 
 def test_keras_links_to_other_data_are_refused(tmp_path):

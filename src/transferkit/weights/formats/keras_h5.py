@@ -220,16 +220,13 @@ def _keras3_entries(f, path: Path, size: int) -> tuple[list, int]:
                 continue
             if key == "vars" and prefix:
                 found.append((prefix, item))
-            elif key in SKIPPED_ROOTS and not prefix:
-                nonlocal left_out
-                left_out += _count_datasets(item)
             elif key == "layers":
                 walk(item, prefix)
             else:
                 walk(item, f"{prefix}.{key}" if prefix else key)
 
     walk(f["layers"], "")
-    for key in SKIPPED_ROOTS:
+    for key in SKIPPED_ROOTS:  # beside layers/ at the root (a layer may be named "optimizer")
         if key in f:
             left_out += _count_datasets(f[key])
     found.sort(key=lambda item: _natural(item[0]))
