@@ -96,8 +96,14 @@ def _schema() -> dict[str, type]:
             for name in layouts}
 
 
-_MESSAGES = _schema()
-NetParameter = _MESSAGES["NetParameter"]
+_MESSAGES: dict[str, type] = {}
+
+
+def _message(name: str) -> type:
+    """A message class of the schema, built on first use (importing transferkit builds no protobuf pool)."""
+    if not _MESSAGES:
+        _MESSAGES.update(_schema())
+    return _MESSAGES[name]
 _NET_TAGS = (b"\x12", b"\x1a", b"\xa2\x06")  # layers (V1), input, layer: what follows a net's name
 
 
@@ -135,7 +141,7 @@ def _layers(net, path: Path) -> list[_Layer]:
         if lp.HasField("v0_layer"):
             raise TransferKitError(f"{path}: a V0 (pre-2014) Caffe net; upgrade it with Caffe's "
                                    "upgrade_net_proto_binary tool first")
-        enum = _MESSAGES["V1LayerParameter"].DESCRIPTOR.fields_by_name["type"].enum_type
+        enum = _message("V1LayerParameter").DESCRIPTOR.fields_by_name["type"].enum_type
         kind = enum.values_by_number[lp.type].name if lp.type in enum.values_by_number else str(lp.type)
         out.append(_Layer(text(lp.name), V1_TO_TYPE.get(kind, kind.title().replace("_", "")),
                           [text(b) for b in lp.bottom], [text(t) for t in lp.top], list(lp.blobs),
@@ -153,7 +159,7 @@ def find_prototxt(path: Path) -> Path | None:
 
 
 def _read_prototxt(proto: Path) -> list[_Layer]:
-    net = NetParameter()
+    net = _message("NetParameter")()
     try:
         text_format.Parse(proto.read_text(encoding="utf-8"), net, allow_unknown_field=True)
     except (text_format.ParseError, UnicodeDecodeError, OSError) as exc:
@@ -194,7 +200,7 @@ def _weight(arr: np.ndarray, layer: _Layer) -> np.ndarray:
 def read(path: Path) -> WeightFile:
     try:
         data = path.read_bytes()
-        net = NetParameter.FromString(data)
+        net = _message("NetParameter").FromString(data)
     except DecodeError as exc:
         raise TransferKitError(f"{path}: truncated or damaged .caffemodel ({exc or 'protobuf decode error'}); "
                                "re-download it") from None
