@@ -727,3 +727,28 @@ def test_a_protobuf_string_that_is_not_utf8_is_shown_with_replacements(value, sh
     from transferkit.weights.formats.origins import text
 
     assert text(value) == shown
+
+
+T = torch.zeros(1)
+
+
+@pytest.mark.parametrize("mapping, expected", [
+    ({}, False),                          # nothing to load
+    ({"w": T}, True),
+    ({"w": T, "epoch": 3}, True),         # half the values tensors: still the weights
+    ({"w": T, "epoch": 3, "lr": 0.1}, False),  # a third: a checkpoint holding them somewhere else
+])
+def test_a_state_dict_is_a_mapping_of_at_least_half_tensors(mapping, expected):
+    from transferkit.weights.formats.state_dict import is_state_dict
+
+    assert is_state_dict(mapping) is expected
+
+
+def test_the_weights_are_found_under_nested_keys_with_the_trail_taken():
+    from transferkit.weights.formats.state_dict import find_state_dict
+
+    inner = {"w": T, "b": T}
+    assert find_state_dict({"model": {"state_dict": inner}, "epoch": 3}) == (inner, "model.state_dict")
+    top = {"w": T, "b": T, "model": {"x": T}}  # weights at the top: a nested mapping is not followed
+    assert find_state_dict(top) == (top, "")
+    assert find_state_dict({"epoch": 3, "notes": {}}) == ({"epoch": 3, "notes": {}}, "")
