@@ -104,6 +104,8 @@ def _message(name: str) -> type:
     if not _MESSAGES:
         _MESSAGES.update(_schema())
     return _MESSAGES[name]
+
+
 _NET_TAGS = (b"\x12", b"\x1a", b"\xa2\x06")  # layers (V1), input, layer: what follows a net's name
 
 

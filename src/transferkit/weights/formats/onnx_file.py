@@ -39,8 +39,8 @@ def _onnx():
     return onnx, numpy_helper
 
 
-def _load_external(tensor, path: Path, onnx) -> None:
-    """Read an initializer's external data into it, from inside the model's folder only."""
+def _load_external(tensor, path: Path, onnx, need: int) -> None:
+    """Read an initializer's external data (`need` bytes) into it, from inside the model's folder only."""
     info = {text(e.key): text(e.value) for e in tensor.external_data}
     location = info.get("location", "")
     base = path.parent.resolve()
@@ -56,11 +56,6 @@ def _load_external(tensor, path: Path, onnx) -> None:
     except ValueError:
         raise TransferKitError(f"{path}: initializer {tensor.name!r} has a malformed external data offset "
                                "or length") from None
-    count = int(np.prod(tensor.dims, dtype=object))
-    if tensor.data_type in SUB_BYTE:
-        need = (count + 1) // 2
-    else:
-        need = count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     if length is not None and length != need:
         raise TransferKitError(f"{path}: initializer {tensor.name!r} declares {length:,} bytes of external "
                                f"data for shape {list(tensor.dims)} ({need:,} bytes)")
@@ -79,11 +74,12 @@ def _array(tensor, path: Path, onnx, numpy_helper) -> np.ndarray:
     except (KeyError, ValueError, TypeError):
         raise TransferKitError(f"{path}: initializer {tensor.name!r} has unknown data type "
                                f"{tensor.data_type}") from None
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        _load_external(tensor, path, onnx)
     count = int(np.prod(tensor.dims, dtype=object))
+    nbytes = (count + 1) // 2 if tensor.data_type in SUB_BYTE else count * dtype.itemsize  # 4-bit: two a byte
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        _load_external(tensor, path, onnx, nbytes)
     if tensor.HasField("raw_data") and tensor.data_type not in SUB_BYTE:
-        if len(tensor.raw_data) != count * dtype.itemsize:
+        if len(tensor.raw_data) != nbytes:
             raise TransferKitError(f"{path}: initializer {tensor.name!r} holds {len(tensor.raw_data):,} bytes for "
                                    f"shape {list(tensor.dims)}; the file is damaged, re-export it")
     try:
