@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz mutation figures
+.PHONY: demo test lint fuzz mutation mutation-training figures
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,15 @@ MUTANTS ?=
 mutation: $(STAMP)
 	nice $(BIN)/mutmut run --max-children 1 $(MUTANTS)
 	$(BIN)/mutmut results
+
+# training/'s mutants, run with the training tests in a folder of their own (settings in
+# tools/mutation-training/pyproject.toml): make mutation-training MUTANTS='transferkit.training.ema*'
+# PYTHONPATH lets the runs that tests start as subprocesses import the mutated code too.
+MUTATION_TRAINING := build/mutation-training
+mutation-training: $(STAMP)
+	mkdir -p $(MUTATION_TRAINING)
+	for d in src tests docs configs; do ln -sfn ../../$$d $(MUTATION_TRAINING)/$$d; done
+	cp tools/mutation-training/pyproject.toml $(MUTATION_TRAINING)/
+	cd $(MUTATION_TRAINING) && PYTHONPATH=$(CURDIR)/$(MUTATION_TRAINING)/mutants/src \
+		nice ../../$(BIN)/mutmut run --max-children 1 $(MUTANTS)
+	cd $(MUTATION_TRAINING) && ../../$(BIN)/mutmut results

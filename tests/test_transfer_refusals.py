@@ -178,13 +178,17 @@ def test_full_scope_stops_at_a_reshaped_non_head_tensor(tmp_path, prefix, name, 
     entry = next(e for e in report.entries if e.target == name)
     assert (entry.status, entry.reason) == ("skipped-shape", f"source {shape} vs target {target_shape}")
     assert report.fraction_restored() == pytest.approx((159 - NUMEL[name]) / 180)
-    with pytest.raises(TransferKitError, match="shape mismatch for"):
+    with pytest.raises(TransferKitError, match=re.escape(
+            f"shape mismatch for {name} (source {shape} vs target {target_shape}); set "
+            "pretrained.on_shape_mismatch=skip to leave it initialised, or exclude it")):
         transfer(Small(), path, "all-but-head", HEAD, on_shape_mismatch="error")
 
 
 def test_full_scope_refuses_another_class_count(tmp_path):
     path = save(tmp_path, source_state(classes=5))
-    with pytest.raises(TransferKitError, match=r"head tensor head.weight differs in shape .*class count changed"):
+    with pytest.raises(TransferKitError, match=re.escape(
+            "scope full restores every tensor, but head tensor head.weight differs in shape (source (5, 6) vs "
+            "target (3, 6)): the class count changed; use scope all-but-head to get a new head")):
         transfer(Small(), path, "full", HEAD)
 
 

@@ -271,9 +271,7 @@ def plan_transfer(
                     "to leave it initialised, or exclude it"
                 )
             else:
-                entry.status, entry.reason = "skipped-shape", shapes
-                if name in heads:
-                    report.head_sources[name] = weights.tensors[m.source]
+                entry.status, entry.reason = "skipped-shape", shapes  # never a head: out of scope, or refused above
         else:
             entry.status = "loaded"
             to_load[name] = weights.tensors[m.source]

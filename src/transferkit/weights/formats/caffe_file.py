@@ -38,12 +38,12 @@ V1_TYPES = {
     "SIGMOID_CROSS_ENTROPY_LOSS": 27, "SILENCE": 36, "SOFTMAX": 20, "SOFTMAX_LOSS": 21, "SPLIT": 22, "SLICE": 33,
     "TANH": 23, "WINDOW_DATA": 24, "THRESHOLD": 31,
 }
-# The V1 enum names of the layers that hold weights, as the current string types.
-V1_TO_TYPE = {"CONVOLUTION": "Convolution", "DECONVOLUTION": "Deconvolution", "INNER_PRODUCT": "InnerProduct"}
 BN_EPS_DEFAULT = 1e-5
 
 
-def _schema() -> dict[str, type]:
+def _schema() -> type:
+    """The NetParameter message class, with the fields this reader uses. Built per read (a fifth of a
+    millisecond; importing transferkit builds no protobuf pool)."""
     def fld(name, number, kind, label=_F.LABEL_OPTIONAL, type_name=None, default=None):
         f = _F(name=name, number=number, type=kind, label=label)
         if type_name:
@@ -92,18 +92,7 @@ def _schema() -> dict[str, type]:
         fdp.message_type.add(name=name).field.extend(fields)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tkcaffe.{name}"))
-            for name in layouts}
-
-
-_MESSAGES: dict[str, type] = {}
-
-
-def _message(name: str) -> type:
-    """A message class of the schema, built on first use (importing transferkit builds no protobuf pool)."""
-    if not _MESSAGES:
-        _MESSAGES.update(_schema())
-    return _MESSAGES[name]
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tkcaffe.NetParameter"))
 
 
 _NET_TAGS = (b"\x12", b"\x1a", b"\xa2\x06")  # layers (V1), input, layer: what follows a net's name
@@ -143,9 +132,10 @@ def _layers(net, path: Path) -> list[_Layer]:
         if lp.HasField("v0_layer"):
             raise TransferKitError(f"{path}: a V0 (pre-2014) Caffe net; upgrade it with Caffe's "
                                    "upgrade_net_proto_binary tool first")
-        enum = _message("V1LayerParameter").DESCRIPTOR.fields_by_name["type"].enum_type
-        kind = enum.values_by_number[lp.type].name if lp.type in enum.values_by_number else str(lp.type)
-        out.append(_Layer(text(lp.name), V1_TO_TYPE.get(kind, kind.title().replace("_", "")),
+        # an unknown type number reads as NONE (proto2); the V1 names of the layers holding weights, title-cased
+        # without underscores, are the current types: CONVOLUTION, DECONVOLUTION, INNER_PRODUCT -> InnerProduct
+        kind = lp.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_number[lp.type].name
+        out.append(_Layer(text(lp.name), kind.title().replace("_", ""),
                           [text(b) for b in lp.bottom], [text(t) for t in lp.top], list(lp.blobs),
                           transpose=lp.inner_product_param.transpose))
     return out
@@ -160,8 +150,8 @@ def find_prototxt(path: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def _read_prototxt(proto: Path) -> list[_Layer]:
-    net = _message("NetParameter")()
+def _read_prototxt(proto: Path, net_class: type) -> list[_Layer]:
+    net = net_class()
     try:
         text_format.Parse(proto.read_text(encoding="utf-8"), net, allow_unknown_field=True)
     except (text_format.ParseError, UnicodeDecodeError, OSError) as exc:
@@ -202,9 +192,10 @@ def _weight(arr: np.ndarray, layer: _Layer) -> np.ndarray:
 def read(path: Path) -> WeightFile:
     try:
         data = path.read_bytes()
-        net = _message("NetParameter").FromString(data)
+        net_class = _schema()
+        net = net_class.FromString(data)
     except DecodeError as exc:
-        raise TransferKitError(f"{path}: truncated or damaged .caffemodel ({exc or 'protobuf decode error'}); "
+        raise TransferKitError(f"{path}: truncated or damaged .caffemodel ({exc}); "
                                "re-download it") from None
     except OSError as exc:
         raise TransferKitError(f"{path}: cannot read ({exc.strerror})") from None
@@ -219,7 +210,7 @@ def read(path: Path) -> WeightFile:
     order = stored
     extra = {}
     if proto is not None:
-        defined = _read_prototxt(proto)
+        defined = _read_prototxt(proto, net_class)
         known = {lay.name for lay in defined}
         order = defined + [lay for lay in stored if lay.name not in known]
         extra["prototxt"] = proto.name
@@ -242,7 +233,7 @@ def read(path: Path) -> WeightFile:
         arrays = [_blob_array(b, path, lay.name) for b in stored_lay.blobs]
         dtype = str(arrays[0].dtype)
 
-        def put(name, arr, source, converted="", *, layer=lay.name, layer_kind=kind, dtype=dtype, **more):
+        def put(name, arr, source, converted, *, layer=lay.name, layer_kind=kind, dtype=dtype, **more):
             tensors[name] = torch.from_numpy(np.array(arr))  # a copy: the protobuf buffer is read-only
             origins.tensor(name, source, layer, layer_kind, dtype, converted, **more)
 

@@ -47,14 +47,10 @@ TF1_SLOTS = re.compile(r"/(Adam(_\d+)?|Momentum|RMSProp(_\d+)?|Adagrad|Ftrl(_\d+
 DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 LEFT_OUT_NAMES = ("save_counter", "global_step", "optimizer", "_CHECKPOINTABLE_OBJECT_GRAPH")
 
-_MESSAGES: dict[str, type] = {}
-
-
 def _messages() -> dict[str, type]:
     """BundleHeaderProto, BundleEntryProto and TrackableObjectGraph (the fields this reader uses),
-    declared with the descriptor API under their TensorFlow field numbers."""
-    if _MESSAGES:
-        return _MESSAGES
+    declared with the descriptor API under their TensorFlow field numbers. Built per read (a fraction of
+    a millisecond)."""
     F = descriptor_pb2.FieldDescriptorProto
     fdp = descriptor_pb2.FileDescriptorProto(name="transferkit_tf_bundle.proto", package="transferkit_tf",
                                              syntax="proto3")
@@ -93,9 +89,8 @@ def _messages() -> dict[str, type]:
                                  ("checkpoint_key", 3, F.TYPE_STRING, opt, "")], parent=obj)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    for name in ("BundleHeaderProto", "BundleEntryProto", "TrackableObjectGraph"):
-        _MESSAGES[name] = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"transferkit_tf.{name}"))
-    return _MESSAGES
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"transferkit_tf.{name}"))
+            for name in ("BundleHeaderProto", "BundleEntryProto", "TrackableObjectGraph")}
 
 
 def checkpoint_index(path: Path) -> Path | None:
