@@ -439,7 +439,8 @@ def test_onnx_tensors_in_first_use_order_with_their_users_dtypes_and_metadata(tm
         helper.make_tensor("steps", TP.INT64, [2], [7, -3]),  # used by no node
         helper.make_tensor("fc.bias", TP.FLOAT, [2], [0.5, -1.5]),
         helper.make_tensor("conv.weight", TP.FLOAT, [1, 1, 2, 2], [1.0, 2.0, 3.0, 4.0]),
-        helper.make_tensor("labels", TP.STRING, [2], [b"cat", b"dog"]),  # not a weight
+        helper.make_tensor("labels", TP.STRING, [2], [b"cat", b"dog"]),  # not weights: left out, and the
+        helper.make_tensor("names", TP.STRING, [1], [b"x"]),  # tensors after them still read
         nph.from_array(np.array([1.5, -2.0, 0.25], ml_dtypes.bfloat16), "bf"),
         nph.from_array(np.array([[5.0, 6.0], [7.0, 8.0]], np.float32), "fc.weight"),  # raw_data
         helper.make_tensor("conv.bias", TP.FLOAT, [1], [0.125]),
@@ -493,7 +494,7 @@ def test_onnx_tensors_in_first_use_order_with_their_users_dtypes_and_metadata(tm
         "converted": "BFLOAT16 to float32: 1; INT4 to float32: 1",
         "opset": "ai.onnx:13,com.microsoft:1",
         "producer": "maker 2.1",
-        "skipped": "labels",
+        "skipped": "labels, names",
     }
 
     # No producer version, nothing skipped: no trailing space, no "skipped" entry.
@@ -636,6 +637,13 @@ def test_onnx_external_data_of_an_unknown_type_or_of_two_values_a_byte(tmp_path)
     assert (tmp_path / "int4.data").read_bytes() == bytes([0xE1, 0x73, 0x08])
     wf = read_weights(tmp_path / "int4.onnx")
     assert torch.equal(wf.tensors["nibbles"], torch.tensor([1.0, -2.0, 3.0, 7.0, -8.0]))
+    # An even count fills its last byte: four values, two bytes, not three.
+    nibbles = onnx.numpy_helper.from_array(np.array([1, -2, 3, 7], ml_dtypes.int4), "nibbles")
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[nibbles]))
+    onnx.save_model(model, str(tmp_path / "even.onnx"), save_as_external_data=True, location="even.data",
+                    size_threshold=0)
+    assert (tmp_path / "even.data").read_bytes() == bytes([0xE1, 0x73])
+    assert torch.equal(read_weights(tmp_path / "even.onnx").tensors["nibbles"], torch.tensor([1.0, -2.0, 3.0, 7.0]))
 
 
 TRANSPOSE_CONV, CONV_3D, ADD, MUL, CUSTOM = 67, 132, 0, 18, 32

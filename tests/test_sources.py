@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import io
+import re
 import tarfile
 import threading
 import zipfile
@@ -236,11 +237,18 @@ def test_archives(tmp_path, monkeypatch):
     with zipfile.ZipFile(two, "w") as zf:
         zf.writestr("a/first.pth", data)
         zf.writestr("a/second.safetensors", b"x")
-    with pytest.raises(TransferKitError, match="exactly one weights file .*a/first.pth, a/second.safetensors"):
+    with pytest.raises(TransferKitError, match=re.escape(
+            f"archive {two} must hold exactly one weights file to be used as a source (found: a/first.pth, "
+            "a/second.safetensors); name one as SOURCE#path/inside")):
         resolve_source(two)
     assert resolve_source(f"{two}#a/first.pth").read_bytes() == data
-    with pytest.raises(TransferKitError, match="'a/none.pth' is not in archive"):
+    with pytest.raises(TransferKitError, match=re.escape(f"'a/none.pth' is not in archive {two}")):
         resolve_source(f"{two}#a/none.pth")
+    plain = tmp_path / "plain.pth"
+    plain.write_bytes(data)
+    with pytest.raises(TransferKitError, match=re.escape(
+            f"{plain} is not an archive; '#a/first.pth' names a file inside an archive")):
+        resolve_source(f"{plain}#a/first.pth")
 
 
 def test_archive_path_traversal_is_refused(tmp_path, monkeypatch):

@@ -62,16 +62,13 @@ def _schema() -> type:
             fld("width", 4, _F.TYPE_INT32), fld("data", 5, _F.TYPE_BYTES, rep),
             fld("shape", 7, msg, type_name=".tkcaffe.BlobShape"), fld("double_data", 8, _F.TYPE_BYTES, rep),
         ],
-        "BatchNormParameter": [fld("use_global_stats", 1, _F.TYPE_BOOL),
-                               fld("eps", 3, _F.TYPE_FLOAT, default=str(BN_EPS_DEFAULT))],
-        "ScaleParameter": [fld("axis", 1, _F.TYPE_INT32, default="1"), fld("bias_term", 4, _F.TYPE_BOOL)],
+        "BatchNormParameter": [fld("eps", 3, _F.TYPE_FLOAT, default=str(BN_EPS_DEFAULT))],
         "InnerProductParameter": [fld("transpose", 6, _F.TYPE_BOOL)],
         "LayerParameter": [
             fld("name", 1, _F.TYPE_STRING), fld("type", 2, _F.TYPE_STRING), fld("bottom", 3, _F.TYPE_STRING, rep),
             fld("top", 4, _F.TYPE_STRING, rep), fld("blobs", 7, msg, rep, ".tkcaffe.BlobProto"),
             fld("inner_product_param", 117, msg, type_name=".tkcaffe.InnerProductParameter"),
             fld("batch_norm_param", 139, msg, type_name=".tkcaffe.BatchNormParameter"),
-            fld("scale_param", 142, msg, type_name=".tkcaffe.ScaleParameter"),
         ],
         "V1LayerParameter": [
             fld("v0_layer", 1, _F.TYPE_BYTES), fld("bottom", 2, _F.TYPE_STRING, rep),
@@ -82,7 +79,7 @@ def _schema() -> type:
         ],
         "NetParameter": [
             fld("name", 1, _F.TYPE_STRING), fld("layers", 2, msg, rep, ".tkcaffe.V1LayerParameter"),
-            fld("input", 3, _F.TYPE_STRING, rep), fld("layer", 100, msg, rep, ".tkcaffe.LayerParameter"),
+            fld("layer", 100, msg, rep, ".tkcaffe.LayerParameter"),
         ],
     }
     enum = fdp.enum_type.add(name="V1LayerType")
@@ -117,7 +114,6 @@ class _Layer:
     top: list[str]
     blobs: list = field(default_factory=list)
     eps: float | None = None
-    scale_bias: bool = False
     transpose: bool = False
 
 
@@ -126,7 +122,7 @@ def _layers(net, path: Path) -> list[_Layer]:
         return [_Layer(text(lp.name), text(lp.type), [text(b) for b in lp.bottom], [text(t) for t in lp.top],
                        list(lp.blobs),
                        lp.batch_norm_param.eps if lp.HasField("batch_norm_param") else None,
-                       lp.scale_param.bias_term, lp.inner_product_param.transpose) for lp in net.layer]
+                       lp.inner_product_param.transpose) for lp in net.layer]
     out = []
     for lp in net.layers:
         if lp.HasField("v0_layer"):
