@@ -31,6 +31,21 @@ def test_the_average_follows_the_decay_rule():
     assert torch.equal(restored.module.weight, average.module.weight) and restored.updates == 2
 
 
+@pytest.mark.parametrize("decay", [0.9, 0.4])
+def test_the_warm_up_lets_the_first_updates_count(decay):
+    # The decay at update n is 1 - n^(-2/3), capped at the decay asked: 0, 0.370, 0.519, ...
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(model, EmaConfig(decay=decay, warmup=True))
+    expected = 0.0
+    for n, value in enumerate([4.0, -2.0, 10.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update(model)
+        d = min(1 - n ** (-2 / 3), decay)
+        expected = d * expected + (1 - d) * value
+        assert average.module.weight.item() == pytest.approx(expected, rel=1e-6), n
+
+
 @pytest.fixture(scope="module")
 def ema_run(synth_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("ema") / "run"

@@ -274,18 +274,24 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_root, tmp_pa
 def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
     first = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1}))
     train(first, out=tmp_path / "first", quiet=True)
-    carried = load_config(None, tiny_overrides(synth_root, **{
-        "schedule.epochs": 1, "pretrained.source": str(tmp_path / "first"), "pretrained.scope": "full",
-        "pretrained.with_optimizer": "true"}))
-    plain = load_config(None, tiny_overrides(synth_root, **{
-        "schedule.epochs": 1, "pretrained.source": str(tmp_path / "first"), "pretrained.scope": "full"}))
+    # This run's own learning rate (0.003, the first run's was 0.01) with the first run's moments.
+    new = {"schedule.epochs": 1, "pretrained.source": str(tmp_path / "first"), "pretrained.scope": "full",
+           "optim.lr": 0.003, "schedule.kind": "constant"}
+    carried = load_config(None, tiny_overrides(synth_root, **new, **{"pretrained.with_optimizer": "true"}))
+    plain = load_config(None, tiny_overrides(synth_root, **new))
     a = train(carried, out=tmp_path / "carried", quiet=True)
     b = train(plain, out=tmp_path / "plain", quiet=True)
     assert a.metrics[0]["train_loss"] != b.metrics[0]["train_loss"]  # Adam moments made a difference
     # Adam's step count goes on from the first run's 5 steps (72 images, batch 16) only when carried.
-    steps = [load_state(find_state(tmp_path / r, print))["optimizer"]["state"][0]["step"].item()
-             for r in ("carried", "plain")]
-    assert steps == [10, 5]
+    states = [load_state(find_state(tmp_path / r, print))["optimizer"] for r in ("carried", "plain")]
+    assert [s["state"][0]["step"].item() for s in states] == [10, 5]
+    assert {(g["lr"], g["initial_lr"]) for s in states for g in s["param_groups"]} == {(0.003, 0.003)}
+    # A state of other parameter groups (biases and norms without decay here) does not fit: one line, naming it.
+    other = load_config(None, tiny_overrides(synth_root, **new, **{"pretrained.with_optimizer": "true",
+                                                                   "optim.no_decay_norm_bias": "true"}))
+    with pytest.raises(TransferKitError, match=r"the optimiser state of .*first.* does not fit this run \(.*\); "
+                       r"keep the same optim settings, or set pretrained.with_optimizer=false"):
+        train(other, out=tmp_path / "other", quiet=True)
     bad = load_config(None, tiny_overrides(synth_root, **{"pretrained.with_optimizer": "true"}))
     with pytest.raises(TransferKitError, match="needs pretrained.source to be a run directory"):
         train(bad, out=tmp_path / "bad", quiet=True)
