@@ -380,3 +380,36 @@ def test_a_run_config_that_is_an_alias_bomb_is_refused_quickly(tmp_path):
     with pytest.raises(TransferKitError, match=r"config\.yaml: refused, the YAML .*\(the run's config is damaged\)$"):
         trained_with(run, state)
     assert time.perf_counter() - started < 5
+
+
+def test_the_likely_cause_of_a_nonfinite_loss_is_told_from_what_is_still_finite():
+    from transferkit.training.finite import likely_cause
+
+    model = torch.nn.Linear(2, 1)
+    good, bad = torch.ones(1, 2), torch.tensor([[1.0, float("nan")]])
+    assert likely_cause(model, (bad, torch.zeros(1)), 3, 0.1) == \
+        "the batch holds NaN or inf values: check the data and its transforms"
+    assert likely_cause(model, (good, torch.zeros(1)), 0, 0.1) == \
+        "before any update, so the data or labels of this batch are the likely cause"
+    assert likely_cause(model, (good, torch.zeros(1)), 3, 0.1) == \
+        "on finite data and weights: the learning rate is the likely cause (lower optim.lr, now 0.1), or this " \
+        "batch's labels"
+    with torch.no_grad():
+        model.bias.fill_(float("inf"))
+    assert likely_cause(model, (good, torch.zeros(1)), 3, 0.1) == \
+        "the weights left the finite range in the last update: lower optim.lr (now 0.1)"
+
+
+def test_a_lock_whose_holder_wrote_no_id_says_so_within_a_second(tmp_path):
+    from transferkit.training.runguard import HOLDER, RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunLock(run)
+    started = time.monotonic()
+    assert lock.holder() == "(id not recorded)"  # no holder file at all
+    assert 0.9 < time.monotonic() - started < 3
+    (run / HOLDER).write_text("12x\n", encoding="utf-8")  # not an id
+    assert lock.holder() == "(id not recorded)"
+    (run / HOLDER).write_text("4242\n", encoding="utf-8")
+    assert lock.holder() == "4242"

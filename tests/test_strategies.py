@@ -60,3 +60,31 @@ def test_gradual_unfreeze_opens_from_the_top(synth_root, tmp_path):
         "unfreeze 0/6 stages", "unfreeze 1/6 stages", "unfreeze 2/6 stages"]
     assert torch.equal(s0["conv_stem.weight"], s1["conv_stem.weight"])  # the bottom stage never opened
     assert not torch.equal(s0["conv_head.weight"], s1["conv_head.weight"])  # the top stage did
+
+
+def test_unfreeze_stages_opens_timms_coarse_stages_from_the_top():
+    import timm
+
+    from transferkit.training.strategies import stage_count, unfreeze_stages
+
+    # ConvNeXt: a stem, four stages of one to four blocks, and the head (its norm and the classifier).
+    model = timm.create_model("test_convnext", num_classes=3)
+
+    def stage(name):
+        return ".".join(name.split(".")[:2]) if name.startswith("stages.") else name.split(".")[0]
+
+    everything = {id(p) for p in model.parameters()}
+    assert stage_count(model) == 5  # a stage is a whole `stages.N`, not one of its blocks
+    opened = {}
+    for stages in range(4):
+        count = unfreeze_stages(model, ["head.fc.*"], stages, everything)
+        training = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert count == len(training)
+        opened[stages] = sorted({stage(n) for n in training})
+    assert opened == {0: ["head"], 1: ["head", "stages.3"], 2: ["head", "stages.2", "stages.3"],
+                      3: ["head", "stages.1", "stages.2", "stages.3"]}
+    # Parameters outside the optimiser (frozen by a rule) are left as they are; the others all open.
+    model.requires_grad_(False)
+    kept = model.stages[1].downsample[1].weight
+    assert unfreeze_stages(model, ["head.fc.*"], 5, everything - {id(kept)}) == len(everything) - 1
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["stages.1.downsample.1.weight"]
