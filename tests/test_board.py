@@ -83,3 +83,18 @@ def test_missing_tensorboard_is_named_in_one_line(synth_root, tmp_path, monkeypa
     overrides = tiny_overrides(synth_root, **{"schedule.epochs": 1, "logging.tensorboard": "true"})
     with pytest.raises(TransferKitError, match=r"pip install 'transferkit\[tensorboard\]'"):
         train(load_config(None, overrides), out=tmp_path / "run", quiet=True)
+
+
+def test_a_resumed_board_drops_what_was_logged_after_its_epoch(tmp_path):
+    from transferkit.training.board import Board
+
+    first = Board(tmp_path / "tensorboard", 1)  # a task that draws no images
+    for epoch in (1, 2, 3):
+        first.record({"epoch": epoch, "train_loss": float(epoch)}, [])
+    first.close()
+    resumed = Board(tmp_path / "tensorboard", 2)  # stopped after epoch 1: epochs 2 and 3 run again
+    for epoch in (2, 3):
+        resumed.record({"epoch": epoch, "train_loss": 10.0 * epoch}, [])
+    resumed.close()
+    rows = [(e.step, e.value) for e in read_events(tmp_path).Scalars("train_loss")]
+    assert rows == [(1, 1.0), (2, 20.0), (3, 30.0)]

@@ -510,3 +510,16 @@ def test_loader_workers_rebuild_an_epoch_from_the_generator_state(shapes):
 
     assert not same(first, second)  # the epochs differ, so the comparison below can fail
     assert same(second, again)
+
+
+def test_soft_masks_are_cut_at_one_half_at_the_original_width_and_height():
+    from pycocotools import mask as mask_utils
+
+    from transferkit.training.detection_metrics import _rles
+
+    soft = torch.tensor([0.5, 0.49, 0.9]).view(3, 1, 1, 1).expand(3, 1, 2, 4)  # three masks, 2 x 4
+    rles = _rles(soft, (6, 3))  # to an image 6 wide and 3 high
+    assert [r["size"] for r in rles] == [[3, 6]] * 3
+    areas = mask_utils.area([{"size": r["size"], "counts": r["counts"].encode()} for r in rles])
+    assert areas.tolist() == [18, 0, 18]  # 0.5 is kept, below it is not
+    assert _rles(torch.zeros(0, 1, 2, 4), (6, 3)) == []
