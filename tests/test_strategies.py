@@ -1,5 +1,6 @@
 """linear_probe, lp_ft and gradual_unfreeze."""
 
+import pytest
 import torch
 from conftest import tiny_overrides
 
@@ -88,3 +89,33 @@ def test_unfreeze_stages_opens_timms_coarse_stages_from_the_top():
     kept = model.stages[1].downsample[1].weight
     assert unfreeze_stages(model, ["head.fc.*"], 5, everything - {id(kept)}) == len(everything) - 1
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["stages.1.downsample.1.weight"]
+
+
+def test_a_probe_epoch_sees_each_image_once_in_one_of_its_views_and_averages_per_image():
+    from transferkit.training.strategies import train_probe_epoch
+
+    views, n = 3, 7
+    # feature = 100 x view + image index, so a batch tells which view of which image it got
+    feats = torch.tensor([[[100.0 * v + i] for i in range(n)] for v in range(views)])
+    labels = torch.arange(n)
+    batches = []
+
+    def step(x, y):
+        batches.append((x[:, 0].tolist(), y.tolist()))
+        return float(len(y))  # a batch's mean loss: its size, so the per-image average is weighted
+
+    loss = train_probe_epoch(feats, labels, step, 3, torch.Generator().manual_seed(0))
+    assert [len(y) for _, y in batches] == [3, 3, 1]
+    seen = [i for _, y in batches for i in y]
+    assert sorted(seen) == list(range(n)) and seen != list(range(n))  # each image once, shuffled
+    for x, y in batches:
+        assert [int(f) % 100 for f in x] == y and all(0 <= f // 100 < views for f in x)
+    assert {int(f) // 100 for x, _ in batches for f in x} != {0}  # views drawn, not always the first
+    assert loss == pytest.approx((3 * 3 + 3 * 3 + 1 * 1) / 7)
+    # The same generator state, the same epoch.
+    again = []
+    train_probe_epoch(feats, labels, lambda x, y: again.append(x[:, 0].tolist()) or 0.0, 3,
+                      torch.Generator().manual_seed(0))
+    assert again == [x for x, _ in batches]
+    one = train_probe_epoch(feats[:, :1], labels[:1], lambda x, y: 0.25, 3, torch.Generator().manual_seed(0))
+    assert one == 0.25  # a one-image epoch
