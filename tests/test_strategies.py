@@ -119,3 +119,12 @@ def test_a_probe_epoch_sees_each_image_once_in_one_of_its_views_and_averages_per
     assert again == [x for x, _ in batches]
     one = train_probe_epoch(feats[:, :1], labels[:1], lambda x, y: 0.25, 3, torch.Generator().manual_seed(0))
     assert one == 0.25  # a one-image epoch
+
+
+def test_the_probe_trains_at_the_head_rate_or_its_own_whatever_the_rules(synth_root, tmp_path):
+    rules = {"schedule.epochs": 1, "schedule.kind": "constant", "optim.lr": 0.01, "optim.head_lr_mult": 10,
+             "optim.param_groups": "[{match: 'classifier.*', lr_mult: 0.5}]"}  # rules of the fine-tuning
+    result, _, _ = run(synth_root, tmp_path / "head", strategy="linear_probe", **rules)
+    assert result.metrics[0]["lr"] == pytest.approx(0.1)  # optim.lr x head_lr_mult
+    result, _, _ = run(synth_root, tmp_path / "own", strategy="linear_probe", **rules, **{"probe.lr": 0.02})
+    assert result.metrics[0]["lr"] == pytest.approx(0.02)
