@@ -127,3 +127,27 @@ def test_compile_falls_back_with_one_line_where_unsupported(synth_root, tmp_path
     assert len(lines) == 1 and "\n" not in lines[0]
     assert lines[0].endswith("on this platform; training without it")
     assert read_metrics(tmp_path / "run")[0]["epoch"] == 1
+
+
+def test_compile_on_cpu_needs_a_cpp_compiler_named_by_cxx_or_found_as_gpp_or_cpp(monkeypatch):
+    import sys
+
+    from transferkit.training import device as device_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    found = set()
+    monkeypatch.setattr(device_module.shutil, "which", lambda name: f"/bin/{name}" if name in found else None)
+    monkeypatch.delenv("CXX", raising=False)
+    none = "torch.compile on CPU needs a C++ compiler (g++ or $CXX), and none was found"
+    assert device_module.compile_support(cpu) == none
+    assert device_module.compile_support(cuda) is None  # a GPU compiles with Triton, not a C++ compiler
+    for present in ("g++", "c++"):
+        found = {present}
+        assert device_module.compile_support(cpu) is None, present
+    found = {"clang++"}
+    assert device_module.compile_support(cpu) == none
+    monkeypatch.setenv("CXX", "clang++")
+    assert device_module.compile_support(cpu) is None
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    assert device_module.compile_support(cpu) == \
+        f"torch.compile does not support Python {sys.version_info.major}.{sys.version_info.minor} on this platform"
