@@ -128,3 +128,11 @@ def test_the_probe_trains_at_the_head_rate_or_its_own_whatever_the_rules(synth_r
     assert result.metrics[0]["lr"] == pytest.approx(0.1)  # optim.lr x head_lr_mult
     result, _, _ = run(synth_root, tmp_path / "own", strategy="linear_probe", **rules, **{"probe.lr": 0.02})
     assert result.metrics[0]["lr"] == pytest.approx(0.02)
+
+
+def test_the_probe_of_lp_ft_has_a_schedule_of_its_own_epochs(synth_root, tmp_path):
+    result, _, _ = run(synth_root, tmp_path, strategy="lp_ft", **{"probe.epochs": 2, "schedule.epochs": 3,
+                                                                  "schedule.kind": "cosine"})
+    probe = [r for r in result.metrics if r["phase"] == "probe"]
+    # Cosine over the probe's 2 epochs, by optimiser step: half way after the first, at zero after the second.
+    assert [r["lr"] for r in probe] == pytest.approx([0.005, 0.0], abs=1e-9)
