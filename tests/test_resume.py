@@ -286,6 +286,14 @@ def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
     states = [load_state(find_state(tmp_path / r, print))["optimizer"] for r in ("carried", "plain")]
     assert [s["state"][0]["step"].item() for s in states] == [10, 5]
     assert {(g["lr"], g["initial_lr"]) for s in states for g in s["param_groups"]} == {(0.003, 0.003)}
+    # From the very first step: at a learning rate of 1e-9 the weights stay the first run's (one step
+    # at the carried 0.01 would move them by about 0.01).
+    still = load_config(None, tiny_overrides(synth_root, **{**new, "optim.lr": 1e-9},
+                                             **{"pretrained.with_optimizer": "true"}))
+    train(still, out=tmp_path / "still", quiet=True)
+    before, after = (load_file(tmp_path / r / "checkpoints" / "last.safetensors") for r in ("first", "still"))
+    weights = [k for k in before if "running" not in k and "num_batches" not in k]
+    assert max(float((before[k] - after[k]).abs().max()) for k in weights) < 1e-6
     # A state of other parameter groups (biases and norms without decay here) does not fit: one line, naming it.
     other = load_config(None, tiny_overrides(synth_root, **new, **{"pretrained.with_optimizer": "true",
                                                                    "optim.no_decay_norm_bias": "true"}))
@@ -293,5 +301,6 @@ def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
                        r"keep the same optim settings, or set pretrained.with_optimizer=false"):
         train(other, out=tmp_path / "other", quiet=True)
     bad = load_config(None, tiny_overrides(synth_root, **{"pretrained.with_optimizer": "true"}))
-    with pytest.raises(TransferKitError, match="needs pretrained.source to be a run directory"):
+    with pytest.raises(TransferKitError, match="^pretrained.with_optimizer needs pretrained.source to be a run "
+                       "directory$"):
         train(bad, out=tmp_path / "bad", quiet=True)
