@@ -136,3 +136,12 @@ def test_the_probe_of_lp_ft_has_a_schedule_of_its_own_epochs(synth_root, tmp_pat
     probe = [r for r in result.metrics if r["phase"] == "probe"]
     # Cosine over the probe's 2 epochs, by optimiser step: half way after the first, at zero after the second.
     assert [r["lr"] for r in probe] == pytest.approx([0.005, 0.0], abs=1e-9)
+
+
+def test_the_probe_drops_features_at_the_models_rate_and_ignores_the_fine_tuning_freeze(synth_root, tmp_path):
+    base = {"schedule.epochs": 1, "schedule.kind": "constant", "optim.freeze_until": "blocks.1",
+            "optim.layer_decay": 0.5}  # fine-tuning settings that would change the head's rate or freeze it
+    plain, _, _ = run(synth_root, tmp_path / "plain", strategy="linear_probe", **base)
+    dropped, _, _ = run(synth_root, tmp_path / "dropped", strategy="linear_probe", **base, **{"model.drop_rate": 0.5})
+    assert plain.metrics[0]["lr"] == dropped.metrics[0]["lr"] == pytest.approx(0.01)
+    assert plain.metrics[0]["train_loss"] != dropped.metrics[0]["train_loss"]
