@@ -47,6 +47,7 @@ TF1_SLOTS = re.compile(r"/(Adam(_\d+)?|Momentum|RMSProp(_\d+)?|Adagrad|Ftrl(_\d+
 DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 LEFT_OUT_NAMES = ("save_counter", "global_step", "optimizer", "_CHECKPOINTABLE_OBJECT_GRAPH")
 
+
 def _messages() -> dict[str, type]:
     """BundleHeaderProto, BundleEntryProto and TrackableObjectGraph (the fields this reader uses),
     declared with the descriptor API under their TensorFlow field numbers. Built per read (a fraction of
