@@ -523,3 +523,90 @@ def test_soft_masks_are_cut_at_one_half_at_the_original_width_and_height():
     areas = mask_utils.area([{"size": r["size"], "counts": r["counts"].encode()} for r in rles])
     assert areas.tolist() == [18, 0, 18]  # 0.5 is kept, below it is not
     assert _rles(torch.zeros(0, 1, 2, 4), (6, 3)) == []
+
+
+def test_outputs_and_targets_of_other_lengths_are_refused():
+    one = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.5])}
+    target = {"image_id": 1, "scale": 1.0}
+    with pytest.raises(ValueError):  # a batch whose outputs were cut short is not scored as if complete
+        to_coco_results([one], [target, {"image_id": 2, "scale": 1.0}], label_offset=0)
+    with pytest.raises(ValueError):
+        to_coco_results([{**one, "scores": torch.tensor([0.5, 0.4])}], [target], label_offset=0)
+
+
+def _one_image(anns, size=100):
+    return {"images": [{"id": 1, "width": size, "height": size}], "annotations": anns,
+            "categories": [{"id": 1, "name": "a"}]}
+
+
+def test_each_ground_truth_box_is_matched_once_and_the_caller_keeps_its_data(capsys):
+    gt = _one_image([{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "area": 1600, "iscrowd": 0},
+                     {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 40, 40], "area": 1600, "iscrowd": 0}])
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "score": 0.9},
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "score": 0.8},  # the first box again
+            {"image_id": 1, "category_id": 1, "bbox": [50, 50, 40, 40], "score": 0.7}]
+    gt_before, dets_before = copy.deepcopy(gt), copy.deepcopy(dets)
+    metrics = coco_map(gt, dets)
+    # true, false, true positive: precision 1 up to recall 0.5 (51 of COCO's 101 recall points), then 2/3
+    assert metrics["val_ap50"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+    assert gt == gt_before and dets == dets_before  # pycocotools marks what it is given; ours are copies
+    assert capsys.readouterr().out == ""  # pycocotools' progress lines are not printed
+
+
+def test_mask_results_are_sized_by_their_mask_not_their_box():
+    from pycocotools import mask as mask_utils
+
+    def rle(mask):
+        r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": r["size"], "counts": r["counts"].decode("ascii")}
+
+    square = np.zeros((100, 100), bool)
+    square[10:20, 10:20] = True  # a small object (area 100)
+    corner = np.zeros((100, 100), bool)
+    corner[50, 40:] = True  # a stray L: 109 pixels, but a box of 60 x 50
+    corner[50:, 40] = True
+    gt = _one_image([{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "area": 100,
+                      "iscrowd": 0, "segmentation": rle(square)}])
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [40, 50, 60, 50], "score": 0.95, "segmentation": rle(corner)},
+            {"image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "score": 0.9, "segmentation": rle(square)}]
+    metrics = coco_map(gt, dets, "segm")
+    # the stray mask is small too, so it is a false positive among the small objects: AP 1/2 from recall 0
+    assert metrics["val_ap_small"] == pytest.approx(0.5)
+    assert coco_map(gt, dets)["val_ap_small"] == pytest.approx(1.0)  # as boxes, the stray one is medium
+
+
+def test_mask_map_scores_the_masks_even_for_a_single_detection(shapes):
+    from transferkit.tasks.detection import detection_loaders, label_offset, load_detection_data
+    from transferkit.training.detection_metrics import evaluate_detection
+
+    cfg = load_config(None, det_overrides(shapes))
+    data = load_detection_data(cfg)
+    _, loader = detection_loaders(cfg, data)
+    first = data.val.records[0]
+
+    class OneBox(torch.nn.Module):
+        """The first image's first true box, exactly, with an empty mask; nothing on the other images."""
+        def forward(self, images):
+            return [{"boxes": first.boxes[:1] * t["scale"], "labels": first.labels[:1] + label_offset(cfg),
+                     "scores": torch.ones(1), "masks": torch.zeros(1, 1, 8, 8)} if t["image_id"] == first.image_id
+                    else {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                          "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 8, 8)} for t in self.targets]
+
+    model = OneBox()
+    batches = [(images, targets) for images, targets in loader]
+    model.targets = []
+
+    class Feed:  # the loader, telling the stub which images it is given
+        dataset = loader.dataset
+
+        def __iter__(self):
+            for images, targets in batches:
+                model.targets = targets
+                yield images, targets
+
+    metrics, results = evaluate_detection(model, Feed(), data.val, torch.device("cpu"), label_offset(cfg))
+    assert len(results) == 1 and results[0]["bbox"] == pytest.approx(
+        [first.boxes[0, 0].item(), first.boxes[0, 1].item(), (first.boxes[0, 2] - first.boxes[0, 0]).item(),
+         (first.boxes[0, 3] - first.boxes[0, 1]).item()], abs=1e-4)
+    assert metrics["val_ap50"] > 0  # the box is right
+    assert metrics["val_mask_ap50"] == 0  # its mask is empty

@@ -413,3 +413,68 @@ def test_a_lock_whose_holder_wrote_no_id_says_so_within_a_second(tmp_path):
     assert lock.holder() == "(id not recorded)"
     (run / HOLDER).write_text("4242\n", encoding="utf-8")
     assert lock.holder() == "4242"
+
+
+# --- where a run is, and what a finished run gives back -------------------------------------------
+
+def test_a_run_without_out_goes_under_runs_named_after_its_config(monkeypatch):
+    import datetime as dt
+
+    from transferkit.training import rundir
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 3, 4, 5, 6, 7)
+
+    monkeypatch.setattr(rundir, "datetime", Frozen)
+    assert rundir.default_run_dir("configs/flowers.yaml") == Path("runs/flowers-20260304-050607")
+    assert rundir.default_run_dir(None) == Path("runs/run-20260304-050607")
+
+
+def test_torchruns_other_ranks_follow_the_same_directory_and_state(synth_root, finished_run, tmp_path):
+    from transferkit.training.rundir import follow_run
+
+    cfg = load_config(None, tiny_overrides(synth_root))
+    said = []
+    held, point = follow_run(cfg, tmp_path / "given", None, None, [], said.append)
+    assert point is None
+    with held as run_dir:
+        assert run_dir == tmp_path / "given" and not run_dir.exists()  # rank 0 makes and holds it
+    cfg.out = tmp_path / "from-config"
+    with follow_run(cfg, None, None, None, [], said.append)[0] as run_dir:
+        assert run_dir == tmp_path / "from-config"
+    with follow_run(cfg, tmp_path / "given", None, None, [], said.append)[0] as run_dir:
+        assert run_dir == tmp_path / "given"  # --out before the config's out
+    cfg.out = None
+    with follow_run(cfg, None, "configs/x.yaml", None, [], said.append)[0] as run_dir:
+        assert run_dir.parent == Path("runs") and run_dir.name.startswith("x-")
+    run = copy_of(finished_run, tmp_path)
+    states = run / "checkpoints" / "states"
+    newest = max(states.glob("step-*"))
+    (states / "step-99999999").mkdir()  # a state cut short by a kill: passed over, and said
+    held, point = follow_run(cfg, None, None, run, [], said.append)
+    with held as run_dir:
+        assert run_dir == run
+    assert point.dir == newest and point.state["global_step"] == int(newest.name.split("-")[1])
+    assert len(said) == 1 and said[0].startswith(f"checkpoint {states / 'step-99999999'} is damaged")
+    assert snapshot(run) == snapshot(finished_run)  # nothing claimed: no lock, no marker written
+
+
+def test_a_finished_runs_checkpoints_by_name_or_path(finished_run, tmp_path):
+    from transferkit.errors import TransferKitError
+    from transferkit.training.rundir import checkpoint_path, run_config
+
+    assert checkpoint_path(finished_run, "best") == finished_run / "checkpoints" / "best.safetensors"
+    assert checkpoint_path(finished_run, "last") == finished_run / "checkpoints" / "last.safetensors"
+    own = tmp_path / "mine.safetensors"
+    own.write_bytes(b"")
+    assert checkpoint_path(finished_run, str(own)) == own  # a path is taken as it is
+    with pytest.raises(TransferKitError) as err:
+        checkpoint_path(finished_run, "ema")  # a run without optim.ema
+    assert str(err.value) == (f"checkpoint not found: {finished_run / 'checkpoints' / 'ema.safetensors'}; "
+                              "has the run finished an epoch?")
+    assert run_config(finished_run).schedule.epochs == 2
+    with pytest.raises(TransferKitError) as err:
+        run_config(tmp_path)
+    assert str(err.value) == f"{tmp_path} is not a run directory (no config.yaml); give the --out of a train run"

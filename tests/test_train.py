@@ -164,3 +164,70 @@ def test_frozen_parameters_are_bit_identical_after_training(synth_root, tmp_path
     assert frozen and all(torch.equal(s0[k], s1[k]) for k in frozen)
     trained = next(k for k in s0 if k.startswith("blocks.1.") and k.endswith(".weight"))
     assert not torch.equal(s0[trained], s1[trained])
+
+
+def _cells(table) -> tuple[str, list[list[str]]]:
+    """A rich table as printed: its title and each line's cells, padding kept."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200)
+    console.print(table)
+    lines = console.file.getvalue().splitlines()
+    return lines[0].strip(), [line.replace("┃", "│").split("│")[1:-1] for line in lines if line[:1] in "┃│"]
+
+
+def test_the_closing_summary_shows_each_epoch_and_marks_the_best():
+    from transferkit.training.runlog import summary_table
+
+    rows = [{"epoch": 1, "train_loss": 0.693147, "val_loss": 0.5, "val_acc": 0.75, "val_top5": 0.96875, "lr": 1e-3,
+             "seconds": 2.54},
+            {"epoch": 2, "train_loss": 0.25, "val_loss": 0.125, "val_acc": 0.875, "val_top5": 1.0, "lr": 5e-4,
+             "seconds": 12.0}]
+    title, cells = _cells(summary_table(rows, best_epoch=2))
+    assert title == "training summary"
+    assert [[c.strip() for c in line] for line in cells] == [
+        ["epoch", "train_loss", "val_loss", "val_acc", "val_top5", "lr", "seconds"],
+        ["1", "0.6931", "0.5000", "0.7500", "0.9688", "1.00e-03", "2.5"],
+        ["2 *", "0.2500", "0.1250", "0.8750", "1.0000", "5.00e-04", "12.0"]]
+    assert all(c == " " + c.strip().rjust(len(c) - 2) + " " for line in cells for c in line)  # right-aligned
+    detector = [{"epoch": 3, "train_loss": 1.5, "val_map": 0.25, "val_ap50": 0.5, "lr": 0.02, "seconds": 60.0}]
+    title, cells = _cells(summary_table(detector, best_epoch=None, title="detector"))
+    assert title == "detector"
+    assert [[c.strip() for c in line] for line in cells] == [
+        ["epoch", "train_loss", "val_map", "val_ap50", "lr", "seconds"],
+        ["3", "1.5000", "0.2500", "0.5000", "2.00e-02", "60.0"]]
+
+
+def test_the_curves_draw_each_series_the_rows_hold(tmp_path):
+    from PIL import Image
+
+    from transferkit.training.runlog import curves_figure, plot_curves
+
+    rows = [{"epoch": 1, "train_loss": 0.9, "val_loss": 0.8, "val_acc": 0.5, "val_top5": 0.75, "lr": 1e-3,
+             "seconds": 1.0},
+            {"epoch": 2, "train_loss": 0.4, "val_loss": 0.6, "val_acc": 0.625, "val_top5": 0.875, "lr": 1e-3,
+             "seconds": 1.0}]
+    fig = curves_figure(rows, title="resnet18 on flowers")
+    loss, quality = fig.axes
+    drawn = {ax.get_title(): [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines]
+             for ax in (loss, quality)}
+    assert drawn == {"loss": [("train", [1, 2], [0.9, 0.4]), ("val", [1, 2], [0.8, 0.6])],
+                     "validation": [("val top-1", [1, 2], [0.5, 0.625]), ("val top-5", [1, 2], [0.75, 0.875])]}
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["train", "val"]
+    assert [t.get_text() for t in quality.get_legend().get_texts()] == ["val top-1", "val top-5"]
+    assert (loss.get_xlabel(), loss.get_ylabel(), quality.get_xlabel(), quality.get_ylabel()) == (
+        "epoch", "loss", "epoch", "score")
+    assert quality.get_ylim() == (0, 1.02)
+    assert fig._suptitle.get_text() == "resnet18 on flowers"
+    detector = [{"epoch": 1, "train_loss": 2.0, "val_map": 0.1, "val_ap50": 0.3, "lr": 0.02, "seconds": 9.0}]
+    fig = curves_figure(detector)
+    assert [line.get_label() for ax in fig.axes for line in ax.lines] == ["train", "val mAP", "val AP50"]
+    assert fig._suptitle is None
+    plot_curves(rows, tmp_path / "curves.png")
+    assert Image.open(tmp_path / "curves.png").size == (1000, 400)
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

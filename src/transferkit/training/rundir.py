@@ -80,10 +80,7 @@ def run_config(run_dir: str | Path) -> Config:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise TransferKitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of a train run")
-    try:
-        return load_config(cfg_path)
-    except UnicodeDecodeError:
-        raise TransferKitError(f"cannot read {cfg_path}: not UTF-8 text; the run's config is damaged") from None
+    return load_config(cfg_path)  # one line naming the file for any damage (config.read_yaml_mapping)
 
 
 def checkpoint_path(run_dir: str | Path, weights: str) -> Path:

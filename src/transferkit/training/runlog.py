@@ -36,7 +36,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 QUALITY = (("val_acc", "val top-1"), ("val_top5", "val top-5"), ("val_map", "val mAP"), ("val_ap50", "val AP50"))
 
 
-def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
+def curves_figure(rows: list[dict], title: str = ""):
+    """Loss (train, and val where the rows hold it) and the validation quality per epoch, side by side."""
     # Deferred on purpose: matplotlib takes about half a second to import, and only a run's end draws.
     import matplotlib
 
@@ -58,13 +59,23 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """curves_figure as a PNG at `path` (1000 x 400 pixels)."""
+    fig = curves_figure(rows, title)  # first: it picks the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
 def summary_table(rows: list[dict], best_epoch: int | None, title: str = "training summary") -> Table:
+    """A row per epoch: the losses and validation quality the rows hold, the lr and the seconds; the
+    best epoch marked with a star."""
     table = Table(title=title)
-    metrics = [k for k in ("train_loss", "val_loss", "val_acc", "val_map", "val_ap50") if k in rows[0]]
+    metrics = [k for k in ("train_loss", "val_loss", *(key for key, _ in QUALITY)) if k in rows[0]]
     for col in ("epoch", *metrics, "lr", "seconds"):
         table.add_column(col, justify="right")
     for r in rows:
