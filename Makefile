@@ -37,11 +37,13 @@ mutation: $(STAMP)
 
 # training/'s mutants, run with the training tests in a folder of their own (settings in
 # tools/mutation-training/pyproject.toml): make mutation-training MUTANTS='transferkit.training.ema*'
-# PYTHONPATH lets the runs that tests start as subprocesses import the mutated code too.
+# PYTHONPATH lets the runs that tests start as subprocesses import the mutated code too; the tests are
+# copied, so that tests edited while it runs (hours) do not change it part way.
 MUTATION_TRAINING := build/mutation-training
 mutation-training: $(STAMP)
 	mkdir -p $(MUTATION_TRAINING)
-	for d in src tests docs configs; do ln -sfn ../../$$d $(MUTATION_TRAINING)/$$d; done
+	for d in src docs configs; do ln -sfn ../../$$d $(MUTATION_TRAINING)/$$d; done
+	rm -rf $(MUTATION_TRAINING)/tests && cp -r tests $(MUTATION_TRAINING)/tests  # a copy: edits during a run stay out
 	cp tools/mutation-training/pyproject.toml $(MUTATION_TRAINING)/
 	cd $(MUTATION_TRAINING) && PYTHONPATH=$(CURDIR)/$(MUTATION_TRAINING)/mutants/src \
 		nice ../../$(BIN)/mutmut run --max-children 1 $(MUTANTS)
