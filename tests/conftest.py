@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,12 @@ def det_overrides(root: Path, **extra) -> list[str]:
         "detection.fpn_channels": 64, "schedule.epochs": 6, **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def inspect_json(source: Path, capsys) -> dict:
+    """What `transferkit weights inspect --json` says of `source`."""
+    from transferkit.cli import main
+
+    capsys.readouterr()
+    assert main(["weights", "inspect", "--json", str(source)]) == 0
+    return json.loads(capsys.readouterr().out)

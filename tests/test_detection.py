@@ -522,6 +522,10 @@ def test_soft_masks_are_cut_at_one_half_at_the_original_width_and_height():
     assert [r["size"] for r in rles] == [[3, 6]] * 3
     areas = mask_utils.area([{"size": r["size"], "counts": r["counts"].encode()} for r in rles])
     assert areas.tolist() == [18, 0, 18]  # 0.5 is kept, below it is not
+    # resized by pixel centres (as torchvision resizes the image): 2 pixels to 4 samples the first at 1/4
+    # of the way from 0.35 to 0.9 (0.4875, cut), the second at 3/4; by corners, at 1/3 (0.533, kept)
+    edge = _rles(torch.tensor([[[[0.35, 0.9]]]]), (4, 1))[0]
+    assert mask_utils.decode({"size": edge["size"], "counts": edge["counts"].encode()})[0].tolist() == [0, 0, 1, 1]
     assert _rles(torch.zeros(0, 1, 2, 4), (6, 3)) == []
 
 

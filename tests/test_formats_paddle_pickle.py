@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_shared
-from hypothesis import HealthCheck, given, settings
+from conftest import SHARED_DATA, inspect_json, needs_shared
+from fuzzing import SETTINGS
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from transferkit.cli import main
 from transferkit.errors import TransferKitError
 from transferkit.weights.formats import paddle_file, pickled_module, read_weights
 from transferkit.weights.formats import restricted_pickle as rp
@@ -32,15 +32,6 @@ from transferkit.weights.formats.restricted_pickle import Damaged, Refused, Stan
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PADDLE = SHARED_DATA / "weights" / "paddle_mnist_mlp" / "model.pdparams"
 YOLO = SHARED_DATA / "weights" / "yolov5n_coco_pickled_module" / "yolov5n.pt"
-# FUZZ_EXAMPLES=1000 for a longer hunt; the suite runs 25 per format.
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def inspect_json(source, capsys) -> dict:
-    capsys.readouterr()
-    assert main(["weights", "inspect", "--json", str(source)]) == 0
-    return json.loads(capsys.readouterr().out)
 
 
 class _NumpyOnly(pickle.Unpickler):
@@ -143,7 +134,7 @@ def test_paddle_array_whose_bytes_do_not_fit_its_shape_is_damaged(tmp_path):
 
 
 @needs_shared
-@FUZZ
+@SETTINGS
 @given(data=st.data())
 def test_paddle_mutated_file_reads_or_fails_in_one_line(tmp_path_factory, data):
     raw = bytearray(PADDLE.read_bytes())
@@ -251,7 +242,7 @@ def test_pickled_module_with_a_storage_smaller_than_its_tensor_is_damaged(tmp_pa
 
 
 @needs_shared
-@FUZZ
+@SETTINGS
 @given(data=st.data())
 def test_yolov5_mutated_file_reads_or_fails_in_one_line(tmp_path_factory, data):
     raw = bytearray(YOLO.read_bytes())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
@@ -14,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, needs_shared
-from hypothesis import HealthCheck, given, settings
+from conftest import SHARED_DATA, inspect_json, needs_shared
+from fuzzing import SETTINGS
+from hypothesis import given
 from hypothesis import strategies as st
 from protowire import field, varint
 from torch import nn
 
 from transferkit.checksums import masked_crc32c
-from transferkit.cli import main
 from transferkit.errors import TransferKitError
 from transferkit.weights.formats import read_weights, tf_checkpoint
 from transferkit.weights.formats.tf_layout import convert
@@ -31,15 +30,6 @@ RFB = SHARED_DATA / "weights" / "ultralight_face_rfb320_multiformat"
 RFB_TF = RFB / "tf" / "export_models" / "RFB"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 XCEPTION = SHARED_DATA / "weights" / "keras_fer2013_mini_xception" / "fer2013_mini_XCEPTION.102-0.66.hdf5"
-# FUZZ_EXAMPLES=1000 for a longer hunt; the suite runs 25 per format.
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def inspect_json(source, capsys) -> dict:
-    capsys.readouterr()
-    assert main(["weights", "inspect", "--json", str(source)]) == 0
-    return json.loads(capsys.readouterr().out)
 
 
 # --- layouts -------------------------------------------------------------------------------------
@@ -220,7 +210,7 @@ def test_tf_index_footer_and_blocks_are_checked(tmp_path):
 
 
 @needs_shared
-@FUZZ
+@SETTINGS
 @given(data=st.data())
 def test_tf_mutated_index_or_data_reads_or_fails_in_one_line(tmp_path_factory, data):
     prefix = _copy_rfb(tmp_path_factory.mktemp("tf"))
@@ -486,7 +476,7 @@ def test_keras_damaged_and_foreign_hdf5_files_fail_in_one_line(tmp_path):
 
 
 @needs_shared
-@FUZZ
+@SETTINGS
 @given(data=st.data())
 def test_keras_mutated_file_reads_or_fails_in_one_line(tmp_path_factory, data):
     raw = bytearray(XCEPTION.read_bytes())
@@ -1033,6 +1023,16 @@ def _legacy_layer(group, layer: str, weights: dict[str, np.ndarray]) -> None:
         g[name] = array
 
 
+def _legacy_model(path, config: dict, layers: dict[str, dict[str, np.ndarray]]) -> None:
+    """A Keras 2 model file at `path`: the model config, and each layer's weights in order."""
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        g = f.create_group("model_weights")
+        g.attrs["layer_names"] = [name.encode() for name in layers]
+        for name, weights in layers.items():
+            _legacy_layer(g, name, weights)
+
+
 def test_keras_legacy_model_names_values_types_eps_padding_and_metadata(tmp_path):
     """A Keras 2 model file: every tensor named, converted and typed through the model config, clashing
     names kept apart, BatchNorm eps values and 'same'-padded strided layers listed, optimizer variables
@@ -1370,11 +1370,7 @@ def test_keras3_links_and_a_nested_model_weight_without_a_scope(tmp_path):
     assert str(caught.value) == f"{path}: /layers/alias is a SoftLink; refusing links in a weights file"
     path = tmp_path / "nested.h5"
     config = {"config": {"layers": [{"class_name": "Functional", "config": {"name": "inner", "layers": []}}]}}
-    with h5py.File(path, "w") as f:
-        f.attrs["model_config"] = json.dumps(config)
-        g = f.create_group("model_weights")
-        g.attrs["layer_names"] = [b"inner"]
-        _legacy_layer(g, "inner", {"kernel:0": np.arange(2, dtype=np.float32).reshape(1, 2)})
+    _legacy_model(path, config, {"inner": {"kernel:0": np.arange(2, dtype=np.float32).reshape(1, 2)}})
     wf = read_weights(path)
     assert {k: v.tolist() for k, v in wf.tensors.items()} == {"inner.weight": [[0], [1]]}
     assert json.loads(wf.metadata["layer_types"]) == {"inner.weight": "Functional"}
@@ -1387,14 +1383,11 @@ def test_keras_separable_names_follow_the_class_then_the_layer_name(tmp_path):
         {"class_name": "Dense", "config": {"name": "separable_head"}},
         {"class_name": "SeparableConvolution2D", "config": {"name": "separable_k1"}}]}}
     path = tmp_path / "k1.h5"
-    with h5py.File(path, "w") as f:
-        f.attrs["model_config"] = json.dumps(config)
-        g = f.create_group("model_weights")
-        g.attrs["layer_names"] = [b"separable_head", b"separable_k1"]
-        _legacy_layer(g, "separable_head", {"separable_head/kernel:0": np.ones((2, 1), np.float32),
-                                            "separable_head/bias:0": np.ones(1, np.float32)})
-        _legacy_layer(g, "separable_k1", {"separable_k1/depthwise_kernel:0": np.ones((1, 1, 2, 1), np.float32),
-                                          "separable_k1/pointwise_kernel:0": np.ones((1, 1, 2, 3), np.float32)})
+    _legacy_model(path, config, {
+        "separable_head": {"separable_head/kernel:0": np.ones((2, 1), np.float32),
+                           "separable_head/bias:0": np.ones(1, np.float32)},
+        "separable_k1": {"separable_k1/depthwise_kernel:0": np.ones((1, 1, 2, 1), np.float32),
+                         "separable_k1/pointwise_kernel:0": np.ones((1, 1, 2, 3), np.float32)}})
     wf = read_weights(path)
     assert list(wf.tensors) == ["separable_head.weight", "separable_head.bias", "separable_k1.depthwise.weight",
                                 "separable_k1.pointwise.weight"]
@@ -1435,12 +1428,8 @@ def test_keras_inner_scopes_missing_from_the_config_and_nameless_config_layers(t
         {"class_name": "DepthwiseConv2D", "name": "", "config": {"name": ""}},
         {"class_name": "Conv2D", "config": {"name": "conv"}}]}}
     path = tmp_path / "scopes.h5"
-    with h5py.File(path, "w") as f:
-        f.attrs["model_config"] = json.dumps(config)
-        g = f.create_group("model_weights")
-        g.attrs["layer_names"] = [b"inner", b"conv"]
-        _legacy_layer(g, "inner", {"ghost/kernel:0": np.arange(2, dtype=np.float32).reshape(1, 2)})
-        _legacy_layer(g, "conv", {"conv/kernel:0": np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)})
+    _legacy_model(path, config, {"inner": {"ghost/kernel:0": np.arange(2, dtype=np.float32).reshape(1, 2)},
+                                 "conv": {"conv/kernel:0": np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)}})
     wf = read_weights(path)
     assert {k: v.tolist() for k, v in wf.tensors.items()} == {
         "inner.ghost.weight": [[0], [1]], "conv.weight": [[[[0]], [[2]]], [[[1]], [[3]]]]}
@@ -1475,11 +1464,7 @@ def test_keras_nested_layer_class_and_a_linked_layer_group(tmp_path):
     config = {"config": {"layers": [{"class_name": "Functional", "config": {"name": "inner", "layers": [
         {"class_name": "DepthwiseConv2D", "config": {"name": "dw"}}]}}]}}
     path = tmp_path / "nested_dw.h5"
-    with h5py.File(path, "w") as f:
-        f.attrs["model_config"] = json.dumps(config)
-        g = f.create_group("model_weights")
-        g.attrs["layer_names"] = [b"inner"]
-        _legacy_layer(g, "inner", {"dw/kernel:0": np.arange(2, dtype=np.float32).reshape(1, 1, 2, 1)})
+    _legacy_model(path, config, {"inner": {"dw/kernel:0": np.arange(2, dtype=np.float32).reshape(1, 1, 2, 1)}})
     wf = read_weights(path)
     assert {k: v.tolist() for k, v in wf.tensors.items()} == {"inner.dw.weight": [[[[0]]], [[[1]]]]}
     assert json.loads(wf.metadata["layer_types"]) == {"inner.dw.weight": "DepthwiseConv2D"}
