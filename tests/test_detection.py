@@ -614,3 +614,14 @@ def test_mask_map_scores_the_masks_even_for_a_single_detection(shapes):
          (first.boxes[0, 3] - first.boxes[0, 1]).item()], abs=1e-4)
     assert metrics["val_ap50"] > 0  # the box is right
     assert metrics["val_mask_ap50"] == 0  # its mask is empty
+
+
+def test_ap_per_class_counts_up_to_100_detections_an_image_and_minus_one_without_ground_truth():
+    boxes = [[10.0 * k, 0, 8, 8] for k in range(11)]  # eleven objects in one image, each found exactly
+    gt = _one_image([{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": 64, "iscrowd": 0}
+                     for k, b in enumerate(boxes)], size=120)
+    gt["categories"].append({"id": 2, "name": "never seen"})
+    dets = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 1 - k / 100} for k, b in enumerate(boxes)]
+    metrics = coco_map(gt, dets)
+    # at 10 detections an image recall would stop at 10/11; COCO's AP is at 100
+    assert metrics["val_ap_per_class"] == {"a": pytest.approx(1.0), "never seen": -1.0}

@@ -220,6 +220,9 @@ def test_the_curves_draw_each_series_the_rows_hold(tmp_path):
     assert (loss.get_xlabel(), loss.get_ylabel(), quality.get_xlabel(), quality.get_ylabel()) == (
         "epoch", "loss", "epoch", "score")
     assert quality.get_ylim() == (0, 1.02)
+    assert {line.get_marker() for ax in fig.axes for line in ax.lines} == {"o"}  # a point per epoch
+    left, right = loss.get_position(), quality.get_position()
+    assert left.x1 < right.x0 and (left.y0, left.y1) == (right.y0, right.y1)  # side by side
     assert fig._suptitle.get_text() == "resnet18 on flowers"
     detector = [{"epoch": 1, "train_loss": 2.0, "val_map": 0.1, "val_ap50": 0.3, "lr": 0.02, "seconds": 9.0}]
     fig = curves_figure(detector)

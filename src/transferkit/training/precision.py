@@ -50,5 +50,5 @@ class MixedPrecision:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.scaler is not None and "scaler" in state:
+        if self.scaler is not None:  # optim.amp cannot change on resume: an fp16 run's states hold its scaler
             self.scaler.load_state_dict(state["scaler"])
