@@ -304,3 +304,30 @@ def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
     with pytest.raises(TransferKitError, match="^pretrained.with_optimizer needs pretrained.source to be a run "
                        "directory$"):
         train(bad, out=tmp_path / "bad", quiet=True)
+
+
+def test_config_changes_name_added_and_removed_keys_and_compare_require_whole():
+    from transferkit.training.resume import config_changes
+
+    saved = {"optim": {"lr": 0.1, "old": 1}, "pretrained": {"require": {"backbone.*": 1.0}}}
+    new = {"optim": {"lr": 0.1, "new": {"deep": 2}}, "pretrained": {"require": {"backbone.*": 0.9}}}
+    assert config_changes(saved, new) == {
+        "optim.new.deep": (None, 2), "optim.old": (1, None),
+        # require's keys are patterns with dots in them: the mapping is one value
+        "pretrained.require": ({"backbone.*": 1.0}, {"backbone.*": 0.9})}
+    assert config_changes(saved, saved) == {}
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "lp_ft"])
+def test_a_probe_run_is_not_resumed(synth_root, tmp_path, strategy):
+    from transferkit.training.rundir import prepare_resume
+
+    cfg = load_config(None, tiny_overrides(synth_root, strategy=strategy))
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    with pytest.raises(TransferKitError) as err:
+        prepare_resume(tmp_path, cfg, [], print)
+    assert str(err.value) == f"resuming strategy {strategy} is not supported; start the run again"
+    (tmp_path / "config.yaml").unlink()  # a run that stopped before it wrote its config
+    with pytest.raises(TransferKitError) as err:
+        prepare_resume(tmp_path, cfg, [], print)
+    assert str(err.value) == f"{tmp_path} is not a run directory (no config.yaml); give the --out of a train run"
