@@ -331,3 +331,34 @@ def test_a_probe_run_is_not_resumed(synth_root, tmp_path, strategy):
     with pytest.raises(TransferKitError) as err:
         prepare_resume(tmp_path, cfg, [], print)
     assert str(err.value) == f"{tmp_path} is not a run directory (no config.yaml); give the --out of a train run"
+
+
+def test_the_resume_refusal_names_every_changed_key_an_edit_and_what_may_change(synth_root, tmp_path):
+    from transferkit.training.resume import KEPT_CONFIG
+    from transferkit.training.resumecheck import check_resume_config
+
+    trained = load_config(None, tiny_overrides(synth_root, **{"optim.lr": 0.25, "seed": 3}))
+    run, state = tmp_path / "run", tmp_path / "run" / "checkpoints" / "states" / "step-00000004"
+    state.mkdir(parents=True)
+    (run / "config.yaml").write_text(trained.to_yaml())
+    (state / KEPT_CONFIG).write_text(trained.to_yaml())
+    moved = load_config(None, tiny_overrides(synth_root, **{"optim.lr": 0.25, "seed": 3, "out": str(tmp_path / "x")}))
+    check_resume_config(run, state, moved, [])  # where the run is may differ: it is the run given
+    changed = load_config(None, tiny_overrides(synth_root, **{"optim.lr": 0.5, "seed": 7}))
+    may_change = ("schedule.epochs, out, device, data.num_workers, checkpoint.keep_last, checkpoint.every_steps, "
+                  "checkpoint.every_minutes")
+    with pytest.raises(TransferKitError) as err:
+        check_resume_config(run, state, changed, [])
+    assert str(err.value) == ("the config differs from the run's (optim.lr: 0.25 -> 0.5; seed: 3 -> 7); resume with "
+                              "the config the run was trained with, or allow keys with --allow-config-change "
+                              f"(only {may_change})")
+    with (run / "config.yaml").open("a") as fh:
+        fh.write("# edited\n")
+    with pytest.raises(TransferKitError) as err:
+        check_resume_config(run, state, changed, ["seed"])
+    assert str(err.value) == (f"the config differs from the run's (optim.lr: 0.25 -> 0.5); {run / 'config.yaml'} was "
+                              "edited after step-00000004 was saved; resume with the config the run was trained "
+                              f"with, or allow keys with --allow-config-change (only {may_change})")
+    with pytest.raises(TransferKitError) as err:
+        check_resume_config(run, state, changed, ["seed", "optim.lr"])
+    assert str(err.value) == "--allow-config-change: optim.lr, seed cannot change in a resumed run"
