@@ -362,3 +362,44 @@ def test_the_resume_refusal_names_every_changed_key_an_edit_and_what_may_change(
     with pytest.raises(TransferKitError) as err:
         check_resume_config(run, state, changed, ["seed", "optim.lr"])
     assert str(err.value) == "--allow-config-change: optim.lr, seed cannot change in a resumed run"
+
+
+@pytest.mark.parametrize("marker, problem", [
+    (None, "no COMPLETE marker (the write did not finish)"),
+    (b"{not json", "unreadable COMPLETE marker"),
+    (b"\xff\xfe", "unreadable COMPLETE marker"),
+    (b"[]", "unreadable COMPLETE marker"),
+    (b'{"files": ["state.pt"]}', "unreadable COMPLETE marker"),
+    (b'{"files": {"../state.pt": "0"}}', "unreadable COMPLETE marker"),
+    (b'{"files": {"state.pt": 5}}', "unreadable COMPLETE marker"),
+    (b'{"files": {"gone.pt": "0"}}', "gone.pt is missing"),
+    (b'{"files": {"state.pt": "0"}}', "state.pt does not match its checksum"),
+], ids=["none", "not-json", "not-utf8", "a-list", "files-a-list", "outside", "digest-a-number", "missing", "changed"])
+def test_a_damaged_state_is_named_by_what_is_wrong(tmp_path, marker, problem):
+    from transferkit.training.resume import check_state
+
+    (tmp_path / "state.pt").write_bytes(b"state")
+    if marker is not None:
+        (tmp_path / "COMPLETE").write_bytes(marker)
+    assert check_state(tmp_path) == problem
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (_touch, (str(self.path),))
+
+
+def _touch(path: str):
+    open(path, "w", encoding="utf-8").close()
+
+
+def test_a_state_file_is_read_without_running_its_code(tmp_path):
+    ran = tmp_path / "ran"
+    torch.save({"global_step": 1, "payload": _RunsCode(ran)}, tmp_path / "state.pt")
+    with pytest.raises(TransferKitError) as err:
+        load_state(tmp_path)
+    assert str(err.value).startswith(f"cannot read {tmp_path / 'state.pt'}: ") and "\n" not in str(err.value)
+    assert not ran.exists()

@@ -478,3 +478,19 @@ def test_a_finished_runs_checkpoints_by_name_or_path(finished_run, tmp_path):
     with pytest.raises(TransferKitError) as err:
         run_config(tmp_path)
     assert str(err.value) == f"{tmp_path} is not a run directory (no config.yaml); give the --out of a train run"
+
+
+@pytest.mark.parametrize("folder", ["users-own", "missing"])
+def test_resume_of_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, folder):
+    from transferkit.errors import TransferKitError
+    from transferkit.training.runguard import claim_run_to_resume
+
+    target = tmp_path / "photos"
+    if folder == "users-own":
+        target.mkdir()
+        (target / "keep.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(TransferKitError) as err:
+        claim_run_to_resume(target)
+    assert str(err.value) == f"{target} is not a run directory; give the --out of a train run to --resume"
+    assert snapshot(tmp_path) == before and (folder == "users-own") == target.is_dir()  # no marker, no lock

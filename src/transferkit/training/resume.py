@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.errors import TransferKitError
+from transferkit.errors import TransferKitError, one_line
 from transferkit.fileio import write_json
 from transferkit.training.checkpoint import save_weights
 from transferkit.weights.sources import sha256_of
@@ -97,6 +97,10 @@ def save_state(run_dir: Path, model, optimizer, scheduler, counters: dict, keep_
     return final
 
 
+def _file_name(name: object) -> bool:
+    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+
+
 def check_state(path: Path) -> str | None:
     """None when the state is complete and intact, else what is wrong with it."""
     marker = path / "COMPLETE"
@@ -104,7 +108,10 @@ def check_state(path: Path) -> str | None:
         return "no COMPLETE marker (the write did not finish)"
     try:
         files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
+        return "unreadable COMPLETE marker"
+    # damage can leave any JSON here: only file names of this state, each with its digest, are checked
+    if not isinstance(files, dict) or not all(_file_name(n) and isinstance(d, str) for n, d in files.items()):
         return "unreadable COMPLETE marker"
     for name, digest in files.items():
         if not (path / name).is_file():
@@ -130,7 +137,7 @@ def load_state(path: Path) -> dict:
     try:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - checked by checksum first; anything here is damage
-        raise TransferKitError(f"cannot read {path / 'state.pt'}: {exc}") from None
+        raise TransferKitError(f"cannot read {path / 'state.pt'}: {one_line(exc)}") from None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
