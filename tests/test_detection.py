@@ -50,6 +50,11 @@ def test_tiny_detector_learns_synthetic_shapes(shapes, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out[0]["drawn"].endswith("val_0000.png") and (tmp_path / "drawn" / "val_0000.png").is_file()
     assert all(d["class"] in {"circle", "square", "triangle"} and d["score"] >= 0.2 for d in out[0]["detections"])
+    # a run whose class names were damaged: one line, not a traceback
+    (tmp_path / "run" / "classes.json").write_text('{"circle": 0}')
+    assert main(["predict", "--run", str(tmp_path / "run"), str(shapes / "images" / "val" / "val_0000.png")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'run' / 'classes.json'}: not a JSON list of class "
+                                               "names; the run's class names are damaged")
 
 
 def _ground_truth():

@@ -152,6 +152,8 @@ def test_extending_a_finished_run_equals_a_longer_run(synth_root, tmp_path):
     more = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 4, **const}))
     with pytest.raises(TransferKitError, match=r"the config differs from the run's \(schedule.epochs: 2 -> 4\)"):
         train(more, resume=tmp_path / "two", quiet=True)
+    with open(tmp_path / "two" / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"epoch": 3, "train_lo')  # a row cut short by a kill: left out, then written over
     train(more, resume=tmp_path / "two", quiet=True, allow_config_change=["schedule.epochs"])
     assert same_weights(tmp_path / "two/checkpoints/last.safetensors", tmp_path / "four/checkpoints/last.safetensors")
     assert strip(read_metrics(tmp_path / "two")) == strip(read_metrics(tmp_path / "four"))

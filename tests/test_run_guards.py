@@ -494,3 +494,21 @@ def test_resume_of_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, fol
         claim_run_to_resume(target)
     assert str(err.value) == f"{target} is not a run directory; give the --out of a train run to --resume"
     assert snapshot(tmp_path) == before and (folder == "users-own") == target.is_dir()  # no marker, no lock
+
+
+@pytest.mark.parametrize("text", [None, "[\"a\", \"b\"", "{\"a\": 0}", "[1, 2]", "[]", "\"ab\""],
+                         ids=["missing", "cut", "a-mapping", "numbers", "empty", "a-string"])
+def test_a_runs_class_names_are_read_back_or_named_as_damaged(tmp_path, text):
+    from transferkit.errors import TransferKitError
+    from transferkit.training.rundir import run_classes
+
+    path = tmp_path / "classes.json"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(TransferKitError) as err:
+        run_classes(tmp_path)
+    assert str(err.value) == (f"{path} not found; give the --out of a train run (it writes its class names there)"
+                              if text is None else
+                              f"{path}: not a JSON list of class names; the run's class names are damaged")
+    path.write_text('["cat", "dog"]', encoding="utf-8")
+    assert run_classes(tmp_path) == ["cat", "dog"]

@@ -234,3 +234,37 @@ def test_the_curves_draw_each_series_the_rows_hold(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"epoch": 1}\n{"epoch": 2}\n', None),
+    ('{"epoch": 1}\n\n{"epoch": 2}\n{"epoch": 3, "val', None),  # the last row cut short by a kill
+    ('{"epoch": 1}\n{"epo\n{"epoch": 3}\n', "2"),
+    ('{"epoch": 1}\n[1, 2]\n', "2"),
+    ('{"epoch": "1"}\n', "1"),
+    ('{"epoch": 1}\n{"epoch": 2}', None),
+], ids=["whole", "cut-last-row", "bad-middle-row", "not-a-row", "epoch-not-a-number", "no-final-newline"])
+def test_metrics_rows_are_read_back_and_damage_is_named_by_line(tmp_path, text, error):
+    (tmp_path / "metrics.jsonl").write_text(text, encoding="utf-8")
+    if error is None:
+        assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+        return
+    with pytest.raises(TransferKitError) as err:
+        read_metrics(tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'metrics.jsonl'}:{error}: not an epoch's row of metrics (damaged); "
+                              "remove the line, or start the run again")
+
+
+def test_metrics_that_are_not_utf8_are_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 1}\n\xff\n')
+    with pytest.raises(TransferKitError) as err:
+        read_metrics(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'metrics.jsonl'}: not UTF-8 text; the run's metrics are damaged"
+
+
+def test_another_tools_safetensors_metadata_is_kept_as_text(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "hub.safetensors"),
+              metadata={"format": "pt", "classes": '["a", "b"]'})
+    assert read_metadata(tmp_path / "hub.safetensors") == {"format": "pt", "classes": ["a", "b"]}

@@ -4,7 +4,6 @@ detector's losses, COCO mAP through pycocotools, and boxes found in images (draw
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from transferkit.tasks.base import (
 )
 from transferkit.training.checkpoint import load_weights
 from transferkit.training.detection_metrics import evaluate_detection
-from transferkit.training.rundir import checkpoint_path
+from transferkit.training.rundir import checkpoint_path, run_classes
 from transferkit.weights import zoo
 from transferkit.weights.transfer import TransferReport, restore_pretrained
 
@@ -85,9 +84,8 @@ def source_classes(cfg: Config) -> list[str]:
         categories = zoo.torchvision_weights(str(cfg.pretrained.source).removeprefix("torchvision:")).categories
         if categories:
             return zoo_source_classes(cfg.detection.kind, categories)
-    listed = Path(str(cfg.pretrained.source)) / "classes.json"
-    if listed.is_file():
-        return json.loads(listed.read_text(encoding="utf-8"))
+    if (Path(str(cfg.pretrained.source)) / "classes.json").is_file():
+        return run_classes(cfg.pretrained.source)
     raise TransferKitError("pretrained.head_init for a detector needs the source's class names: give "
                            "pretrained.head_init.source_classes, a run directory or a torchvision: name as "
                            "pretrained.source")
@@ -278,7 +276,7 @@ class DetectionTask:
         return create_detector(name or self.cfg.model.name, num_classes, self.cfg.detection)
 
     def load_run(self, run_dir: str | Path, weights: str = "best") -> TrainedRun:
-        classes = json.loads((Path(run_dir) / "classes.json").read_text(encoding="utf-8"))
+        classes = run_classes(run_dir)
         model, family = create_detector(self.cfg.model.name, len(classes), self.cfg.detection)
         load_weights(model, checkpoint_path(run_dir, weights))
         model.eval()

@@ -37,7 +37,16 @@ def read_metadata(path: str | Path) -> dict:
             raw = fh.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise TransferKitError(f"cannot read checkpoint {path}: {exc}") from None
-    return {k: json.loads(v) for k, v in raw.items()}
+    return {k: _metadata_value(v) for k, v in raw.items()}
+
+
+def _metadata_value(text: str) -> object:
+    """save_weights writes each value as JSON; another tool's file may hold plain text ({"format": "pt"}
+    in the Hub's safetensors), which is kept as it is."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def load_weights(model: nn.Module, path: str | Path) -> dict:

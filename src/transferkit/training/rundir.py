@@ -1,9 +1,10 @@
 """The run directory: made for a new run (never over another run, nor into a folder of the user's
 own), or found again for a resume, and held by this process (training/runguard.py); what is written
-into it before the first step; reading a finished run's config and checkpoints."""
+into it before the first step; reading a finished run's config, class names and checkpoints."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
@@ -81,6 +82,20 @@ def run_config(run_dir: str | Path) -> Config:
     if not cfg_path.is_file():
         raise TransferKitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of a train run")
     return load_config(cfg_path)  # one line naming the file for any damage (config.read_yaml_mapping)
+
+
+def run_classes(run_dir: str | Path) -> list[str]:
+    """The class names a run wrote (classes.json), in the order of the model's outputs."""
+    path = Path(run_dir) / "classes.json"
+    if not path.is_file():
+        raise TransferKitError(f"{path} not found; give the --out of a train run (it writes its class names there)")
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        classes = None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise TransferKitError(f"{path}: not a JSON list of class names; the run's class names are damaged")
+    return classes
 
 
 def checkpoint_path(run_dir: str | Path, weights: str) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write
 
 
@@ -27,9 +28,28 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl, one per finished epoch."""
+    """The rows of a run's metrics.jsonl, one per finished epoch. A last line without its newline (the
+    run was killed while writing it) is left out; other damage is one line naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise TransferKitError(f"{path}: not UTF-8 text; the run's metrics are damaged") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise TransferKitError(f"{path}:{number}: not an epoch's row of metrics (damaged); remove the line, "
+                                   "or start the run again")
+        rows.append(row)
+    return rows
 
 
 # The validation quality shown in the curves and the summary: accuracy for classifiers, mAP for detectors.
