@@ -85,6 +85,11 @@ def test_voc_split_lists_choose_the_files(voc, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TransferKitError, match=r"empty holds no VOC XML files; give a VOC year folder or a folder"):
         convert_voc(tmp_path / "empty")
+    (voc / "ImageSets" / "Main" / "utf16.txt").write_text("000002\n", encoding="utf-16")
+    with pytest.raises(TransferKitError) as err:
+        convert_voc(voc, "utf16")
+    listing = voc / "ImageSets" / "Main" / "utf16.txt"
+    assert str(err.value) == f"split list {listing} is not UTF-8 text; save it as UTF-8"
 
 
 # --- labelme ---------------------------------------------------------------------------------

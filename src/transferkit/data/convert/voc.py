@@ -104,7 +104,13 @@ def _find_image(xml: Path, node, root: Path, images: Path | None) -> tuple[Path 
 
 def _listed(path: Path) -> set[str]:
     """Stems (or file names) of a split list: the first word of each line."""
-    return {Path(ln.split()[0]).stem for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TransferKitError(f"split list {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise TransferKitError(f"cannot read split list {path}: {exc.strerror}") from None
+    return {Path(ln.split()[0]).stem for ln in text.splitlines() if ln.strip()}
 
 
 def _image_root(paths: list[Path], images: Path | None, default: Path | None) -> Path:
