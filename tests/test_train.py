@@ -268,3 +268,37 @@ def test_another_tools_safetensors_metadata_is_kept_as_text(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "hub.safetensors"),
               metadata={"format": "pt", "classes": '["a", "b"]'})
     assert read_metadata(tmp_path / "hub.safetensors") == {"format": "pt", "classes": ["a", "b"]}
+
+
+def test_a_checkpoint_that_is_missing_damaged_or_for_another_model_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from transferkit.training.checkpoint import save_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    with pytest.raises(TransferKitError) as err:
+        load_weights(model, tmp_path / "none.safetensors")
+    assert str(err.value) == f"checkpoint not found: {tmp_path / 'none.safetensors'}"
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(TransferKitError) as err:
+        load_weights(model, tmp_path / "cut.safetensors")
+    assert str(err.value).startswith(f"cannot read checkpoint {tmp_path / 'cut.safetensors'}: ")
+    other = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(4), "2.weight": torch.zeros(1)}
+    save_file(other, str(tmp_path / "other.safetensors"))  # 1.weight, 1.bias missing; 2.weight extra; 0.bias 4
+    with pytest.raises(TransferKitError) as err:
+        load_weights(model, tmp_path / "other.safetensors")
+    assert str(err.value) == (f"checkpoint {tmp_path / 'other.safetensors'} does not fit model: 2 missing, "
+                              "1 unexpected, 1 wrong-shape tensors (first: 1.bias); was it written for another "
+                              "model or class set?")
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [({"0.bias": torch.zeros(4), "9.x": torch.zeros(1)}, "0 missing, 1 unexpected, 1 wrong-shape tensors "
+              "(first: 9.x)"),
+             ({"0.bias": torch.zeros(4)}, "0 missing, 0 unexpected, 1 wrong-shape tensors (first: 0.bias)")]
+    for extra, first in cases:
+        save_file({**own, **extra}, str(tmp_path / "other.safetensors"))
+        with pytest.raises(TransferKitError) as err:
+            load_weights(model, tmp_path / "other.safetensors")
+        assert first in str(err.value)
+    save_weights(model, tmp_path / "own.safetensors", {"classes": ["a"]})
+    assert load_weights(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)),
+                        tmp_path / "own.safetensors") == {"classes": ["a"]}
