@@ -283,6 +283,9 @@ def test_a_checkpoint_that_is_missing_damaged_or_for_another_model_is_one_line(t
     with pytest.raises(TransferKitError) as err:
         load_weights(model, tmp_path / "cut.safetensors")
     assert str(err.value).startswith(f"cannot read checkpoint {tmp_path / 'cut.safetensors'}: ")
+    with pytest.raises(TransferKitError) as err:
+        read_metadata(tmp_path / "cut.safetensors")
+    assert str(err.value).startswith(f"cannot read checkpoint {tmp_path / 'cut.safetensors'}: ")
     other = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(4), "2.weight": torch.zeros(1)}
     save_file(other, str(tmp_path / "other.safetensors"))  # 1.weight, 1.bias missing; 2.weight extra; 0.bias 4
     with pytest.raises(TransferKitError) as err:
@@ -302,3 +305,27 @@ def test_a_checkpoint_that_is_missing_damaged_or_for_another_model_is_one_line(t
     save_weights(model, tmp_path / "own.safetensors", {"classes": ["a"]})
     assert load_weights(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)),
                         tmp_path / "own.safetensors") == {"classes": ["a"]}
+
+
+def test_classification_metrics_by_hand():
+    from transferkit.training.evaluate import classification_metrics
+
+    rows = [([5, 0, 0, 0, 0, 0], 0),  # top-1
+            ([6, 5, 4, 3, 2, 1], 4),  # fifth: top-5 only
+            ([6, 5, 4, 3, 2, 1], 5),  # sixth: neither
+            ([0, 0, 9, 0, 0, 0], 2)]  # top-1
+
+    def nll(logits, label):  # -log softmax, written out
+        return math.log(sum(math.exp(v) for v in logits)) - logits[label]
+
+    metrics = classification_metrics(torch.tensor([r for r, _ in rows], dtype=torch.float32),
+                                     torch.tensor([label for _, label in rows]))
+    assert metrics.keys() == {"val_loss", "val_acc", "val_top5"}
+    assert metrics["val_loss"] == pytest.approx(sum(nll(r, label) for r, label in rows) / 4, rel=1e-12)
+    assert (metrics["val_acc"], metrics["val_top5"]) == (0.5, 0.75)
+    five = classification_metrics(torch.tensor([[1.0, 2, 3, 4, 5]]), torch.tensor([0]))
+    assert (five["val_acc"], five["val_top5"]) == (0.0, 1.0)  # five classes: top-5 is shown (and always hit)
+    four = classification_metrics(torch.tensor([[1.0, 2, 3, 4]]), torch.tensor([3]))
+    assert four.keys() == {"val_loss", "val_acc"} and four["val_acc"] == 1.0
+    assert classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == {"val_loss": 0.0,
+                                                                                          "val_acc": 0.0}
