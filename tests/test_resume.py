@@ -405,3 +405,25 @@ def test_a_state_file_is_read_without_running_its_code(tmp_path):
         load_state(tmp_path)
     assert str(err.value).startswith(f"cannot read {tmp_path / 'state.pt'}: ") and "\n" not in str(err.value)
     assert not ran.exists()
+
+
+def test_a_save_cut_short_earlier_is_cleared_and_the_newest_states_are_kept(tmp_path):
+    from transferkit.training.resume import check_state, save_state
+
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    states = tmp_path / "checkpoints" / "states"
+    leftover = states / ".step-00000005.tmp"  # a save killed part way, with what it had written
+    leftover.mkdir(parents=True)
+    (leftover / "junk").write_text("x")
+    for step in (3, 5, 7):
+        save_state(tmp_path, model, optimizer, scheduler, {"epoch": 1, "batches_done": step, "global_step": step},
+                   keep_last=2)
+    assert sorted(p.name for p in states.iterdir()) == ["step-00000005", "step-00000007"]
+    assert sorted(p.name for p in (states / "step-00000005").iterdir()) == [
+        "COMPLETE", "config.yaml", "model.safetensors", "state.pt"]
+    assert check_state(states / "step-00000005") is None
+    state = load_state(states / "step-00000007")
+    assert sorted(state) == ["batches_done", "epoch", "global_step", "optimizer", "scheduler"]

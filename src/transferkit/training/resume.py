@@ -71,8 +71,7 @@ def save_state(run_dir: Path, model, optimizer, scheduler, counters: dict, keep_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(model, tmp / "model.safetensors")
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                 **counters}
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **counters}
         with open(tmp / "state.pt", "wb") as fh:
             torch.save(state, fh)
             fh.flush()
