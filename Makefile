@@ -45,6 +45,6 @@ mutation-training: $(STAMP)
 	for d in src docs configs; do ln -sfn ../../$$d $(MUTATION_TRAINING)/$$d; done
 	rm -rf $(MUTATION_TRAINING)/tests && cp -r tests $(MUTATION_TRAINING)/tests  # a copy: edits during a run stay out
 	cp tools/mutation-training/pyproject.toml $(MUTATION_TRAINING)/
-	cd $(MUTATION_TRAINING) && PYTHONPATH=$(CURDIR)/$(MUTATION_TRAINING)/mutants/src \
-		nice ../../$(BIN)/mutmut run --max-children 1 $(MUTANTS)
+	cd $(MUTATION_TRAINING) && PYTHONPATH=$(CURDIR)/$(MUTATION_TRAINING)/mutants/src OMP_NUM_THREADS=1 \
+		nice ../../$(BIN)/mutmut run --max-children 2 $(MUTANTS)  # two mutants at a time, a thread each
 	cd $(MUTATION_TRAINING) && ../../$(BIN)/mutmut results

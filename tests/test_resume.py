@@ -373,10 +373,14 @@ def test_the_resume_refusal_names_every_changed_key_an_edit_and_what_may_change(
     (b"[]", "unreadable COMPLETE marker"),
     (b'{"files": ["state.pt"]}', "unreadable COMPLETE marker"),
     (b'{"files": {"../state.pt": "0"}}', "unreadable COMPLETE marker"),
+    (b'{"files": {"..": "0"}}', "unreadable COMPLETE marker"),
+    (b'{"files": {".": "0"}}', "unreadable COMPLETE marker"),
+    (b'{"files": {"": "0"}}', "unreadable COMPLETE marker"),
     (b'{"files": {"state.pt": 5}}', "unreadable COMPLETE marker"),
     (b'{"files": {"gone.pt": "0"}}', "gone.pt is missing"),
     (b'{"files": {"state.pt": "0"}}', "state.pt does not match its checksum"),
-], ids=["none", "not-json", "not-utf8", "a-list", "files-a-list", "outside", "digest-a-number", "missing", "changed"])
+], ids=["none", "not-json", "not-utf8", "a-list", "files-a-list", "outside", "parent", "self", "no-name",
+        "digest-a-number", "missing", "changed"])
 def test_a_damaged_state_is_named_by_what_is_wrong(tmp_path, marker, problem):
     from transferkit.training.resume import check_state
 
@@ -403,7 +407,8 @@ def test_a_state_file_is_read_without_running_its_code(tmp_path):
     torch.save({"global_step": 1, "payload": _RunsCode(ran)}, tmp_path / "state.pt")
     with pytest.raises(TransferKitError) as err:
         load_state(tmp_path)
-    assert str(err.value).startswith(f"cannot read {tmp_path / 'state.pt'}: ") and "\n" not in str(err.value)
+    assert str(err.value) == (f"cannot read {tmp_path / 'state.pt'}: refused, unpickling it would run code (needs "
+                              f"{_touch.__module__}._touch); the state is damaged or not a transferkit state")
     assert not ran.exists()
 
 

@@ -313,9 +313,9 @@ def test_the_reader_itself_asks_for_weights_only(tmp_path, monkeypatch):
     ("Weights only load failed. Unsupported operand 149", "not allowed by weights_only"),
 ])
 def test_the_refusal_names_the_global_in_either_of_torchs_wordings(text, expected):
-    from transferkit.weights.formats.torch_file import _global_name
+    from transferkit.weights.formats.torch_file import refused_global
 
-    assert _global_name(pickle.UnpicklingError(text)) == expected
+    assert refused_global(pickle.UnpicklingError(text)) == expected
 
 
 # --- the PyTorch and safetensors readers, on files written here ------------------------------------

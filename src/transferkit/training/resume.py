@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch
 from transferkit.errors import TransferKitError, one_line
 from transferkit.fileio import write_json
 from transferkit.training.checkpoint import save_weights
+from transferkit.weights.formats.torch_file import refused_global
 from transferkit.weights.sources import sha256_of
 
 STATES = Path("checkpoints") / "states"
@@ -97,7 +99,7 @@ def save_state(run_dir: Path, model, optimizer, scheduler, counters: dict, keep_
 
 
 def _file_name(name: object) -> bool:
-    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+    return isinstance(name, str) and name == Path(name).name and name not in ("", "..")  # Path(".").name is ""
 
 
 def check_state(path: Path) -> str | None:
@@ -135,6 +137,9 @@ def find_state(run_dir: Path, say=print) -> Path:
 def load_state(path: Path) -> dict:
     try:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's message is pages long and says how to run the code anyway
+        raise TransferKitError(f"cannot read {path / 'state.pt'}: refused, unpickling it would run code "
+                               f"({refused_global(exc)}); the state is damaged or not a transferkit state") from None
     except Exception as exc:  # noqa: BLE001 - checked by checksum first; anything here is damage
         raise TransferKitError(f"cannot read {path / 'state.pt'}: {one_line(exc)}") from None
 

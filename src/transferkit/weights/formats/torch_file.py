@@ -51,7 +51,7 @@ def read(path: Path) -> WeightFile:
             if _fallback_to_stand_ins(exc, path):  # a pickled whole module (YOLOv5): read inertly
                 return pickled_module.read(path)
             raise TransferKitError(
-                f"{path}: refused, unpickling it would run code outside plain tensors ({_global_name(exc)}); "
+                f"{path}: refused, unpickling it would run code outside plain tensors ({refused_global(exc)}); "
                 "re-save the state_dict only, e.g. torch.save(model.state_dict(), path)"
             ) from None
         raise TransferKitError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
@@ -76,6 +76,7 @@ def _fallback_to_stand_ins(exc: Exception, path: Path) -> bool:
     return found.group(1).split(".")[0] not in DENIED_MODULES
 
 
-def _global_name(exc: Exception) -> str:
+def refused_global(exc: Exception) -> str:
+    """What torch's weights_only unpickler refused, from its message: `needs module.name`."""
     found = _GLOBAL.search(str(exc))
     return f"needs {found.group(1)}" if found else "not allowed by weights_only"
