@@ -1,6 +1,7 @@
 """Exact resumes: after SIGKILL, after SIGINT, from a damaged checkpoint; extending a finished run."""
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -433,3 +434,18 @@ def test_a_save_cut_short_earlier_is_cleared_and_the_newest_states_are_kept(tmp_
     assert check_state(states / "step-00000005") is None
     state = load_state(states / "step-00000007")
     assert sorted(state) == ["batches_done", "epoch", "global_step", "optimizer", "scheduler"]
+    marker = json.loads((states / "step-00000007" / "COMPLETE").read_text())  # for people who look
+    assert {k: v for k, v in marker.items() if k != "files"} == {
+        "epoch": 1, "batches_done": 7, "global_step": 7,
+        "config_sha256": hashlib.sha256(b"seed: 0\n").hexdigest()}
+    assert sorted(marker["files"]) == ["config.yaml", "model.safetensors", "state.pt"]
+    blocked = tmp_path / "blocked"
+    (blocked / "checkpoints").mkdir(parents=True)
+    (blocked / "checkpoints" / "states").write_text("a file where the states go")
+    (blocked / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(TransferKitError) as err:
+        save_state(blocked, model, optimizer, scheduler, {"epoch": 1, "batches_done": 0, "global_step": 9},
+                   keep_last=2)
+    assert str(err.value) == (f"could not save a checkpoint in {blocked / 'checkpoints' / 'states'}: Not a directory; "
+                              f"no earlier checkpoint exists; free space and resume with: transferkit train --resume "
+                              f"{blocked}")
