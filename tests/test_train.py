@@ -302,6 +302,9 @@ def test_a_checkpoint_that_is_missing_damaged_or_for_another_model_is_one_line(t
         with pytest.raises(TransferKitError) as err:
             load_weights(model, tmp_path / "other.safetensors")
         assert first in str(err.value)
+    save_file({k: v for k, v in own.items() if k != "1.bias"}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(TransferKitError, match=r"1 missing, 0 unexpected, 0 wrong-shape tensors \(first: 1\.bias\)"):
+        load_weights(model, tmp_path / "other.safetensors")
     save_weights(model, tmp_path / "own.safetensors", {"classes": ["a"]})
     assert load_weights(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)),
                         tmp_path / "own.safetensors") == {"classes": ["a"]}
