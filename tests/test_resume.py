@@ -412,6 +412,10 @@ def test_a_state_file_is_read_without_running_its_code(tmp_path, monkeypatch):
     assert str(err.value) == (f"cannot read {tmp_path / 'state.pt'}: refused, unpickling it would run code (needs "
                               f"{_touch.__module__}._touch); the state is damaged or not a transferkit state")
     assert not ran.exists()
+    (tmp_path / "state.pt").write_bytes(b"")  # emptied by a disk that filled up, its checksum not consulted
+    with pytest.raises(TransferKitError) as err:
+        load_state(tmp_path)
+    assert str(err.value) == f"cannot read {tmp_path / 'state.pt'}: EOFError"
 
 
 def test_a_save_cut_short_earlier_is_cleared_and_the_newest_states_are_kept(tmp_path):
