@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, RunsCode, tiny_overrides
 from safetensors.torch import load_file
 
 from transferkit.config import load_config
@@ -391,26 +391,14 @@ def test_a_damaged_state_is_named_by_what_is_wrong(tmp_path, marker, problem):
     assert check_state(tmp_path) == problem
 
 
-class _RunsCode:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (_touch, (str(self.path),))
-
-
-def _touch(path: str):
-    open(path, "w", encoding="utf-8").close()
-
-
 def test_a_state_file_is_read_without_running_its_code(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default back to unpickling anything
     ran = tmp_path / "ran"
-    torch.save({"global_step": 1, "payload": _RunsCode(ran)}, tmp_path / "state.pt")
+    torch.save({"global_step": 1, "payload": RunsCode(ran)}, tmp_path / "state.pt")
     with pytest.raises(TransferKitError) as err:
         load_state(tmp_path)
     assert str(err.value) == (f"cannot read {tmp_path / 'state.pt'}: refused, unpickling it would run code (needs "
-                              f"{_touch.__module__}._touch); the state is damaged or not a transferkit state")
+                              f"{os.system.__module__}.system); the state is damaged or not a transferkit state")
     assert not ran.exists()
     (tmp_path / "state.pt").write_bytes(b"")  # emptied by a disk that filled up, its checksum not consulted
     with pytest.raises(TransferKitError) as err:

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import timm
 import torch
-from conftest import SHARED_DATA, needs_shared
+from conftest import SHARED_DATA, RunsCode, needs_shared
 
 from transferkit.config import DEFAULT_SOURCE
 from transferkit.errors import TransferKitError
@@ -107,23 +107,15 @@ def test_misaligned_structure_is_an_error_showing_where(tmp_path):
         transfer(model, path, "all-but-head", family.head_patterns)
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
-    torch.save({"w": torch.zeros(1), "evil": _RunsCode(marker)}, tmp_path / "evil.pth")
+    torch.save({"w": torch.zeros(1), "evil": RunsCode(marker)}, tmp_path / "evil.pth")
     with pytest.raises(TransferKitError, match="refused, unpickling it would run code"):
         read_weights(tmp_path / "evil.pth")
     assert not marker.exists()
     # The same through a legacy (non-zip) file.
     with open(tmp_path / "evil_legacy.pth", "wb") as fh:
-        pickle.dump(_RunsCode(marker), fh)
+        pickle.dump(RunsCode(marker), fh)
     with pytest.raises(TransferKitError):
         read_weights(tmp_path / "evil_legacy.pth")
     assert not marker.exists()
@@ -297,7 +289,7 @@ def test_the_reader_itself_asks_for_weights_only(tmp_path, monkeypatch):
     for old code), a code-running checkpoint is still refused and runs nothing."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "ran"
-    torch.save({"w": torch.zeros(1), "evil": _RunsCode(marker)}, tmp_path / "evil.pth")
+    torch.save({"w": torch.zeros(1), "evil": RunsCode(marker)}, tmp_path / "evil.pth")
     with pytest.raises(TransferKitError, match=r"evil.pth: refused, unpickling it would run code outside plain "
                        r"tensors \(needs (posix|os)\.system\); re-save the state_dict only, e\.g\. "
                        r"torch\.save\(model\.state_dict\(\), path\)$"):
