@@ -335,6 +335,43 @@ def test_predict_on_a_run_with_a_damaged_config_is_one_line(synth_root, finished
     assert str(run / "config.yaml") in one_line_error(capsys)
 
 
+def rewrite_metadata(ckpt: Path, **changes) -> None:
+    """The checkpoint's tensors saved again with some of its metadata changed (None: removed)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ckpt), framework="pt") as fh:
+        meta = fh.metadata()
+    meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
+    save_file(load_file(str(ckpt)), str(ckpt), metadata=meta)
+
+
+@pytest.mark.parametrize("classes", ['"circle"', '["circle", "cross"]', '["circle", "cross", 3]', '{"a": 1}'],
+                         ids=["a-string", "too-few", "not-names", "a-mapping"])
+def test_a_checkpoint_whose_class_names_do_not_fit_is_one_line(synth_root, finished_run, tmp_path, capsys, classes):
+    """Each of these named the outputs wrongly (a string's letters as the three classes) or not at all."""
+    run = copy_of(finished_run, tmp_path)
+    rewrite_metadata(run / "checkpoints" / "best.safetensors", classes=classes)
+    image = next((synth_root / "val" / "circle").iterdir())
+    assert main(["predict", "--run", str(run), str(image)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: checkpoint {run / 'checkpoints' / 'best.safetensors'}: its metadata's classes are not a list of 3 "
+        "class names (one per output of the model); save it again with transferkit, or remove that key")
+
+
+def test_a_checkpoint_without_class_names_takes_the_runs(synth_root, finished_run, tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path)
+    rewrite_metadata(run / "checkpoints" / "best.safetensors", classes=None)
+    image = next((synth_root / "val" / "circle").iterdir())
+    assert main(["predict", "--run", str(run), "--topk", "3", str(image)]) == 0
+    named = capsys.readouterr().out.strip().split(": ", 1)[1]
+    assert sorted(p.split()[0] for p in named.split(", ")) == ["circle", "cross", "square"]
+    (run / "classes.json").write_text('["circle", "cross"]')  # damaged: two names for three outputs
+    assert main(["predict", "--run", str(run), str(image)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {run / 'classes.json'} names 2 classes, the model has 3 outputs; the run's class names are damaged")
+
+
 def test_a_training_state_with_nonfinite_weights_is_never_saved(synth_root, tmp_path, capsys, monkeypatch):
     """An update that leaves a weight NaN while the loss it came from was finite: the state due
     after that step (every 3 steps) is not written, and the run stops naming the tensor."""

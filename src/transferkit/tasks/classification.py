@@ -29,9 +29,9 @@ from transferkit.tasks.base import (
     RunExported,
     TrainedRun,
 )
-from transferkit.training.checkpoint import load_weights
+from transferkit.training.checkpoint import load_weights, saved_classes
 from transferkit.training.evaluate import evaluate
-from transferkit.training.rundir import checkpoint_path
+from transferkit.training.rundir import checkpoint_path, run_classes
 from transferkit.weights.transfer import TransferReport, restore_pretrained
 
 
@@ -161,10 +161,13 @@ class ClassificationTask:
         cfg = self.cfg
         num_classes = cfg.model.num_classes if cfg.model.num_classes != "auto" else 0
         model, family = create_classifier(cfg.model.name, num_classes)
-        meta = load_weights(model, checkpoint_path(run_dir, weights))
+        ckpt = checkpoint_path(run_dir, weights)
+        classes = saved_classes(load_weights(model, ckpt), ckpt, num_classes) or run_classes(run_dir)
+        if len(classes) != num_classes:
+            raise TransferKitError(f"{Path(run_dir) / 'classes.json'} names {len(classes)} classes, the model has "
+                                   f"{num_classes} outputs; the run's class names are damaged")
         model.eval()
-        return TrainedRun(model, meta.get("classes") or [str(i) for i in range(num_classes)], cfg,
-                          family.preprocessing)
+        return TrainedRun(model, classes, cfg, family.preprocessing)
 
     def predict(self, run: TrainedRun, paths: list[Path], options: PredictOptions) -> list[dict]:
         if options.topk < 1:

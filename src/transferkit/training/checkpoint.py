@@ -49,6 +49,18 @@ def _metadata_value(text: str) -> object:
         return text
 
 
+def saved_classes(meta: dict, path: str | Path, count: int) -> list[str] | None:
+    """The class names a checkpoint was saved with (its metadata's `classes`), or None where it has
+    none. Names that are not `count` strings are refused: they would label the outputs wrongly."""
+    classes = meta.get("classes")
+    if classes is None:
+        return None
+    if not isinstance(classes, list) or len(classes) != count or not all(isinstance(c, str) for c in classes):
+        raise TransferKitError(f"checkpoint {path}: its metadata's classes are not a list of {count} class names "
+                               "(one per output of the model); save it again with transferkit, or remove that key")
+    return classes
+
+
 def load_weights(model: nn.Module, path: str | Path) -> dict:
     """Load a checkpoint written by save_weights; every tensor must fit. Returns its metadata."""
     path = Path(path)
