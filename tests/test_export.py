@@ -189,3 +189,43 @@ def test_export_replaces_its_own_file_but_not_the_users(classifier_run, tmp_path
     assert "did not write" in capsys.readouterr().err and mine.read_text() == "the user's"
     assert main(["export", "--run", str(classifier_run), "--format", "onnx", "--out", str(mine), "--force"]) == 0
     assert read_metadata(mine)["task"] == "classification"
+
+
+@pytest.fixture(scope="module")
+def classifier_onnx(classifier_run, tmp_path_factory):
+    return export(classifier_run, "onnx", tmp_path_factory.mktemp("onnx") / "model.onnx").path
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("classes", '["circle", "cross"', "its metadata 'classes' is not JSON"),
+    ("classes", '"circle"', "its metadata 'classes' is not a list of 3 class names"),
+    ("classes", '["circle", "cross"]', "its metadata 'classes' is not a list of 3 class names"),
+    ("classes", '["circle", "cross", null]', "its metadata 'classes' is not a list of 3 class names"),
+    ("mean", "[0.5, 0.5]", "its metadata 'mean' is not three numbers (one per RGB channel)"),
+    ("mean", '[0.5, 0.5, "x"]', "its metadata 'mean' is not three numbers (one per RGB channel)"),
+    ("mean", "[true, 0.5, 0.5]", "its metadata 'mean' is not three numbers (one per RGB channel)"),
+    ("std", "[0.2, 0.2, 0]", "its metadata 'std' is not three numbers above zero"),
+    ("std", "[0.2, 0.2, NaN]", "its metadata 'std' is not three numbers above zero"),
+    ("crop_pct", "1e-9", "its metadata 'crop_pct' is '1e-9', not a number from 0.25 to 1"),
+    ("crop_pct", "0", "its metadata 'crop_pct' is '0', not a number from 0.25 to 1"),
+    ("crop_pct", "1.5", "its metadata 'crop_pct' is '1.5', not a number from 0.25 to 1"),
+    ("crop_pct", "abc", "its metadata 'crop_pct' is 'abc', not a number from 0.25 to 1"),
+], ids=["classes-not-json", "classes-a-string", "classes-too-few", "classes-not-names", "mean-two", "mean-text",
+        "mean-bool", "std-zero", "std-nan", "crop-tiny", "crop-zero", "crop-above-one", "crop-text"])
+def test_an_onnx_file_with_damaged_metadata_is_one_line(classifier_onnx, synth_root, tmp_path, capsys, key, value,
+                                                        says):
+    """The file given to `predict --model` may be anyone's: each of these was a traceback, names that
+    labelled the outputs wrongly, or (a crop_pct near zero) each image resized to an unbounded size."""
+    import onnx
+
+    proto = onnx.load(str(classifier_onnx))
+    next(p for p in proto.metadata_props if p.key == key).value = value
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(proto, str(damaged))
+    image = next((synth_root / "val" / "circle").iterdir())
+    assert main(["predict", "--model", str(damaged), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {damaged}: {says}")
+    assert line.endswith("; write the file again with `transferkit export`")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -198,6 +199,46 @@ def load_exported(path: str | Path) -> tuple[Task, TrainedRun]:
     task = task_for(cfg)
     shape: Sequence = session.get_inputs()[0].shape
     model = task.exported_model(onnx_runner(session), [d if isinstance(d, int) else None for d in shape])
-    pre = Preprocessing(tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])),
-                        meta.get("interpolation", "bilinear"), float(meta.get("crop_pct", 0.875)))
-    return task, TrainedRun(model, json.loads(meta["classes"]), cfg, pre)
+    return task, TrainedRun(model, _exported_classes(meta, cfg.model.num_classes, path), cfg,
+                            _exported_preprocessing(meta, path))
+
+
+def _meta_json(meta: dict[str, str], key: str, path: Path) -> object:
+    try:
+        return json.loads(meta[key])
+    except ValueError:
+        raise TransferKitError(f"{path}: its metadata {key!r} is not JSON; write the file again with "
+                               "`transferkit export`") from None
+
+
+def _exported_classes(meta: dict[str, str], count: object, path: Path) -> list[str]:
+    """The class names, one per class the config gives (the file may be anyone's: names that would
+    label the outputs wrongly are refused)."""
+    classes = _meta_json(meta, "classes", path)
+    if not isinstance(classes, list) or len(classes) != count or not all(isinstance(c, str) for c in classes):
+        raise TransferKitError(f"{path}: its metadata 'classes' is not a list of {count} class names (its config's "
+                               "model.num_classes); write the file again with `transferkit export`")
+    return classes
+
+
+def _exported_preprocessing(meta: dict[str, str], path: Path) -> Preprocessing:
+    """Mean and std as three numbers each (std above zero), crop_pct in [0.25, 1]: a crop_pct near zero
+    would resize each image to an unbounded size before its centre crop."""
+    mean, std = _meta_json(meta, "mean", path), _meta_json(meta, "std", path)
+    for key, values in (("mean", mean), ("std", std)):
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)
+                and (key == "mean" or min(values) > 0)):
+            raise TransferKitError(f"{path}: its metadata {key!r} is not three numbers{' above zero' * (key == 'std')} "
+                                   "(one per RGB channel); write the file again with `transferkit export`")
+    try:
+        crop_pct = float(meta.get("crop_pct", "0.875"))
+    except ValueError:
+        crop_pct = float("nan")
+    if not 0.25 <= crop_pct <= 1:
+        raise TransferKitError(f"{path}: its metadata 'crop_pct' is {meta['crop_pct']!r}, not a number from 0.25 to 1; "
+                               "write the file again with `transferkit export`")
+    return Preprocessing(tuple(mean), tuple(std), meta.get("interpolation", "bilinear"), crop_pct)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
