@@ -639,6 +639,19 @@ def test_a_layer_table_for_another_file_is_refused_naming_the_layer(tmp_path, en
                               "is the map for this file?")
 
 
+@pytest.mark.parametrize("names", ['{"layer_with_weights-0.weight": "backbone/conv1/kernel"',
+                                   '["backbone/conv1/kernel"]', '{"layer_with_weights-0.weight": 3}'],
+                         ids=["not-json", "a-list", "not-names"])
+def test_damaged_variable_names_with_a_layer_table_are_one_line(tmp_path, names):
+    """The metadata comes from the file (a converted checkpoint keeps it): damaged, it was a traceback."""
+    weights = weights_named(list(KERAS.tensors), {"variable_names": names})
+    path = write_map(tmp_path, [{"name": "backbone/conv1", "weight": ["0.weight", "0.bias"]}])
+    with pytest.raises(TransferKitError) as exc:
+        read_name_map(path, weights)
+    assert str(exc.value) == (f"{weights.path}: its metadata variable_names is not a JSON object of tensor -> "
+                              "variable names; convert the checkpoint again, or give an object name map")
+
+
 def test_an_object_map_is_taken_as_it_is(tmp_path):
     """The object form is source -> target names, whatever the source's layers."""
     path = write_map(tmp_path, {"layer_with_weights-1.weight": "bn.weight", "anything": "else"})

@@ -64,7 +64,14 @@ def _from_layer_table(path: Path, table: list[dict], weights: WeightFile) -> dic
 def _layer_of(weights: WeightFile) -> dict[str, str]:
     variables = weights.metadata.get("variable_names")
     if variables:
-        return {name: var.rsplit("/", 1)[0] for name, var in json.loads(variables).items()}
+        try:
+            names = json.loads(variables)
+        except ValueError:
+            names = None
+        if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+            raise TransferKitError(f"{weights.path}: its metadata variable_names is not a JSON object of tensor -> "
+                                   "variable names; convert the checkpoint again, or give an object name map")
+        return {name: var.rsplit("/", 1)[0] for name, var in names.items()}
     return {name: name.rsplit(".", 1)[0] for name in weights.tensors}
 
 
