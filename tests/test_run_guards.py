@@ -323,6 +323,31 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     assert snapshot(tmp_path) == before  # no metrics row, no last, no best
 
 
+def test_an_optimiser_state_holding_nan_is_never_saved():
+    """Adam's moments sit two mappings deep in its state_dict ({index: {"exp_avg": ...}})."""
+    from transferkit.training.finite import NonFiniteError, require_finite
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    require_finite(model, "the state", optimizer)  # finite: nothing raised
+    optimizer.state[model.bias]["exp_avg_sq"][1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"^the state: the optimiser's state holds NaN or inf values"):
+        require_finite(model, "the state", optimizer)
+
+
+def test_a_detection_batch_with_an_inf_box_is_not_finite():
+    """Images and targets as a detector takes them: a tuple of lists, the targets mappings."""
+    from transferkit.training.finite import all_finite
+
+    images = [torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([1])} for _ in images]
+    assert all_finite((images, targets))
+    targets[1]["boxes"][0, 2] = float("inf")
+    assert not all_finite((images, targets))
+
+
 # --- a damaged run --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", [b"model: [unclosed\n", b"\xff\xfe\x00garbage", b"- just\n- a list\n"],
