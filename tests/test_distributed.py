@@ -207,6 +207,34 @@ def test_each_rank_resumes_its_own_part_of_a_state():
     assert rank_state(older, 1) == {"rng": state["rng"], "loss_sum": 1.5, "seen": 8}
 
 
+def test_a_process_group_of_one_sends_and_agrees_in_this_process(one_rank):
+    """What the ranks exchange, through a real (gloo) process group of one in this process (where a
+    mutation run sees it, unlike the torchrun tests' ranks): a rank's part of a state comes back whole,
+    NumPy's uint32 random state included; a signal or a due state is agreed; a non-finite loss stays
+    non-finite; sums come back on the CPU."""
+    from transferkit.training.distributed import from_environment
+    from transferkit.training.resume import rng_state
+
+    processes = from_environment(torch.device("cpu"))
+    try:
+        assert processes.active and (processes.rank, processes.world) == (0, 1)
+        part = {"rng": rng_state(), "loss_sum": 1.5, "seen": 8}
+        [back] = processes.gather(part)
+        assert back["rng"]["numpy"][1].dtype == torch.uint32
+        assert torch.equal(back["rng"]["numpy"][1], part["rng"]["numpy"][1])
+        assert torch.equal(back["rng"]["torch"], part["rng"]["torch"])
+        assert back["rng"]["python"] == part["rng"]["python"] and (back["loss_sum"], back["seen"]) == (1.5, 8)
+        assert processes.agree_stop(None) == (None, False)
+        assert processes.agree_stop(15) == (15, False) and processes.agree_stop(None, due=True) == (None, True)
+        assert processes.agree_finite(torch.tensor(2.0)).item() == 2.0
+        assert torch.isnan(processes.agree_finite(torch.tensor(float("inf"))))
+        summed = processes.sum(torch.tensor([1.0, 2.0], requires_grad=True))
+        assert summed.tolist() == [1.0, 2.0] and summed.device.type == "cpu" and not summed.requires_grad
+    finally:
+        processes.close()
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_state_is_resumed_by_as_many_processes_as_saved_it(tmp_path):
     Processes(rank=0, world=2, active=True).check_resume(2, tmp_path)
     Processes().check_resume(1, tmp_path)
