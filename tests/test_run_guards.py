@@ -462,6 +462,18 @@ def test_the_likely_cause_of_a_nonfinite_loss_is_told_from_what_is_still_finite(
         "the weights left the finite range in the last update: lower optim.lr (now 0.1)"
 
 
+@pytest.mark.parametrize("value", ["NaN", "inf", "-inf"])
+def test_a_nonfinite_loss_is_named_as_it_is(value):
+    from transferkit.training.finite import NonFiniteError, check_loss
+
+    model, batch = torch.nn.Linear(2, 1), (torch.ones(1, 2), torch.zeros(1))
+    check_loss(torch.tensor(1e30), model, batch, 0, 0.1)  # large but finite: nothing raised
+    with pytest.raises(NonFiniteError) as exc:
+        check_loss(torch.tensor(float(value)), model, batch, 0, 0.1)
+    assert str(exc.value) == (f"the loss is {value.lstrip('-')}; before any update, so the data or labels of this "
+                              "batch are the likely cause")
+
+
 def test_a_lock_whose_holder_wrote_no_id_says_so_within_a_second(tmp_path):
     from transferkit.training.runguard import HOLDER, RunLock
 
