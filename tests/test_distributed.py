@@ -3,6 +3,7 @@ writing, a stop signal reaching every rank, a killed run resumed exactly, detect
 process, gradients summed once an accumulation window, SyncBatchNorm, the learning rate scaled with
 the effective batch."""
 
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ SAME = {"optim.freeze_bn": "true", "model.drop_rate": 0.0, "data.crop_scale": "[
         "schedule.epochs": 2, "optim.name": "sgd", "optim.lr": 0.1}
 STOP_AT_STEP = REPO / "tests" / "helpers" / "stop_at_step.py"
 CLOCK_JUMP_AT_STEP = REPO / "tests" / "helpers" / "clock_jump_at_step.py"
+RANK_EXCHANGE = REPO / "tests" / "helpers" / "rank_exchange.py"
 # The learning rate scaled with the effective batch: 0.1 x 16 / 8 in both the 2 x 8 and the 1 x 16 run.
 SCALED = {"optim.lr_scaling": "linear", "optim.lr_reference_batch": 8}
 
@@ -207,7 +209,7 @@ def test_each_rank_resumes_its_own_part_of_a_state():
     assert rank_state(older, 1) == {"rng": state["rng"], "loss_sum": 1.5, "seen": 8}
 
 
-def test_a_process_group_of_one_sends_and_agrees_in_this_process(one_rank):
+def test_what_the_ranks_exchange_in_a_group_of_one_and_of_two(one_rank, tmp_path):
     """What the ranks exchange, through a real (gloo) process group of one in this process (where a
     mutation run sees it, unlike the torchrun tests' ranks): a rank's part of a state comes back whole,
     NumPy's uint32 random state included; a signal or a due state is agreed; a non-finite loss stays
@@ -233,6 +235,16 @@ def test_a_process_group_of_one_sends_and_agrees_in_this_process(one_rank):
     finally:
         processes.close()
     assert not torch.distributed.is_initialized()
+    # and between two ranks (processes of their own), where the reductions differ: rank 1 alone stops
+    # (then both), finds a state due and has an inf loss
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(RANK_EXCHANGE),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert got == [{"rank": r, "signum": 15, "due": True, "both": [15, False], "loss": "nan",
+                    "parts": [[0, [8]], [1, [9]]], "sum": [3.0, 20.0]} for r in (0, 1)]
 
 
 def test_a_state_is_resumed_by_as_many_processes_as_saved_it(tmp_path):
