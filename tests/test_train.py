@@ -152,6 +152,36 @@ def test_freeze_until_no_decay_and_layer_decay():
     assert {round(math.log(lr / 0.1, 0.5), 6) for lr in lrs} <= {float(k) for k in range(18)}
 
 
+def test_the_parameter_groups_table_sums_each_rule():
+    """One row a rule, in the order rules first match: tensors, values (thousands separated), the
+    learning rate and weight decay (a range where they differ within the rule, as under layer decay
+    or no_decay_norm_bias), and "-" for both where the rule freezes."""
+    import io
+
+    from rich.console import Console
+
+    from transferkit.training.optim import ParamPlan, plan_table
+
+    plans = [ParamPlan("blocks.0.w", (100, 30), "backbone", 1e-3, 0.05, False),
+             ParamPlan("stem.w", (3, 3), "freeze_until", 0.0, 0.0, True),
+             ParamPlan("blocks.0.b", (100,), "backbone", 5e-4, 0.0, False),
+             ParamPlan("blocks.1.w", (10,), "backbone", 2e-3, 0.05, False),
+             ParamPlan("head.w", (2, 100), "head", 1e-2, 0.05, False),
+             ParamPlan("head.b", (2,), "head", 1e-2, 0.05, False)]
+    table = plan_table(plans)
+    assert table.title == "parameter groups"
+    assert [(c.header, c.justify) for c in table.columns] == [
+        ("rule", "left"), ("tensors", "right"), ("values", "right"), ("lr", "right"), ("weight decay", "right"),
+        ("frozen", "right")]
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(table)
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in console.file.getvalue().splitlines()
+            if line.startswith("│")]
+    assert rows == [["backbone", "3", "3,110", "5.00e-04..2.00e-03", "0..0.05", "no"],
+                    ["freeze_until", "1", "9", "-", "-", "yes"],
+                    ["head", "2", "202", "1.00e-02", "0.05", "no"]]
+
+
 def test_frozen_parameters_are_bit_identical_after_training(synth_root, tmp_path):
     cfg = load_config(None, tiny_overrides(synth_root, **{
         "schedule.epochs": 1, "optim.param_groups": '[{match: "blocks.0.*", freeze: true}]'}))
