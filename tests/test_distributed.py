@@ -129,6 +129,10 @@ def test_effective_batch_line():
     line = Processes(rank=0, world=4, active=True).describe_batch(16, 2, "learning rate: ...")
     assert line == ("effective batch: 4 processes x data.batch_size 16 x optim.accumulate 2 = 128 images a step; "
                     "learning rate: ...")
+    assert Processes(rank=0, world=1, active=True).describe_batch(8, 1) == \
+        "effective batch: 1 process x data.batch_size 8 = 8 images a step"  # torchrun with one process
+    assert Processes(rank=1, world=2, active=True).describe_batch(8, 1) == \
+        "effective batch: 2 processes x data.batch_size 8 = 16 images a step"
 
 
 def test_probe_strategies_are_refused_under_torchrun(synth_root, tmp_path, monkeypatch):
