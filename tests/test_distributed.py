@@ -306,6 +306,7 @@ def test_the_learning_rate_scales_with_the_effective_batch():
     with pytest.raises(TransferKitError, match=r"optim.lr_scaling linear makes the learning rate 1 x 4096 / 16 = 256, "
                                                r"above 10; lower optim.lr or raise optim.lr_reference_batch"):
         scale_lr(OptimConfig(lr=1.0, lr_scaling="linear"), 4096, 16)
+    assert scale_lr(OptimConfig(lr=5.0, lr_scaling="linear"), 32, 16).lr == 10.0  # the bound itself is allowed
 
 
 def test_scaled_learning_rate_reaches_every_parameter_group(synth_root, tmp_path, capsys):

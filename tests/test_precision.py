@@ -38,6 +38,15 @@ def test_autocast_runs_the_forward_pass_in_the_asked_dtype():
     assert MixedPrecision("fp16", CPU).scaler is not None
 
 
+def test_fp16_scales_the_loss_on_the_runs_device():
+    """The scaler belongs to the run's device: one made for another (CUDA, absent here) disables itself
+    and leaves float16's small gradients to underflow."""
+    precision = MixedPrecision("fp16", torch.device("cpu"))
+    assert precision.scaler.is_enabled()
+    assert precision.scaler.scale(torch.tensor(1.0)).item() == 2.0 ** 16  # GradScaler's first scale
+    assert MixedPrecision("bf16", torch.device("cpu")).scaler is None
+
+
 def test_bf16_on_cpu_trains_as_well_as_fp32(synth_root, tmp_path):
     extra = {"schedule.epochs": 4}
     fp32 = train(load_config(None, tiny_overrides(synth_root, **extra)), out=tmp_path / "fp32", quiet=True)
