@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz mutation mutation-training figures
+.PHONY: demo test lint fuzz mutation mutation-training mutation-training-save figures
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,11 +40,19 @@ mutation: $(STAMP)
 # PYTHONPATH lets the runs that tests start as subprocesses import the mutated code too; the tests are
 # copied, so that tests edited while it runs (hours) do not change it part way.
 MUTATION_TRAINING := build/mutation-training
+TRAINING_RESULTS := tools/mutation-training/results.json
 mutation-training: $(STAMP)
 	mkdir -p $(MUTATION_TRAINING)
 	for d in src docs configs; do ln -sfn ../../$$d $(MUTATION_TRAINING)/$$d; done
 	rm -rf $(MUTATION_TRAINING)/tests && cp -r tests $(MUTATION_TRAINING)/tests  # a copy: edits during a run stay out
 	cp tools/mutation-training/pyproject.toml $(MUTATION_TRAINING)/
+	$(BIN)/python tools/mutation_results.py restore $(TRAINING_RESULTS) $(MUTATION_TRAINING)/mutants
 	cd $(MUTATION_TRAINING) && PYTHONPATH=$(CURDIR)/$(MUTATION_TRAINING)/mutants/src OMP_NUM_THREADS=1 \
 		nice ../../$(BIN)/mutmut run --max-children 2 $(MUTANTS)  # two mutants at a time, a thread each
+	$(MAKE) mutation-training-save
 	cd $(MUTATION_TRAINING) && ../../$(BIN)/mutmut results
+
+# The results so far into tools/mutation-training/results.json (commit it): a run stopped part way goes
+# on from them in a fresh clone. Run it after stopping a run with Ctrl-C.
+mutation-training-save: $(STAMP)
+	$(BIN)/python tools/mutation_results.py save $(TRAINING_RESULTS) $(MUTATION_TRAINING)/mutants
