@@ -165,7 +165,7 @@ def test_the_parameter_groups_table_sums_each_rule():
     plans = [ParamPlan("blocks.0.w", (100, 30), "backbone", 1e-3, 0.05, False),
              ParamPlan("stem.w", (3, 3), "freeze_until", 0.0, 0.0, True),
              ParamPlan("blocks.0.b", (100,), "backbone", 5e-4, 0.0, False),
-             ParamPlan("blocks.1.w", (10,), "backbone", 2e-3, 0.05, False),
+             ParamPlan("blocks.1.w", (10,), "backbone", 2e-3, 0.01, False),
              ParamPlan("head.w", (2, 100), "head", 1e-2, 0.05, False),
              ParamPlan("head.b", (2,), "head", 1e-2, 0.05, False)]
     table = plan_table(plans)
