@@ -220,6 +220,16 @@ def as_unmarked_run(run: Path) -> None:
         (state / "COMPLETE").write_text(json.dumps(marker))
 
 
+def test_a_new_run_over_an_unmarked_run_is_refused_untouched(synth_root, finished_run, tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path)
+    as_unmarked_run(run)
+    before = snapshot(run)
+    assert main(["train", *options(synth_root), "--out", str(run)]) == 2
+    assert one_line_error(capsys) == (f"error: {run} already holds a run; continue it with: transferkit train --resume "
+                                      f"{run} (add --epochs N to extend it), or choose another --out")
+    assert snapshot(run) == before
+
+
 def test_an_unmarked_run_still_resumes_and_its_config_is_checked(synth_root, finished_run, tmp_path, capsys):
     run = copy_of(finished_run, tmp_path)
     as_unmarked_run(run)
