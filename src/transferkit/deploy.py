@@ -29,6 +29,7 @@ from transferkit.outputs import output_folder
 from transferkit.preprocessing import Preprocessing
 from transferkit.tasks import task_for
 from transferkit.tasks.base import Agreement, ExportSpec, RunExported, Task, TrainedRun
+from transferkit.training.checkpoint import names_outputs
 from transferkit.training.rundir import run_config
 from transferkit.yamlsafe import load_yaml
 
@@ -215,7 +216,7 @@ def _exported_classes(meta: dict[str, str], count: object, path: Path) -> list[s
     """The class names, one per class the config gives (the file may be anyone's: names that would
     label the outputs wrongly are refused)."""
     classes = _meta_json(meta, "classes", path)
-    if not isinstance(classes, list) or len(classes) != count or not all(isinstance(c, str) for c in classes):
+    if not names_outputs(classes, count):
         raise TransferKitError(f"{path}: its metadata 'classes' is not a list of {count} class names (its config's "
                                "model.num_classes); write the file again with `transferkit export`")
     return classes

@@ -49,13 +49,18 @@ def _metadata_value(text: str) -> object:
         return text
 
 
+def names_outputs(classes: object, count: object) -> bool:
+    """Whether `classes` (read from a file: any JSON) is a list of `count` class names."""
+    return isinstance(classes, list) and len(classes) == count and all(isinstance(c, str) for c in classes)
+
+
 def saved_classes(meta: dict, path: str | Path, count: int) -> list[str] | None:
     """The class names a checkpoint was saved with (its metadata's `classes`), or None where it has
     none. Names that are not `count` strings are refused: they would label the outputs wrongly."""
     classes = meta.get("classes")
     if classes is None:
         return None
-    if not isinstance(classes, list) or len(classes) != count or not all(isinstance(c, str) for c in classes):
+    if not names_outputs(classes, count):
         raise TransferKitError(f"checkpoint {path}: its metadata's classes are not a list of {count} class names "
                                "(one per output of the model); save it again with transferkit, or remove that key")
     return classes
