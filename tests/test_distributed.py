@@ -44,10 +44,14 @@ def torchrun(nproc, root, run, stop=None, **extra):
 
 def launch(nproc, args, stop=None):
     program = [str(STOP_AT_STEP), str(int(stop[0])), str(stop[1]), "--"] if stop else ["-m", "transferkit"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           *program, *args]
+    return run_ranks(nproc, [*program, *args])
+
+
+def run_ranks(nproc, program, timeout=300):
+    """`program` (a script or -m module, and its arguments) in `nproc` processes under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *program]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=timeout)
 
 
 def without_seconds(rows):
@@ -241,10 +245,7 @@ def test_what_the_ranks_exchange_in_a_group_of_one_and_of_two(one_rank, tmp_path
     assert not torch.distributed.is_initialized()
     # and between two ranks (processes of their own), where the reductions differ: rank 1 alone stops
     # (then both), finds a state due and has an inf loss
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(RANK_EXCHANGE),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_ranks(2, [str(RANK_EXCHANGE), str(tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert got == [{"rank": r, "signum": 15, "due": True, "both": [15, False], "loss": "nan",

@@ -2,9 +2,9 @@
 
     torchrun --nproc-per-node 2 tests/helpers/rank_exchange.py OUT
 
-Rank 1 alone got a stop signal (then both ranks), finds a state due, and has a non-finite loss; every rank must see
-the same. Each rank writes what it got back to OUT/rank-N.json (lines printed by two processes
-would interleave).
+Rank 1 alone got a stop signal (then both ranks), finds a state due, and has a non-finite loss;
+every rank must see the same. Each rank writes what it got back to OUT/rank-N.json (lines printed
+by two processes would interleave).
 """
 
 import json
