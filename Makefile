@@ -47,6 +47,9 @@ mutation-training: $(STAMP)
 	rm -rf $(MUTATION_TRAINING)/tests && cp -r tests $(MUTATION_TRAINING)/tests  # a copy: edits during a run stay out
 	cp tools/mutation-training/pyproject.toml $(MUTATION_TRAINING)/
 	$(BIN)/python tools/mutation_results.py restore $(TRAINING_RESULTS) $(MUTATION_TRAINING)/mutants
+	# Stats (which tests reach which function) collected afresh, a few minutes: once, kept ones came back
+	# empty and every mutant was marked "no tests".
+	rm -f $(MUTATION_TRAINING)/mutants/mutmut-stats.json
 	cd $(MUTATION_TRAINING) && PYTHONPATH=$(CURDIR)/$(MUTATION_TRAINING)/mutants/src OMP_NUM_THREADS=1 \
 		nice ../../$(BIN)/mutmut run --max-children 2 $(MUTANTS)  # two mutants at a time, a thread each
 	$(MAKE) mutation-training-save

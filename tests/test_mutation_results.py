@@ -23,9 +23,9 @@ def write_meta(mutants, codes, hashes):
 
 def test_decided_results_go_to_a_fresh_folder_and_not_over_a_live_one(tmp_path):
     old, fresh, results = tmp_path / "old", tmp_path / "fresh", tmp_path / "results.json"
-    write_meta(old, {"pkg.mod.x_f__mutmut_1": 1, "pkg.mod.x_f__mutmut_2": 0, "pkg.mod.x_g__mutmut_1": None},
-               {"f": "aa", "g": "bb"})
-    assert mutation_results.save(results, old) == 2  # the one not checked is left out
+    write_meta(old, {"pkg.mod.x_f__mutmut_1": 1, "pkg.mod.x_f__mutmut_2": 0, "pkg.mod.x_g__mutmut_1": None,
+                     "pkg.mod.x_g__mutmut_2": 33}, {"f": "aa", "g": "bb"})
+    assert mutation_results.save(results, old) == 2  # not checked and "no tests" (33) are left out
     assert mutation_results.restore(results, fresh) == 2
     back = json.loads((fresh / META).read_text())
     assert back == {"exit_code_by_key": {"pkg.mod.x_f__mutmut_1": 1, "pkg.mod.x_f__mutmut_2": 0},

@@ -10,6 +10,9 @@ have. `save` writes each module's decided results and the hash of each function'
 result only where the function's hash is unchanged (it regenerates the mutants of changed functions
 as not checked), so a result restored for code edited since is dropped, not trusted. A survivor stays
 one until it is run again by name against the tests of its day. mutmut has no export of its own.
+
+"no tests" is not saved: it is read off the run's stats, not found by running a test, and a run whose
+stats came back empty marks every mutant so; saved, those would never be checked again.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import sys
 from pathlib import Path
 
 KEPT = ("exit_code_by_key", "hash_by_function_name")
+NO_TESTS = 33  # mutmut's exit code for a mutant whose function no test reaches
 
 
 def save(results: Path, mutants: Path) -> int:
-    """Every module's decided results (not-checked left out) and function hashes; the number of results."""
+    """Every module's decided results (not checked and no tests left out) and function hashes; the number
+    of results."""
     out = {}
     for meta in sorted(mutants.rglob("*.py.meta")):
         data = json.loads(meta.read_text(encoding="utf-8"))
-        codes = {k: v for k, v in data["exit_code_by_key"].items() if v is not None}
+        codes = {k: v for k, v in data["exit_code_by_key"].items() if v not in (None, NO_TESTS)}
         out[str(meta.relative_to(mutants))] = {"exit_code_by_key": codes,
                                                "hash_by_function_name": data["hash_by_function_name"]}
     results.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
