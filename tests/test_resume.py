@@ -113,6 +113,49 @@ def test_signal_saves_state_and_resume_continues_mid_epoch(synth_root, reference
     assert [r["epoch"] for r in read_metrics(run)] == list(range(1, EPOCHS + 1))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_training_process_itself_stops_after_that_step(synth_root, reference, tmp_path, sig):
+    """The test above in this process (where a mutation run sees which code it reaches): the signal
+    arrives right after step STOP_AT; the run saves that step, stops with Interrupted naming where,
+    gives the signal's handler back, and a resume ends as the run that was never stopped."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from transferkit.training.loop import Interrupted
+
+    arrived = []
+
+    def mine(signum, frame):  # catches the signal here if the run installed no handler of its own
+        arrived.append(signum)
+
+    previous = signal.signal(sig, mine)
+    steps = [0]
+
+    def at_step(optimizer, args, kwargs):
+        steps[0] += 1
+        if steps[0] == STOP_AT:
+            os.kill(os.getpid(), sig)  # the handler runs before the next line
+
+    hook = register_optimizer_step_post_hook(at_step)
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": EPOCHS}))
+    try:
+        with pytest.raises(Interrupted) as stop:
+            train(cfg, out=run, quiet=True)
+        own = signal.getsignal(sig)
+    finally:
+        hook.remove()
+        signal.signal(sig, previous)
+    assert not arrived, "the run installed no handler of its own"
+    assert (stop.value.signum, stop.value.run_dir, stop.value.where) == (sig, run, "epoch 2, batch 3")
+    assert own is mine  # the handler in place before the run, given back
+    assert sorted(p.name for p in (run / "checkpoints" / "states").glob("step-*")) == [
+        "step-00000005", f"step-{STOP_AT:08d}"]
+    assert len(read_metrics(run)) == 1
+    train(cfg, resume=run, quiet=True)
+    assert same_weights(run / "checkpoints/last.safetensors", reference / "checkpoints/last.safetensors")
+    assert strip(read_metrics(run)) == strip(read_metrics(reference))
+
+
 def test_damaged_newest_checkpoint_falls_back(synth_root, reference, tmp_path):
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": EPOCHS}))
