@@ -271,6 +271,44 @@ def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path,
     assert strip(read_metrics(run)) == strip(read_metrics(reference))
 
 
+def test_states_are_saved_every_k_steps_and_every_m_minutes_besides_each_epoch_end(synth_root, tmp_path,
+                                                                                  monkeypatch):
+    """5 optimiser steps an epoch, 3 epochs. Every 3 steps: steps 3, 6, 9, 12 and 15 (15 ends epoch
+    3, saved once). Every minute, on a clock that moves 20 s a step: 60 s after the last save, which
+    an epoch's end resets too: steps 3, 8 and 13."""
+    from types import SimpleNamespace
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from transferkit.training import loop
+
+    def states(run):
+        return [int(p.name.split("-")[1]) for p in sorted((run / "checkpoints" / "states").glob("step-*"))]
+
+    saved = []  # each state written once: a state due at an epoch's last step is the epoch end's
+
+    def save_state(run_dir, model, optimizer, scheduler, counters, keep_last):
+        saved.append(counters["global_step"])
+        real_save_state(run_dir, model, optimizer, scheduler, counters, keep_last)
+
+    real_save_state = loop.save_state
+    monkeypatch.setattr(loop, "save_state", save_state)
+    every = {"schedule.epochs": 3, "checkpoint.keep_last": 100}
+    train(load_config(None, tiny_overrides(synth_root, **every, **{"checkpoint.every_steps": 3})),
+          out=tmp_path / "steps", quiet=True)
+    assert states(tmp_path / "steps") == saved == [3, 5, 6, 9, 10, 12, 15]
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=loop.time.perf_counter))
+    hook = register_optimizer_step_post_hook(lambda *args: clock.__setitem__(0, clock[0] + 20.0))
+    try:
+        train(load_config(None, tiny_overrides(synth_root, **every, **{"checkpoint.every_minutes": 1})),
+              out=tmp_path / "minutes", quiet=True)
+    finally:
+        hook.remove()
+    assert states(tmp_path / "minutes") == [3, 5, 8, 10, 13, 15]
+
+
 def test_resume_with_loader_workers_is_exact(synth_root, tmp_path):
     """With data.num_workers 2 the augmentations run in the workers, on their own random state: a
     run resumed from inside epoch 2 ends as one that was never stopped (each epoch's workers are
