@@ -362,3 +362,79 @@ def test_classification_metrics_by_hand():
     assert four.keys() == {"val_loss", "val_acc"} and four["val_acc"] == 1.0
     assert classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == {"val_loss": 0.0,
                                                                                           "val_acc": 0.0}
+
+
+def test_schedules_by_hand():
+    """Each schedule's multiplier at chosen steps, worked out by hand: 4 epochs of 10 steps."""
+    def schedule(*overrides):
+        return load_config(None, ["data.root=x", "schedule.epochs=4", *overrides]).schedule
+
+    cosine = schedule("schedule.warmup_epochs=1", "schedule.min_lr_ratio=0.1")
+    # warmup: (step + 1) / 10; then 0.1 + 0.9 x (1 + cos(pi x (step - 10) / 30)) / 2, down to 0.1 at step 40
+    expected = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 25: 0.55, 40: 0.1}
+    assert {s: lr_factor(s, 40, 10, cosine) for s in expected} == pytest.approx(expected)
+    # warmup_epochs 0.28 of 10 steps is 2.8 steps, rounded to 3
+    short = schedule("schedule.warmup_epochs=0.28")
+    assert [lr_factor(s, 40, 10, short) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    # step: gamma every step_epochs, counted from step 0 (a warmup epoch counts as an epoch)
+    step = schedule("schedule.kind=step", "schedule.warmup_epochs=1", "schedule.step_epochs=1", "schedule.gamma=0.5")
+    assert [lr_factor(s, 40, 10, step) for s in (5, 10, 19, 20, 39)] == pytest.approx([0.6, 0.5, 0.5, 0.25, 0.125])
+    constant = schedule("schedule.kind=constant", "schedule.warmup_epochs=2")
+    assert [lr_factor(s, 40, 10, constant) for s in (0, 19, 20, 39)] == pytest.approx([0.05, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sgd", {"lr": 0.1, "momentum": 0.8, "nesterov": True, "weight_decay": 0.03}),
+    ("adamw", {"lr": 0.1, "weight_decay": 0.03}),
+])
+def test_the_optimiser_is_the_one_named_with_its_settings(name, expected):
+    model, family = create_classifier("test_efficientnet", 3)
+    opt = build_optimizer(model, family.head_patterns,
+                          _optim(f"optim.name={name}", "optim.momentum=0.8", "optim.nesterov=true",
+                                 "optim.weight_decay=0.03"))
+    assert type(opt) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    assert {k: opt.defaults[k] for k in expected} == pytest.approx(expected)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.03}
+
+
+def test_every_parameter_frozen_is_one_line():
+    model, family = create_classifier("test_efficientnet", 3)
+    with pytest.raises(TransferKitError, match="^every parameter is frozen: nothing to train; loosen freeze rules$"):
+        build_optimizer(model, family.head_patterns, _optim('optim.param_groups=[{match: "*", freeze: true}]'))
+
+
+def test_each_parameter_is_labelled_by_what_decided_it():
+    """A rule wins over freeze_until; freeze_until over the head and base; a parameter whose
+    requires_grad is off is frozen, under its rule's label where a rule froze it too."""
+    from transferkit.training.optim import plan_params
+
+    model, family = create_classifier("test_efficientnet", 3)
+    model.blocks[1][0].bn1.weight.requires_grad_(False)
+    model.conv_head.weight.requires_grad_(False)
+    cfg = _optim('optim.param_groups=[{match: "blocks.0.0.conv.*", lr_mult: 0.5}, '
+                 '{match: "conv_head.*", freeze: true}]', "optim.freeze_until=blocks.0", "optim.head_lr_mult=10")
+    plans = {p.name: (p.rule, p.frozen, p.lr) for p in plan_params(model, family.head_patterns, cfg)}
+    assert plans["blocks.0.0.conv.weight"] == ("param_groups[0] blocks.0.0.conv.*", False, pytest.approx(0.05))
+    assert plans["conv_stem.weight"] == ("freeze_until blocks.0", True, pytest.approx(0.1))
+    assert plans["blocks.0.0.bn1.weight"][:2] == ("freeze_until blocks.0", True)
+    assert plans["blocks.1.0.bn1.weight"][:2] == ("frozen (requires_grad off)", True)
+    assert plans["conv_head.weight"][:2] == ("param_groups[1] conv_head.*", True)
+    assert plans["blocks.1.0.conv_pwl.weight"] == ("base", False, pytest.approx(0.1))
+    assert plans["classifier.weight"] == ("head", False, pytest.approx(1.0))
+    assert [(p.name, p.shape) for p in plan_params(model, family.head_patterns, cfg)] == [
+        (n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def test_parameters_of_one_rule_and_rate_share_a_group_in_the_order_met():
+    """Under layer decay a rule spans several learning rates: a group for each, named by the rule."""
+    model, family = create_classifier("test_efficientnet", 3)
+    cfg = _optim("optim.layer_decay=0.5", "optim.no_decay_norm_bias=true", "optim.head_lr_mult=1")
+    groups = param_groups(model, family.head_patterns, cfg)
+    from transferkit.training.optim import plan_params
+
+    plans = plan_params(model, family.head_patterns, cfg)
+    keys = list(dict.fromkeys((p.rule, p.lr, p.weight_decay) for p in plans))
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == keys
+    params = dict(model.named_parameters())
+    assert [[id(p) for p in g["params"]] for g in groups] == [
+        [id(params[p.name]) for p in plans if (p.rule, p.lr, p.weight_decay) == key] for key in keys]

@@ -122,7 +122,7 @@ def param_groups(model: nn.Module, head_patterns: Sequence[str], cfg: OptimConfi
             continue
         key = (plan.rule, plan.lr, plan.weight_decay)
         group = groups.setdefault(key, {"name": plan.rule, "params": [], "lr": plan.lr,
-                                        "weight_decay": plan.weight_decay, "lr_mult": plan.lr / cfg.lr})
+                                        "weight_decay": plan.weight_decay})
         group["params"].append(params[plan.name])
     return list(groups.values())
 
