@@ -210,8 +210,10 @@ def classifier_onnx(classifier_run, tmp_path_factory):
     ("crop_pct", "0", "its metadata 'crop_pct' is '0', not a number from 0.25 to 1"),
     ("crop_pct", "1.5", "its metadata 'crop_pct' is '1.5', not a number from 0.25 to 1"),
     ("crop_pct", "abc", "its metadata 'crop_pct' is 'abc', not a number from 0.25 to 1"),
+    ("interpolation", "lanczos", "its metadata 'interpolation' is 'lanczos', not one of bilinear, bicubic, nearest"),
 ], ids=["classes-not-json", "classes-a-string", "classes-too-few", "classes-not-names", "mean-two", "mean-text",
-        "mean-bool", "std-zero", "std-nan", "crop-tiny", "crop-zero", "crop-above-one", "crop-text"])
+        "mean-bool", "std-zero", "std-nan", "crop-tiny", "crop-zero", "crop-above-one", "crop-text",
+        "interpolation-unknown"])
 def test_an_onnx_file_with_damaged_metadata_is_one_line(classifier_onnx, synth_root, tmp_path, capsys, key, value,
                                                         says):
     """The file given to `predict --model` may be anyone's: each of these was a traceback, names that

@@ -26,7 +26,7 @@ from transferkit.config import validate
 from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write
 from transferkit.outputs import output_folder
-from transferkit.preprocessing import Preprocessing
+from transferkit.preprocessing import INTERPOLATIONS, Preprocessing
 from transferkit.tasks import task_for
 from transferkit.tasks.base import Agreement, ExportSpec, RunExported, Task, TrainedRun
 from transferkit.training.checkpoint import names_outputs
@@ -223,8 +223,8 @@ def _exported_classes(meta: dict[str, str], count: object, path: Path) -> list[s
 
 
 def _exported_preprocessing(meta: dict[str, str], path: Path) -> Preprocessing:
-    """Mean and std as three numbers each (std above zero), crop_pct in [0.25, 1]: a crop_pct near zero
-    would resize each image to an unbounded size before its centre crop."""
+    """Mean and std as three numbers each (std above zero), crop_pct in [0.25, 1] (near zero, each image
+    would be resized to an unbounded size before its centre crop), a resampling filter the transforms know."""
     mean, std = _meta_json(meta, "mean", path), _meta_json(meta, "std", path)
     for key, values in (("mean", mean), ("std", std)):
         if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)
@@ -238,7 +238,11 @@ def _exported_preprocessing(meta: dict[str, str], path: Path) -> Preprocessing:
     if not 0.25 <= crop_pct <= 1:
         raise TransferKitError(f"{path}: its metadata 'crop_pct' is {meta['crop_pct']!r}, not a number from 0.25 to 1; "
                                "write the file again with `transferkit export`")
-    return Preprocessing(tuple(mean), tuple(std), meta.get("interpolation", "bilinear"), crop_pct)
+    interpolation = meta.get("interpolation", "bilinear")
+    if interpolation not in INTERPOLATIONS:  # else the transforms would resample another way, silently
+        raise TransferKitError(f"{path}: its metadata 'interpolation' is {interpolation!r}, not one of "
+                               f"{', '.join(INTERPOLATIONS)}; write the file again with `transferkit export`")
+    return Preprocessing(tuple(mean), tuple(std), interpolation, crop_pct)
 
 
 def _is_number(value: object) -> bool:
