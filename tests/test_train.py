@@ -522,3 +522,50 @@ def test_each_epoch_prints_its_losses_and_scores(tmp_path):
     recorder.record("finetune", 2.0, {"val_map": 0.125, "val_ap50": 0.5}, 0.01, time.perf_counter())
     assert re.fullmatch(r"epoch 2 \(finetune\): train_loss 2\.0000  val_map 0\.1250  val_ap50 0\.5000  \(\d+\.\ds\)",
                         said[-1]), said[-1]
+
+
+def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tmp_path):
+    """train_one_epoch on 9 images in batches of 2, 2, 2, 2, 1 with optim.accumulate 2, and a loss
+    whose value is its batch's mean label and whose gradient on the bias is that mean too. Windows
+    end after batches 2, 4 and 5 (the last one short); each step moves the bias (SGD, lr 1) by minus
+    its window's mean batch loss: (0.5 + 2.5) / 2, (4.5 + 6.5) / 2 and 8 / 1. The epoch's loss is the
+    mean over images, 36 / 9 (not the mean over batches, 4.4)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from transferkit.progress import make_progress
+    from transferkit.training.loop import EpochPosition, Loop, Optimisation, train_one_epoch
+
+    def loss_fn(model, batch):
+        _, labels = batch
+        bias = model.bias.sum()
+        return (bias - bias.detach() + 1) * labels.mean(), len(labels)
+
+    def epoch(position=None):
+        model = torch.nn.Linear(2, 1)
+        model.eval()
+        with torch.no_grad():
+            model.bias.zero_()
+        loader = DataLoader(TensorDataset(torch.zeros(9, 2), torch.arange(9.0)), batch_size=2,
+                            generator=torch.Generator())
+        recorder = EpochRecorder(tmp_path, model, {}, lambda *a, **k: None)
+        progress = make_progress(disable=True)
+        loop = Loop(load_config(None, ["data.root=x", "optim.accumulate=2"]), model, (), loader, loader, loss_fn,
+                    None, recorder, progress, torch.device("cpu"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        opt = Optimisation(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), accumulate=2)
+        bias, after = [], []
+        optimizer.register_step_post_hook(lambda *args: bias.append(model.bias.item()))
+        loss = train_one_epoch(loop, opt, progress.add_task("epoch", total=9, info=""), position,
+                               after_step=lambda pos: after.append((pos.batches_done, pos.seen, pos.loss_sum)))
+        assert model.training
+        return loss, bias, after
+
+    loss, bias, after = epoch()
+    assert loss == pytest.approx(4.0)
+    assert bias == pytest.approx([-1.5, -7.0, -15.0])
+    assert after == [(2, 4, pytest.approx(6.0)), (4, 8, pytest.approx(28.0)), (5, 9, pytest.approx(36.0))]
+    # from a state taken after the first window: its batches are passed over, its loss and images kept
+    loss, bias, after = epoch(EpochPosition(batches_done=2, loss_sum=6.0, seen=4))
+    assert loss == pytest.approx(4.0)
+    assert bias == pytest.approx([-5.5, -13.5])
+    assert after == [(4, 8, pytest.approx(28.0)), (5, 9, pytest.approx(36.0))]
