@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transferkit.cli import main
 from transferkit.config import load_config
 from transferkit.data.classification import ImageDataset
+from transferkit.errors import TransferKitError
 from transferkit.run import train
 from transferkit.training.runlog import read_metrics
 
@@ -74,6 +75,23 @@ def test_out_into_a_folder_of_the_users_own_is_refused_untouched(synth_root, tmp
                    "classes.json, config.yaml); give a new or empty folder for the run")
     assert snapshot(mine) == before  # nothing written, not even a marker
     assert sorted(p.name for p in mine.iterdir()) == ["checkpoints", "classes.json", "config.yaml"]
+
+
+@pytest.mark.parametrize("files, holds", [
+    (["a.txt", "b.txt", "c.txt"], "a.txt, b.txt, c.txt"),
+    (["e.txt", "d.txt", "c.txt", "b.txt", "a.txt"], "a.txt, b.txt, c.txt and 2 more"),
+])
+def test_a_users_folder_is_named_by_its_first_three_files(tmp_path, files, holds):
+    from transferkit.training.runguard import refuse_unusable_out
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in files:
+        (mine / name).write_text("mine\n")
+    with pytest.raises(TransferKitError) as refused:
+        refuse_unusable_out(mine)
+    assert str(refused.value) == (f"--out {mine} is not empty and is not a transferkit run (it holds {holds}); "
+                                  "give a new or empty folder for the run")
 
 
 @pytest.mark.parametrize("finished", [True, False], ids=["finished", "killed-inside-its-second-epoch"])
@@ -439,7 +457,6 @@ def test_a_training_state_with_nonfinite_weights_is_never_saved(synth_root, tmp_
 
 def test_a_run_config_that_is_an_alias_bomb_is_refused_quickly(tmp_path):
     """The config a resume compares against is read with the same bounds as any config."""
-    from transferkit.errors import TransferKitError
     from transferkit.training.resumecheck import trained_with
 
     run, state = tmp_path / "run", tmp_path / "run" / "checkpoints" / "states" / "step-00000005"
@@ -546,7 +563,6 @@ def test_torchruns_other_ranks_follow_the_same_directory_and_state(synth_root, f
 
 
 def test_a_finished_runs_checkpoints_by_name_or_path(finished_run, tmp_path):
-    from transferkit.errors import TransferKitError
     from transferkit.training.rundir import checkpoint_path, run_config
 
     assert checkpoint_path(finished_run, "best") == finished_run / "checkpoints" / "best.safetensors"
@@ -566,7 +582,6 @@ def test_a_finished_runs_checkpoints_by_name_or_path(finished_run, tmp_path):
 
 @pytest.mark.parametrize("folder", ["users-own", "missing"])
 def test_resume_of_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, folder):
-    from transferkit.errors import TransferKitError
     from transferkit.training.runguard import claim_run_to_resume
 
     target = tmp_path / "photos"
@@ -583,7 +598,6 @@ def test_resume_of_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, fol
 @pytest.mark.parametrize("text", [None, "[\"a\", \"b\"", "{\"a\": 0}", "[1, 2]", "[]", "\"ab\""],
                          ids=["missing", "cut", "a-mapping", "numbers", "empty", "a-string"])
 def test_a_runs_class_names_are_read_back_or_named_as_damaged(tmp_path, text):
-    from transferkit.errors import TransferKitError
     from transferkit.training.rundir import run_classes
 
     path = tmp_path / "classes.json"
