@@ -252,6 +252,40 @@ def test_what_the_ranks_exchange_in_a_group_of_one_and_of_two(one_rank, tmp_path
                     "parts": [[0, [8]], [1, [9]]], "sum": [3.0, 20.0]} for r in (0, 1)]
 
 
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2"}, {"WORLD_SIZE": "2", "RANK": "one"},
+                                 {"WORLD_SIZE": "two", "RANK": "0"},
+                                 {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}],
+                         ids=["no-rank", "rank-text", "world-text", "local-rank-text"])
+def test_a_torchrun_environment_that_is_not_whole_is_one_line(monkeypatch, env):
+    from transferkit.training.distributed import from_environment
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(TransferKitError) as refused:
+        from_environment(torch.device("cpu"))
+    assert str(refused.value) == ("WORLD_SIZE is set but RANK is missing or not a number; start several processes "
+                                  "with torchrun: torchrun --nproc-per-node N -m transferkit train ...")
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("local_rank, expected", [(None, 0), ("3", 3)], ids=["from-rank", "its-own"])
+def test_the_local_rank_is_torchruns_or_else_the_rank(one_rank, monkeypatch, local_rank, expected):
+    from transferkit.training.distributed import from_environment
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK")
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    processes = from_environment(torch.device("cpu"))
+    try:
+        assert (processes.rank, processes.world, processes.local_rank, processes.active) == (0, 1, expected, True)
+        assert processes.device(torch.device("cpu")) == torch.device("cpu")  # CPU ranks share the CPU
+    finally:
+        processes.close()
+
+
 def test_a_state_is_resumed_by_as_many_processes_as_saved_it(tmp_path):
     Processes(rank=0, world=2, active=True).check_resume(2, tmp_path)
     Processes().check_resume(1, tmp_path)
