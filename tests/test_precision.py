@@ -160,3 +160,49 @@ def test_compile_on_cpu_needs_a_cpp_compiler_named_by_cxx_or_found_as_gpp_or_cpp
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     assert device_module.compile_support(cpu) == \
         f"torch.compile does not support Python {sys.version_info.major}.{sys.version_info.minor} on this platform"
+
+
+def test_the_device_asked_for(monkeypatch):
+    from transferkit.errors import TransferKitError
+
+    assert device_module.select_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_module.select_device("auto") == torch.device("cpu")
+    with pytest.raises(TransferKitError) as refused:
+        device_module.select_device("cuda")
+    assert str(refused.value) == "device=cuda was asked for but no CUDA GPU is available; use device=auto or cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_module.select_device("auto") == torch.device("cuda")
+    assert device_module.select_device("cuda") == torch.device("cuda")
+    assert device_module.select_device("cpu") == torch.device("cpu")
+
+
+def test_one_seed_seeds_every_generator_and_a_rank_past_numpys_range_wraps():
+    """Under torchrun each rank seeds with seed + rank, which may pass NumPy's 32-bit range."""
+    import random
+
+    import numpy as np
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+    device_module.seed_everything(7)
+    first = draws()
+    device_module.seed_everything(7)
+    assert draws() == first
+    device_module.seed_everything(8)
+    assert all(a != b for a, b in zip(draws(), first, strict=True))
+    device_module.seed_everything(2**32 + 5)
+    wrapped = draws()[1]
+    np.random.seed(5)
+    assert wrapped == float(np.random.rand())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_model_is_placed_in_the_memory_format_asked_for(channels_last):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    placed = device_module.place_model(model, torch.device("cpu"), channels_last)
+    assert placed is model
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert model[0].weight.is_contiguous(memory_format=fmt)
+    assert model[0].weight.is_contiguous() is not channels_last
