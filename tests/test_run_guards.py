@@ -79,6 +79,7 @@ def test_out_into_a_folder_of_the_users_own_is_refused_untouched(synth_root, tmp
 
 @pytest.mark.parametrize("files, holds", [
     (["a.txt", "b.txt", "c.txt"], "a.txt, b.txt, c.txt"),
+    (["d.txt", "c.txt", "b.txt", "a.txt"], "a.txt, b.txt, c.txt and 1 more"),
     (["e.txt", "d.txt", "c.txt", "b.txt", "a.txt"], "a.txt, b.txt, c.txt and 2 more"),
 ])
 def test_a_users_folder_is_named_by_its_first_three_files(tmp_path, files, holds):

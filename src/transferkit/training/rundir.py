@@ -66,7 +66,6 @@ def follow_run(cfg: Config, out: str | Path | None, config_path: str | Path | No
 def write_run_start(run_dir: Path, cfg: Config, classes: list[str], report: TransferReport | None) -> None:
     """What a run writes before its first step: the resolved config, the class names and the transfer
     report. Called only once data and weights have been read without error."""
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     resolved = cfg.model_copy(deep=True)
     resolved.model.num_classes = len(classes)
     write_text(run_dir / "config.yaml", resolved.to_yaml())
