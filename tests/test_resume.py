@@ -147,6 +147,7 @@ def test_a_signal_to_the_training_process_itself_stops_after_that_step(synth_roo
         signal.signal(sig, previous)
     assert not arrived, "the run installed no handler of its own"
     assert (stop.value.signum, stop.value.run_dir, stop.value.where) == (sig, run, "epoch 2, batch 3")
+    assert (run / ".transferkit-run").is_file()  # a run stopped after it started stays marked as a run
     assert own is mine  # the handler in place before the run, given back
     assert sorted(p.name for p in (run / "checkpoints" / "states").glob("step-*")) == [
         "step-00000005", f"step-{STOP_AT:08d}"]
