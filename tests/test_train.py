@@ -15,7 +15,7 @@ from transferkit.run import train
 from transferkit.tasks.classification import build_model
 from transferkit.training.checkpoint import load_weights, read_metadata
 from transferkit.training.loop import EpochRecorder
-from transferkit.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from transferkit.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups, plan_params
 from transferkit.training.runlog import read_metrics
 
 
@@ -141,8 +141,6 @@ def test_rule_matching_nothing_is_an_error():
 
 
 def test_freeze_until_no_decay_and_layer_decay():
-    from transferkit.training.optim import plan_params
-
     model, family = create_classifier("tf_efficientnet_lite0", 2)
     plans = {p.name: p for p in plan_params(model, family.head_patterns,
                                             _optim("optim.freeze_until=blocks.1", "optim.no_decay_norm_bias=true",
@@ -416,8 +414,6 @@ def test_every_parameter_frozen_is_one_line():
 def test_each_parameter_is_labelled_by_what_decided_it():
     """A rule wins over freeze_until; freeze_until over the head and base; a parameter whose
     requires_grad is off is frozen, under its rule's label where a rule froze it too."""
-    from transferkit.training.optim import plan_params
-
     model, family = create_classifier("test_efficientnet", 3)
     model.blocks[1][0].bn1.weight.requires_grad_(False)
     model.conv_head.weight.requires_grad_(False)
@@ -440,8 +436,6 @@ def test_parameters_of_one_rule_and_rate_share_a_group_in_the_order_met():
     model, family = create_classifier("test_efficientnet", 3)
     cfg = _optim("optim.layer_decay=0.5", "optim.no_decay_norm_bias=true", "optim.head_lr_mult=1")
     groups = param_groups(model, family.head_patterns, cfg)
-    from transferkit.training.optim import plan_params
-
     plans = plan_params(model, family.head_patterns, cfg)
     keys = list(dict.fromkeys((p.rule, p.lr, p.weight_decay) for p in plans))
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == keys

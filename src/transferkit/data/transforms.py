@@ -7,14 +7,11 @@ import math
 from PIL import Image
 from torchvision import transforms as T
 
-from transferkit.preprocessing import Preprocessing
+from transferkit.preprocessing import INTERPOLATIONS, Preprocessing
 
-_PIL_MODES = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-_TV_MODES = {
-    "bilinear": T.InterpolationMode.BILINEAR,
-    "bicubic": T.InterpolationMode.BICUBIC,
-    "nearest": T.InterpolationMode.NEAREST,
-}
+# One entry per name in INTERPOLATIONS (the names an exported file's metadata is checked against).
+_PIL_MODES = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
+_TV_MODES = {name: T.InterpolationMode[name.upper()] for name in INTERPOLATIONS}
 
 
 def resize_size(image_size: int, pre: Preprocessing) -> int:
