@@ -12,6 +12,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under a mutation run only (mutmut names the mutant in MUTANT_UNDER_TEST; its working folder
+    holds the statistics): each file's tests together, the cheapest files first
+    (tests/helpers/mutation_order.py says why)."""
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return
+    from helpers.mutation_order import mutation_order, recorded_durations
+
+    items[:] = mutation_order(items, recorded_durations(Path("mutmut-stats.json")))
+
+
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data not found at {SHARED_DATA} (../shared/data)"
 )

@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 
 from transferkit.config import load_config
 from transferkit.errors import TransferKitError
+from transferkit.models.classification import create_classifier
 from transferkit.run import train
-from transferkit.training.resume import find_state, load_state
+from transferkit.training.optim import build_optimizer, build_scheduler
+from transferkit.training.resume import carry_optimizer_state, find_state, load_state
 from transferkit.training.runlog import read_metrics
 
 EPOCHS = 6
@@ -389,6 +391,27 @@ def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
     with pytest.raises(TransferKitError, match="^pretrained.with_optimizer needs pretrained.source to be a run "
                        "directory$"):
         train(bad, out=tmp_path / "bad", quiet=True)
+
+
+def test_a_carried_optimiser_state_keeps_each_groups_rate_and_schedule_base(synth_root, tmp_path):
+    train(load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1})), out=tmp_path / "first",
+          quiet=True)
+    cfg = load_config(None, tiny_overrides(synth_root, **{"optim.lr": 0.003, "optim.head_lr_mult": 10,
+                                                          "schedule.warmup_epochs": 1}))
+    said = []
+
+    def carried(with_schedule: bool) -> list[tuple[float, float]]:
+        model, family = create_classifier("test_efficientnet", 3)
+        optimizer = build_optimizer(model, family.head_patterns, cfg.optim)
+        if with_schedule:  # a warm-up of 5 steps: the first step's rate is a fifth of each group's base
+            build_scheduler(optimizer, cfg.schedule, steps_per_epoch=5)
+        carry_optimizer_state(tmp_path / "first", optimizer, lambda *a, **k: said.append(a[0]))
+        return [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
+
+    # Before a schedule exists (no base rate yet) the base is the group's rate.
+    assert carried(False) == pytest.approx([(0.003, 0.003), (0.03, 0.03)])
+    assert carried(True) == pytest.approx([(0.0006, 0.003), (0.006, 0.03)])
+    assert said == [f"optimiser state carried from {find_state(tmp_path / 'first')}"] * 2
 
 
 def test_config_changes_name_added_and_removed_keys_and_compare_require_whole():

@@ -1,19 +1,24 @@
 """linear_probe, lp_ft and gradual_unfreeze."""
 
+import re
+import time
+
 import pytest
 import torch
 from conftest import tiny_overrides
 
 from transferkit.config import load_config
 from transferkit.models.classification import create_classifier
+from transferkit.progress import console
 from transferkit.run import train
 from transferkit.tasks.classification import build_model
+from transferkit.training import strategies
 from transferkit.training.checkpoint import load_weights
 
 
-def run(root, tmp_path, **extra):
+def run(root, tmp_path, quiet=True, **extra):
     cfg = load_config(None, tiny_overrides(root, **extra))
-    result = train(cfg, out=tmp_path / "run", quiet=True)
+    result = train(cfg, out=tmp_path / "run", quiet=quiet)
     start, _, _ = build_model(cfg, 3)
     after, _ = create_classifier("test_efficientnet", 3)
     load_weights(after, result.run_dir / "checkpoints" / "last.safetensors")
@@ -30,10 +35,26 @@ def test_linear_probe_trains_only_the_head(synth_root, tmp_path):
     assert result.best_value > 1 / 3 + 0.15
 
 
-def test_linear_probe_with_augmented_views(synth_root, tmp_path):
-    result, s0, s1 = run(synth_root, tmp_path, strategy="linear_probe",
+def test_linear_probe_with_augmented_views(synth_root, tmp_path, monkeypatch):
+    said = []
+    monkeypatch.setattr(console, "print", lambda *a, **k: said.append(str(a[0]) if a else ""))
+    real = strategies.extract_features
+
+    def slow(*args, **kwargs):  # the features take 0.3 s at least (train and val), however fast the machine
+        time.sleep(0.15)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "extract_features", slow)
+    result, s0, s1 = run(synth_root, tmp_path, quiet=False, strategy="linear_probe",
                          **{"schedule.epochs": 2, "probe.augment": "true", "probe.views": 2, "probe.cache": "disk"})
     assert len(result.metrics) == 2
+    line = next(s for s in said if s.startswith("probe:"))
+    found = re.fullmatch(r"probe: features of 72 train x 2 view\(s\) and 30 val images cached \(disk, (\d+\.\d)s\)",
+                         line)
+    assert found, line
+    # The first epoch's time includes the features' (printed to 0.1 s), the second's does not.
+    assert 0.3 <= float(found[1]) <= result.metrics[0]["seconds"] + 0.05, (found[1], result.metrics)
+    assert result.metrics[1]["seconds"] < result.metrics[0]["seconds"] - 0.25, result.metrics
     saved = torch.load(result.run_dir / "probe_features.pt", weights_only=True)
     assert saved["train"].shape[:2] == (2, 72) and saved["val"].shape[:2] == (1, 30)
     # Each view is its own augmented pass: the two differ for every image; probing leaves the backbone as built.
