@@ -257,11 +257,15 @@ def test_new_run_from_a_finished_run_restores_everything(synth_root, tmp_path):
     assert metrics["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("where", [(0, 3), (1, 4)], ids=["inside-epoch-1", "inside-epoch-2"])
-def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path, where):
+@pytest.mark.parametrize(("where", "ema"), [((0, 3), False), ((1, 4), False), ((1, 4), True)],
+                         ids=["inside-epoch-1", "inside-epoch-2", "inside-epoch-2-with-EMA"])
+def test_resume_from_a_mid_epoch_state_is_exact(synth_root, request, tmp_path, where, ema):
+    """In this process (where a mutation run sees what the resume reaches; the SIGKILL test above
+    runs the CLI)."""
+    reference = request.getfixturevalue("reference_ema" if ema else "reference")
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": EPOCHS, "checkpoint.every_steps": 3,
-                                                          "checkpoint.keep_last": 100}))
+                                                          "checkpoint.keep_last": 100, **(EMA if ema else {})}))
     train(cfg, out=run, quiet=True)
     states = sorted((run / "checkpoints" / "states").glob("step-*"))
     markers = {p: json.loads((p / "COMPLETE").read_text()) for p in states}
@@ -271,6 +275,8 @@ def test_resume_from_a_mid_epoch_state_is_exact(synth_root, reference, tmp_path,
         shutil.rmtree(later)
     train(cfg, resume=run, quiet=True)
     assert same_weights(run / "checkpoints/last.safetensors", reference / "checkpoints/last.safetensors")
+    if ema:  # the EMA came back with the state, not rebuilt from the weights
+        assert same_weights(run / "checkpoints/ema.safetensors", reference / "checkpoints/ema.safetensors")
     assert strip(read_metrics(run)) == strip(read_metrics(reference))
 
 
