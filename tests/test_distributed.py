@@ -430,3 +430,22 @@ def test_detection_in_two_processes_is_close_to_one(shapes, tmp_path):
     # rank 0 alone writes: the same files as one process's run
     assert ({p.relative_to(tmp_path / "2") for p in (tmp_path / "2").rglob("*")}
             == {p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*")})
+
+
+def test_each_epoch_under_torchrun_draws_the_order_of_the_seed_and_the_epoch():
+    """The epoch's order of a sharded loader (a DistributedSampler) moves on with the epoch when the
+    loop starts it, as torch documents: a permutation from a generator seeded with seed + epoch."""
+    from types import SimpleNamespace
+
+    from transferkit.data.classification import make_loader
+    from transferkit.training.loop import StateSaver
+
+    loader = make_loader(list(range(10)), 2, True, 0, seed=3, shard=(0, 1))
+    saver = StateSaver(SimpleNamespace(train_loader=loader), None, None)
+    orders = []
+    for epoch in (1, 2):
+        saver.start_epoch(epoch)
+        assert saver.epoch == epoch and torch.equal(saver.loader_state, loader.generator.get_state())
+        orders.append([int(i) for batch in loader for i in batch])
+        assert orders[-1] == torch.randperm(10, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+    assert orders[0] != orders[1]
