@@ -45,6 +45,24 @@ def test_tiny_run_learns_and_writes_run_dir(synth_root, tmp_path):
     load_weights(model, run / "checkpoints" / "last.safetensors")
 
 
+def test_each_epochs_row_holds_the_first_groups_learning_rate(synth_root, tmp_path, monkeypatch):
+    """`lr` in metrics.jsonl is the first parameter group's (the body's), not the head's ten times it;
+    TensorBoard gets every group's, by name."""
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1, "optim.head_lr_mult": 10,
+                                                          "schedule.kind": "constant"}))
+    logged = []
+    real = EpochRecorder.record
+
+    def record(self, *args, **kwargs):
+        self.listeners.append(lambda row, group_lrs: logged.append(group_lrs))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(EpochRecorder, "record", record)
+    result = train(cfg, out=tmp_path / "run", quiet=True)
+    assert [r["lr"] for r in result.metrics] == [0.01]
+    assert logged == [[("base", 0.01), ("head", 0.1)]]
+
+
 def test_same_seed_same_run(synth_root, tmp_path):
     cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2}))
     a = train(cfg, out=tmp_path / "a", quiet=True)
