@@ -552,3 +552,30 @@ def test_a_save_cut_short_earlier_is_cleared_and_the_newest_states_are_kept(tmp_
     assert str(err.value) == (f"could not save a checkpoint in {blocked / 'checkpoints' / 'states'}: Not a directory; "
                               f"no earlier checkpoint exists; free space and resume with: transferkit train --resume "
                               f"{blocked}")
+
+
+def test_a_state_written_by_another_number_of_processes_is_refused_untouched(synth_root, tmp_path):
+    """The state says how many processes wrote it and the loop compares that with its own (each rank's
+    share of the data order depends on it): here in one process; tests/test_distributed.py does it
+    under torchrun."""
+    from transferkit.weights.sources import sha256_of
+
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1}))
+    train(cfg, out=run, quiet=True)
+    state_dir = find_state(run)
+    state = load_state(state_dir)
+    assert state["processes"] == 1
+    state["processes"] = 2  # as torchrun's two ranks would have written it
+    state["ranks"] = state["ranks"] * 2
+    torch.save(state, state_dir / "state.pt")
+    marker = json.loads((state_dir / "COMPLETE").read_text())
+    marker["files"]["state.pt"] = sha256_of(state_dir / "state.pt")
+    (state_dir / "COMPLETE").write_text(json.dumps(marker))
+    more = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2}))
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(TransferKitError) as err:
+        train(more, resume=run, quiet=True, allow_config_change=["schedule.epochs"])
+    assert str(err.value) == (f"{state_dir} was saved by a run of 2 process(es), this one has 1; resume it with "
+                              "2 processes in all (torchrun)")
+    assert (run / "metrics.jsonl").read_text() == before

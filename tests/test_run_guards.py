@@ -366,6 +366,33 @@ def test_an_optimiser_state_holding_nan_is_never_saved():
         require_finite(model, "the state", optimizer)
 
 
+def test_a_run_whose_optimiser_state_goes_bad_saves_no_state_of_it(synth_root, tmp_path):
+    """NaN in Adam's moments after the epoch's last step (the weights still finite): the epoch's state
+    is not written, and the run stops naming the optimiser's state."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from transferkit.training.finite import NonFiniteError
+
+    steps = [0]
+
+    def at_step(optimizer, args, kwargs):
+        steps[0] += 1
+        if steps[0] == 5:  # 72 images, batches of 16: epoch 1's last step
+            first = optimizer.param_groups[0]["params"][0]
+            moments = optimizer.state[first]["exp_avg_sq"]
+            moments[(0,) * moments.dim()] = float("nan")
+
+    hook = register_optimizer_step_post_hook(at_step)
+    run = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteError) as err:
+            train(load_config(None, tiny_overrides(synth_root)), out=run, quiet=True)
+    finally:
+        hook.remove()
+    assert str(err.value).startswith(f"{run}: the training state at step 5: the optimiser's state holds NaN or inf")
+    assert not list((run / "checkpoints" / "states").glob("step-*"))
+
+
 def test_a_detection_batch_with_an_inf_box_is_not_finite():
     """Images and targets as a detector takes them: a tuple of lists, the targets mappings."""
     from transferkit.training.finite import all_finite

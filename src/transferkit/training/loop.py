@@ -266,8 +266,7 @@ class StateSaver:
         recorder, steps = self.loop.recorder, len(self.loop.train_loader)
         step = epochs_done * steps + pos.batches_done
         require_finite(self.loop.model, f"{recorder.run_dir}: the training state at step {step}", self.opt.optimizer)
-        counters = {"epoch": epochs_done, "batches_done": pos.batches_done, "loss_sum": pos.loss_sum,
-                    "seen": pos.seen, "global_step": step,
+        counters = {"epoch": epochs_done, "batches_done": pos.batches_done, "global_step": step,
                     "loader_generator": loader_state, "best": list(recorder.best), "best_epoch": recorder.best_epoch,
                     "processes": self.loop.processes.world, "ranks": ranks, **self.opt.extra_state()}
         save_state(recorder.run_dir, self.loop.model, self.opt.optimizer, self.opt.scheduler, counters,
