@@ -393,6 +393,34 @@ def test_a_run_whose_optimiser_state_goes_bad_saves_no_state_of_it(synth_root, t
     assert not list((run / "checkpoints" / "states").glob("step-*"))
 
 
+@pytest.mark.parametrize(("accumulate", "batch", "cause"), [
+    (1, 1, "before any update"), (1, 2, "on finite data and weights"),
+    (2, 2, "before any update"),  # a window of two batches: the first update comes after the second
+    (2, 3, "on finite data and weights")])
+def test_a_nan_loss_on_finite_data_and_weights_is_told_by_whether_an_update_came_before(
+        synth_root, tmp_path, monkeypatch, accumulate, batch, cause):
+    from transferkit.tasks.classification import ClassificationTask
+    from transferkit.training.finite import NonFiniteError
+
+    real = ClassificationTask.loss
+
+    def loss(self, device):
+        inner, calls = real(self, device), [0]
+
+        def nan_at_batch(model, data):
+            calls[0] += 1
+            value, n = inner(model, data)
+            return (value * float("nan") if calls[0] == batch else value), n
+        return nan_at_batch
+
+    monkeypatch.setattr(ClassificationTask, "loss", loss)
+    cfg = load_config(None, tiny_overrides(synth_root, **{"optim.accumulate": accumulate}))
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg, out=tmp_path / "run", quiet=True)
+    assert str(err.value).startswith(f"{tmp_path / 'run'}: stopped at epoch 1, step {batch} (batch {batch} of 5): "
+                                     f"the loss is NaN; {cause}"), str(err.value)
+
+
 def test_a_detection_batch_with_an_inf_box_is_not_finite():
     """Images and targets as a detector takes them: a tuple of lists, the targets mappings."""
     from transferkit.training.finite import all_finite

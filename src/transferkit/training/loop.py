@@ -187,7 +187,6 @@ class Optimisation:
     precision: MixedPrecision = field(default_factory=lambda: MixedPrecision("none", torch.device("cpu")))
     accumulate: int = 1
     ema: WeightAverage | None = None
-    pending: bool = False  # gradients of the current accumulation window wait for their step
 
     def extra_state(self) -> dict:
         """What the training state holds besides the optimiser and schedule: scaler, EMA."""
@@ -301,7 +300,6 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
             stop_on_nonfinite(loop, loop.processes.agree_finite(loss.detach()), batch, pos)
             # the mean over the window's batches: K batches give the gradient of one K-times batch
             opt.precision.backward(loss / window_size(index, len(loop.train_loader), opt.accumulate))
-        opt.pending = True
         loss_sum += loss.detach().double() * n
         pos.seen += n
         loop.progress.advance_and_draw(task, n)
@@ -318,10 +316,11 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
 def stop_on_nonfinite(loop: Loop, loss: torch.Tensor, batch: Any, pos: EpochPosition) -> None:
     """A NaN or inf loss ends the run here, before it can reach the weights or any saved file (under
     torchrun, every rank stops at the same step: `loss` is NaN on all when it is on one)."""
-    steps = len(loop.train_loader)
+    steps, k = len(loop.train_loader), loop.cfg.optim.accumulate
     step = (pos.epoch - 1) * steps + pos.batches_done
+    updates = (pos.epoch - 1) * optimiser_steps(steps, k) + (pos.batches_done - 1) // k  # before this batch
     try:
-        check_loss(loss, loop.model, batch, step - 1, loop.cfg.optim.lr)
+        check_loss(loss, loop.model, batch, updates, loop.cfg.optim.lr)
     except NonFiniteError as exc:
         run_dir = loop.recorder.run_dir
         states = sorted(p.name for p in (run_dir / STATES).glob("step-*") if p.is_dir())
@@ -337,14 +336,13 @@ def window_size(index: int, batches: int, accumulate: int) -> int:
 
 
 def optimiser_step(model: nn.Module, opt: Optimisation) -> None:
-    """The end of a window: a step where some batch had a finite loss, the schedule moves on either
-    way (a skipped step is still a step of the schedule), and the EMA follows the new weights."""
-    if opt.pending:
-        opt.precision.step(opt.optimizer)
-        opt.optimizer.zero_grad(set_to_none=True)
-        opt.pending = False
-        if opt.ema is not None:
-            opt.ema.update(model)
+    """The end of a window: the optimiser's step (fp16's scaler passes over one with inf gradients),
+    the schedule's either way, and the EMA follows the new weights. (A non-finite loss never gets
+    here: it stops the run.)"""
+    opt.precision.step(opt.optimizer)
+    opt.optimizer.zero_grad(set_to_none=True)
+    if opt.ema is not None:
+        opt.ema.update(model)
     with opt.precision.quiet_schedule():
         opt.scheduler.step()
 
