@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
 
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Under a mutation run only (mutmut names the mutant in MUTANT_UNDER_TEST; its working folder
     holds the statistics): each file's tests together, the cheapest files first

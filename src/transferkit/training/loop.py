@@ -400,4 +400,4 @@ def record_epoch(loop: Loop, opt: Optimisation, phase: str, train_loss: float, t
         metrics.update({f"ema_{k}": v for k, v in loop.eval_fn(opt.ema.module, loop.val_loader).items()})
     groups = opt.optimizer.param_groups
     loop.recorder.record(phase, train_loss, metrics, groups[0]["lr"], t0,
-                         [(g["name"], g["lr"]) for g in groups])  # optim.param_groups names each
+                         [(g["name"], g["lr"]) for g in groups])  # each group is named by its rule (optim.py)
