@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,11 +258,34 @@ def test_new_run_from_a_finished_run_restores_everything(synth_root, tmp_path):
     assert metrics["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize(("where", "ema"), [((0, 3), False), ((1, 4), False), ((1, 4), True)],
-                         ids=["inside-epoch-1", "inside-epoch-2", "inside-epoch-2-with-EMA"])
-def test_resume_from_a_mid_epoch_state_is_exact(synth_root, request, tmp_path, where, ema):
+def rewrite_state(state_dir: Path, state: dict) -> None:
+    """`state` as the state's state.pt, its checksum in the COMPLETE marker to match."""
+    from transferkit.weights.sources import sha256_of
+
+    torch.save(state, state_dir / "state.pt")
+    marker = json.loads((state_dir / "COMPLETE").read_text())
+    marker["files"]["state.pt"] = sha256_of(state_dir / "state.pt")
+    (state_dir / "COMPLETE").write_text(json.dumps(marker))
+
+
+def as_saved_before_ranks(state_dir: Path) -> None:
+    """The state as one saved before it said how many processes wrote it and kept each rank's part:
+    the random state and the epoch's loss so far at its top level."""
+    state = load_state(state_dir)
+    ranks = state.pop("ranks")
+    del state["processes"]
+    assert len(ranks) == 1
+    rewrite_state(state_dir, {**state, **ranks[0]})
+
+
+@pytest.mark.parametrize(("where", "ema", "older"), [((0, 3), False, False), ((1, 4), False, False),
+                                                     ((1, 4), True, False), ((1, 4), False, True)],
+                         ids=["inside-epoch-1", "inside-epoch-2", "inside-epoch-2-with-EMA",
+                              "inside-epoch-2-saved-before-ranks"])
+def test_resume_from_a_mid_epoch_state_is_exact(synth_root, request, tmp_path, where, ema, older):
     """In this process (where a mutation run sees what the resume reaches; the SIGKILL test above
-    runs the CLI)."""
+    runs the CLI). A state saved before the number of processes and each rank's part were kept
+    resumes in one process as exactly."""
     reference = request.getfixturevalue("reference_ema" if ema else "reference")
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": EPOCHS, "checkpoint.every_steps": 3,
@@ -273,6 +297,8 @@ def test_resume_from_a_mid_epoch_state_is_exact(synth_root, request, tmp_path, w
     mid = next(p for p, m in markers.items() if (m["epoch"], m["batches_done"]) == where)
     for later in states[states.index(mid) + 1:]:
         shutil.rmtree(later)
+    if older:
+        as_saved_before_ranks(mid)
     train(cfg, resume=run, quiet=True)
     assert same_weights(run / "checkpoints/last.safetensors", reference / "checkpoints/last.safetensors")
     if ema:  # the EMA came back with the state, not rebuilt from the weights
@@ -558,8 +584,6 @@ def test_a_state_written_by_another_number_of_processes_is_refused_untouched(syn
     """The state says how many processes wrote it and the loop compares that with its own (each rank's
     share of the data order depends on it): here in one process; tests/test_distributed.py does it
     under torchrun."""
-    from transferkit.weights.sources import sha256_of
-
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1}))
     train(cfg, out=run, quiet=True)
@@ -568,10 +592,7 @@ def test_a_state_written_by_another_number_of_processes_is_refused_untouched(syn
     assert state["processes"] == 1
     state["processes"] = 2  # as torchrun's two ranks would have written it
     state["ranks"] = state["ranks"] * 2
-    torch.save(state, state_dir / "state.pt")
-    marker = json.loads((state_dir / "COMPLETE").read_text())
-    marker["files"]["state.pt"] = sha256_of(state_dir / "state.pt")
-    (state_dir / "COMPLETE").write_text(json.dumps(marker))
+    rewrite_state(state_dir, state)
     more = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2}))
     before = (run / "metrics.jsonl").read_text()
     with pytest.raises(TransferKitError) as err:

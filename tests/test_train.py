@@ -63,6 +63,34 @@ def test_each_epochs_row_holds_the_first_groups_learning_rate(synth_root, tmp_pa
     assert logged == [[("base", 0.01), ("head", 0.1)]]
 
 
+def test_a_training_prints_its_effective_batch_and_parameter_groups_once(synth_root, tmp_path, monkeypatch):
+    """What a user reads before the first epoch: the images in a step with the learning rate they get,
+    then the parameter-group table (rule, tensors, rate)."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    said = []
+    monkeypatch.setattr("transferkit.run.console.print", lambda *a, **k: said.append(a[0] if a else ""))
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1, "optim.head_lr_mult": 10,
+                                                          "data.batch_size": 16}))
+    train(cfg, out=tmp_path / "run")
+    lines = [s for s in said if isinstance(s, str)]
+    assert [s for s in lines if s.startswith("effective batch:")] == [
+        "effective batch: data.batch_size 16 = 16 images a step; learning rate: optim.lr 0.01 as configured "
+        "(optim.lr_scaling none)"]
+    tables = [t for t in said if isinstance(t, Table) and t.title == "parameter groups"]
+    assert len(tables) == 1
+    out = Console(file=io.StringIO(), width=200, color_system=None)
+    out.print(tables[0])
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("│")[1:-1]]
+                                              for line in out.file.getvalue().splitlines() if line.startswith("│"))}
+    assert sorted(rows) == ["base", "head"]
+    assert rows["head"][0] == "2" and rows["head"][2:] == ["1.00e-01", "0.0001", "no"]  # classifier weight and bias
+    assert rows["base"][2] == "1.00e-02"
+
+
 def test_same_seed_same_run(synth_root, tmp_path):
     cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2}))
     a = train(cfg, out=tmp_path / "a", quiet=True)

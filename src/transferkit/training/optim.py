@@ -187,8 +187,9 @@ def build_optimizer(model: nn.Module, head_patterns: Sequence[str], cfg: OptimCo
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, cfg: ScheduleConfig) -> float:
     """Multiplier on each group's base learning rate at optimiser step `step` (0-based).
 
-    Warmup rises linearly to 1 over warmup_epochs; then cosine decays to min_lr_ratio at the
-    last step, step multiplies by gamma every step_epochs epochs, constant stays at 1.
+    Warmup rises linearly to 1 over warmup_epochs; then cosine decays towards min_lr_ratio, which
+    it reaches at step total_steps (one past the last, as timm's and torchvision's cosine do); step
+    multiplies by gamma every step_epochs epochs; constant stays at 1.
     """
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
