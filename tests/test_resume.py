@@ -426,8 +426,11 @@ def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
 
 
 def test_a_carried_optimiser_state_keeps_each_groups_rate_and_schedule_base(synth_root, tmp_path):
-    train(load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1})), out=tmp_path / "first",
-          quiet=True)
+    """...from the newest intact state, saying which damaged one it passed over."""
+    train(load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1, "checkpoint.every_steps": 3})),
+          out=tmp_path / "first", quiet=True)
+    states = tmp_path / "first" / "checkpoints" / "states"
+    (states / "step-00000005" / "state.pt").write_bytes(b"damaged")
     cfg = load_config(None, tiny_overrides(synth_root, **{"optim.lr": 0.003, "optim.head_lr_mult": 10,
                                                           "schedule.warmup_epochs": 1}))
     said = []
@@ -443,7 +446,28 @@ def test_a_carried_optimiser_state_keeps_each_groups_rate_and_schedule_base(synt
     # Before a schedule exists (no base rate yet) the base is the group's rate.
     assert carried(False) == pytest.approx([0.003, 0.003, 0.03, 0.03])  # (rate, base) of each group
     assert carried(True) == pytest.approx([0.0006, 0.003, 0.006, 0.03])
-    assert said == [f"optimiser state carried from {find_state(tmp_path / 'first')}"] * 2
+    assert said == [f"checkpoint {states / 'step-00000005'} is damaged (state.pt does not match its checksum); "
+                    "falling back to the previous one",
+                    f"optimiser state carried from {states / 'step-00000003'}"] * 2
+
+
+def test_an_optimiser_state_is_carried_only_from_a_run_directory_named_as_the_source(synth_root, tmp_path,
+                                                                                      monkeypatch):
+    """No source is not the current folder, even when that folder is a run; a run's checkpoint file
+    or states folder is not the run."""
+    train(load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 1})), out=tmp_path / "first",
+          quiet=True)
+    model, family = create_classifier("test_efficientnet", 3)
+    optimizer = build_optimizer(model, family.head_patterns, load_config(None, ["data.root=x"]).optim)
+    before = optimizer.state_dict()
+    monkeypatch.chdir(tmp_path / "first")
+    for source, named in ((None, "none"), ("", "none"), (tmp_path / "first" / "checkpoints", None),
+                          (tmp_path / "first" / "checkpoints" / "last.safetensors", None)):
+        with pytest.raises(TransferKitError) as err:
+            carry_optimizer_state(source, optimizer, lambda *a, **k: None)
+        assert str(err.value) == ("pretrained.with_optimizer needs pretrained.source to be a run directory (the "
+                                  f"--out of a train run); {named or source} is not one")
+    assert optimizer.state_dict() == before
 
 
 def test_config_changes_name_added_and_removed_keys_and_compare_require_whole():

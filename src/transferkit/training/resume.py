@@ -163,9 +163,10 @@ def carry_optimizer_state(source: str | Path | None, optimizer: torch.optim.Opti
                           say: Callable[..., None]) -> None:
     """pretrained.with_optimizer: the source run's optimiser state (momentum, moments), with this
     run's own learning rates."""
-    source = Path(str(source or ""))
-    if not (source / "config.yaml").is_file():
-        raise TransferKitError("pretrained.with_optimizer needs pretrained.source to be a run directory")
+    if not source or not (Path(source) / "config.yaml").is_file():  # no source is not the current folder
+        raise TransferKitError(f"pretrained.with_optimizer needs pretrained.source to be a run directory (the --out "
+                               f"of a train run); {str(source) if source else 'none'} is not one")
+    source = Path(source)
     state_dir = find_state(source, say)
     lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
     try:
