@@ -13,6 +13,7 @@ from transferkit.cli import main
 from transferkit.config import DetectionConfig, PretrainedConfig, load_config
 from transferkit.data.detection import GroupedBatchSampler, load_detection_splits
 from transferkit.data.synthetic import make_synthetic_detection
+from transferkit.errors import TransferKitError
 from transferkit.models.detection import HEAD_PATTERNS, backbone_stages, create_detector
 from transferkit.patterns import first_match
 from transferkit.run import train
@@ -630,3 +631,30 @@ def test_ap_per_class_counts_up_to_100_detections_an_image_and_minus_one_without
     metrics = coco_map(gt, dets)
     # at 10 detections an image recall would stop at 10/11; COCO's AP is at 100
     assert metrics["val_ap_per_class"] == {"a": pytest.approx(1.0), "never seen": -1.0}
+
+
+def test_the_source_detectors_class_names_come_from_the_config_or_the_source_run(tmp_path, monkeypatch):
+    """head_init for a detector: source_classes given, else the classes.json of the run given as the
+    source; no source is never a folder of the current directory."""
+    from transferkit.tasks.detection import source_classes
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "classes.json").write_text('["car", "person"]')
+
+    def cfg(**extra):
+        return load_config(None, det_overrides(tmp_path, **{"pretrained.head_init": "{from_classes: auto}",
+                                                            **extra}))
+
+    assert source_classes(cfg(**{"pretrained.source": str(run)})) == ["car", "person"]
+    assert source_classes(cfg(**{"pretrained.source": str(run),
+                                 "pretrained.head_init": "{from_classes: auto, source_classes: [dog]}"})) == ["dog"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "None").mkdir()
+    (tmp_path / "None" / "classes.json").write_text('["cat"]')
+    for source in ("null", str(tmp_path / "None" / "classes.json")):
+        with pytest.raises(TransferKitError) as err:
+            source_classes(cfg(**{"pretrained.source": source}))
+        assert str(err.value) == ("pretrained.head_init for a detector needs the source's class names: give "
+                                  "pretrained.head_init.source_classes, a run directory or a torchvision: name as "
+                                  "pretrained.source")

@@ -84,7 +84,7 @@ def source_classes(cfg: Config) -> list[str]:
         categories = zoo.torchvision_weights(str(cfg.pretrained.source).removeprefix("torchvision:")).categories
         if categories:
             return zoo_source_classes(cfg.detection.kind, categories)
-    if (Path(str(cfg.pretrained.source)) / "classes.json").is_file():
+    if cfg.pretrained.source and (Path(str(cfg.pretrained.source)) / "classes.json").is_file():
         return run_classes(cfg.pretrained.source)
     raise TransferKitError("pretrained.head_init for a detector needs the source's class names: give "
                            "pretrained.head_init.source_classes, a run directory or a torchvision: name as "
