@@ -449,3 +449,27 @@ def test_each_epoch_under_torchrun_draws_the_order_of_the_seed_and_the_epoch():
         orders.append([int(i) for batch in loader for i in batch])
         assert orders[-1] == torch.randperm(10, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
     assert orders[0] != orders[1]
+
+
+def test_the_images_of_an_epoch_are_this_processes_share_counted_without_drawing():
+    """What each epoch's progress bar counts (times the processes): a DistributedSampler's padded
+    share; detection's grouped batches, a step's images over every rank shared as evenly as they go."""
+    from transferkit.data.classification import make_loader
+    from transferkit.data.detection import GroupedBatchSampler
+    from transferkit.training.loop import images_per_epoch
+
+    assert images_per_epoch(make_loader(list(range(10)), 4, True, 0, seed=3)) == 10
+    for rank in range(3):  # 10 images over 3 processes: 4 each, two taken again
+        loader = make_loader(list(range(10)), 4, True, 0, seed=3, shard=(rank, 3))
+        before = loader.generator.get_state()
+        assert images_per_epoch(loader) == 4
+        assert torch.equal(loader.generator.get_state(), before)
+    groups = [0] * 5 + [1] * 3  # batch 2 on 2 ranks: steps of 4 images: group 0 gives 4 and 1, group 1 gives 3
+    for shard, expected in ((None, 8), ((0, 2), 2 + 1 + 2), ((1, 2), 2 + 1 + 2)):
+        generator = torch.Generator().manual_seed(0)
+        sampler = GroupedBatchSampler(groups, 2, True, generator, shard)
+        before = generator.get_state()
+        loader = torch.utils.data.DataLoader(list(range(8)), batch_sampler=sampler)
+        assert images_per_epoch(loader) == expected
+        assert torch.equal(generator.get_state(), before)
+        assert sum(map(len, sampler)) == expected  # the batches drawn hold as many

@@ -91,6 +91,44 @@ def test_a_training_prints_its_effective_batch_and_parameter_groups_once(synth_r
     assert rows["base"][2] == "1.00e-02"
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_epochs_progress_bar_counts_its_images_and_a_resumed_one_starts_where_it_was(synth_root, tmp_path,
+                                                                                          monkeypatch, world):
+    """72 training images in batches of 16: each bar goes 0 to 72; a state after batch 4 of epoch 2
+    resumes that epoch's bar at 64. Under torchrun each of N processes gets as many images and the
+    bar counts all of them: with world 2, one process stands for the first of two (its loader
+    unsharded, so it sees all 72 itself) and the bar counts twice as many."""
+    import shutil
+
+    from transferkit.progress import StepProgress
+    from transferkit.training.distributed import Processes
+
+    bars = {}
+    real_add, real_remove = StepProgress.add_task, StepProgress.remove_task
+
+    def add_task(self, description, **kw):
+        task = real_add(self, description, **kw)
+        bars[task] = [description, kw["total"], kw.get("completed", 0)]
+        return task
+
+    def remove_task(self, task):
+        bars[task].append(next(t for t in self.tasks if t.id == task).completed)
+        real_remove(self, task)
+
+    monkeypatch.setattr(StepProgress, "add_task", add_task)
+    monkeypatch.setattr(StepProgress, "remove_task", remove_task)
+    monkeypatch.setattr("transferkit.run.from_environment", lambda *a: Processes(world=world))
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2, "data.batch_size": 16,
+                                                          "checkpoint.every_steps": 3, "checkpoint.keep_last": 100}))
+    train(cfg, out=run, quiet=True)
+    assert list(bars.values()) == [["epoch 1", 72 * world, 0, 72 * world], ["epoch 2", 72 * world, 0, 72 * world]]
+    bars.clear()
+    shutil.rmtree(run / "checkpoints" / "states" / "step-00000010")  # step 9: batch 4 of epoch 2
+    train(cfg, resume=run, quiet=True)
+    assert list(bars.values()) == [["epoch 2", 72 * world, 64 * world, 72 * world]]
+
+
 def test_same_seed_same_run(synth_root, tmp_path):
     cfg = load_config(None, tiny_overrides(synth_root, **{"schedule.epochs": 2}))
     a = train(cfg, out=tmp_path / "a", quiet=True)

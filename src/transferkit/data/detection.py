@@ -362,6 +362,10 @@ class GroupedBatchSampler(Sampler):
     def __len__(self) -> int:
         return len(self._mine(self._batches(False)))
 
+    def images(self) -> int:
+        """The images of one pass (this rank's share of them), without drawing an order."""
+        return sum(map(len, self._mine(self._batches(False))))
+
 
 def collate(batch):
     return tuple(zip(*batch, strict=True))

@@ -199,6 +199,14 @@ class Optimisation:
             self.ema.load_state_dict(state["ema"])
 
 
+def images_per_epoch(loader: DataLoader) -> int:
+    """The images this process gets in one pass of `loader` (its share under torchrun). A batch
+    sampler of the loader's own (detection's grouped one) counts them itself; drawing the batches to
+    count them would move the loader's random state."""
+    batches = loader.batch_sampler
+    return batches.images() if hasattr(batches, "images") else len(batches.sampler)
+
+
 def optimiser_steps(batches: int, accumulate: int) -> int:
     """Optimiser steps in `batches` batches (a last, shorter window still makes a step)."""
     return math.ceil(batches / accumulate)
@@ -302,7 +310,7 @@ def train_one_epoch(loop: Loop, opt: Optimisation, task: int, position: EpochPos
             opt.precision.backward(loss / window_size(index, len(loop.train_loader), opt.accumulate))
         loss_sum += loss.detach().double() * n
         pos.seen += n
-        loop.progress.advance_and_draw(task, n)
+        loop.progress.advance_and_draw(task, n * loop.processes.world)  # every process has a batch as big
         if not ends_window:
             continue  # the window goes on
         optimiser_step(loop.model, opt)
@@ -384,7 +392,11 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
             states.start_epoch(epoch)
             position = position or EpochPosition()
             position.epoch = epoch
-            task = loop.progress.add_task(f"epoch {epoch}", total=len(loop.train_loader.dataset), info="")
+            # The bar counts every process's images (each process gets as many), from those a resumed
+            # epoch has done.
+            world = loop.processes.world
+            task = loop.progress.add_task(f"epoch {epoch}", total=world * images_per_epoch(loop.train_loader),
+                                          completed=world * position.seen, info="")
             train_loss = train_one_epoch(loop, opt, task, position, rng, states.after_step)
             loop.progress.remove_task(task)
             position, rng = None, None
