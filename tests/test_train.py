@@ -639,7 +639,7 @@ def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tm
         opt = Optimisation(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), accumulate=2)
         bias, after = [], []
         optimizer.register_step_post_hook(lambda *args: bias.append(model.bias.item()))
-        loss = train_one_epoch(loop, opt, progress.add_task("epoch", total=9, info=""), position,
+        loss = train_one_epoch(loop, opt, progress.add_task("epoch", total=9), position,
                                after_step=lambda pos: after.append((pos.batches_done, pos.seen, pos.loss_sum)))
         assert model.training
         return loss, bias, after
@@ -653,3 +653,7 @@ def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tm
     assert loss == pytest.approx(4.0)
     assert bias == pytest.approx([-5.5, -13.5])
     assert after == [(4, 8, pytest.approx(28.0)), (5, 9, pytest.approx(36.0))]
+    # The running sum is kept in float64: a long epoch's sum (here 2^24 + 1 before the window, which
+    # float32 cannot hold) keeps its units.
+    _, _, after = epoch(EpochPosition(batches_done=2, loss_sum=2.0**24 + 1, seen=4))
+    assert [sum_ for _, _, sum_ in after] == [2.0**24 + 1 + 22, 2.0**24 + 1 + 30]

@@ -54,7 +54,6 @@ def make_progress(disable: bool = False) -> StepProgress:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
         console=console,
         transient=True,
         disable=disable,
@@ -66,7 +65,7 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     items = list(items) if total is None and not hasattr(items, "__len__") else items
     total = total if total is not None else len(items)  # type: ignore[arg-type]
     with make_progress() as progress:
-        task = progress.add_task(description, total=total, info="")
+        task = progress.add_task(description, total=total)
         for item in items:
             yield item
             progress.advance_and_draw(task, 1)

@@ -396,7 +396,7 @@ def run_finetune(loop: Loop, resume: ResumePoint | None = None) -> None:
             # epoch has done.
             world = loop.processes.world
             task = loop.progress.add_task(f"epoch {epoch}", total=world * images_per_epoch(loop.train_loader),
-                                          completed=world * position.seen, info="")
+                                          completed=world * position.seen)
             train_loss = train_one_epoch(loop, opt, task, position, rng, states.after_step)
             loop.progress.remove_task(task)
             position, rng = None, None

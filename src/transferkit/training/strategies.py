@@ -35,7 +35,7 @@ def extract_features(model: nn.Module, dataset: Dataset, cfg: Config, device: to
     out, labels = [], None
     for view in range(views):
         loader = make_loader(dataset, cfg.data.batch_size, False, cfg.data.num_workers, cfg.seed + view)
-        task = progress.add_task(f"features {view + 1}/{views}", total=len(dataset), info="") if progress else None
+        task = progress.add_task(f"features {view + 1}/{views}", total=len(dataset)) if progress else None
         feats, labs = [], []
         for images, y in loader:
             images = images.to(device)
