@@ -624,7 +624,7 @@ def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tm
         bias = model.bias.sum()
         return (bias - bias.detach() + 1) * labels.mean(), len(labels)
 
-    def epoch(position=None):
+    def epoch(position=None, accumulate=2):
         model = torch.nn.Linear(2, 1)
         model.eval()
         with torch.no_grad():
@@ -633,10 +633,11 @@ def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tm
                             generator=torch.Generator())
         recorder = EpochRecorder(tmp_path, model, {}, lambda *a, **k: None)
         progress = make_progress(disable=True)
-        loop = Loop(load_config(None, ["data.root=x", "optim.accumulate=2"]), model, (), loader, loader, loss_fn,
-                    None, recorder, progress, torch.device("cpu"))
+        cfg = load_config(None, ["data.root=x", f"optim.accumulate={accumulate}"])
+        loop = Loop(cfg, model, (), loader, loader, loss_fn, None, recorder, progress, torch.device("cpu"))
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        opt = Optimisation(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), accumulate=2)
+        opt = Optimisation(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                           accumulate=accumulate)
         bias, after = [], []
         optimizer.register_step_post_hook(lambda *args: bias.append(model.bias.item()))
         loss = train_one_epoch(loop, opt, progress.add_task("epoch", total=9), position,
@@ -655,5 +656,12 @@ def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tm
     assert after == [(4, 8, pytest.approx(28.0)), (5, 9, pytest.approx(36.0))]
     # The running sum is kept in float64: a long epoch's sum (here 2^24 + 1 before the window, which
     # float32 cannot hold) keeps its units.
-    _, _, after = epoch(EpochPosition(batches_done=2, loss_sum=2.0**24 + 1, seen=4))
+    loss, _, after = epoch(EpochPosition(batches_done=2, loss_sum=2.0**24 + 1, seen=4))
     assert [sum_ for _, _, sum_ in after] == [2.0**24 + 1 + 22, 2.0**24 + 1 + 30]
+    assert loss == (2.0**24 + 1 + 30) / 9
+    # optim.accumulate 3: windows end after batches 3 and 5, the last of two batches; the bias moves
+    # by (0.5 + 2.5 + 4.5) / 3, then (6.5 + 8) / 2.
+    loss, bias, after = epoch(accumulate=3)
+    assert loss == pytest.approx(4.0)
+    assert bias == pytest.approx([-2.5, -9.75])
+    assert after == [(3, 6, pytest.approx(15.0)), (5, 9, pytest.approx(36.0))]
