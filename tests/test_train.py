@@ -322,7 +322,7 @@ def test_the_closing_summary_shows_each_epoch_and_marks_the_best():
         ["3", "1.5000", "0.2500", "0.5000", "2.00e-02", "60.0"]]
 
 
-def test_the_curves_draw_each_series_the_rows_hold(tmp_path):
+def test_the_curves_draw_each_series_the_rows_hold(tmp_path, monkeypatch):
     from PIL import Image
 
     from transferkit.training.runlog import curves_figure, plot_curves
@@ -353,6 +353,12 @@ def test_the_curves_draw_each_series_the_rows_hold(tmp_path):
     plot_curves(rows, tmp_path / "curves.png")
     assert Image.open(tmp_path / "curves.png").size == (1000, 400)
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    from transferkit.training import runlog
+
+    titles, real = [], runlog.curves_figure
+    monkeypatch.setattr(runlog, "curves_figure", lambda rows, title="": titles.append(title) or real(rows, title))
+    plot_curves(rows, tmp_path / "titled.png", title="resnet18 on flowers")
+    assert titles == ["resnet18 on flowers"]
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -624,12 +630,13 @@ def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tm
         bias = model.bias.sum()
         return (bias - bias.detach() + 1) * labels.mean(), len(labels)
 
-    def epoch(position=None, accumulate=2):
+    def epoch(position=None, accumulate=2, labels=tuple(range(9))):
         model = torch.nn.Linear(2, 1)
         model.eval()
         with torch.no_grad():
             model.bias.zero_()
-        loader = DataLoader(TensorDataset(torch.zeros(9, 2), torch.arange(9.0)), batch_size=2,
+        loader = DataLoader(TensorDataset(torch.zeros(len(labels), 2), torch.tensor(labels, dtype=torch.float32)),
+                            batch_size=2,
                             generator=torch.Generator())
         recorder = EpochRecorder(tmp_path, model, {}, lambda *a, **k: None)
         progress = make_progress(disable=True)
@@ -665,3 +672,4 @@ def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tm
     assert loss == pytest.approx(4.0)
     assert bias == pytest.approx([-2.5, -9.75])
     assert after == [(3, 6, pytest.approx(15.0)), (5, 9, pytest.approx(36.0))]
+    assert epoch(labels=(5.0,))[0] == 5.0  # an epoch of one image
