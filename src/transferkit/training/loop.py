@@ -116,11 +116,15 @@ class EpochRecorder:
     def is_better(self, row: dict) -> bool:
         if self.best_metric not in row:  # an EMA metric in an epoch without an EMA (a probe phase)
             return False
-        loss_key = "ema_val_loss" if self.best_metric.startswith("ema_") else "val_loss"
-        if self.best_metric == loss_key:
-            return row[loss_key] < self.best[1]
-        loss = row.get(loss_key, 0.0)  # ties go to the lower loss, where there is one
-        return (row[self.best_metric], -loss) > (self.best[0], -self.best[1])
+        if self.best_metric == self.loss_key:
+            return row[self.loss_key] < self.best[1]
+        # ties go to the lower loss, where there is one (a detector has none: 0)
+        return (row[self.best_metric], -row.get(self.loss_key, 0.0)) > (self.best[0], -self.best[1])
+
+    @property
+    def loss_key(self) -> str:
+        """The loss beside the best metric: the EMA's for an EMA metric."""
+        return "ema_val_loss" if self.best_metric.startswith("ema_") else "val_loss"
 
     @property
     def epoch(self) -> int:
@@ -142,8 +146,7 @@ class EpochRecorder:
             save_weights(self.ema_model, checkpoints / "ema.safetensors", {**self.meta, **row, "weights": "ema"})
         if self.is_better(row):
             on_ema = self.best_metric.startswith("ema_")
-            loss = row.get("ema_val_loss" if on_ema else "val_loss", 0.0)
-            self.best, self.best_epoch = (row[self.best_metric], loss), row["epoch"]
+            self.best, self.best_epoch = (row[self.best_metric], row.get(self.loss_key, 0.0)), row["epoch"]
             weights = self.ema_model if on_ema else self.model
             save_weights(weights, checkpoints / "best.safetensors",
                          {**self.meta, **row, "weights": "ema" if on_ema else "live"})
