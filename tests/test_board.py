@@ -98,3 +98,18 @@ def test_a_resumed_board_drops_what_was_logged_after_its_epoch(tmp_path):
     resumed.close()
     rows = [(e.step, e.value) for e in read_events(tmp_path).Scalars("train_loss")]
     assert rows == [(1, 1.0), (2, 20.0), (3, 30.0)]
+
+
+def test_lp_ft_logs_the_heads_rate_through_both_phases(synth_root, tmp_path):
+    """The probe trains the head alone: its rate is lr/head, the curve the fine-tuning's head goes on
+    with; the body's (lr/base) starts with the fine-tuning."""
+    overrides = tiny_overrides(synth_root, **{"strategy": "lp_ft", "probe.epochs": 2, "schedule.epochs": 2,
+                                              "logging.tensorboard": "true", "optim.head_lr_mult": 10,
+                                              "schedule.kind": "constant", "probe.lr": 0.05})
+    train(load_config(None, overrides), out=tmp_path / "run", quiet=True)
+    events = read_events(tmp_path / "run")
+    assert sorted(t for t in events.Tags()["scalars"] if t.startswith("lr/")) == ["lr/base", "lr/head"]
+    head, base = events.Scalars("lr/head"), events.Scalars("lr/base")
+    assert [e.step for e in head] == [1, 2, 3, 4] and [e.step for e in base] == [3, 4]
+    assert [e.value for e in head] == pytest.approx([0.05, 0.05, 0.1, 0.1])
+    assert [e.value for e in base] == pytest.approx([0.01, 0.01])

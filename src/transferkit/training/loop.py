@@ -131,7 +131,7 @@ class EpochRecorder:
         return len(self.log.rows)
 
     def record(self, phase: str, train_loss: float, metrics: dict, lr: float, t0: float,
-               group_lrs: list[tuple[str, float]] | None = None) -> None:
+               group_lrs: list[tuple[str, float]]) -> None:
         require_finite(self.model, f"{self.run_dir}: the weights after epoch {self.epoch + 1}")
         if self.ema_model is not None:
             require_finite(self.ema_model, f"{self.run_dir}: the EMA weights after epoch {self.epoch + 1}")
@@ -139,7 +139,7 @@ class EpochRecorder:
                "seconds": time.perf_counter() - t0, "phase": phase}
         self.log.append(row)
         for listen in self.listeners:
-            listen(row, group_lrs or [("all", lr)])
+            listen(row, group_lrs)
         checkpoints = self.run_dir / "checkpoints"
         save_weights(self.model, checkpoints / "last.safetensors", {**self.meta, **row, "weights": "live"})
         if self.ema_model is not None:
