@@ -540,7 +540,7 @@ def test_parameters_of_one_rule_and_rate_share_a_group_in_the_order_met():
 
 def recorder_for(tmp_path, best_metric, ema=False):
     model = torch.nn.Linear(2, 1)
-    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints").mkdir(parents=True)
     said = []
     recorder = EpochRecorder(tmp_path, model, {"classes": ["a"]}, lambda *a, **k: said.append(a[0]),
                              best_metric=best_metric)
@@ -613,6 +613,16 @@ def test_each_epoch_prints_its_losses_and_scores(tmp_path):
     recorder.record("finetune", 2.0, {"val_map": 0.125, "val_ap50": 0.5}, 0.01, time.perf_counter(), [("base", 0.01)])
     assert re.fullmatch(r"epoch 2 \(finetune\): train_loss 2\.0000  val_map 0\.1250  val_ap50 0\.5000  \(\d+\.\ds\)",
                         said[-1]), said[-1]
+    # with an EMA, its score beside the live weights' (its loss stays in metrics.jsonl)
+    recorder, said = recorder_for(tmp_path / "ema", "val_acc", ema=True)
+    recorder.record("finetune", 1.0, {"val_loss": 0.5, "val_acc": 0.25, "ema_val_loss": 0.4, "ema_val_acc": 0.375},
+                    0.01, time.perf_counter(), [("base", 0.01)])
+    assert re.fullmatch(r"epoch 1 \(finetune\): train_loss 1\.0000  val_loss 0\.5000  val_acc 0\.2500  "
+                        r"ema_val_acc 0\.3750  \(\d+\.\ds\)", said[-1]), said[-1]
+    recorder.record("finetune", 1.0, {"val_map": 0.125, "ema_val_map": 0.25}, 0.01, time.perf_counter(),
+                    [("base", 0.01)])
+    assert re.fullmatch(r"epoch 2 \(finetune\): train_loss 1\.0000  val_map 0\.1250  ema_val_map 0\.2500  "
+                        r"\(\d+\.\ds\)", said[-1]), said[-1]
 
 
 def test_an_epoch_loss_is_the_mean_over_images_and_each_window_makes_one_step(tmp_path):
