@@ -420,9 +420,10 @@ def test_new_run_can_carry_the_optimiser_state(synth_root, tmp_path):
                        r"keep the same optim settings, or set pretrained.with_optimizer=false"):
         train(other, out=tmp_path / "other", quiet=True)
     bad = load_config(None, tiny_overrides(synth_root, **{"pretrained.with_optimizer": "true"}))
-    with pytest.raises(TransferKitError, match="^pretrained.with_optimizer needs pretrained.source to be a run "
-                       "directory$"):
+    with pytest.raises(TransferKitError) as err:
         train(bad, out=tmp_path / "bad", quiet=True)
+    assert str(err.value) == ("pretrained.with_optimizer needs pretrained.source to be a run directory (the --out of "
+                              "a train run); none is not one")
 
 
 def test_a_carried_optimiser_state_keeps_each_groups_rate_and_schedule_base(synth_root, tmp_path):
