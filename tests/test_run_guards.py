@@ -342,13 +342,13 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     model, _ = create_classifier("test_efficientnet", 3)
     (tmp_path / "checkpoints").mkdir()
     recorder = EpochRecorder(tmp_path, model, {}, lambda *a, **k: None)
-    recorder.record("finetune", 1.0, {"val_loss": 1.0, "val_acc": 0.5}, 0.01, time.perf_counter(), [("base", 0.01)])
+    recorder.record("finetune", 1.0, {"val_loss": 1.0, "val_acc": 0.5}, time.perf_counter(), [("base", 0.01)])
     assert (tmp_path / "checkpoints" / "best.safetensors").is_file()
     before = snapshot(tmp_path)
     with torch.no_grad():
         model.bn1.running_var[3] = float("inf")  # a buffer too, not only parameters
     with pytest.raises(NonFiniteError, match=r"the weights after epoch 2: bn1.running_var holds NaN or inf values"):
-        recorder.record("finetune", 1.0, {"val_loss": 0.5, "val_acc": 0.9}, 0.01, time.perf_counter(), [("base", 0.01)])
+        recorder.record("finetune", 1.0, {"val_loss": 0.5, "val_acc": 0.9}, time.perf_counter(), [("base", 0.01)])
     assert snapshot(tmp_path) == before  # no metrics row, no last, no best
     # The EMA's weights likewise, named as the EMA's (the live weights finite again)
     with torch.no_grad():
@@ -357,7 +357,7 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     with torch.no_grad():
         recorder.ema_model.conv_stem.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError) as err:
-        recorder.record("finetune", 1.0, {"val_loss": 0.5, "val_acc": 0.9}, 0.01, time.perf_counter(), [("base", 0.01)])
+        recorder.record("finetune", 1.0, {"val_loss": 0.5, "val_acc": 0.9}, time.perf_counter(), [("base", 0.01)])
     assert str(err.value).startswith(f"{tmp_path}: the EMA weights after epoch 2: conv_stem.weight holds NaN or inf "
                                      "values"), str(err.value)
     assert snapshot(tmp_path) == before

@@ -557,7 +557,7 @@ def record_epochs(recorder, rows):
             recorder.model.bias.fill_(epoch)
             if recorder.ema_model is not None:
                 recorder.ema_model.bias.fill_(-epoch)
-        recorder.record("finetune", 1.0, metrics, 0.01, time.perf_counter(), [("base", 0.01)])
+        recorder.record("finetune", 1.0, metrics, time.perf_counter(), [("base", 0.01)])
         bests.append(recorder.best_epoch)
     return bests
 
@@ -606,20 +606,20 @@ def test_the_ema_loss_as_the_metric_lower_wins(tmp_path):
 
 def test_each_epoch_prints_its_losses_and_scores(tmp_path):
     recorder, said = recorder_for(tmp_path, "val_acc")
-    recorder.record("probe", 0.123456, {"val_loss": 0.5, "val_acc": 0.25, "val_top5": 0.75}, 0.01, time.perf_counter(),
+    recorder.record("probe", 0.123456, {"val_loss": 0.5, "val_acc": 0.25, "val_top5": 0.75}, time.perf_counter(),
                     [("head", 0.01)])
     assert re.fullmatch(r"epoch 1 \(probe\): train_loss 0\.1235  val_loss 0\.5000  val_acc 0\.2500  \(\d+\.\ds\)",
                         said[-1]), said[-1]
-    recorder.record("finetune", 2.0, {"val_map": 0.125, "val_ap50": 0.5}, 0.01, time.perf_counter(), [("base", 0.01)])
+    recorder.record("finetune", 2.0, {"val_map": 0.125, "val_ap50": 0.5}, time.perf_counter(), [("base", 0.01)])
     assert re.fullmatch(r"epoch 2 \(finetune\): train_loss 2\.0000  val_map 0\.1250  val_ap50 0\.5000  \(\d+\.\ds\)",
                         said[-1]), said[-1]
     # with an EMA, its score beside the live weights' (its loss stays in metrics.jsonl)
     recorder, said = recorder_for(tmp_path / "ema", "val_acc", ema=True)
     recorder.record("finetune", 1.0, {"val_loss": 0.5, "val_acc": 0.25, "ema_val_loss": 0.4, "ema_val_acc": 0.375},
-                    0.01, time.perf_counter(), [("base", 0.01)])
+                    time.perf_counter(), [("base", 0.01)])
     assert re.fullmatch(r"epoch 1 \(finetune\): train_loss 1\.0000  val_loss 0\.5000  val_acc 0\.2500  "
                         r"ema_val_acc 0\.3750  \(\d+\.\ds\)", said[-1]), said[-1]
-    recorder.record("finetune", 1.0, {"val_map": 0.125, "ema_val_map": 0.25}, 0.01, time.perf_counter(),
+    recorder.record("finetune", 1.0, {"val_map": 0.125, "ema_val_map": 0.25}, time.perf_counter(),
                     [("base", 0.01)])
     assert re.fullmatch(r"epoch 2 \(finetune\): train_loss 1\.0000  val_map 0\.1250  ema_val_map 0\.2500  "
                         r"\(\d+\.\ds\)", said[-1]), said[-1]

@@ -130,12 +130,13 @@ class EpochRecorder:
     def epoch(self) -> int:
         return len(self.log.rows)
 
-    def record(self, phase: str, train_loss: float, metrics: dict, lr: float, t0: float,
+    def record(self, phase: str, train_loss: float, metrics: dict, t0: float,
                group_lrs: list[tuple[str, float]]) -> None:
+        """One epoch's row; its `lr` is the first group's (the body's, where a head has its own)."""
         require_finite(self.model, f"{self.run_dir}: the weights after epoch {self.epoch + 1}")
         if self.ema_model is not None:
             require_finite(self.ema_model, f"{self.run_dir}: the EMA weights after epoch {self.epoch + 1}")
-        row = {"epoch": self.epoch + 1, "train_loss": train_loss, **metrics, "lr": lr,
+        row = {"epoch": self.epoch + 1, "train_loss": train_loss, **metrics, "lr": group_lrs[0][1],
                "seconds": time.perf_counter() - t0, "phase": phase}
         self.log.append(row)
         for listen in self.listeners:
@@ -414,5 +415,5 @@ def record_epoch(loop: Loop, opt: Optimisation, phase: str, train_loss: float, t
     if opt.ema is not None:  # the EMA's weights, scored the same way
         metrics.update({f"ema_{k}": v for k, v in loop.eval_fn(opt.ema.module, loop.val_loader).items()})
     groups = opt.optimizer.param_groups
-    loop.recorder.record(phase, train_loss, metrics, groups[0]["lr"], t0,
+    loop.recorder.record(phase, train_loss, metrics, t0,
                          [(g["name"], g["lr"]) for g in groups])  # each group is named by its rule (optim.py)

@@ -145,6 +145,6 @@ def run_probe(cfg: Config, model: nn.Module, data: ClassificationData, device: t
         head.train()  # probe_logits leaves it in eval mode
         loss = train_probe_epoch(train_feats, train_labels, step, cfg.data.batch_size, generator)
         metrics = classification_metrics(probe_logits(model, val_feats), val_labels.cpu())
-        lr = optimizer.param_groups[0]["lr"]
-        recorder.record("probe", loss, metrics, lr, t_epoch, [("head", lr)])  # the probe trains the head alone
+        recorder.record("probe", loss, metrics, t_epoch,
+                        [("head", optimizer.param_groups[0]["lr"])])  # the probe trains the head alone
     head.train()
