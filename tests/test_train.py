@@ -218,8 +218,10 @@ def test_param_group_rules_first_match_wins_and_carry_lr_and_decay():
 
 def test_rule_matching_nothing_is_an_error():
     model, family = create_classifier("test_efficientnet", 3)
-    with pytest.raises(TransferKitError, match=r"optim.param_groups\[0\].match 'blcoks.\*' matches no parameter"):
+    with pytest.raises(TransferKitError) as refused:
         build_optimizer(model, family.head_patterns, _optim('optim.param_groups=[{match: "blcoks.*"}]'))
+    assert str(refused.value) == ("optim.param_groups[0].match 'blcoks.*' matches no parameter of EfficientNet; "
+                                  "list the names with `transferkit model params`")
     with pytest.raises(TransferKitError, match="optim.freeze_until 'blocks.99' names no module"):
         build_optimizer(model, family.head_patterns, _optim("optim.freeze_until=blocks.99"))
 
@@ -235,6 +237,7 @@ def test_freeze_until_no_decay_and_layer_decay():
     assert not any(plans[n].frozen for n in names[last_frozen + 1:])
     assert plans["blocks.2.0.conv_pw.weight"].weight_decay == pytest.approx(0.01)
     assert plans["blocks.2.0.bn1.weight"].weight_decay == 0.0 and plans["classifier.bias"].weight_decay == 0.0
+    assert plans["classifier.weight"].weight_decay == pytest.approx(0.01)  # a matrix decays
     # timm's layers for this model run from the stem (0) to the head (17): lr x 0.5 per layer below the top.
     assert plans["classifier.weight"].lr == pytest.approx(0.1)
     assert plans["conv_head.weight"].lr == pytest.approx(0.1 * 0.5)
@@ -242,6 +245,19 @@ def test_freeze_until_no_decay_and_layer_decay():
     lrs = [plans[n].lr for n in names]
     assert all(a <= b * (1 + 1e-9) for a, b in zip(lrs, lrs[1:], strict=False))  # never falls with depth
     assert {round(math.log(lr / 0.1, 0.5), 6) for lr in lrs} <= {float(k) for k in range(18)}
+
+
+def test_no_decay_spares_every_bias_whatever_its_shape_and_only_vectors_besides():
+    """As timm's param_groups_weight_decay: a tensor of one dimension or a `.bias`, of any shape."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(1, 4, 1, 1))  # a bias kept 4-D for broadcasting
+            self.scale = torch.nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    plans = plan_params(torch.nn.Sequential(Scaled()), (), _optim("optim.no_decay_norm_bias=true"))
+    assert {p.name: p.weight_decay for p in plans} == {"0.bias": 0.0, "0.scale": pytest.approx(0.01)}
 
 
 def test_the_parameter_groups_table_sums_each_rule():
