@@ -286,6 +286,26 @@ def test_the_local_rank_is_torchruns_or_else_the_rank(one_rank, monkeypatch, loc
         processes.close()
 
 
+def test_each_cuda_rank_takes_the_gpu_of_its_local_rank_and_nothing_else_moves():
+    """Told from device names alone, so it holds on a machine without a GPU."""
+    second = Processes(rank=3, world=4, local_rank=1, active=True)
+    assert second.device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert second.device(torch.device("cpu")) == torch.device("cpu")
+    assert Processes().device(torch.device("cuda", 2)) == torch.device("cuda", 2)  # one plain process: as asked
+
+
+def test_a_cuda_ranks_model_is_wrapped_on_its_own_gpu_and_a_cpu_ranks_on_none(monkeypatch):
+    """DistributedDataParallel's device_ids, seen by standing in for it (no process group needed)."""
+    wrapped = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, device_ids: wrapped.append((model, device_ids)) or "wrapped")
+    model, rank = torch.nn.Linear(2, 2), Processes(rank=1, world=2, local_rank=1, active=True)
+    assert rank.wrap(model, torch.device("cuda", 1)) == "wrapped"
+    assert rank.wrap(model, torch.device("cpu")) == "wrapped"
+    assert Processes().wrap(model, torch.device("cuda", 0)) is model  # one plain process: not wrapped
+    assert wrapped == [(model, [1]), (model, None)]
+
+
 def test_a_state_is_resumed_by_as_many_processes_as_saved_it(tmp_path):
     Processes(rank=0, world=2, active=True).check_resume(2, tmp_path)
     Processes().check_resume(1, tmp_path)
