@@ -177,6 +177,16 @@ def test_the_device_asked_for(monkeypatch):
     assert device_module.select_device("cpu") == torch.device("cpu")
 
 
+def test_the_model_is_placed_on_the_device_asked_for_in_the_layout_asked_for():
+    """The meta device stands for a GPU: a model left on the CPU would show."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert device_module.place_model(model, torch.device("meta"), channels_last=False) is model
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+    assert not model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    placed = device_module.place_model(torch.nn.Conv2d(3, 4, 3), torch.device("cpu"), channels_last=True)
+    assert placed.weight.is_contiguous(memory_format=torch.channels_last) and not placed.weight.is_contiguous()
+
+
 def test_one_seed_seeds_every_generator_and_a_rank_past_numpys_range_wraps():
     """Under torchrun each rank seeds with seed + rank, which may pass NumPy's 32-bit range."""
     import random

@@ -583,6 +583,22 @@ def test_a_lock_whose_holder_wrote_no_id_says_so_within_a_second(tmp_path):
     assert lock.holder() == "4242"
 
 
+def test_a_run_in_use_is_refused_at_once_not_after_waiting_for_it(tmp_path):
+    from transferkit.training.runguard import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    held = RunLock(run).acquire()  # writes this process's id
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransferKitError, match=f"is in use by process {os.getpid()} "):
+            RunLock(run).acquire()
+        assert time.monotonic() - started < 0.5
+    finally:
+        held.release()
+    RunLock(run).acquire().release()  # free once released
+
+
 # --- where a run is, and what a finished run gives back -------------------------------------------
 
 def test_a_run_without_out_goes_under_runs_named_after_its_config(monkeypatch):
