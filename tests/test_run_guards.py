@@ -616,6 +616,31 @@ def test_a_run_without_out_goes_under_runs_named_after_its_config(monkeypatch):
     assert rundir.default_run_dir(None) == Path("runs/run-20260304-050607")
 
 
+def test_a_new_run_goes_to_out_else_the_configs_out_else_under_runs(tmp_path, monkeypatch):
+    import datetime as dt
+
+    from transferkit.training import rundir
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 3, 4, 5, 6, 7)
+
+    monkeypatch.setattr(rundir, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+
+    def claimed(out, config_out):
+        cfg = load_config(None, ["data.root=x", *([f"out={config_out}"] if config_out else [])])
+        claim, point = rundir.open_run(cfg, out, "configs/flowers.yaml", None, [], print)
+        with claim as run_dir:
+            assert point is None and (run_dir / ".transferkit-run").is_file()
+        return run_dir
+
+    assert claimed("given", "from-config") == Path("given")
+    assert claimed(None, "from-config") == Path("from-config")
+    assert claimed(None, None) == Path("runs/flowers-20260304-050607")
+
+
 def test_torchruns_other_ranks_follow_the_same_directory_and_state(synth_root, finished_run, tmp_path):
     from transferkit.training.rundir import follow_run
 
