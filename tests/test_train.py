@@ -192,6 +192,20 @@ def test_frozen_batchnorm_keeps_statistics_and_weights(synth_root, tmp_path):
     assert not torch.equal(s0["conv_stem.weight"], s1["conv_stem.weight"])  # the rest did train
 
 
+def test_a_wrapped_model_is_saved_under_its_plain_names(tmp_path):
+    """torch.compile inside DataParallel (as model.compile under several GPUs gives): the names saved
+    are the model's own, without `module.` or `_orig_mod.`, so any run or tool loads them."""
+    from safetensors.torch import load_file
+
+    from transferkit.training.checkpoint import save_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    wrapped = torch.nn.DataParallel(torch.compile(torch.nn.DataParallel(model)))  # compiled lazily: no build
+    save_weights(wrapped, tmp_path / "w.safetensors")
+    saved = load_file(str(tmp_path / "w.safetensors"))
+    assert sorted(saved) == ["0.bias", "0.weight"] and torch.equal(saved["0.weight"], model[0].weight)
+
+
 def _optim(*overrides):
     return load_config(None, ["data.root=x", "optim.lr=0.1", "optim.weight_decay=0.01", *overrides]).optim
 
