@@ -193,8 +193,9 @@ def test_frozen_batchnorm_keeps_statistics_and_weights(synth_root, tmp_path):
 
 
 def test_a_wrapped_model_is_saved_under_its_plain_names(tmp_path):
-    """torch.compile inside DataParallel (as model.compile under several GPUs gives): the names saved
-    are the model's own, without `module.` or `_orig_mod.`, so any run or tool loads them."""
+    """Wrappers nested either way (a run under torchrun with model.compile compiles its
+    DistributedDataParallel model; a user's DataParallel may go around that): the names saved are the
+    model's own, without `module.` or `_orig_mod.`, so any run or tool loads them."""
     from safetensors.torch import load_file
 
     from transferkit.training.checkpoint import save_weights
