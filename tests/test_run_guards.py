@@ -601,7 +601,9 @@ def test_a_run_in_use_is_refused_at_once_not_after_waiting_for_it(tmp_path):
 
 # --- where a run is, and what a finished run gives back -------------------------------------------
 
-def test_a_run_without_out_goes_under_runs_named_after_its_config(monkeypatch):
+@pytest.fixture
+def frozen_clock(monkeypatch):
+    """The run folders' clock stopped at 2026-03-04 05:06:07."""
     import datetime as dt
 
     from transferkit.training import rundir
@@ -612,21 +614,18 @@ def test_a_run_without_out_goes_under_runs_named_after_its_config(monkeypatch):
             return cls(2026, 3, 4, 5, 6, 7)
 
     monkeypatch.setattr(rundir, "datetime", Frozen)
+
+
+def test_a_run_without_out_goes_under_runs_named_after_its_config(frozen_clock):
+    from transferkit.training import rundir
+
     assert rundir.default_run_dir("configs/flowers.yaml") == Path("runs/flowers-20260304-050607")
     assert rundir.default_run_dir(None) == Path("runs/run-20260304-050607")
 
 
-def test_a_new_run_goes_to_out_else_the_configs_out_else_under_runs(tmp_path, monkeypatch):
-    import datetime as dt
-
+def test_a_new_run_goes_to_out_else_the_configs_out_else_under_runs(tmp_path, monkeypatch, frozen_clock):
     from transferkit.training import rundir
 
-    class Frozen(dt.datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return cls(2026, 3, 4, 5, 6, 7)
-
-    monkeypatch.setattr(rundir, "datetime", Frozen)
     monkeypatch.chdir(tmp_path)
 
     def claimed(out, config_out):
