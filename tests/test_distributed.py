@@ -31,6 +31,7 @@ SAME = {"optim.freeze_bn": "true", "model.drop_rate": 0.0, "data.crop_scale": "[
 STOP_AT_STEP = REPO / "tests" / "helpers" / "stop_at_step.py"
 CLOCK_JUMP_AT_STEP = REPO / "tests" / "helpers" / "clock_jump_at_step.py"
 RANK_EXCHANGE = REPO / "tests" / "helpers" / "rank_exchange.py"
+RANK_CLOCK_AHEAD = REPO / "tests" / "helpers" / "rank_clock_ahead.py"
 # The learning rate scaled with the effective batch: 0.1 x 16 / 8 in both the 2 x 8 and the 1 x 16 run.
 SCALED = {"optim.lr_scaling": "linear", "optim.lr_reference_batch": 8}
 
@@ -184,6 +185,24 @@ def test_a_state_due_by_one_ranks_clock_is_saved_by_every_rank(synth_root, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert states_of(run) == ["step-00000003", "step-00000005"]
     assert [r["epoch"] for r in read_metrics(run)] == [1]
+
+
+def test_a_run_without_out_is_one_folder_named_by_rank_0s_clock_on_every_rank(synth_root, tmp_path):
+    """Neither --out nor the config's `out`: the run goes under runs/, named by the clock. Rank 1's clock
+    runs an hour ahead (tests/helpers/rank_clock_ahead.py), so a rank naming the folder by its own clock
+    would name one that does not exist. The run stops on a loss that is not finite (SGD at 10 x 1000 on
+    the head), and every rank's error line names rank 0's folder, the one on disk."""
+    diverging = {**SAME, "optim.lr": 10, "optim.head_lr_mult": 1000}
+    opts = [a for o in tiny_overrides(synth_root, **diverging) for a in ("-o", o)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(RANK_CLOCK_AHEAD), "1", "--", "train", *opts]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    runs = list((tmp_path / "runs").iterdir()) if (tmp_path / "runs").is_dir() else []
+    assert len(runs) == 1, (runs, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert all(line.startswith(f"error: runs/{runs[0].name}: stopped at epoch ") for line in errors), errors
 
 
 @pytest.fixture
