@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from functools import partial
 
 import pytest
@@ -203,6 +204,8 @@ def test_a_run_without_out_is_one_folder_named_by_rank_0s_clock_on_every_rank(sy
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, proc.stderr[-3000:]
     assert all(line.startswith(f"error: runs/{runs[0].name}: stopped at epoch ") for line in errors), errors
+    named = datetime.strptime(runs[0].name, "run-%Y%m%d-%H%M%S")
+    assert abs(datetime.now() - named) < timedelta(minutes=10)  # rank 0's clock, not rank 1's hour ahead
 
 
 @pytest.fixture

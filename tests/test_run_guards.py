@@ -626,18 +626,17 @@ def test_a_run_without_out_goes_under_runs_named_after_its_config(frozen_clock):
 def test_a_new_run_goes_to_out_else_the_configs_out_else_under_runs(tmp_path, monkeypatch, frozen_clock):
     from transferkit.training import rundir
 
-    monkeypatch.chdir(tmp_path)
-
-    def claimed(out, config_out):
+    def new(out, config_out):
         cfg = load_config(None, ["data.root=x", *([f"out={config_out}"] if config_out else [])])
-        claim, point = rundir.open_run(cfg, out, "configs/flowers.yaml", None, [], print)
-        with claim as run_dir:
-            assert point is None and (run_dir / ".transferkit-run").is_file()
-        return run_dir
+        return rundir.new_run_dir(out, cfg, "configs/flowers.yaml")
 
-    assert claimed("given", "from-config") == Path("given")
-    assert claimed(None, "from-config") == Path("from-config")
-    assert claimed(None, None) == Path("runs/flowers-20260304-050607")
+    assert new("given", "from-config") == Path("given")
+    assert new(None, "from-config") == Path("from-config")
+    assert new(None, None) == Path("runs/flowers-20260304-050607")
+    monkeypatch.chdir(tmp_path)
+    claim, point = rundir.open_run(load_config(None, ["data.root=x"]), Path("given"), None, [], print)
+    with claim as run_dir:
+        assert run_dir == Path("given") and point is None and (run_dir / ".transferkit-run").is_file()
 
 
 def test_torchruns_other_ranks_follow_the_same_directory_and_state(synth_root, finished_run, tmp_path):
@@ -645,23 +644,15 @@ def test_torchruns_other_ranks_follow_the_same_directory_and_state(synth_root, f
 
     cfg = load_config(None, tiny_overrides(synth_root))
     said = []
-    held, point = follow_run(cfg, tmp_path / "given", None, None, [], said.append)
+    held, point = follow_run(cfg, tmp_path / "given", None, [], said.append)
     assert point is None
     with held as run_dir:
         assert run_dir == tmp_path / "given" and not run_dir.exists()  # rank 0 makes and holds it
-    cfg.out = tmp_path / "from-config"
-    with follow_run(cfg, None, None, None, [], said.append)[0] as run_dir:
-        assert run_dir == tmp_path / "from-config"
-    with follow_run(cfg, tmp_path / "given", None, None, [], said.append)[0] as run_dir:
-        assert run_dir == tmp_path / "given"  # --out before the config's out
-    cfg.out = None
-    with follow_run(cfg, None, "configs/x.yaml", None, [], said.append)[0] as run_dir:
-        assert run_dir.parent == Path("runs") and run_dir.name.startswith("x-")
     run = copy_of(finished_run, tmp_path)
     states = run / "checkpoints" / "states"
     newest = max(states.glob("step-*"))
     (states / "step-99999999").mkdir()  # a state cut short by a kill: passed over, and said
-    held, point = follow_run(cfg, None, None, run, [], said.append)
+    held, point = follow_run(cfg, tmp_path / "unused", run, [], said.append)
     with held as run_dir:
         assert run_dir == run
     assert point.dir == newest and point.state["global_step"] == int(newest.name.split("-")[1])

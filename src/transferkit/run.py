@@ -27,7 +27,7 @@ from transferkit.training.distributed import Processes, from_environment
 from transferkit.training.loop import EpochRecorder, Loop, Say, run_finetune
 from transferkit.training.optim import freeze_batchnorm
 from transferkit.training.resume import ResumePoint
-from transferkit.training.rundir import default_run_dir, follow_run, open_run, write_run_start
+from transferkit.training.rundir import follow_run, new_run_dir, open_run, write_run_start
 from transferkit.training.runlog import plot_curves, summary_table
 from transferkit.training.strategies import run_probe
 from transferkit.weights.transfer import TransferReport
@@ -62,9 +62,9 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     # other ranks only read it.
     opener = open_run if processes.main else follow_run
     try:
-        if resume is None and not (out or cfg.out):  # named by rank 0's clock on every rank
-            out = processes.gather(str(default_run_dir(config_path)))[0]
-        claim, resumed = opener(cfg, out, config_path, resume, allow_config_change, say)
+        # Every rank takes rank 0's folder: one named by the clock differs where ranks straddle a second.
+        new_dir = Path(processes.gather(str(new_run_dir(out, cfg, config_path)))[0])
+        claim, resumed = opener(cfg, new_dir, resume, allow_config_change, say)
         with claim as run_dir:
             return train_in(cfg, run_dir, resumed, processes, quiet, started)
     finally:

@@ -26,6 +26,11 @@ def default_run_dir(config_path: str | Path | None) -> Path:
     return Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def new_run_dir(out: str | Path | None, cfg: Config, config_path: str | Path | None) -> Path:
+    """Where a new run goes: `out` (--out), else the config's `out`, else runs/<config>-<time>."""
+    return Path(out or cfg.out or default_run_dir(config_path))
+
+
 def prepare_resume(run_dir: Path, cfg: Config, allow: Sequence[str], say: Say) -> ResumePoint:
     """Check that `cfg` may continue the run in `run_dir`; returns the state to continue from."""
     saved_path = run_dir / "config.yaml"
@@ -38,10 +43,11 @@ def prepare_resume(run_dir: Path, cfg: Config, allow: Sequence[str], say: Say) -
     return ResumePoint(state_dir, load_state(state_dir))
 
 
-def open_run(cfg: Config, out: str | Path | None, config_path: str | Path | None, resume: str | Path | None,
-             allow_config_change: Sequence[str], say: Say) -> tuple[RunClaim, ResumePoint | None]:
-    """The run directory, held by this process until `with claim as run_dir:` ends, and, for a resume,
-    the state to continue from. A new run's folder holds only its marker and lock so far."""
+def open_run(cfg: Config, out: Path, resume: str | Path | None, allow_config_change: Sequence[str], say: Say
+             ) -> tuple[RunClaim, ResumePoint | None]:
+    """The run directory, held by this process until `with claim as run_dir:` ends: `resume`, else the
+    new run's `out` (new_run_dir); for a resume, the state to continue from too. A new run's folder
+    holds only its marker and lock so far."""
     if resume is not None:
         claim = claim_run_to_resume(Path(resume))
         try:
@@ -49,18 +55,17 @@ def open_run(cfg: Config, out: str | Path | None, config_path: str | Path | None
         except BaseException:
             claim.lock.release()
             raise
-    return claim_new_run(Path(out or cfg.out or default_run_dir(config_path))), None
+    return claim_new_run(out), None
 
 
-def follow_run(cfg: Config, out: str | Path | None, config_path: str | Path | None, resume: str | Path | None,
-               allow_config_change: Sequence[str], say: Say
+def follow_run(cfg: Config, out: Path, resume: str | Path | None, allow_config_change: Sequence[str], say: Say
                ) -> tuple[AbstractContextManager[Path], ResumePoint | None]:
     """open_run for torchrun's other ranks: the same directory and state, neither claimed nor checked
     (rank 0 holds the run and checks the config), so `with` gives the directory and holds nothing."""
     if resume is not None:
         state_dir = find_state(Path(resume), say)
         return nullcontext(Path(resume)), ResumePoint(state_dir, load_state(state_dir))
-    return nullcontext(Path(out or cfg.out or default_run_dir(config_path))), None
+    return nullcontext(out), None
 
 
 def write_run_start(run_dir: Path, cfg: Config, classes: list[str], report: TransferReport | None) -> None:
