@@ -64,6 +64,31 @@ def test_arms_are_checked_before_training(synth_root, tmp_path):
     assert not (tmp_path / "det" / "finetune").exists()
 
 
+def test_compare_replaces_no_report_and_trains_into_no_folder_it_did_not_write(synth_root, tmp_path, capsys):
+    """Refused before the first arm trains: a report.json of the user's in --out (unless --force), an
+    arm's folder holding the user's files; both left as they were."""
+    overrides = tiny_overrides(synth_root, **{"schedule.epochs": 1})
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "report.json").write_text("my notes")
+    with pytest.raises(TransferKitError, match=rf"{out / 'report.json'}.*add --force to replace"):
+        compare(None, overrides, ["scratch"], out, quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    mine = tmp_path / "mine"
+    (mine / "finetune").mkdir(parents=True)
+    (mine / "finetune" / "notes.txt").write_text("keep")
+    with pytest.raises(TransferKitError, match=r"finetune is not empty and is not a transferkit run"):
+        compare(None, overrides, ["scratch", "finetune"], mine, quiet=True)
+    assert sorted(p.name for p in mine.rglob("*")) == ["finetune", "notes.txt"]  # scratch did not train
+    with pytest.raises(TransferKitError, match=r"is a file; give compare a new folder"):
+        compare(None, overrides, ["scratch"], mine / "finetune" / "notes.txt", quiet=True)
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    args = ["compare", "-c", str(tmp_path / "empty.yaml"), *sum((["-o", o] for o in overrides), []),
+            "--arms", "scratch", "--out", str(out), "--force"]
+    assert main(args) == 0
+    assert list(json.loads((out / "report.json").read_text())["arms"]) == ["scratch"]
+
+
 def test_detection_compares_a_pretrained_backbone_with_a_random_one(source_run, tmp_path):
     from transferkit.data.synthetic import make_synthetic_detection
 

@@ -31,6 +31,36 @@ def test_demo_writes_report_for_both_arms(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_only_a_folder_the_demo_made_is_emptied_by_a_rerun(tmp_path):
+    """A user's folder holding only names the demo uses (`data/`, `finetune/`, `report.json`) is not the
+    demo's: refused, untouched. A folder with the demo's mark is emptied, the mark kept last."""
+    from transferkit.demo import DEMO_MARK, claim_demo_folder
+
+    def tree(folder):
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+    project = tmp_path / "project"
+    (project / "data" / "train").mkdir(parents=True)
+    (project / "data" / "train" / "cat.jpg").write_bytes(b"the user's photo")
+    (project / "report.json").write_text("{}")
+    before = tree(project)
+    with pytest.raises(TransferKitError, match=r"project holds files the demo did not write \(data, report\.json\)"):
+        claim_demo_folder(project)
+    assert tree(project) == before
+    (project / DEMO_MARK).write_text("{}")  # the same names, in a folder the demo made
+    (project / "finetune").mkdir()
+    claim_demo_folder(project)
+    assert tree(project) == [DEMO_MARK]
+    (project / "notes.txt").write_text("keep")  # the user's file put into a demo's folder
+    with pytest.raises(TransferKitError, match=r"did not write \(notes\.txt\)"):
+        claim_demo_folder(project)
+    claim_demo_folder(tmp_path / "new" / "demo")
+    assert tree(tmp_path / "new" / "demo") == [DEMO_MARK]
+    with pytest.raises(TransferKitError, match="is a file"):
+        claim_demo_folder(project / "notes.txt")
+    assert (project / "notes.txt").read_text() == "keep"
+
+
 def test_demo_transfer_beats_scratch_by_a_margin(tmp_path):
     """The demo's claim, at its default budget (`transferkit demo`'s): fine-tuning ends at least 0.10
     above scratch, and the figures docs/BENCHMARKS.md prints for it are what the run prints now

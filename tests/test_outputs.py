@@ -1,4 +1,6 @@
-"""Folder outputs of the data commands never replace a file transferkit did not write (unless --force)."""
+"""Outputs never replace a file transferkit did not write (unless --force): the data commands' folders,
+predict's drawings; a single file named by --out is replaced, and an --out that cannot be a file is
+one line."""
 
 import json
 
@@ -18,6 +20,33 @@ def snapshot(folder):
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return make_synthetic_detection(tmp_path_factory.mktemp("shapes"), 6, 2, 48, seed=0)
+
+
+@pytest.fixture
+def voc(tmp_path):
+    folder = tmp_path / "voc"
+    (folder / "Annotations").mkdir(parents=True)
+    (folder / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><size><width>10</width><height>10</height></size><object>"
+        "<name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>"
+        "</annotation>")
+    return folder
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"fc.weight": torch.ones(2, 3)}, str(path))
+    return path
+
+
+def file_writers(voc, weights_file):
+    """Commands writing one file named by --out: a COCO JSON, converted weights."""
+    return {"data convert": ["data", "convert", "--from", "voc", str(voc), "--out"],
+            "weights convert": ["weights", "convert", str(weights_file), "--out"]}
 
 
 def to_yolo(shapes, out, *extra):
@@ -97,17 +126,33 @@ def test_synth_refuses_to_replace_the_users_images(tmp_path):
     assert snapshot(out) == before and not (out / "val").exists()
 
 
-def test_a_named_output_file_is_replaced(tmp_path, shapes):
-    voc = tmp_path / "voc"
-    (voc / "Annotations").mkdir(parents=True)
-    (voc / "Annotations" / "a.xml").write_text(
-        "<annotation><filename>a.jpg</filename><size><width>10</width><height>10</height></size><object>"
-        "<name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>"
-        "</annotation>")
+def test_a_named_output_file_is_replaced(tmp_path, voc):
     out = tmp_path / "out.json"
     out.write_text("old")
     assert main(["data", "convert", "--from", "voc", str(voc), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["annotations"][0]["bbox"] == [0, 0, 5, 5]
+
+
+@pytest.mark.parametrize("command", ["data convert", "weights convert"])
+def test_an_out_file_that_cannot_be_one_is_one_line_and_nothing_is_touched(tmp_path, voc, weights_file, capsys,
+                                                                           command):
+    """--out an existing folder, a path inside a file, a name the system refuses (too long, once the
+    temporary file's prefix and suffix are added): one `error:` line naming it, exit 2, and what was
+    there is as it was."""
+    args = file_writers(voc, weights_file)[command]
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    long_name = tmp_path / ("x" * 245 + ".json")  # 250 characters: allowed, but its temporary's are not
+    for out, says in [(folder, f"error: {folder} is a folder; give the name of a file"),
+                      (folder / "notes.txt" / "x.json", f"error: {folder / 'notes.txt'} is a file, so "),
+                      (long_name, f"error: {long_name}: File name too long; check the path")]:
+        capsys.readouterr()
+        assert main([*args, str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(says), err
+        assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+        assert (folder / "notes.txt").read_text() == "keep"
 
 
 def test_predict_draw_into_the_folder_of_the_inputs_is_refused(tmp_path):

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--out", help="parent folder: one run directory per arm, report.json, report.png "
                    "(default: runs/compare-<config>-<time>)")
+    p.add_argument("--force", action="store_true", help="replace a report.json or report.png in --out that "
+                   "transferkit did not write")
 
     p = sub.add_parser("demo", help="fine-tune vs scratch on synthetic data, no data or network needed")
     p.add_argument("--out", default="runs/demo")
@@ -173,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "images/<split>/ (default: all; --to yolo: the split to write, default train)")
     p.add_argument("--classes", help="a file with one class name a line (default: from the data)")
     p.add_argument("--keep-difficult", action="store_true", help="VOC: keep objects marked difficult")
-    p.add_argument("--force", action="store_true",
-                   help="replace files in the output that transferkit did not write (refused without it)")
+    p.add_argument("--force", action="store_true", help="--to yolo: replace files in the output folder that "
+                   "transferkit did not write (refused without it); a COCO JSON named by --out is replaced")
     p = data.add_parser("list", help="im2rec-style list files with a seeded train/val/test split")
     p.add_argument("root", help="a folder with one sub-folder per class")
     p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX_train.lst, _val.lst, _test.lst")
@@ -294,7 +296,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    compare(args.config, args.override, parse_arms(args.arms), args.out)
+    compare(args.config, args.override, parse_arms(args.arms), args.out, force=args.force)
     return 0
 
 
@@ -513,3 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # the machine said no (permissions, a full disk): its words, on one line
+        if exc.filename is None or exc.strerror is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror}; check the path, its permissions and the free space",
+              file=sys.stderr)
+        return 2

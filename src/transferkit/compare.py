@@ -20,8 +20,10 @@ from rich.table import Table
 from transferkit.config import load_config
 from transferkit.errors import TransferKitError
 from transferkit.fileio import atomic_write, write_json
+from transferkit.outputs import OutputFolder, output_folder
 from transferkit.progress import console
 from transferkit.run import TrainResult, train
+from transferkit.training.runguard import has_started, refuse_unusable_out
 
 ARMS = {
     "finetune": ["strategy=finetune"],
@@ -51,13 +53,20 @@ def default_out(config_path: str | Path | None) -> Path:
 
 
 def compare(config_path: str | Path | None, overrides: Sequence[str] = (), arms: Sequence[str] = DEFAULT_ARMS,
-            out: str | Path | None = None, quiet: bool = False, title: str = "same config, same budget") -> dict:
+            out: str | Path | None = None, quiet: bool = False, title: str = "same config, same budget",
+            force: bool = False) -> dict:
     """Train each arm of the config into OUT/<arm>/, then write OUT/report.json (the final and best
-    metric and seconds per arm) and OUT/report.png (the metric per epoch, one line per arm)."""
+    metric and seconds per arm) and OUT/report.png (the metric per epoch, one line per arm). Report
+    files in OUT that transferkit did not write are replaced only with `force` (outputs.py)."""
     out = Path(out) if out else default_out(config_path)
-    taken = [arm for arm in arms if (out / arm / "metrics.jsonl").exists()]
-    if taken:
-        raise TransferKitError(f"{out / taken[0]} already holds a run; give compare a new --out")
+    # Everything that would stop a later arm is refused before the first trains: its folder, the reports.
+    if out.exists() and not out.is_dir():
+        raise TransferKitError(f"--out {out} is a file; give compare a new folder")
+    for arm in arms:
+        refuse_unusable_out(out / arm)
+        if has_started(out / arm):
+            raise TransferKitError(f"{out / arm} already holds a run; give compare a new --out")
+    OutputFolder(out, force).claim([out / name for name in REPORT_FILES])
     # every arm's config is read before the first trains, so that a bad arm stops nothing half done
     configs = {arm: load_config(config_path, [*overrides, *ARMS[arm]]) for arm in arms}
     started = time.perf_counter()
@@ -74,8 +83,12 @@ def compare(config_path: str | Path | None, overrides: Sequence[str] = (), arms:
                        "run_dir": str(r.run_dir)} for arm, r in results.items()},
         "seconds": time.perf_counter() - started,
     }
-    write_json(out / "report.json", report)
-    plot_arms(results, metric, out / "report.png", title)
+    with output_folder(out, force) as folder:
+        folder.claim([out / name for name in REPORT_FILES])  # again: hours may have passed
+        write_json(out / "report.json", report)
+        folder.wrote(out / "report.json")
+        plot_arms(results, metric, out / "report.png", title)
+        folder.wrote(out / "report.png")
     if not quiet:
         console.print(arms_table(report, title))
     return report

@@ -16,6 +16,7 @@ from transferkit.config import DEFAULT_SOURCE
 from transferkit.data.synthetic import SYNTHETIC
 from transferkit.errors import TransferKitError
 from transferkit.fileio import write_json
+from transferkit.outputs import MANIFEST, output_folder
 
 # One budget for both arms; only pretrained.source differs.
 DEMO_OVERRIDES = [
@@ -44,25 +45,29 @@ DETECTION_OVERRIDES = [
     "schedule.warmup_epochs=1",
 ]
 ARMS = DEFAULT_ARMS  # finetune (from DEFAULT_SOURCE) and scratch
-DEMO_ENTRIES = {"data", *ARMS, *REPORT_FILES}
+DEMO_MARK = ".transferkit-demo"  # written first into a demo's folder: only a folder holding it is removed
+DEMO_ENTRIES = {DEMO_MARK, MANIFEST, "data", *ARMS, *REPORT_FILES}
 
 
-def clear_previous_demo(out: Path) -> None:
-    """A demo folder is the demo's own: a rerun replaces it. A folder holding anything else is refused."""
-    if not out.exists():
-        return
-    entries = {p.name for p in out.iterdir()}
-    if entries - DEMO_ENTRIES:
-        raise TransferKitError(
-            f"{out} holds files the demo did not write ({', '.join(sorted(entries - DEMO_ENTRIES)[:3])}); "
-            "give the demo an empty or new --out"
-        )
-    for name in entries:
+def claim_demo_folder(out: Path) -> None:
+    """Make `out` the demo's: new, empty, or a folder the demo made before (it holds the demo's mark
+    and the demo's files only), which a rerun empties. Any other folder is refused, untouched: a
+    `data/` of the user's own has the name the demo uses."""
+    if out.exists() and not out.is_dir():
+        raise TransferKitError(f"--out {out} is a file; give the demo a new or empty folder")
+    entries = {p.name for p in out.iterdir()} if out.exists() else set()
+    theirs = sorted(entries - DEMO_ENTRIES if DEMO_MARK in entries else entries)
+    if theirs:
+        raise TransferKitError(f"{out} holds files the demo did not write ({', '.join(theirs[:3])}); "
+                               "give the demo an empty or new --out")
+    for name in sorted(entries - {DEMO_MARK}):
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text('{"format": 1}\n', encoding="utf-8")  # kept until the last: a rerun after a crash
 
 
 def _detection_overrides(data_root: Path) -> list[str]:
@@ -89,7 +94,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 8, train_per_class: in
     """`compare` (finetune vs scratch) on a synthetic set written into OUT/data. Detection: 3 shape
     classes, so per-class counts x 3 images."""
     out = Path(out)
-    clear_previous_demo(out)
+    claim_demo_folder(out)
     started = time.perf_counter()
     setup, (write, _) = DEMOS[task], SYNTHETIC[task]
     data_root = write(out / "data", train_per_class, val_per_class, setup.image_size, seed=seed)
@@ -97,5 +102,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 8, train_per_class: in
                  f"pretrained.source={DEFAULT_SOURCE}"]
     report = compare(None, overrides, ARMS, out, quiet, title="fine-tune vs scratch")
     report["seconds"] = time.perf_counter() - started  # the synthetic set's drawing included
-    write_json(out / "report.json", report)
+    with output_folder(out) as folder:  # compare's report.json, with the drawing's time added
+        write_json(out / "report.json", report)
+        folder.wrote(out / "report.json")
     return report
