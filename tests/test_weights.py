@@ -394,6 +394,25 @@ def test_unpickling_errors_torch_words_otherwise_are_one_line(tmp_path, monkeypa
     assert str(err.value) == f"{tmp_path / 'w.pth'}: not a readable PyTorch checkpoint ({shown})"
 
 
+@pytest.mark.parametrize("content, seen", [
+    (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n",
+     "it is text, starting '<!DOCTYPE html> <html><head><title>404 N': an HTML page, a failed download?"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\n",
+     "it is text, starting 'version https://git-lfs.github.com/spec/'"),
+    (pickle.dumps({"w": [1.0, 2.0]}, protocol=4),
+     "a pickle of protocol 4, as pickle.dump writes; torch.save writes protocol 2"),
+    (b"\x01\x02\x03\xff\xfe", "the unpickler stopped at once: Unsupported operand 1"),
+], ids=["html", "lfs-pointer", "protocol-4", "bytes"])
+def test_a_file_that_is_not_torch_saves_is_told_for_what_it_is_not_as_code(tmp_path, content, seen):
+    """A .pth that torch's safe unpickler stops on at once, before any global: a page saved by a failed
+    download, a Git LFS pointer, a plain pickle.dump, noise. None of them is "code that would run"."""
+    (tmp_path / "w.pth").write_bytes(content)
+    with pytest.raises(TransferKitError) as err:
+        read_weights(tmp_path / "w.pth")
+    assert str(err.value) == (f"{tmp_path / 'w.pth'}: not a PyTorch checkpoint torch.load reads safely ({seen}); "
+                              "re-download it, or re-save the state_dict with torch.save(model.state_dict(), path)")
+
+
 def test_damage_is_reported_with_torchs_reason_on_one_line(tmp_path, monkeypatch):
     def fails(*args, **kwargs):
         raise RuntimeError("PytorchStreamReader failed reading zip archive:\n  failed finding central directory")

@@ -20,6 +20,7 @@ from transferkit.weights.formats.state_dict import find_state_dict
 
 # torch words a refused global "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ...".
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_OPERAND = re.compile(r"Unsupported operand \d+")
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
@@ -47,6 +48,12 @@ def read(path: Path) -> WeightFile:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        operand = _OPERAND.search(str(exc))
+        if operand and not _GLOBAL.search(str(exc)):  # stopped before any global: not what torch.save writes
+            raise TransferKitError(
+                f"{path}: not a PyTorch checkpoint torch.load reads safely ({_what_it_is(path, operand.group(0))}); "
+                "re-download it, or re-save the state_dict with torch.save(model.state_dict(), path)"
+            ) from None
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             if _fallback_to_stand_ins(exc, path):  # a pickled whole module (YOLOv5): read inertly
                 return pickled_module.read(path)
@@ -66,6 +73,27 @@ def read(path: Path) -> WeightFile:
     tensors, nested = _unwrap(obj, path)
     meta = {"nested_key": nested} if nested else {}
     return WeightFile(tensors, "pytorch", path, meta)
+
+
+def _what_it_is(path: Path, stopped: str) -> str:
+    """What a file torch's safe unpickler stopped on at once looks like: a page of text (an HTML error
+    page saved by a failed download, most often), a pickle of a protocol torch.save never writes, or
+    neither."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] > 2:
+        return f"a pickle of protocol {head[1]}, as pickle.dump writes; torch.save writes protocol 2"
+    for cut in range(4):  # the head may end inside a character of several bytes
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip() and all(c.isprintable() or c.isspace() for c in text):
+            words = " ".join(text.split())
+            page = ": an HTML page, a failed download?" if words.startswith("<") else ""
+            return f"it is text, starting {words[:40]!r}{page}"
+        break
+    return f"the unpickler stopped at once: {stopped}"
 
 
 def _fallback_to_stand_ins(exc: Exception, path: Path) -> bool:
