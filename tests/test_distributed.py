@@ -21,7 +21,7 @@ from transferkit.data.detection import GroupedBatchSampler
 from transferkit.data.synthetic import make_synthetic_detection
 from transferkit.errors import TransferKitError
 from transferkit.run import train
-from transferkit.training.distributed import Processes
+from transferkit.training.distributed import Processes, from_environment
 from transferkit.training.runlog import read_metrics
 
 # BatchNorm frozen, no dropout and no random augmentation: what a batch's split over the processes
@@ -144,8 +144,10 @@ def test_effective_batch_line():
 def test_probe_strategies_are_refused_under_torchrun(synth_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(None, tiny_overrides(synth_root, strategy="lp_ft"))
-    with pytest.raises(TransferKitError, match="strategy lp_ft runs in one process; under torchrun use strategy"):
+    with pytest.raises(TransferKitError) as refused:
         train(cfg, out=tmp_path / "run", quiet=True)
+    assert str(refused.value) == ("strategy lp_ft runs in one process; under torchrun use strategy: finetune, or "
+                                  "start the run without torchrun")
     assert not (tmp_path / "run").exists()
 
 
@@ -244,7 +246,6 @@ def test_what_the_ranks_exchange_in_a_group_of_one_and_of_two(one_rank, tmp_path
     mutation run sees it, unlike the torchrun tests' ranks): a rank's part of a state comes back whole,
     NumPy's uint32 random state included; a signal or a due state is agreed; a non-finite loss stays
     non-finite; sums come back on the CPU."""
-    from transferkit.training.distributed import from_environment
     from transferkit.training.resume import rng_state
 
     processes = from_environment(torch.device("cpu"))
@@ -279,8 +280,6 @@ def test_what_the_ranks_exchange_in_a_group_of_one_and_of_two(one_rank, tmp_path
                                  {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}],
                          ids=["no-rank", "rank-text", "world-text", "local-rank-text"])
 def test_a_torchrun_environment_that_is_not_whole_is_one_line(monkeypatch, env):
-    from transferkit.training.distributed import from_environment
-
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
@@ -294,8 +293,6 @@ def test_a_torchrun_environment_that_is_not_whole_is_one_line(monkeypatch, env):
 
 @pytest.mark.parametrize("local_rank, expected", [(None, 0), ("3", 3)], ids=["from-rank", "its-own"])
 def test_the_local_rank_is_torchruns_or_else_the_rank(one_rank, monkeypatch, local_rank, expected):
-    from transferkit.training.distributed import from_environment
-
     if local_rank is None:
         monkeypatch.delenv("LOCAL_RANK")
     else:
@@ -314,6 +311,20 @@ def test_each_cuda_rank_takes_the_gpu_of_its_local_rank_and_nothing_else_moves()
     assert second.device(torch.device("cuda")) == torch.device("cuda", 1)
     assert second.device(torch.device("cpu")) == torch.device("cpu")
     assert Processes().device(torch.device("cuda", 2)) == torch.device("cuda", 2)  # one plain process: as asked
+
+
+def test_a_cuda_world_joins_over_nccl_each_rank_on_its_own_gpu_sync_bn_allowed(monkeypatch):
+    """Seen by standing in for torch.cuda.set_device and the process group (no GPU needed): CUDA ranks
+    pick their local rank's GPU before joining over NCCL, and model.sync_bn is not refused there."""
+    calls = []
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("join", backend)))
+    processes = from_environment(torch.device("cuda"), "finetune", sync_bn=True)
+    assert calls == [("set_device", 1), ("join", "nccl")]
+    assert (processes.rank, processes.world, processes.local_rank, processes.active) == (1, 2, 1, True)
 
 
 def test_a_cuda_ranks_model_is_wrapped_on_its_own_gpu_and_a_cpu_ranks_on_none(monkeypatch):
