@@ -245,7 +245,7 @@ def test_what_the_ranks_exchange_in_a_group_of_one_and_of_two(one_rank, tmp_path
     """What the ranks exchange, through a real (gloo) process group of one in this process (where a
     mutation run sees it, unlike the torchrun tests' ranks): a rank's part of a state comes back whole,
     NumPy's uint32 random state included; a signal or a due state is agreed; a non-finite loss stays
-    non-finite; sums come back on the CPU."""
+    non-finite; sums come back on the CPU; only the processes that joined the group close it."""
     from transferkit.training.resume import rng_state
 
     processes = from_environment(torch.device("cpu"))
@@ -263,6 +263,8 @@ def test_what_the_ranks_exchange_in_a_group_of_one_and_of_two(one_rank, tmp_path
         assert torch.isnan(processes.agree_finite(torch.tensor(float("inf"))))
         summed = processes.sum(torch.tensor([1.0, 2.0], requires_grad=True))
         assert summed.tolist() == [1.0, 2.0] and summed.device.type == "cpu" and not summed.requires_grad
+        Processes().close()  # a plain process's close leaves a group it did not make alone
+        assert torch.distributed.is_initialized()
     finally:
         processes.close()
     assert not torch.distributed.is_initialized()
