@@ -199,7 +199,10 @@ def test_a_run_without_out_is_one_folder_named_by_rank_0s_clock_on_every_rank(sy
     opts = [a for o in tiny_overrides(synth_root, **diverging) for a in ("-o", o)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(RANK_CLOCK_AHEAD), "1", "--", "train", *opts]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    # Run in tmp_path, where runs/ goes. Without MUTANT_UNDER_TEST: under a mutation run, mutmut's
+    # statistics in the ranks would look for its settings in tmp_path and stop the ranks.
+    env = {k: v for k, v in os.environ.items() if k != "MUTANT_UNDER_TEST"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=120)
     runs = list((tmp_path / "runs").iterdir()) if (tmp_path / "runs").is_dir() else []
     assert len(runs) == 1, (runs, proc.stderr[-3000:])
