@@ -45,7 +45,7 @@ DETECTION_OVERRIDES = [
     "schedule.warmup_epochs=1",
 ]
 ARMS = DEFAULT_ARMS  # finetune (from DEFAULT_SOURCE) and scratch
-DEMO_MARK = ".transferkit-demo"  # written first into a demo's folder: only a folder holding it is removed
+DEMO_MARK = ".transferkit-demo"  # in a folder the demo made: only such a folder is emptied by a rerun
 DEMO_ENTRIES = {DEMO_MARK, MANIFEST, "data", *ARMS, *REPORT_FILES}
 
 
@@ -60,14 +60,14 @@ def claim_demo_folder(out: Path) -> None:
     if theirs:
         raise TransferKitError(f"{out} holds files the demo did not write ({', '.join(theirs[:3])}); "
                                "give the demo an empty or new --out")
-    for name in sorted(entries - {DEMO_MARK}):
+    for name in sorted(entries - {DEMO_MARK}):  # the mark stays: a crash part way leaves a folder a rerun takes
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARK).write_text('{"format": 1}\n', encoding="utf-8")  # kept until the last: a rerun after a crash
+    (out / DEMO_MARK).write_text('{"format": 1}\n', encoding="utf-8")
 
 
 def _detection_overrides(data_root: Path) -> list[str]:

@@ -62,7 +62,8 @@ def train(cfg: Config, out: str | Path | None = None, config_path: str | Path | 
     # other ranks only read it.
     opener = open_run if processes.main else follow_run
     try:
-        # Every rank takes rank 0's folder: one named by the clock differs where ranks straddle a second.
+        # A new run's folder (a resume ignores it), rank 0's on every rank: one named by the clock differs
+        # where ranks straddle a second.
         new_dir = Path(processes.gather(str(new_run_dir(out, cfg, config_path)))[0])
         claim, resumed = opener(cfg, new_dir, resume, allow_config_change, say)
         with claim as run_dir:
