@@ -401,8 +401,14 @@ def test_unpickling_errors_torch_words_otherwise_are_one_line(tmp_path, monkeypa
      "it is text, starting 'version https://git-lfs.github.com/spec/'"),
     (pickle.dumps({"w": [1.0, 2.0]}, protocol=4),
      "a pickle of protocol 4, as pickle.dump writes; torch.save writes protocol 2"),
+    (pickle.dumps(b"abc", protocol=3), "a pickle of protocol 3, as pickle.dump writes; torch.save writes protocol 2"),
+    (b"\x80\x02C\x03abc.", "the unpickler stopped at once: Unsupported operand 67"),  # protocol 2, not torch.save's
     (b"\x01\x02\x03\xff\xfe", "the unpickler stopped at once: Unsupported operand 1"),
-], ids=["html", "lfs-pointer", "protocol-4", "bytes"])
+    (b"x" * 64 + b"\x00\x01", f"it is text, starting '{'x' * 40}'"),  # only the first 64 bytes are read
+    (b"y" * 63 + "\u00e9".encode(), f"it is text, starting '{'y' * 40}'"),  # the 64 bytes end inside a character
+    (b"x" * 60 + b"\xff" * 4, "the unpickler stopped at once: Unsupported operand 120"),  # not a character cut short
+], ids=["html", "lfs-pointer", "protocol-4", "protocol-3", "protocol-2", "bytes", "text-then-bytes", "cut-character",
+        "bad-end"])
 def test_a_file_that_is_not_torch_saves_is_told_for_what_it_is_not_as_code(tmp_path, content, seen):
     """A .pth that torch's safe unpickler stops on at once, before any global: a page saved by a failed
     download, a Git LFS pointer, a plain pickle.dump, noise. None of them is "code that would run"."""

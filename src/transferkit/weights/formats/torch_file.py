@@ -49,7 +49,7 @@ def read(path: Path) -> WeightFile:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         operand = _OPERAND.search(str(exc))
-        if operand and not _GLOBAL.search(str(exc)):  # stopped before any global: not what torch.save writes
+        if operand:  # stopped before any global (a refused global is worded otherwise): not torch.save's
             raise TransferKitError(
                 f"{path}: not a PyTorch checkpoint torch.load reads safely ({_what_it_is(path, operand.group(0))}); "
                 "re-download it, or re-save the state_dict with torch.save(model.state_dict(), path)"
@@ -81,7 +81,7 @@ def _what_it_is(path: Path, stopped: str) -> str:
     neither."""
     with open(path, "rb") as fh:
         head = fh.read(64)
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] > 2:
+    if head[:1] == b"\x80" and head[1:2] > b"\x02":
         return f"a pickle of protocol {head[1]}, as pickle.dump writes; torch.save writes protocol 2"
     for cut in range(4):  # the head may end inside a character of several bytes
         try:
