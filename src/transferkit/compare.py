@@ -66,7 +66,8 @@ def compare(config_path: str | Path | None, overrides: Sequence[str] = (), arms:
         refuse_unusable_out(out / arm)
         if has_started(out / arm):
             raise TransferKitError(f"{out / arm} already holds a run; give compare a new --out")
-    OutputFolder(out, force).claim([out / name for name in REPORT_FILES])
+    report_json, report_png = reports = [out / name for name in REPORT_FILES]
+    OutputFolder(out, force).claim(reports)
     # every arm's config is read before the first trains, so that a bad arm stops nothing half done
     configs = {arm: load_config(config_path, [*overrides, *ARMS[arm]]) for arm in arms}
     started = time.perf_counter()
@@ -84,11 +85,11 @@ def compare(config_path: str | Path | None, overrides: Sequence[str] = (), arms:
         "seconds": time.perf_counter() - started,
     }
     with output_folder(out, force) as folder:
-        folder.claim([out / name for name in REPORT_FILES])  # again: hours may have passed
-        write_json(out / "report.json", report)
-        folder.wrote(out / "report.json")
-        plot_arms(results, metric, out / "report.png", title)
-        folder.wrote(out / "report.png")
+        folder.claim(reports)  # again: hours may have passed
+        write_json(report_json, report)
+        plot_arms(results, metric, report_png, title)
+        for path in reports:
+            folder.wrote(path)
     if not quiet:
         console.print(arms_table(report, title))
     return report
