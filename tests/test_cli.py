@@ -26,6 +26,18 @@ def test_train_eval_predict(synth_root, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["images"] == 30
     assert abs(metrics["val_acc"] - summary["best_val_acc"]) < 1e-9
+    # --run: the run's own config and its best checkpoint; --weights last; -o on top of the run's config
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["best_epoch"] < last["epoch"]  # so that best and last are told apart
+    assert main(["eval", "--run", str(run), "--weights", "last", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"val_loss": last["val_loss"], "val_acc": last["val_acc"],
+                                                   "images": 30}
+    assert main(["eval", "--run", str(run), "-o", "data.image_size=48", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] != metrics["val_loss"]
+    assert main(["eval", "--run", str(run), "-c", str(cfg)]) == 2
+    assert capsys.readouterr().err.startswith("error: give --run or -c, not both")
 
     val = synth_root / "val"
     assert main(["predict", "--run", str(run), str(val / "circle"), str(val / "square" / "square_0000.png"),

@@ -35,6 +35,7 @@ from transferkit.tasks.base import PredictOptions
 from transferkit.training.checkpoint import save_weights
 from transferkit.training.loop import Interrupted
 from transferkit.training.optim import plan_params, plan_table
+from transferkit.training.rundir import checkpoint_path, run_config
 from transferkit.weights.convert import conversion_summary, convert
 from transferkit.weights.formats import describe_weights, read_weights
 from transferkit.weights.name_maps import as_rename_rules, read_name_map
@@ -67,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on the config's validation split")
     _add_config_args(p, required=False)
+    p.add_argument("--run", help="a run directory written by `transferkit train`: its own config (-o on top) and "
+                   "its --weights (default best); instead of -c")
     p.add_argument("--weights", help="safetensors checkpoint; without it, the model as the config builds it. "
                                       "A run with optim.ema keeps the EMA's weights in checkpoints/best.safetensors "
-                                      "(and ema.safetensors)")
+                                      "(and ema.safetensors). With --run: best, last, ema or a path")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--results", metavar="FILE", help="detection: write the detections as a COCO results JSON")
 
@@ -256,8 +259,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    cfg = load_config(args.config, args.override)
-    metrics, report = evaluate(cfg, args.weights, args.results)
+    if args.run is None:
+        cfg, weights = load_config(args.config, args.override), args.weights
+    elif args.config:
+        raise TransferKitError("give --run or -c, not both: --run evaluates with the run's own config "
+                               "(change it with -o key=value)")
+    else:
+        cfg, weights = run_config(args.run, args.override), checkpoint_path(args.run, args.weights or "best")
+    metrics, report = evaluate(cfg, weights, args.results)
     if args.json:
         print(json.dumps(metrics))
     else:

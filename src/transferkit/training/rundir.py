@@ -79,13 +79,13 @@ def write_run_start(run_dir: Path, cfg: Config, classes: list[str], report: Tran
         write_json(run_dir / "transfer_report.json", report.to_dict())
 
 
-def run_config(run_dir: str | Path) -> Config:
-    """The resolved config a finished (or running) run wrote."""
+def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The resolved config a finished (or running) run wrote, with `key=value` overrides on top."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise TransferKitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of a train run")
-    return load_config(cfg_path)  # one line naming the file for any damage (config.read_yaml_mapping)
+    return load_config(cfg_path, list(overrides))  # one line naming the file for any damage (config.read_yaml_mapping)
 
 
 def run_classes(run_dir: str | Path) -> list[str]:
