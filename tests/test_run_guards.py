@@ -671,6 +671,10 @@ def test_a_finished_runs_checkpoints_by_name_or_path(finished_run, tmp_path):
     with pytest.raises(TransferKitError) as err:
         checkpoint_path(finished_run, "ema")  # a run without optim.ema
     assert str(err.value) == (f"checkpoint not found: {finished_run / 'checkpoints' / 'ema.safetensors'}; "
+                              "only a run with optim.ema writes it")
+    with pytest.raises(TransferKitError) as err:
+        checkpoint_path(tmp_path, "best")  # a run stopped before its first epoch ended
+    assert str(err.value) == (f"checkpoint not found: {tmp_path / 'checkpoints' / 'best.safetensors'}; "
                               "has the run finished an epoch?")
     assert run_config(finished_run).schedule.epochs == 2
     with pytest.raises(TransferKitError) as err:

@@ -108,5 +108,6 @@ def checkpoint_path(run_dir: str | Path, weights: str) -> Path:
     named = weights in ("best", "last", "ema")
     ckpt = Path(run_dir) / "checkpoints" / f"{weights}.safetensors" if named else Path(weights)
     if not ckpt.is_file():
-        raise TransferKitError(f"checkpoint not found: {ckpt}; has the run finished an epoch?")
+        why = "only a run with optim.ema writes it" if weights == "ema" else "has the run finished an epoch?"
+        raise TransferKitError(f"checkpoint not found: {ckpt}; {why}")
     return ckpt
